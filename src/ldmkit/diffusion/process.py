@@ -4,7 +4,7 @@ Papers: Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM);
 Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models";
 Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models" (v).
 
-Notation (t is an integer step 0 .. T-1; our t is Ho's t + 1, so our t = 0 is Ho's x_1):
+Notation (t is an integer step 0 .. T-1, Ho's t - 1: our x_t at t = 0 is Ho's x_1):
 
     a_t          sqrt(alpha_bar_t)                 (alpha_t in Salimans & Ho)
     s_t          sqrt(1 - alpha_bar_t)             (sigma_t in Salimans & Ho; not the VE sigma)
@@ -18,6 +18,15 @@ Notation (t is an integer step 0 .. T-1; our t is Ho's t + 1, so our t = 0 is Ho
 Tensors x0, x_t, eps, v have shape (B, ...) and t is a long tensor of shape (B,). Coefficients are
 computed in float64 from the schedule and cast to the data's dtype and device by `extract`.
 Nothing here changes a caller's tensor in place.
+
+Contents:
+    add_noise, snr                          the forward process q(x_t | x0)
+    posterior_mean_variance                 q(x_{t-1} | x_t, x0), with the "small" / "large" choice
+    predict_x0, predict_eps, predict_v      exact conversions among the three parameterizations
+    target_for                              the regression target of each parameterization
+    extract, check_*                        the coefficient gather and input checks, shared with
+                                            `ldmkit.diffusion.losses` (the ELBO, the training
+                                            losses and their weights, timestep sampling)
 
 At a zero-terminal-SNR step (alpha_bar = 0) x0 cannot be recovered from eps: `predict_x0` with
 prediction_type="eps" returns inf/nan there. Use v-prediction with such schedules.
@@ -192,7 +201,7 @@ def predict_eps(
     if prediction_type == "x0":
         return (x_t - a * pred) / s  # Ho 2020 eq. 4 solved for eps
     if prediction_type == "v":
-        return s * x_t + a * pred  # Salimans & Ho 2022 App. D: eps = sigma z + alpha v
+        return s * x_t + a * pred  # Salimans & Ho 2022 Sec. 4: eps = sigma z + alpha v
     return pred
 
 
