@@ -39,7 +39,9 @@ class DiagonalGaussian:
                 "they must match"
             )
         if mean.ndim < 2:
-            raise ValueError(f"expected a batch (B, ...) of parameters, got shape {tuple(mean.shape)}")
+            raise ValueError(
+                f"expected a batch (B, ...) of parameters, got shape {tuple(mean.shape)}"
+            )
         self.mean = mean
         self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
         self.deterministic = deterministic
