@@ -1,0 +1,233 @@
+"""The `ldmkit` command line: a thin layer that parses arguments and calls the Python API.
+
+Every expected failure (bad config, bad data, missing run, corrupt checkpoint) is printed as one
+line `ldmkit: error: ...` with exit code 2; a traceback means a bug in ldmkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def _set_dotted(d: dict[str, Any], key: str, raw: str) -> None:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise CLIError(f"--set {key}: {p} is not a section")
+    cur[parts[-1]] = value
+
+
+def build_run_config(args: argparse.Namespace):
+    from .config import load_config_file
+    from .training.run import run_config_from_dict
+
+    data: dict[str, Any] = {}
+    if args.config:
+        file_cfg = load_config_file(args.config)
+        _deep_update(data, file_cfg, where=str(args.config))
+    for item in args.set or []:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
+        k, v = item.split("=", 1)
+        _set_dotted(data, k.strip(), v.strip())
+    for flag, key in (("data", "data"), ("time_budget", "time_budget"), ("seed", "seed"),
+                      ("device", "device"), ("image_size", "image_size")):  # fmt: skip
+        v = getattr(args, flag, None)
+        if v is not None:
+            data[key] = v
+    return run_config_from_dict(data)
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v, where)
+        else:
+            base[k] = v
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.run import train_run
+
+    cfg = build_run_config(args)
+    res = train_run(
+        cfg, args.out, resume=args.resume is not None, stage=args.stage, progress=not args.quiet
+    )
+    print(
+        f"{res.stopped_because}: autoencoder {res.vae_steps} steps, diffusion {res.unet_steps} steps "
+        f"in {res.seconds / 60:.1f} min -> {res.run_dir}"
+    )
+    if (res.run_dir / "samples.png").is_file():
+        print(f"samples: {res.run_dir / 'samples.png'}")
+    return 0 if res.stopped_because in ("finished", "time budget") else 1
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluation.grids import save_grid
+    from .pipeline import LatentDiffusion
+
+    if args.out is None and args.outdir is None:
+        raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
+    for target in filter(
+        None, [args.out and Path(args.out).parent, args.outdir and Path(args.outdir)]
+    ):
+        _check_writable(Path(target))
+    ldm = LatentDiffusion.from_run(args.run, device=args.device)
+    labels = None
+    if args.cls is not None:
+        labels = _parse_class(args.cls, ldm.class_names, args.n)
+    elif ldm.unet.config.num_classes and args.guidance != 1.0:
+        labels = torch.arange(args.n) % ldm.unet.config.num_classes
+    images = ldm.sample(
+        args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, class_labels=labels,
+        guidance_scale=args.guidance, batch_size=args.batch_size,
+    )  # fmt: skip
+    if args.out:
+        nrow = args.nrow or (
+            ldm.unet.config.num_classes if labels is not None and args.cls is None else None
+        )
+        save_grid(images, args.out, nrow=nrow)
+        print(
+            f"wrote {args.out} ({args.n} images, {args.sampler}, {args.steps} steps, seed {args.seed})"
+        )
+    if args.outdir:
+        os.makedirs(args.outdir, exist_ok=True)
+        for i, im in enumerate(LatentDiffusion.to_pil(images)):
+            im.save(Path(args.outdir) / f"{i:05d}.png")
+        print(f"wrote {args.n} images to {args.outdir}")
+    return 0
+
+
+def _parse_class(text: str, names: list[str] | None, n: int):
+    import torch
+
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit():
+            values.append(int(part))
+        elif names and part in names:
+            values.append(names.index(part))
+        else:
+            known = ", ".join(names) if names else "none (the model has no class names)"
+            raise CLIError(f"unknown class {part!r}; known classes: {known}")
+    t = torch.tensor(values)
+    return t.repeat(n // len(values) + 1)[:n]
+
+
+def _check_writable(folder: Path) -> None:
+    folder = folder if str(folder) else Path(".")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise CLIError(f"cannot write to {folder}: permission denied; choose another output path")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ldmkit",
+        description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train the autoencoder and the diffusion UNet into a run folder"
+    )
+    t.add_argument("--data", help="folder of images, builtin:shapes (default), builtin:mnist, builtin:digits, "
+                   "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, cifar100:PATH")  # fmt: skip
+    t.add_argument("--out", required=True, help="run folder to create (or to resume)")
+    t.add_argument("--config", help="TOML or JSON file with RunConfig fields")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set unet_train.lr=1e-3 (repeatable)")  # fmt: skip
+    t.add_argument("--resume", nargs="?", const="latest", choices=["latest"],
+                   help="continue the run in --out from its latest checkpoint")  # fmt: skip
+    t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    t.add_argument("--time-budget", help="wall-clock budget for both stages, e.g. 10m")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images from a trained run")
+    s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument(
+        "--sampler", default="dpm++2m", help="ddpm, ddim, euler, heun, dpm++2m, langevin, ..."
+    )
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
+    s.add_argument(
+        "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+    )
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--nrow", type=int)
+    s.add_argument("--out", help="grid PNG to write")
+    s.add_argument("--outdir", help="folder for one PNG per image")
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    expected: tuple[type[BaseException], ...] = (CLIError, ConfigError, CheckpointError, FileNotFoundError,
+                                                 PermissionError, ValueError)  # fmt: skip
+    try:
+        from .training.state import RunLockedError
+
+        expected += (RunLockedError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except expected as e:
+        if args.verbose:
+            raise
+        print(
+            f"ldmkit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
