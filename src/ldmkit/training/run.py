@@ -120,19 +120,35 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     are filled in before validation: a user who sets attention_resolutions does so for the latent
     size their autoencoder gives.
     """
-    data = json.loads(json.dumps(data))  # a deep copy
-    vae = data.setdefault("vae", {})
-    unet = data.setdefault("unet", {})
-    defaults_vae = AutoencoderConfig()
-    image_size = data.get("image_size", RunConfig.image_size)
-    levels = len(vae.get("block_out_channels", defaults_vae.block_out_channels))
-    latent_channels = vae.get("latent_channels", defaults_vae.latent_channels)
+    user = json.loads(json.dumps(data))  # a deep copy
+    data = to_dict(RunConfig())
+    # fields derived below are dropped from the defaults, kept where the user set them
+    data["vae"].pop("image_size")
+    for k in ("sample_size", "in_channels", "out_channels"):
+        data["unet"].pop(k)
+    _deep_update(data, user)
+    vae, unet = data["vae"], data["unet"]
+    if not isinstance(vae, dict) or not isinstance(unet, dict):
+        return from_dict(RunConfig, data)  # reports the wrong type
+    image_size = data["image_size"]
+    levels = (
+        len(vae["block_out_channels"]) if isinstance(vae.get("block_out_channels"), list) else 1
+    )
+    latent_channels = vae.get("latent_channels")
     vae.setdefault("image_size", image_size)
     if isinstance(image_size, int) and image_size % 2 ** (levels - 1) == 0:
         unet.setdefault("sample_size", image_size // 2 ** (levels - 1))
     unet.setdefault("in_channels", latent_channels)
     unet.setdefault("out_channels", latent_channels)
     return from_dict(RunConfig, data)
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
 
 
 def parse_duration(text: str) -> float:
@@ -152,7 +168,10 @@ def resolve_device(name: str) -> torch.device:
         from ..pipeline import default_device
 
         return default_device()
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
@@ -355,16 +374,23 @@ def train_run(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     if resume and not list_checkpoints(out) and not (out / "vae" / "model.safetensors").is_file():
-        raise CheckpointError(
-            f"--resume: {out} holds no checkpoint to resume from; drop --resume to start anew"
-        )
-    if not resume and (out / "run.json").is_file():
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out folder"
-        )
+        if not (out / "run.json").is_file():
+            raise CheckpointError(
+                f"--resume: {out} holds no checkpoint to resume from; drop --resume to start anew"
+            )
+        # killed before its first checkpoint: less than one interval is lost, so start over
+        log.warning("%s has no checkpoint yet: starting its training from step 0", out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     with RunLock(out):
+        if not resume and (out / "run.json").is_file():  # checked under the lock: see RunLock
+            raise ConfigError(
+                f"{out} already holds a run; pass --resume to continue it, or choose another --out folder"
+            )
+        if resume and (out / "run.json").is_file():  # the saved config decides what data to load
+            saved = from_dict(RunConfig, read_json(out / "run.json"))
+            # the data and models are the saved ones; training settings (steps, ...) may change
+            cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in _CHANGEABLE_ON_RESUME})
         device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
@@ -373,10 +399,7 @@ def train_run(
         if cfg.conditioning == "class" and labels is None:
             raise ConfigError(f"conditioning 'class' needs labels, but {cfg.data} has none")
         num_classes = len(ds.class_names) if labels is not None and ds.class_names else None
-        if resume and (out / "run.json").is_file():
-            saved = from_dict(RunConfig, read_json(out / "run.json"))
-            cfg = dataclasses.replace(saved, time_budget=cfg.time_budget)
-        else:
+        if not (resume and (out / "run.json").is_file()):
             cfg = resolve_config(cfg, ds.channels, num_classes)
         write_json(out / "run.json", to_dict(cfg))
         write_json(
@@ -399,9 +422,11 @@ def train_run(
 
         # ---------------- stage 1: autoencoder
         vae_dir = out / "vae"
+        torch.manual_seed(cfg.seed)  # each model's init depends on the seed alone (exact resume)
         vae = Autoencoder(cfg.vae).to(device)
         vae_steps = 0
-        if stage in ("all", "vae") and not (vae_dir / "model.safetensors").is_file():
+        vae_done = (vae_dir / "model.safetensors").is_file() and (vae_dir / "config.json").is_file()
+        if stage in ("all", "vae") and not vae_done:
             st = autoencoder_stage(vae, images, cfg.vae_train, device, flip=False)
             per_step = estimate_step_time(
                 vae,
@@ -436,6 +461,9 @@ def train_run(
         moments = _cached_moments(vae, images, out, device)
 
         # ---------------- stage 2: diffusion
+        # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
+        torch.manual_seed(cfg.seed + 1)
+        torch.manual_seed(cfg.seed + 1)
         unet = UNet(cfg.unet).to(device)
         st = diffusion_stage(
             unet, moments, labels, vae.config.scaling_factor, cfg.diffusion, cfg.unet_train, device
@@ -473,6 +501,12 @@ def train_run(
                 shutil.copyfile(grid, out / "samples.png")
         _plot_loss(out)
         return RunResult(out, vae_steps, res.steps_done, time.perf_counter() - t_start, stopped)
+
+
+# training settings that a resumed run may change; everything else comes from its run.json
+_CHANGEABLE_ON_RESUME = (
+    "time_budget", "budget_split", "device", "vae_train", "unet_train", "preview_sampler", "preview_steps",
+)  # fmt: skip
 
 
 def _batches(images: Tensor, device: torch.device, batch: int = 256, limit: int = 4096):
@@ -592,7 +626,12 @@ def _plot_loss(out: Path) -> None:
     path = out / "log.jsonl"
     if not path.is_file():
         return
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed run
+            continue
     try:
         import matplotlib
 
