@@ -87,7 +87,7 @@ UNET_REFERENCES = [
 
 
 def unet_rows() -> list[Row]:
-    from ldmkit.models.diffusers_names import diffusers_unet_config
+    from ldmkit.interop.unet_names import diffusers_unet_config
     from ldmkit.models.unet import UNet, UNetConfig
 
     rows = []

@@ -65,12 +65,16 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.run import train_run
+    from .training.run import run_config_from_dict, train_run
 
-    cfg = build_run_config(args)
+    if args.resume and (Path(args.out) / "run.json").is_file():
+        # a run resumes with its saved run.json; only the time budget and the device may change
+        _check_resume_overrides(args)
+        cfg = run_config_from_dict({k: getattr(args, k) for k in ("time_budget", "device")
+                                    if getattr(args, k, None) is not None})  # fmt: skip
+    else:
+        cfg = build_run_config(args)
     _check_writable(Path(args.out))
-    if args.resume:
-        _check_resume_overrides(args, cfg)
     res = train_run(
         cfg, args.out, resume=args.resume is not None, stage=args.stage, progress=not args.quiet
     )
@@ -92,34 +96,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if res.stopped_because in ("finished", "time budget") else 1
 
 
-def _check_resume_overrides(args: argparse.Namespace, cfg: Any) -> None:
+def _check_resume_overrides(args: argparse.Namespace) -> None:
     """--resume continues with the run's saved run.json: refuse settings that disagree with it."""
     from .checkpoint import read_json
-    from .config import load_config_file, to_dict
+    from .config import load_config_file
 
     saved_path = Path(args.out) / "run.json"
-    if not saved_path.is_file():
-        return
-    saved, new = read_json(saved_path), to_dict(cfg)
-    keys = [item.split("=", 1)[0].strip() for item in args.set or []]
-    keys += [k for k in ("data", "seed", "image_size") if getattr(args, k, None) is not None]
-
-    def flat(d: dict[str, Any], prefix: str = "") -> list[str]:
-        return [x for k, v in d.items()
-                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])]  # fmt: skip
-
+    saved = read_json(saved_path)
+    given: dict[str, Any] = {}
     if args.config:
-        keys += flat(load_config_file(args.config))
-    for key in keys:
-        a, b = saved, new
+        _deep_update(given, load_config_file(args.config), where=str(args.config))
+    for item in args.set or []:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
+        k, v = item.split("=", 1)
+        _set_dotted(given, k.strip(), v.strip())
+    given.update({k: getattr(args, k) for k in ("data", "seed", "image_size")
+                  if getattr(args, k, None) is not None})  # fmt: skip
+
+    def flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+        return [x for k, v in d.items()
+                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]  # fmt: skip
+
+    for key, value in flat(given):
+        if key in ("time_budget", "device"):  # these may change between sessions
+            continue
+        old: Any = saved
         for part in key.split("."):
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        if key not in ("time_budget", "device") and a != b:
+            old = old.get(part, "<not set>") if isinstance(old, dict) else "<not set>"
+        if old != value:
             raise CLIError(
-                f"--resume: {key} = {json.dumps(b)} differs from the run's saved {json.dumps(a)} "
-                f"({saved_path}); a run resumes with its saved config: drop the setting, or "
-                "train into a new --out folder"
+                f"--resume: {key} = {json.dumps(value)} differs from the run's saved "
+                f"{json.dumps(old)} ({saved_path}); a run resumes with its saved config: drop the "
+                "setting, or train into a new --out folder"
             )
 
 
@@ -337,7 +346,7 @@ def make_parser() -> argparse.ArgumentParser:
     way.add_argument("--from-diffusers", metavar="DIR",
                      help="diffusers pipeline folder (vae/, unet/, scheduler/) or a UNet folder")  # fmt: skip
     way.add_argument("--to-diffusers", metavar="RUN", help="ldmkit run folder to export")
-    c.add_argument("--out", required=True, help="run folder (from) or diffusers folder (to) to write")
+    c.add_argument("--out", required=True, help="run folder (from) or diffusers folder (to)")
     c.add_argument("--vae", metavar="DIR", help="AutoencoderKL folder, if not DIR/vae")
     c.add_argument("--scheduler", metavar="DIR", help="scheduler folder, if not DIR/scheduler")
     c.set_defaults(func=cmd_convert)

@@ -368,7 +368,7 @@ PARITY_CONFIGS = {
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_equals_diffusers_with_mapped_weights(name):
     diffusers = pytest.importorskip("diffusers")
-    from ldmkit.models.diffusers_names import diffusers_unet_config, load_diffusers_unet_state_dict
+    from ldmkit.interop.unet_names import diffusers_unet_config, load_diffusers_unet_state_dict
 
     cfg = tiny(**PARITY_CONFIGS[name])
     cls_name, kwargs = diffusers_unet_config(cfg)

@@ -5,7 +5,7 @@ Dhariwal & Nichol 2021 (scale-shift time injection, "adaptive group norm"), Romb
 (Latent Diffusion: cross-attention SpatialTransformer, zero-initialised residual outputs) and
 Vaswani et al. 2017 (attention). The order of operations, norms and eps values follow diffusers'
 `ResnetBlock2D`, `Attention`, `Transformer2DModel` and `BasicTransformerBlock`, so that their
-weights map onto these modules by renaming alone (see `diffusers_names.py`).
+weights map onto these modules by renaming alone (see `ldmkit.interop.unet_names`).
 
 Notation and shapes:
 

@@ -7,9 +7,9 @@ to a context sequence), Ho & Salimans 2022 (classifier-free guidance: learned nu
 The network is laid out like diffusers' `UNet2DModel` (self-attention variant) and
 `UNet2DConditionModel` (cross-attention variant, when `context_dim` is set): same operations in the
 same order, same norms and eps, `num_res_blocks` resnets per down level and `num_res_blocks + 1` per
-up level, skips concatenated as cat([h, skip]). `diffusers_names.py` maps their parameter names onto
-ours. The UNet does not interpret its output; `config.prediction_type` tells the diffusion code
-whether it is eps, x0 or v.
+up level, skips concatenated as cat([h, skip]). `ldmkit.interop.unet_names` maps their parameter
+names onto ours. The UNet does not interpret its output; `config.prediction_type` tells the
+diffusion code whether it is eps, x0 or v.
 
 Shapes: x (B, in_channels, H, W), t (B,) or scalar, class_labels long (B,), context (B, L, D).
 """
