@@ -136,7 +136,7 @@ VAE_REFERENCES = [
 
 def vae_rows() -> list[Row]:
     """Two rows per config: encode (encoder + quant_conv) and decode (post_quant_conv + decoder)."""
-    from ldmkit.models.diffusers_vae_names import diffusers_vae_config
+    from ldmkit.interop.vae_names import diffusers_vae_config
     from ldmkit.models.vae import Autoencoder, AutoencoderConfig
 
     rows = []

@@ -294,7 +294,7 @@ def test_equals_diffusers_autoencoderkl_through_the_name_table(channels, mid_att
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL
 
-    from ldmkit.models.diffusers_vae_names import (
+    from ldmkit.interop.vae_names import (
         diffusers_vae_config,
         state_dict_from_diffusers,
         state_dict_to_diffusers,
@@ -335,7 +335,7 @@ def test_equals_diffusers_autoencoderkl_through_the_name_table(channels, mid_att
 
 
 def test_diffusers_name_table_round_trips_every_name():
-    from ldmkit.models.diffusers_vae_names import from_diffusers_name, to_diffusers_name
+    from ldmkit.interop.vae_names import from_diffusers_name, to_diffusers_name
 
     names = list(Autoencoder(tiny_config(3)).state_dict())
     assert "encoder.mid_block.attentions.0.to_out.0.weight" in map(to_diffusers_name, names)
@@ -355,14 +355,14 @@ def test_diffusers_name_table_round_trips_every_name():
     ],
 )
 def test_unsupported_diffusers_configs_are_refused(diffusers_config, message):
-    from ldmkit.models.diffusers_vae_names import vae_config_from_diffusers
+    from ldmkit.interop.vae_names import vae_config_from_diffusers
 
     with pytest.raises(ConfigError, match=message):
         vae_config_from_diffusers(diffusers_config)
 
 
 def test_diffusers_config_refuses_another_norm_eps():
-    from ldmkit.models.diffusers_vae_names import diffusers_vae_config
+    from ldmkit.interop.vae_names import diffusers_vae_config
 
     with pytest.raises(ConfigError, match="norm_eps 1e-05 cannot be expressed .* set norm_eps"):
         diffusers_vae_config(tiny_config(norm_eps=1e-5))

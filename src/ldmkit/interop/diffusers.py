@@ -4,7 +4,7 @@ Everything here works on local folders and reads weights with safetensors only: 
 is never imported, so converting needs no diffusers install (the tests use diffusers as the
 independent reference). Parameter names and config keys are translated by one table per model:
 `ldmkit.interop.unet_names` (UNet2DModel / UNet2DConditionModel) and
-`ldmkit.models.diffusers_vae_names` (AutoencoderKL).
+`ldmkit.interop.vae_names` (AutoencoderKL).
 
 Layouts read (`load_*` take either the component folder or a pipeline folder holding it):
 
@@ -52,8 +52,7 @@ from ldmkit.checkpoint import (
 )
 from ldmkit.config import ConfigError, from_dict, to_dict
 from ldmkit.diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
-from ldmkit.interop import unet_names
-from ldmkit.models import diffusers_vae_names as vae_names
+from ldmkit.interop import unet_names, vae_names
 from ldmkit.models.unet import PredictionType, UNet, UNetConfig
 from ldmkit.models.vae import Autoencoder, AutoencoderConfig
 

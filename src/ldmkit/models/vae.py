@@ -10,7 +10,7 @@ Layout. The network is laid out exactly like diffusers' `AutoencoderKL` (Encoder
 asymmetric (0, 1, 0, 1) padding before each stride-2 downsampling conv, nearest upsampling + conv,
 single-head self-attention over channels with its own GroupNorm and a residual, and 1x1
 `quant_conv` / `post_quant_conv`. Module names mostly match too; the few that differ are listed in
-`ldmkit.models.diffusers_vae_names`, which maps diffusers weights onto ours.
+`ldmkit.interop.vae_names`, which maps diffusers weights onto ours.
 
 Notation: f = 2 ** (len(block_out_channels) - 1) is the downsampling factor; B batch; C image
 channels; z latent channels; h, w = H / f, W / f.
