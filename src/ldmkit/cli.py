@@ -381,6 +381,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    from .runtime import tune_allocator
+
+    tune_allocator()  # glibc: no mmap/munmap per large tensor (25-30 % on CPU, PERF_ANCHORS.md)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

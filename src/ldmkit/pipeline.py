@@ -83,6 +83,8 @@ class LatentDiffusion:
         schedule = make_schedule(
             diff.get("schedule", "linear"),
             diff.get("num_timesteps", 1000),
+            beta_start=diff.get("beta_start"),
+            beta_end=diff.get("beta_end"),
             zero_terminal_snr=diff.get("zero_terminal_snr", False),
         )
         data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}

@@ -34,7 +34,7 @@ from ..checkpoint import CheckpointError, load_tensors, read_json, save_tensors,
 from ..config import ConfigError, from_dict, to_dict
 from ..diffusion.losses import loss_weights
 from ..diffusion.process import add_noise, target_for
-from ..diffusion.schedules import ScheduleName, make_schedule
+from ..diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
 from ..models.losses import autoencoder_loss
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import Autoencoder, AutoencoderConfig, measure_scaling_factor
@@ -51,9 +51,20 @@ class DiffusionConfig:
     schedule: ScheduleName = "linear"  # linear (DDPM), scaled_linear (LDM), cosine, sigmoid
     num_timesteps: int = 1000
     zero_terminal_snr: bool = False  # Lin et al. 2024; use with prediction_type "v"
+    beta_start: float | None = None  # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
+    beta_end: float | None = None  # None: the schedule's own default (linear 0.02, scaled_linear 0.012)
     loss_weighting: Literal["none", "min_snr", "eps_equivalent"] = "min_snr"  # Hang et al. 2023
     min_snr_gamma: float = 5.0
     class_dropout: float = 0.1  # share of labels replaced by the null label (for guidance)
+
+    def make_schedule(self) -> NoiseSchedule:
+        return make_schedule(
+            self.schedule,
+            self.num_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            zero_terminal_snr=self.zero_terminal_snr,
+        )
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:
@@ -241,9 +252,7 @@ def diffusion_stage(
     device: torch.device,
 ) -> Stage:
     """Stage 2: train the UNet on latents drawn from cached posterior moments (N, 2*zc, h, w)."""
-    schedule = make_schedule(
-        diff.schedule, diff.num_timesteps, zero_terminal_snr=diff.zero_terminal_snr
-    )
+    schedule = diff.make_schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(2)
     params = [p for p in unet.parameters()]
@@ -596,11 +605,7 @@ def _diffusion_preview(
     from ..evaluation.grids import save_grid
     from ..pipeline import LatentDiffusion
 
-    schedule = make_schedule(
-        cfg.diffusion.schedule,
-        cfg.diffusion.num_timesteps,
-        zero_terminal_snr=cfg.diffusion.zero_terminal_snr,
-    )
+    schedule = cfg.diffusion.make_schedule()
     nc = cfg.unet.num_classes
 
     def preview(step: int, model: torch.nn.Module) -> Path | None:

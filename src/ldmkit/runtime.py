@@ -1,0 +1,40 @@
+"""Process-level speed settings for CPU training and sampling.
+
+With glibc's default malloc, tensors above the mmap threshold (e.g. a 64x128x32x32 float32
+activation, 33.5 MB) are mapped and unmapped on every op; the page faults cost 25-30 % of a
+convolution-bound step on CPU (see shared/PERF_ANCHORS.md, conclusion 4). Setting
+MALLOC_MMAP_MAX_=0 and a huge MALLOC_TRIM_THRESHOLD_ before start-up avoids it; `tune_allocator`
+does the same from inside a running process through glibc's mallopt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # glibc malloc.h
+_M_MMAP_MAX = -4
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the heap (no mmap per large tensor). Returns True when applied.
+
+    Does nothing off glibc/Linux, or when LDMKIT_NO_MALLOC_TUNING is set.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("LDMKIT_NO_MALLOC_TUNING"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    log.debug("glibc malloc tuned for large tensors: %s", ok)
+    return bool(ok)
