@@ -35,11 +35,11 @@ def _set_dotted(d: dict[str, Any], key: str, raw: str) -> None:
     cur[parts[-1]] = value
 
 
-def build_run_config(args: argparse.Namespace):
+def build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from .config import load_config_file
     from .training.run import run_config_from_dict
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}  # settings apply on top
     if args.config:
         file_cfg = load_config_file(args.config)
         _deep_update(data, file_cfg, where=str(args.config))
@@ -65,15 +65,13 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.run import run_config_from_dict, train_run
+    from .training.run import train_run
 
+    base = None
     if args.resume and (Path(args.out) / "run.json").is_file():
-        # a run resumes with its saved run.json; only the time budget and the device may change
-        _check_resume_overrides(args)
-        cfg = run_config_from_dict({k: getattr(args, k) for k in ("time_budget", "device")
-                                    if getattr(args, k, None) is not None})  # fmt: skip
-    else:
-        cfg = build_run_config(args)
+        # a run resumes with its saved run.json; only training settings may change
+        base = _check_resume_overrides(args)
+    cfg = build_run_config(args, base=base)
     _check_writable(Path(args.out))
     res = train_run(
         cfg, args.out, resume=args.resume is not None, stage=args.stage, progress=not args.quiet
@@ -96,10 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if res.stopped_because in ("finished", "time budget") else 1
 
 
-def _check_resume_overrides(args: argparse.Namespace) -> None:
-    """--resume continues with the run's saved run.json: refuse settings that disagree with it."""
+def _check_resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--resume keeps the data and models of the saved run.json: refuse settings that change them.
+
+    Returns the saved config, the base that the command line's settings apply to.
+    """
     from .checkpoint import read_json
     from .config import load_config_file
+    from .training.run import _CHANGEABLE_ON_RESUME
 
     saved_path = Path(args.out) / "run.json"
     saved = read_json(saved_path)
@@ -119,7 +121,7 @@ def _check_resume_overrides(args: argparse.Namespace) -> None:
                 for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]  # fmt: skip
 
     for key, value in flat(given):
-        if key in ("time_budget", "device"):  # these may change between sessions
+        if key.split(".")[0] in _CHANGEABLE_ON_RESUME:  # training settings may change
             continue
         old: Any = saved
         for part in key.split("."):
@@ -130,6 +132,7 @@ def _check_resume_overrides(args: argparse.Namespace) -> None:
                 f"{json.dumps(old)} ({saved_path}); a run resumes with its saved config: drop the "
                 "setting, or train into a new --out folder"
             )
+    return saved
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

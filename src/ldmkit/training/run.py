@@ -51,8 +51,12 @@ class DiffusionConfig:
     schedule: ScheduleName = "linear"  # linear (DDPM), scaled_linear (LDM), cosine, sigmoid
     num_timesteps: int = 1000
     zero_terminal_snr: bool = False  # Lin et al. 2024; use with prediction_type "v"
-    beta_start: float | None = None  # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
-    beta_end: float | None = None  # None: the schedule's own default (linear 0.02, scaled_linear 0.012)
+    beta_start: float | None = (
+        None  # None: the schedule's own default (linear 1e-4, scaled_linear 0.00085)
+    )
+    beta_end: float | None = (
+        None  # None: the schedule's own default (linear 0.02, scaled_linear 0.012)
+    )
     loss_weighting: Literal["none", "min_snr", "eps_equivalent"] = "min_snr"  # Hang et al. 2023
     min_snr_gamma: float = 5.0
     class_dropout: float = 0.1  # share of labels replaced by the null label (for guidance)
@@ -437,6 +441,10 @@ def train_run(
         vae_done = (vae_dir / "model.safetensors").is_file() and (vae_dir / "config.json").is_file()
         if stage in ("all", "vae") and not vae_done:
             st = autoencoder_stage(vae, images, cfg.vae_train, device, flip=False)
+            _vae_round_trip_check(vae, images, device)
+            st.preview = lambda step, model: _save_reconstructions(
+                model, images, out / "samples" / f"vae-step-{step:08d}.png", device
+            )
             per_step = estimate_step_time(
                 vae,
                 lambda m: (m(_to_float(images[: cfg.vae_train.micro_batch]).to(device))[0]).square().mean(),
@@ -471,7 +479,6 @@ def train_run(
 
         # ---------------- stage 2: diffusion
         # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
-        torch.manual_seed(cfg.seed + 1)
         torch.manual_seed(cfg.seed + 1)
         unet = UNet(cfg.unet).to(device)
         st = diffusion_stage(
@@ -521,6 +528,22 @@ _CHANGEABLE_ON_RESUME = (
 def _batches(images: Tensor, device: torch.device, batch: int = 256, limit: int = 4096):
     for s in range(0, min(len(images), limit), batch):
         yield _to_float(images[s : s + batch]).to(device)
+
+
+@torch.no_grad()
+def _vae_round_trip_check(vae: Autoencoder, images: Tensor, device: torch.device) -> None:
+    """One encode/decode before training, so a broken config fails in seconds, not hours."""
+    was_training = vae.training
+    vae.eval()
+    x = _to_float(images[:2]).to(device)
+    post = vae.encode(x)
+    recon = vae.decode(post.mode())
+    vae.train(was_training)
+    if recon.shape != x.shape or not torch.isfinite(recon).all():
+        raise ValueError(
+            f"the autoencoder maps {tuple(x.shape)} to {tuple(recon.shape)} (finite: "
+            f"{bool(torch.isfinite(recon).all())}); check the vae config"
+        )
 
 
 def _sanity_check(images: Tensor, cfg: RunConfig) -> None:
@@ -589,14 +612,18 @@ def _cached_moments(vae: Autoencoder, images: Tensor, out: Path, device: torch.d
 
 def _save_reconstructions(
     vae: Autoencoder, images: Tensor, path: Path, device: torch.device
-) -> None:
+) -> Path:
     from ..evaluation.grids import save_grid
 
+    was_training = vae.training
+    vae.eval()
     with torch.no_grad():
         x = _to_float(images[:32]).to(device)
         recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1).cpu()
+    vae.train(was_training)
     pairs = torch.stack([x.cpu(), recon], 1).flatten(0, 1)  # original, reconstruction, ...
     save_grid(pairs, path, nrow=16)
+    return path
 
 
 def _diffusion_preview(

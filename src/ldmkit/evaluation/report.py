@@ -1,0 +1,290 @@
+"""`build_report(run_dir)`: one self-contained HTML page about a trained run.
+
+The page (run_dir/report.html) holds the run config, a data summary, the loss curves (and FID
+over training when log.jsonl has such rows), VAE reconstructions beside their originals, the
+latent channels, a sample grid (one labelled row per class for a class-conditional model), a
+denoising trajectory, and the sampler table and summary of `ldmkit eval` when eval/summary.json
+exists (otherwise a line saying how to make them). Every image is an inline base64 PNG and the
+CSS is inline: the file needs nothing else, and opens offline in any browser.
+
+Sections carry ids, in order: config, data, training, autoencoder, samples, trajectory,
+evaluation.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("config", "data", "training", "autoencoder", "samples", "trajectory", "evaluation")
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto;
+       max-width: 1100px; padding: 1em 2em; color: #222; background: #fff; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+section { margin-bottom: 1.5em; }
+pre { background: #f6f6f6; padding: .8em; overflow-x: auto; font-size: 12px; max-height: 420px; }
+table { border-collapse: collapse; font-size: 13px; margin: .5em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #eee; } td:first-child, th:first-child { text-align: left; }
+table.kv td { text-align: left; }
+tr.floor td { font-style: italic; background: #f4f8ff; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; margin: .3em 0; }
+figure { margin: .6em 0; } figcaption { font-size: 13px; color: #555; }
+.warn { color: #8a4b00; background: #fff6e5; padding: .4em .6em; border-left: 3px solid #e0a030; }
+.muted { color: #666; }
+"""
+
+
+def _img(path: Path | None, caption: str) -> str:
+    if path is None or not Path(path).is_file():
+        return f'<p class="muted">({html.escape(caption)}: not available)</p>'
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_cell(v))}</td></tr>" for k, v in rows
+    )
+    return f'<table class="kv">{body}</table>'
+
+
+def _cell(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    try:
+        return f"{float(v):.4g}" if "." in str(v) or "e" in str(v) else str(v)
+    except ValueError:
+        return str(v)
+
+
+def _csv_table(path: Path, labels: dict[str, str]) -> str:
+    """The sampler table, its metric columns headed by their labels (e.g. FID-shapes-cnn)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return '<p class="muted">(empty table)</p>'
+    cols = [c for c in rows[0] if c not in ("feature_network", "feature_fingerprint")]
+
+    def label(c: str) -> str:
+        base = c.removesuffix("_std")
+        return labels.get(base, base) + ("_std" if c.endswith("_std") else "")
+
+    head = "".join(f"<th>{html.escape(label(c))}</th>" for c in cols)
+    body = ""
+    for r in rows:
+        cls = ' class="floor"' if r.get("sampler") == "real-vs-real" else ""
+        body += f"<tr{cls}>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols)
+        body += "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _evaluation_section(run_dir: Path, eval_dir: Path) -> str:
+    summary_path = eval_dir / "summary.json"
+    if not summary_path.is_file():
+        return (
+            "<p>No evaluation yet. Run <code>ldmkit eval --run "
+            f"{html.escape(str(run_dir))}</code> to add the sampler-quality table (FID, KID, "
+            "precision, recall per sampler and step count), the real-vs-real floor, the VAE "
+            "reconstruction error and the memorisation check, then run <code>ldmkit report"
+            "</code> again.</p>"
+        )
+    s = json.loads(summary_path.read_text(encoding="utf-8"))
+    net = s.get("feature_network", {})
+    labels = net.get("labels", {})
+    fid = labels.get("FID", "FID")
+    floor, best = s.get("floor") or {}, s.get("best") or {}
+    recon, mem = s.get("vae_reconstruction") or {}, s.get("memorisation") or {}
+    rows = [
+        ("images per row (n)", s.get("n")),
+        ("feature network", f"{net.get('name')} (fingerprint {net.get('fingerprint')})"),
+        (
+            "reference data",
+            f"{s.get('reference', {}).get('name')} ({s.get('reference', {}).get('fingerprint')})",
+        ),  # fmt: skip
+        (f"real-vs-real floor {fid}", floor.get("FID")),
+        (
+            f"best {fid}",
+            f"{_cell(best.get('FID'))} ({best.get('sampler')}, {best.get('steps')} steps)"
+            if best
+            else None,
+        ),  # fmt: skip
+        (
+            "VAE reconstruction MSE / PSNR",
+            f"{_cell(recon.get('mse'))} / {_cell(recon.get('psnr'))} dB on {recon.get('on')}"
+            if recon
+            else None,
+        ),  # fmt: skip
+        ("near-copy share (memorisation)", mem.get("near_copy_share")),
+    ]
+    if net.get("held_out_accuracy") is not None:
+        rows.append(("feature network held-out accuracy", net["held_out_accuracy"]))
+    where = f"from {summary_path}, {s.get('created')}"
+    parts = [f'<p class="muted">{html.escape(where)}</p>', _kv_table(rows)]
+    if s.get("warning"):
+        parts.append(f'<p class="warn">{html.escape(s["warning"])}</p>')
+    if mem.get("note"):
+        parts.append(f'<p class="muted">{html.escape(mem["note"])}</p>')
+    if (eval_dir / "sampler_table.csv").is_file():
+        parts.append("<h3>Sampler table</h3>" + _csv_table(eval_dir / "sampler_table.csv", labels))
+    for sk in s.get("skipped", []):
+        parts.append(
+            f'<p class="muted">skipped {html.escape(sk["sampler"])} at {sk["steps"]} steps: '
+            f"{html.escape(sk['reason'])}</p>"
+        )
+    parts.append(_img(eval_dir / "sampler_table.png", f"{fid} against sampler steps"))
+    for space in ("feature", "pixel"):
+        p = eval_dir / f"memorisation-{space}.png"
+        if p.is_file():
+            caption = (
+                f"memorisation, {space} space: the worst generated images, each beside its "
+                "nearest training image (r = d_train / d_held_out)"
+            )
+            parts.append(_img(p, caption))
+    return "\n".join(parts)
+
+
+def build_report(
+    run_dir: str | os.PathLike,
+    *,
+    out_path: str | os.PathLike | None = None,
+    sampler: str = "dpm++2m",
+    steps: int = 20,
+    seed: int = 0,
+    per_class: int = 8,
+    device: str | None = None,
+) -> Path:
+    """Write the report of a run (default run_dir/report.html) and return its path."""
+    import torch
+
+    from ldmkit.checkpoint import read_json
+    from ldmkit.pipeline import LatentDiffusion
+
+    from .evaluate import run_data
+    from .grids import save_grid
+    from .plots import (
+        plot_denoising_trajectory,
+        plot_fid_over_training,
+        plot_latent_channels,
+        plot_loss_curves,
+        plot_reconstructions,
+        plot_samples,
+    )
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a run folder (no run.json); "
+            f"train one with `ldmkit train --out {run_dir}`"
+        )
+    out_path = Path(out_path) if out_path is not None else run_dir / "report.html"
+    ldm = LatentDiffusion.from_run(run_dir, device=device)
+    run = read_json(run_dir / "run.json")
+    data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+    ds = run_data(run_dir)
+    sec: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="ldmkit-report-") as tmp:
+        t = Path(tmp)
+        # data
+        if ds.labels is not None and ds.class_names:
+            idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class]
+                             for c in range(len(ds.class_names))])  # fmt: skip
+            counts = torch.bincount(ds.labels, minlength=len(ds.class_names)).tolist()
+            rows_ok = all(k >= per_class for k in counts)
+            save_grid(ds.images[idx], t / "data.png", nrow=per_class, scale=2,
+                      row_labels=list(ds.class_names) if rows_ok else None)  # fmt: skip
+            classes = ", ".join(f"{n} ({k})" for n, k in zip(ds.class_names, counts))
+        else:
+            save_grid(ds.images[:64], t / "data.png", scale=2)
+            classes = "none (unlabelled)"
+        facts = [
+            ("spec", data.get("spec", run.get("data"))),
+            ("name", ds.name),
+            ("images", len(ds)),
+            ("size", f"{ds.channels} x {ds.image_size} x {ds.image_size}"),
+            ("classes (count)", classes),
+            ("fingerprint", data.get("fingerprint")),
+        ]
+        rows_note = ", one row per class" if ds.labels is not None else ""
+        sec["data"] = _kv_table(facts) + _img(t / "data.png", "training images" + rows_note)
+
+        # training
+        loss = plot_loss_curves(run_dir / "log.jsonl", t / "loss.png")
+        fid = plot_fid_over_training(run_dir / "log.jsonl", t / "fid.png")
+        sec["training"] = _img(loss, "training loss (log.jsonl)") + (
+            _img(fid, "FID over training")
+            if fid is not None
+            else '<p class="muted">No FID-over-training rows in log.jsonl.</p>'
+        )
+
+        # autoencoder
+        vae = ldm.vae.config
+        sec["autoencoder"] = (
+            _kv_table([("summary", ldm.vae.summary() if hasattr(ldm.vae, "summary") else "-"),
+                       ("latent scaling factor", vae.scaling_factor)])  # fmt: skip
+            + _img(plot_reconstructions(ldm, ds.images, t / "recon.png", n=8),
+                   "VAE reconstructions: originals (top) and reconstructions (bottom)")
+            + _img(plot_latent_channels(ldm, ds.images, t / "latents.png", n=4),
+                   "latent channels of four training images")
+        )  # fmt: skip
+
+        # samples and trajectory
+        conditional = bool(ldm.unet.config.num_classes)
+        what = "one row per class" if conditional else "unconditional"
+        sec["samples"] = _img(
+            plot_samples(ldm, t / "samples.png", per_class=per_class, sampler=sampler,
+                         steps=steps, seed=seed),
+            f"samples ({what}; {sampler}, {steps} steps, seed {seed})",
+        )  # fmt: skip
+        sec["trajectory"] = _img(
+            plot_denoising_trajectory(ldm, t / "trajectory.png", sampler=sampler, steps=steps,
+                                      seed=seed),
+            "denoising trajectory: decoded x_t and predicted x0 over the sampler's steps",
+        )  # fmt: skip
+
+        sec["config"] = f"<pre>{html.escape(json.dumps(run, indent=2))}</pre>"
+        sec["evaluation"] = _evaluation_section(run_dir, run_dir / "eval")
+
+    titles = {"config": "Run config", "data": "Data", "training": "Training",
+              "autoencoder": "Autoencoder", "samples": "Samples",
+              "trajectory": "Denoising trajectory", "evaluation": "Evaluation"}  # fmt: skip
+    body = "\n".join(
+        f'<section id="{k}"><h2>{titles[k]}</h2>\n{sec[k]}\n</section>' for k in SECTIONS
+    )
+    name = html.escape(run_dir.resolve().name)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>ldmkit report: {name}</title><style>{_CSS}</style></head><body>\n"
+        f"<h1>ldmkit report: {name}</h1>\n"
+        f'<p class="muted">{html.escape(str(run_dir.resolve()))} &middot; written '
+        f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>\n{body}\n</body></html>\n"
+    )
+    from ldmkit.checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+
+    atomic_write(out_path, write)
+    logger.info("wrote %s (%.1f kB)", out_path, len(page) / 1024)
+    return out_path
+
+
+__all__ = ["SECTIONS", "build_report"]
