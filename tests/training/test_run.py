@@ -167,3 +167,24 @@ def test_config_errors():
         and parse_duration("90s") == 90
         and parse_duration("12") == 12
     )
+
+
+def test_autoencoder_with_discriminator_and_resume(tmp_path):
+    gan = {
+        "disc_weight": 0.5,
+        "disc_start": 1,
+        "disc_layers": 2,
+        "disc_channels": 8,
+        "perceptual_weight": 0.1,
+    }
+    cfg = tiny(vae=gan, vae_train={"steps": 3})
+    train_run(cfg, tmp_path / "a", stage="vae", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert "d_loss" in rows[-1] and "g_loss" in rows[-1] and "perceptual" in rows[-1]
+    # the discriminator and its optimizer are part of the checkpoint, so resume stays exact
+    train_run(tiny(vae=gan, vae_train={"steps": 2}), tmp_path / "b", stage="vae", progress=False)
+    (tmp_path / "b" / "vae").rename(tmp_path / "b" / "vae-partial")  # as if killed before the end
+    train_run(cfg, tmp_path / "b", stage="vae", resume=True, progress=False)
+    a = load_tensors(tmp_path / "a" / "vae" / "model.safetensors")
+    b = load_tensors(tmp_path / "b" / "vae" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
