@@ -527,7 +527,8 @@ def train_run(
         st = diffusion_stage(
             unet, moments, labels, vae.config.scaling_factor, cfg.diffusion, cfg.unet_train, device
         )
-        st.preview = _diffusion_preview(vae, cfg, out, device)
+        class_names = ds.class_names if num_classes else None
+        st.preview = _diffusion_preview(vae, cfg, out, device, class_names=class_names)
         per_step = estimate_step_time(
             unet,
             lambda m: m(
@@ -552,7 +553,7 @@ def train_run(
         if writer is not None:
             writer.close()
         if stopped not in ("signal", "bad loss"):
-            preview = _diffusion_preview(vae, cfg, out, device, n=64)
+            preview = _diffusion_preview(vae, cfg, out, device, per_row=8, class_names=class_names)
             grid = preview(res.steps_done, final_unet.eval())
             if grid is not None:
                 import shutil
@@ -670,28 +671,40 @@ def _save_reconstructions(
 
 
 def _diffusion_preview(
-    vae: Autoencoder, cfg: RunConfig, out: Path, device: torch.device, n: int = 16
+    vae: Autoencoder,
+    cfg: RunConfig,
+    out: Path,
+    device: torch.device,
+    per_row: int = 4,
+    class_names: list[str] | None = None,
 ):
+    """A function that samples a grid with the given model: one row per class when it has
+    classes (row labels = class names), else a square of per_row x per_row images."""
     from ..evaluation.grids import save_grid
     from ..pipeline import LatentDiffusion
 
     schedule = cfg.diffusion.make_schedule()
     nc = cfg.unet.num_classes
+    n = nc * per_row if nc else per_row * per_row
+    labels = torch.arange(nc).repeat_interleave(per_row) if nc else None
+    row_labels = list(class_names) if nc and class_names and len(class_names) == nc else None
 
     def preview(step: int, model: torch.nn.Module) -> Path | None:
         was_training = model.training
         model.eval()
         ldm = LatentDiffusion(vae, model, schedule, device=device)
-        labels = torch.arange(n) % nc if nc else None
         images = ldm.sample(
             n, sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0, class_labels=labels
         )
         model.train(was_training)
         path = out / "samples" / f"step-{step:08d}.png"
-        nrow = int(math.ceil(math.sqrt(n)))
-        if nc:
-            nrow = nc * max(1, nrow // nc) if nc <= nrow else nrow
-        save_grid(images, path, nrow=nrow)
+        save_grid(
+            images,
+            path,
+            nrow=per_row,
+            row_labels=row_labels,
+            scale=2 if cfg.image_size <= 64 else 1,
+        )
         return path
 
     return preview
