@@ -19,14 +19,27 @@ from ldmkit.models.losses import autoencoder_loss
 VAES = {
     "vae (16,32,32) x1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
     "vae (32,64,64) x1": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_groups=16),
-    "vae (32,64,128) x1": dict(block_out_channels=(32, 64, 128), layers_per_block=1, norm_groups=16),
+    "vae (32,64,128) x1": dict(
+        block_out_channels=(32, 64, 128), layers_per_block=1, norm_groups=16
+    ),
     "vae (64,128,128) x2 [anchor]": dict(block_out_channels=(64, 128, 128), layers_per_block=2),
 }
 UNETS = {
-    "unet (32,64,64) att 4,2": dict(block_out_channels=(32, 64, 64), attention_resolutions=(4, 2), head_dim=32, norm_num_groups=16),
-    "unet (64,128,128) att 4,2": dict(block_out_channels=(64, 128, 128), attention_resolutions=(4, 2), head_dim=32),
-    "unet (64,128,256) att 4,2": dict(block_out_channels=(64, 128, 256), attention_resolutions=(4, 2), head_dim=32),
-    "unet (128,256,256) att 4,2 [anchor]": dict(block_out_channels=(128, 256, 256), attention_resolutions=(4, 2), head_dim=32),
+    "unet (32,64,64) att 4,2": dict(
+        block_out_channels=(32, 64, 64),
+        attention_resolutions=(4, 2),
+        head_dim=32,
+        norm_num_groups=16,
+    ),
+    "unet (64,128,128) att 4,2": dict(
+        block_out_channels=(64, 128, 128), attention_resolutions=(4, 2), head_dim=32
+    ),
+    "unet (64,128,256) att 4,2": dict(
+        block_out_channels=(64, 128, 256), attention_resolutions=(4, 2), head_dim=32
+    ),
+    "unet (128,256,256) att 4,2 [anchor]": dict(
+        block_out_channels=(128, 256, 256), attention_resolutions=(4, 2), head_dim=32
+    ),
 }
 
 
@@ -48,7 +61,9 @@ def main() -> None:
     p.add_argument("--only", choices=["vae", "unet"], default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"threads={a.threads} batch={a.batch} (best of {a.repeats}); command: python bench/recipe_throughput.py --threads {a.threads} --batch {a.batch}")
+    print(
+        f"threads={a.threads} batch={a.batch} (best of {a.repeats}); command: python bench/recipe_throughput.py --threads {a.threads} --batch {a.batch}"
+    )
     if a.only in (None, "vae"):
         x = torch.rand(a.batch, 3, 32, 32) * 2 - 1
         for name, kw in VAES.items():

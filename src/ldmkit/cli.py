@@ -7,6 +7,7 @@ line `ldmkit: error: ...` with exit code 2; a traceback means a bug in ldmkit.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -415,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
             f"ldmkit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    except OSError as e:
+        if e.errno != errno.ENOSPC or args.verbose:
+            raise
+        # every file ldmkit writes is written atomically, so the old version is still intact
+        print(f"ldmkit: error: the disk is full: could not write {e.filename or 'a file'}; the files "
+              "already there are intact. Free some space and run again (a training continues "
+              "with --resume)", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ldmkit: interrupted", file=sys.stderr)

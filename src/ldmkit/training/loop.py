@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from .ema import EMA
 from .state import (
@@ -193,16 +194,24 @@ def train_stage(
     order = DataOrder(num_items, cfg.micro_batch, seed)
 
     step = 0
+    last_ckpt: Path | None = None
     if resume:
         ckpts = list_checkpoints(run_dir, stage.name)
         if ckpts:
-            state = load_checkpoint(
-                ckpts[-1].path,
-                modules=modules,
-                optimizers=stage.optimizers,
-                generators=stage.generators,
-            )
+            try:
+                state = load_checkpoint(
+                    ckpts[-1].path,
+                    modules=modules,
+                    optimizers=stage.optimizers,
+                    generators=stage.generators,
+                )
+            except CheckpointError as e:
+                raise CheckpointError(
+                    f"cannot resume: {e} (to resume from the checkpoint before it, delete "
+                    f"{ckpts[-1].path})"
+                ) from None
             step = int(state["step"])
+            last_ckpt = ckpts[-1].path  # so a stage resumed at its end does not re-save it
             if ema is not None:
                 ema.num_updates = int(state.get("ema_updates", step))
             log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
@@ -226,7 +235,6 @@ def train_stage(
     last_loss = float("nan")
     bad_streak = 0
     loss_window: list[float] = []
-    last_ckpt: Path | None = None
     log_path = run_dir / "log.jsonl"
     images_seen_t0, t0 = 0, time.perf_counter()
 
@@ -293,6 +301,10 @@ def train_stage(
                 last_ckpt = checkpoint(last_loss)
             if sig.received is not None:
                 stopped = "signal"
+                log.warning(
+                    "%s received: saving a checkpoint of %s at step %d and stopping; continue "
+                    "with --resume", signal.Signals(sig.received).name, stage.name, step,
+                )  # fmt: skip
                 break
             if deadline is not None and time.perf_counter() >= deadline:
                 stopped = "time budget"

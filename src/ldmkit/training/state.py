@@ -118,6 +118,7 @@ def save_checkpoint(
     try:
         weights = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
         save_tensors(tmp / "modules.safetensors", weights)
+        _test_pause()
         optim_tensors: dict[str, Tensor] = {}
         optim_meta = {}
         for name, opt in optimizers.items():
@@ -131,10 +132,14 @@ def save_checkpoint(
         write_json(
             tmp / "state.json", {"stage": stage, "step": step, "optimizers": optim_meta, **state}
         )
-        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving a step: move the old copy aside whole, never half-delete it
+            old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=root))
+            os.rename(final, old / final.name)
         os.rename(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -198,7 +203,25 @@ def rotate_checkpoints(
             keep.add(best)
     for c in ckpts:
         if c.path not in keep:
-            shutil.rmtree(c.path, ignore_errors=True)
+            # rename first (atomic), so a crash mid-delete never leaves a half checkpoint that
+            # list_checkpoints would offer; the stray temporary is removed at the next start
+            trash = c.path.with_name(f".tmp-rot-{c.path.name}")
+            try:
+                os.rename(c.path, trash)
+            except OSError:
+                trash = c.path
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _test_pause() -> None:
+    """Fault-injection hook for tests/reliability: LDMKIT_TEST_SLOW_CHECKPOINT=SECONDS sleeps
+    inside every checkpoint write (after modules.safetensors), so a test can SIGKILL or signal the
+    process mid-write. Unset (always, outside those tests) it does nothing."""
+    delay = os.environ.get("LDMKIT_TEST_SLOW_CHECKPOINT")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
 
 
 class RunLock:
