@@ -119,7 +119,7 @@ class RunConfig:
     )
     seed: int = 0
     time_budget: str | None = None  # e.g. "10m": split between the stages by budget_split
-    budget_split: float = 0.3  # share of the time budget for the autoencoder
+    budget_split: float = 0.2  # share of the time budget for the autoencoder
     device: str = "auto"  # auto: cuda, then mps, then cpu
     vae: AutoencoderConfig = field(default_factory=lambda: default_vae())
     unet: UNetConfig = field(default_factory=lambda: default_unet())
@@ -130,7 +130,7 @@ class RunConfig:
         )
     )
     unet_train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=4000, batch_size=64, lr=1e-3)
+        default_factory=lambda: TrainConfig(steps=20000, batch_size=32, lr=1e-3)
     )
     preview_sampler: str = "dpm++2m"
     preview_steps: int = 20
