@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 CONFIG_NAME = "config.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -38,6 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
