@@ -139,3 +139,37 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, Tensor], so
                 f"{tuple(v.shape)}; the weights were saved from a different config"
             )
     module.load_state_dict(state, strict=True)
+
+
+def save_model_folder(
+    directory: str | os.PathLike, module: torch.nn.Module, config: Any, metadata: dict[str, str]
+) -> None:
+    """Write `model.safetensors` then `config.json` (a dataclass config) into `directory`.
+
+    Weights first: a crash in between leaves the old config, which refuses new weights of
+    another shape, never a new config beside stale weights.
+    """
+    from .config import to_dict
+
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS_NAME, module.state_dict(), metadata=metadata)
+    write_json(directory / CONFIG_NAME, to_dict(config))
+
+
+def load_model_folder(
+    model_cls: Callable[[Any], torch.nn.Module], config_cls: type, directory: str | os.PathLike
+) -> torch.nn.Module:
+    """Build `model_cls(config)` from a folder written by `save_model_folder` and load its
+    weights strictly; a bad config or corrupt/mismatched weights raise CheckpointError."""
+    from .config import ConfigError, from_dict
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    try:
+        config = from_dict(config_cls, read_json(config_path))
+    except ConfigError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    model = model_cls(config)
+    state = load_tensors(directory / WEIGHTS_NAME)
+    load_state_dict_strict(model, state, str(directory / WEIGHTS_NAME))
+    return model

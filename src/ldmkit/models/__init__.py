@@ -1,7 +1,7 @@
 """ldmkit.models: the KL autoencoder and the denoising UNet (plain nn.Modules, no training code).
 
-    from ldmkit.models import UNet, UNetConfig, Autoencoder, AutoencoderConfig
-    unet = UNet(UNetConfig(sample_size=8, in_channels=4))
+from ldmkit.models import UNet, UNetConfig, Autoencoder, AutoencoderConfig
+unet = UNet(UNetConfig(sample_size=8, in_channels=4))
 """
 
 from .distributions import DiagonalGaussian

@@ -24,17 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ldmkit.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    load_state_dict_strict,
-    load_tensors,
-    read_json,
-    save_tensors,
-    write_json,
-)
-from ldmkit.config import ConfigError, from_dict, to_dict
+from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.config import ConfigError
 from ldmkit.models.layers import (
     AttentionBlock,
     Downsample,
@@ -443,23 +434,13 @@ class UNet(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        directory = Path(directory)
-        # Weights first: a crash in between leaves an old config that refuses the new weights
-        # when shapes differ, never a new config with stale weights silently accepted.
-        save_tensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
-        write_json(directory / CONFIG_NAME, to_dict(self.config))
+        save_model_folder(
+            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "UNet"}
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> UNet:
-        """Load a folder written by `save_pretrained`; returns the model in eval mode."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        try:
-            config = from_dict(UNetConfig, read_json(config_path))
-        except ConfigError as e:
-            raise CheckpointError(f"{config_path}: {e}") from None
-        model = cls(config)
-        state = load_tensors(directory / WEIGHTS_NAME)
-        load_state_dict_strict(model, state, str(directory / WEIGHTS_NAME))
+        """Load a folder written by `save_pretrained` in eval mode; refuse corrupt or mismatched files."""
+        model = load_model_folder(cls, UNetConfig, directory)
         logger.info("loaded %s from %s", model.summary(), directory)
         return model.to(device).eval()

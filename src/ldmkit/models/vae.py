@@ -29,17 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    load_state_dict_strict,
-    load_tensors,
-    read_json,
-    save_tensors,
-    write_json,
-)
-from ldmkit.config import ConfigError, from_dict, to_dict
+from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.config import ConfigError
 from ldmkit.models.distributions import DiagonalGaussian
 from ldmkit.models.losses import SSIM_WINDOW
 
@@ -445,30 +436,16 @@ class Autoencoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        directory = Path(directory)
-        # Weights first: a crash in between leaves the old config, which refuses new weights of
-        # another shape, never a new config beside stale weights.
-        save_tensors(
-            directory / WEIGHTS_NAME,
-            self.state_dict(),
-            metadata={"format": "pt", "ldmkit_model": "Autoencoder"},
+        save_model_folder(
+            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "Autoencoder"}
         )
-        write_json(directory / CONFIG_NAME, to_dict(self.config))
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, *, device: str | torch.device = "cpu"
     ) -> Autoencoder:
         """Load a folder written by `save_pretrained` in eval mode; refuse corrupt or mismatched files."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        try:
-            config = from_dict(AutoencoderConfig, read_json(config_path))
-        except ConfigError as e:
-            raise CheckpointError(f"{config_path}: {e}") from None
-        model = cls(config)
-        state = load_tensors(directory / WEIGHTS_NAME)
-        load_state_dict_strict(model, state, str(directory / WEIGHTS_NAME))
+        model = load_model_folder(cls, AutoencoderConfig, directory)
         logger.info("loaded %s from %s", model.summary(), directory)
         return model.to(device).eval()
 
