@@ -37,13 +37,13 @@ def _set_dotted(d: dict[str, Any], key: str, raw: str) -> None:
 
 
 def build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .config import load_config_file
+    from .config import deep_update, load_config_file
     from .training.run import run_config_from_dict
 
     data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}  # settings apply on top
     if args.config:
         file_cfg = load_config_file(args.config)
-        _deep_update(data, file_cfg, where=str(args.config))
+        deep_update(data, file_cfg)
     for item in args.set or []:
         if "=" not in item:
             raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
@@ -55,14 +55,6 @@ def build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = Non
         if v is not None:
             data[key] = v
     return run_config_from_dict(data)
-
-
-def _deep_update(base: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v, where)
-        else:
-            base[k] = v
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,14 +93,14 @@ def _check_resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
     Returns the saved config, the base that the command line's settings apply to.
     """
     from .checkpoint import read_json
-    from .config import load_config_file
+    from .config import deep_update, load_config_file
     from .training.run import _CHANGEABLE_ON_RESUME
 
     saved_path = Path(args.out) / "run.json"
     saved = read_json(saved_path)
     given: dict[str, Any] = {}
     if args.config:
-        _deep_update(given, load_config_file(args.config), where=str(args.config))
+        deep_update(given, load_config_file(args.config))
     for item in args.set or []:
         if "=" not in item:
             raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")

@@ -111,6 +111,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
         raise ConfigError(f"{where}: {e}") from None
 
 
+def deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge `new` into `base` in place; nested tables merge key by key, other values replace."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a .toml or .json config file into a dict (no code is ever executed)."""
     path = Path(path)

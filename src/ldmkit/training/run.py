@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
-from ..config import ConfigError, from_dict, to_dict
+from ..config import ConfigError, deep_update, from_dict, to_dict
 from ..diffusion.losses import loss_weights
 from ..diffusion.process import add_noise, target_for
 from ..diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
@@ -159,7 +159,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     data["vae"].pop("image_size")
     for k in ("sample_size", "in_channels", "out_channels"):
         data["unet"].pop(k)
-    _deep_update(data, user)
+    deep_update(data, user)
     vae, unet = data["vae"], data["unet"]
     if not isinstance(vae, dict) or not isinstance(unet, dict):
         return from_dict(RunConfig, data)  # reports the wrong type
@@ -174,14 +174,6 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     unet.setdefault("in_channels", latent_channels)
     unet.setdefault("out_channels", latent_channels)
     return from_dict(RunConfig, data)
-
-
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
 
 
 def parse_duration(text: str) -> float:
