@@ -149,7 +149,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     if args.prompt is not None:
         raise CLIError("--prompt: text-conditioned sampling is not available yet in this version")
-    labels = None
+    labels, per_row, row_labels = None, None, None
     if args.cls is not None and not ldm.unet.config.num_classes:
         raise CLIError(
             f"--class: the model in {args.run} was trained without class labels (unconditional); "
@@ -157,19 +157,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     if args.cls is not None:
         labels = _parse_class(args.cls, ldm.class_names, args.n)
-    elif ldm.unet.config.num_classes and args.guidance != 1.0:
-        labels = torch.arange(args.n) % ldm.unet.config.num_classes
+    elif ldm.unet.config.num_classes:  # one row of the grid per class, labelled
+        nc = ldm.unet.config.num_classes
+        per_row = -(-args.n // nc)
+        labels = torch.arange(nc).repeat_interleave(per_row)[: args.n]
+        rows = -(-args.n // per_row)
+        if ldm.class_names and len(ldm.class_names) == nc:
+            row_labels = list(ldm.class_names[:rows])
     images = ldm.sample(
         args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, class_labels=labels,
         guidance_scale=args.guidance, batch_size=args.batch_size,
     )  # fmt: skip
     if args.out:
-        nrow = args.nrow or (
-            ldm.unet.config.num_classes if labels is not None and args.cls is None else None
-        )
-        save_grid(images, args.out, nrow=nrow)
+        if args.nrow:  # the user's layout: the rows no longer hold one class each
+            per_row, row_labels = args.nrow, None
+        save_grid(images, args.out, nrow=per_row, row_labels=row_labels)
+        how = ""
+        if labels is not None:
+            g = ldm.default_guidance if args.guidance is None else args.guidance
+            how = (
+                f", guidance {g:g}, one class per row" if args.cls is None else f", guidance {g:g}"
+            )
         print(
-            f"wrote {args.out} ({args.n} images, {args.sampler}, {args.steps} steps, seed {args.seed})"
+            f"wrote {args.out} ({args.n} images, {args.sampler}, {args.steps} steps, "
+            f"seed {args.seed}{how})"
         )
     if args.outdir:
         os.makedirs(args.outdir, exist_ok=True)
@@ -223,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table, summary = evaluate_run(
         args.run, ref=args.ref, held_out=args.held_out, features=args.features,
         samplers=samplers, steps=steps, n=args.n, seed=args.seed, out_dir=out,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, guidance_scale=args.guidance,
     )  # fmt: skip
     print(format_table(table))
     recon, mem = summary["vae_reconstruction"], summary["memorisation"]
@@ -328,7 +339,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
     s.add_argument("--prompt", help="text prompt (for text-conditioned models only)")
     s.add_argument(
-        "--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale of a class-conditional model (1 = none; default: "
+        "the run's guidance_scale)",
     )
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--nrow", type=int)
@@ -360,6 +375,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="output folder (default: RUN/eval)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance of a class-conditional model (1 = none; "
+                   "default: the run's guidance_scale)")  # fmt: skip
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 

@@ -49,7 +49,9 @@ class LatentDiffusion:
         *,
         class_names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
+        guidance_scale: float = 1.0,
     ) -> None:
+        self.default_guidance = float(guidance_scale)  # used when sample() is given labels only
         self.device = torch.device(device) if device is not None else default_device()
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
@@ -91,7 +93,10 @@ class LatentDiffusion:
         dev = torch.device(device) if device is not None else default_device()
         vae = Autoencoder.from_pretrained(run_dir / "vae", device=dev)
         unet = UNet.from_pretrained(run_dir / "unet", device=dev)
-        return cls(vae, unet, schedule, class_names=data.get("class_names"), device=dev)
+        return cls(
+            vae, unet, schedule, class_names=data.get("class_names"), device=dev,
+            guidance_scale=float(run.get("guidance_scale", 1.0)),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ latents
     @property
@@ -124,7 +129,7 @@ class LatentDiffusion:
         steps: int = 20,
         seed: int | None = 0,
         class_labels: Sequence[int] | Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         batch_size: int = 64,
         return_latents: bool = False,
         callback: Callable[..., Any] | None = None,
@@ -134,6 +139,8 @@ class LatentDiffusion:
 
         The same seed gives the same images whatever the batch size: each image's starting
         noise and per-step noise come from one generator seeded by (seed, image index).
+        `guidance_scale` (classifier-free guidance; 1 = none) applies with class labels only;
+        None takes the run's default (`default_guidance`).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -149,6 +156,8 @@ class LatentDiffusion:
             nc = self.unet.config.num_classes or 0
             if nc and (labels.min() < 0 or labels.max() >= nc):
                 raise ValueError(f"class labels must be in 0..{nc - 1}")
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance if labels is not None else 1.0
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed
         out = []
         for start in range(0, n, batch_size):

@@ -38,3 +38,17 @@ def tune_allocator() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     log.debug("glibc malloc tuned for large tensors: %s", ok)
     return bool(ok)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (avx512_bf16 or AMX through oneDNN).
+
+    Without it, PyTorch's bf16 convolutions fall back to a slow reference kernel: measured on a
+    2-core AVX2 EPYC, a latent UNet training step ran about 15x slower under bf16 autocast.
+    """
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

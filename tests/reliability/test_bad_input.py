@@ -100,15 +100,15 @@ def test_bad_config_setting(tmp_path, capsys, setting, pattern):
 
 
 def test_image_size_not_a_multiple_of_the_downsampling_factor(tmp_path, capsys):
-    # f4 autoencoder (3 levels): 30 px cannot be halved twice
-    expect_error(capsys, r"image_size 30 is not a multiple of the downsampling factor 4; use 28 or 32",
-                 "train", "--out", str(tmp_path / "out"), "--image-size", "30")  # fmt: skip
+    # the default f2 autoencoder (2 levels): 31 px cannot be halved
+    expect_error(capsys, r"image_size 31 is not a multiple of the downsampling factor 2; use 30 or 32",
+                 "train", "--out", str(tmp_path / "out"), "--image-size", "31")  # fmt: skip
 
 
 def test_latent_size_not_a_multiple_of_the_unet_factor(tmp_path, capsys):
-    # 24 px -> 6x6 latents with f4, but a 3-level UNet needs a multiple of 4
-    expect_error(capsys, r"sample_size 6 is not divisible by 2\*\*\(levels-1\) = 4; use a multiple",
-                 "train", "--out", str(tmp_path / "out"), "--image-size", "24")  # fmt: skip
+    # 20 px -> 10x10 latents with f2, but a 3-level UNet needs a multiple of 4
+    expect_error(capsys, r"sample_size 10 is not divisible by 2\*\*\(levels-1\) = 4; use a multiple",
+                 "train", "--out", str(tmp_path / "out"), "--image-size", "20")  # fmt: skip
 
 
 def test_config_file_unknown_key_and_wrong_type(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -94,6 +95,41 @@ def test_time_budget_stops_with_checkpoint(tmp_path):
     )
     assert r.stopped_because == "time budget"
     assert list_checkpoints(tmp_path, "toy")[-1].step == r.steps_done
+
+
+def slow_stage(delay):
+    s = make_stage()
+    inner = s.step
+    lrs = []
+
+    def step(micro, i):
+        time.sleep(delay)
+        lrs.append(s.optimizers["adamw"].param_groups[0]["lr"])
+        return inner(micro, i)
+
+    s.step = step
+    return s, lrs
+
+
+def test_time_budget_plans_the_lr_decay(tmp_path):
+    # 10 ms per step and a 1 s budget: about 5 + 20 timed steps, then a plan for the rest, and
+    # the cosine reaches its floor (10 % of the peak) at the planned end, before the deadline
+    s, lrs = slow_stage(0.01)
+    c = cfg(10_000, lr_schedule="cosine", checkpoint_every=10_000)
+    r = train_stage(s, c, run_dir=tmp_path, num_items=40, seed=0, time_budget_s=1.0, progress=False)
+    assert r.stopped_because == "time budget"
+    assert 40 <= r.steps_done <= 100  # sleep dominates; at most 1 s / 10 ms steps
+    assert lrs[-1] <= 0.12 * c.lr  # the decay had (nearly) reached its floor when time ran out
+    assert max(lrs) == pytest.approx(c.lr)
+    state = json.loads((list_checkpoints(tmp_path, "toy")[-1].path / "state.json").read_text())
+    assert r.steps_done <= state["planned_steps"] <= r.steps_done + 5
+    # a constant LR is not planned: the deadline stops it
+    s2, _ = slow_stage(0.01)
+    r2 = train_stage(
+        s2, cfg(10_000, checkpoint_every=10_000), run_dir=tmp_path / "c", num_items=40, seed=0,
+        time_budget_s=0.5, progress=False,
+    )  # fmt: skip
+    assert r2.seconds >= 0.5
 
 
 def test_nan_loss_stops_after_k_bad_steps(tmp_path):

@@ -89,6 +89,12 @@ def test_sampling_is_seeded_and_batch_independent(run_dir):
     assert torch.equal(a, b) and not torch.equal(a, c)
     lab = ldm.sample(2, sampler="euler", steps=2, class_labels=[0, 1], guidance_scale=3.0)
     assert lab.shape == (2, 3, 16, 16)
+    # with labels and no scale, the run's guidance_scale (RunConfig default 5) applies
+    assert ldm.default_guidance == 5.0
+    kw = dict(sampler="ddim", steps=3, seed=1, class_labels=[0, 1, 2, 3])
+    d = ldm.sample(4, **kw)
+    assert torch.equal(d, ldm.sample(4, guidance_scale=5.0, **kw))
+    assert not torch.equal(d, ldm.sample(4, guidance_scale=1.0, **kw))
     with pytest.raises(ValueError, match="class labels must be in 0..4"):
         ldm.sample(1, class_labels=[7])
 
@@ -147,6 +153,18 @@ def test_cli_sample(run_dir, tmp_path, capsys):
     ]
 
 
+def test_cli_sample_draws_one_row_per_class(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "rows.png"
+    assert (
+        main(["sample", "--run", str(run_dir), "--n", "7", "--steps", "2", "--out", str(out)]) == 0
+    )
+    assert "guidance 5, one class per row" in capsys.readouterr().out
+    # 7 images of 5 classes: 2 per row, so 4 rows of 16 px cells with 2 px padding
+    assert Image.open(out).height == 4 * (16 + 2) + 2
+
+
 def test_config_errors():
     with pytest.raises(
         ConfigError, match="unknown key 'stepz' in RunConfig.unet_train; known keys:"
@@ -188,3 +206,15 @@ def test_autoencoder_with_discriminator_and_resume(tmp_path):
     a = load_tensors(tmp_path / "a" / "vae" / "model.safetensors")
     b = load_tensors(tmp_path / "b" / "vae" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_is_turned_off_where_the_cpu_lacks_it(monkeypatch, caplog, fast):
+    from ldmkit import runtime
+    from ldmkit.training.run import _check_bf16
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast)
+    cfg = run_config_from_dict({"unet_train": {"bf16": True}})
+    out = _check_bf16(cfg, torch.device("cpu"))
+    assert out.unet_train.bf16 is fast and out.vae_train.bf16 is False
+    assert ("no native bf16" in caplog.text) is (not fast)

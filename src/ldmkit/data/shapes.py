@@ -34,19 +34,19 @@ COLOR_NAMES = list(COLORS)
 # this rules out e.g. yellow on white, orange on red, red on orange.
 MIN_CONTRAST = 130.0
 
-SIZES = {"small": 0.16, "large": 0.26}  # outer radius as a fraction of the image side
+SIZES = {"small": 0.22, "large": 0.32}  # outer radius as a fraction of the image side
 
 # Named regions of a 3x3 grid: caption phrase and center (x, y) as fractions of the image side.
 REGIONS = {
-    "top left": ("at the top left", 0.3, 0.3),
-    "top": ("at the top", 0.5, 0.3),
-    "top right": ("at the top right", 0.7, 0.3),
-    "left": ("on the left", 0.3, 0.5),
+    "top left": ("at the top left", 0.36, 0.36),
+    "top": ("at the top", 0.5, 0.36),
+    "top right": ("at the top right", 0.64, 0.36),
+    "left": ("on the left", 0.36, 0.5),
     "center": ("in the center", 0.5, 0.5),
-    "right": ("on the right", 0.7, 0.5),
-    "bottom left": ("at the bottom left", 0.3, 0.7),
-    "bottom": ("at the bottom", 0.5, 0.7),
-    "bottom right": ("at the bottom right", 0.7, 0.7),
+    "right": ("on the right", 0.64, 0.5),
+    "bottom left": ("at the bottom left", 0.36, 0.64),
+    "bottom": ("at the bottom", 0.5, 0.64),
+    "bottom right": ("at the bottom right", 0.64, 0.64),
 }
 REGION_NAMES = list(REGIONS)
 

@@ -892,6 +892,7 @@ def evaluate_run(
     batch_size: int = 64,
     device: str | None = None,
     ldm: Any = None,
+    guidance_scale: float | None = None,
 ) -> tuple[SamplerTable, dict[str, Any]]:
     """Everything `ldmkit eval` does: the sampler table, floor, VAE reconstruction error and
     memorisation share of a run, written to out_dir (default run_dir/eval) as
@@ -903,6 +904,8 @@ def evaluate_run(
             (default: `held_out_spec` of the run's data; without one both use what exists and
             say so).
         features: "domain", "inception", "inception:PATH" or None for `default_feature_kind`.
+        guidance_scale: classifier-free guidance of a class-conditional model (default: the
+            run's `guidance_scale`, as `ldmkit sample` uses).
     """
     from ldmkit.checkpoint import read_json, write_json
     from ldmkit.data import load_dataset
@@ -932,15 +935,19 @@ def evaluate_run(
             "the reference holds only %d images; evaluating n = %d", reference.n, reference.n
         )
         n = reference.n
+    if guidance_scale is None:
+        guidance_scale = ldm.default_guidance
     table = sampler_table(
-        ldm, reference, net, samplers, steps, n, seed, out_dir=out, batch_size=batch_size
-    )
+        ldm, reference, net, samplers, steps, n, seed, out_dir=out, batch_size=batch_size,
+        guidance_scale=guidance_scale,
+    )  # fmt: skip
 
     summary: dict[str, Any] = {
         "run": str(run_dir),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "n": n,
         "seed": seed,
+        "guidance_scale": guidance_scale if ldm.unet.config.num_classes else None,
         "reference": {
             "spec": ref_ds.spec,
             "name": ref_ds.name,

@@ -41,6 +41,11 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+# Planning a stage's length from a time budget (see train_stage)
+PLAN_SKIP = 5  # first steps of a session not timed (allocator and kernel warm-up)
+PLAN_OVER = 20  # the plan is revised every PLAN_OVER steps
+PLAN_MARGIN = 0.95  # share of the remaining budget planned for (previews, checkpoints, noise)
+
 
 @dataclass
 class TrainConfig:
@@ -87,12 +92,15 @@ class TrainConfig:
         return self.batch_size // self.grad_accum
 
 
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """LR factor at optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+def lr_multiplier(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """LR factor at optimizer step `step` (0-based): linear warm-up, then constant or cosine.
+
+    The cosine decays over `total` steps (default `cfg.steps`; a time budget plans a smaller one).
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
-        span = max(1, cfg.steps - cfg.warmup_steps)
+        span = max(1, (total or cfg.steps) - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
@@ -194,6 +202,7 @@ def train_stage(
     order = DataOrder(num_items, cfg.micro_batch, seed)
 
     step = 0
+    planned: int | None = None  # steps a time budget allows, planned from the measured speed
     last_ckpt: Path | None = None
     if resume:
         ckpts = list_checkpoints(run_dir, stage.name)
@@ -211,6 +220,7 @@ def train_stage(
                     f"{ckpts[-1].path})"
                 ) from None
             step = int(state["step"])
+            planned = state.get("planned_steps")
             last_ckpt = ckpts[-1].path  # so a stage resumed at its end does not re-save it
             if ema is not None:
                 ema.num_updates = int(state.get("ema_updates", step))
@@ -220,6 +230,7 @@ def train_stage(
         state = {
             "ema_updates": ema.num_updates if ema else 0,
             "metric": metric,
+            "planned_steps": planned,
             **(extra_state or {}),
         }
         path = save_checkpoint(
@@ -244,9 +255,31 @@ def train_stage(
 
         bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
 
+    # With a time budget and a decaying LR, the decay must end when the budget does. After
+    # PLAN_SKIP warm-up steps the loop times itself and, every PLAN_OVER steps, sets the stage's
+    # length to what fits the remaining budget at the mean speed so far (previews and
+    # checkpoints included). The plan is saved in checkpoints, so a resumed stage keeps it.
+    plan = deadline is not None and cfg.lr_schedule != "constant"
+    plan_start, plan_t0 = step + PLAN_SKIP, 0.0
     with _SignalFlag() as sig:
-        while step < cfg.steps:
-            mult = lr_multiplier(step, cfg)
+        while step < (planned or cfg.steps):
+            if plan and step == plan_start:
+                plan_t0 = time.perf_counter()
+            elif plan and step > plan_start and (step - plan_start) % PLAN_OVER == 0:
+                now = time.perf_counter()
+                per_step = (now - plan_t0) / (step - plan_start)
+                assert deadline is not None
+                first = planned is None
+                planned = min(cfg.steps, step + int(PLAN_MARGIN * (deadline - now) / per_step))
+                if first:
+                    log.info(
+                        "%s: %.3f s/step, so the time budget allows about %d steps; the LR "
+                        "decays over those", stage.name, per_step, planned,
+                    )  # fmt: skip
+                if bar is not None:
+                    bar.total = planned
+                    bar.refresh()
+            mult = lr_multiplier(step, cfg, planned)
             for opt in stage.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = group.setdefault("base_lr", cfg.lr) * mult
@@ -274,7 +307,7 @@ def train_stage(
             loss_window.append(loss)
             images_seen_t0 += sum(len(m) for m in micro)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == (planned or cfg.steps):
                 now = time.perf_counter()
                 ips = images_seen_t0 / max(now - t0, 1e-9)
                 images_seen_t0, t0 = 0, now
@@ -297,7 +330,7 @@ def train_stage(
                 grid = stage.preview(step, ema.model if ema else stage.model)
                 if grid is not None and writer is not None:
                     _add_image(writer, f"{stage.name}/samples", grid, step)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < (planned or cfg.steps):
                 last_ckpt = checkpoint(last_loss)
             if sig.received is not None:
                 stopped = "signal"
@@ -311,6 +344,8 @@ def train_stage(
                 break
     if bar is not None:
         bar.close()
+    if stopped == "finished" and planned is not None and planned < cfg.steps:
+        stopped = "time budget"  # the planned steps ran out with it
     if stopped != "bad loss" and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
         last_ckpt = checkpoint(last_loss)
     return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, last_ckpt)
