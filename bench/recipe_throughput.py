@@ -13,13 +13,13 @@ import time
 
 import torch
 
+from ldmkit.config import to_dict
 from ldmkit.models import Autoencoder, AutoencoderConfig, UNet, UNetConfig
 from ldmkit.models.losses import autoencoder_loss
+from ldmkit.training.run import default_unet, default_vae
 
 VAES = {
-    "vae f2 (16,32) x1, 4 latent ch [default]": dict(
-        block_out_channels=(16, 32), layers_per_block=1, norm_groups=8, latent_channels=4
-    ),
+    "vae f2 (16,32) x1, 4 latent ch [default]": to_dict(default_vae()),
     "vae (16,32,32) x1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
     "vae (32,64,64) x1": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_groups=16),
     "vae (32,64,128) x1": dict(
@@ -28,15 +28,7 @@ VAES = {
     "vae (64,128,128) x2 [anchor]": dict(block_out_channels=(64, 128, 128), layers_per_block=2),
 }
 UNETS = {
-    "unet16 (32,64,128) x1 att 4 adagn [default]": dict(
-        sample_size=16,
-        block_out_channels=(32, 64, 128),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        head_dim=32,
-        norm_num_groups=16,
-        time_injection="scale_shift",
-    ),
+    "unet16 (32,64,128) x1 att 4 adagn [default]": to_dict(default_unet()),
     "unet16 (32,64,128) x2 att 4": dict(
         sample_size=16,
         block_out_channels=(32, 64, 128),
@@ -109,9 +101,9 @@ def main() -> None:
         t = torch.randint(0, 1000, (a.batch,))
         y = torch.randint(0, 5, (a.batch,))
         for name, kw in UNETS.items():
-            kw = {"sample_size": 8, **kw}
+            kw = {"sample_size": 8, **kw, "num_classes": 5}
             x = torch.randn(a.batch, 4, kw["sample_size"], kw["sample_size"])
-            m = UNet(UNetConfig(num_classes=5, **kw))
+            m = UNet(UNetConfig(**kw))
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
             def step():

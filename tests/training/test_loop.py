@@ -129,7 +129,11 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
         s2, cfg(10_000, checkpoint_every=10_000), run_dir=tmp_path / "c", num_items=40, seed=0,
         time_budget_s=0.5, progress=False,
     )  # fmt: skip
-    assert r2.seconds >= 0.5
+    assert r2.stopped_because == "time budget"
+    state2 = json.loads(
+        (list_checkpoints(tmp_path / "c", "toy")[-1].path / "state.json").read_text()
+    )
+    assert state2["planned_steps"] is None
 
 
 def test_nan_loss_stops_after_k_bad_steps(tmp_path):
