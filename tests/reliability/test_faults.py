@@ -262,19 +262,27 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys, caplog, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------ full disk
-def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+def fill_disk_after(monkeypatch, ok_writes, partial_write=False):
+    """Make safetensors writes after the first `ok_writes` fail with ENOSPC (after writing 64
+    bytes of the file when `partial_write`)."""
     import safetensors.torch
 
     real, calls = safetensors.torch.save_file, [0]
 
     def disk_fills_up(tensors, filename, metadata=None):
         calls[0] += 1
-        if calls[0] > 3:  # the second checkpoint: write part of the file, then run out of space
-            Path(filename).write_bytes(b"\0" * 64)
+        if calls[0] > ok_writes:
+            if partial_write:
+                Path(filename).write_bytes(b"\0" * 64)
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         return real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    # the second checkpoint: write part of the file, then run out of space
+    fill_disk_after(monkeypatch, 3, partial_write=True)
     run = tmp_path / "run"
     rc, _, err = run_cli(capsys, "train", "--out", str(run), *tiny(6, 2))
     assert rc == 2
@@ -289,17 +297,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, capsys, mo
 
 def test_full_disk_while_saving_the_final_weights(tmp_path, capsys, monkeypatch):
     """Outside checkpoints (here the autoencoder's final weights) a full disk is also one line."""
-    import safetensors.torch
-
-    real, calls = safetensors.torch.save_file, [0]
-
-    def disk_fills_up(tensors, filename, metadata=None):
-        calls[0] += 1
-        if calls[0] > 3:  # after the one checkpoint of a 2-step stage
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
-        return real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+    fill_disk_after(monkeypatch, 3)  # after the one checkpoint of a 2-step stage
     run = tmp_path / "run"
     rc, _, err = run_cli(capsys, "train", "--out", str(run), *tiny(2, 2))
     assert rc == 2
