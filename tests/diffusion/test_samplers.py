@@ -558,3 +558,71 @@ def test_bad_inputs_raise_with_a_fix():
         get_sigmas(zsnr, 10, "karras")
     with pytest.raises(ValueError, match="prediction_type='v'"):
         sample(FixedNet(), zsnr, SHAPE, sampler="ddim", spacing="trailing")
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) SDE
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("prediction_type", ["eps", "v"])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpmpp_2m_sde_matches_diffusers(prediction_type, steps):
+    """diffusers' algorithm_type="sde-dpmsolver++" on the same noise, step by step."""
+    diffusers = pytest.importorskip("diffusers")
+    dtype = torch.float64
+    schedule, net = make_schedule("scaled_linear", T), FixedNet()
+    sched = _scheduler(
+        diffusers.DPMSolverMultistepScheduler, schedule, prediction_type, dtype,
+        algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint",
+        timestep_spacing="trailing", final_sigmas_type="zero",
+    )  # fmt: skip
+    noises = torch.randn((steps, *SHAPE), generator=torch.Generator().manual_seed(5), dtype=dtype)
+    x_T = _x_T(dtype)
+    ref = _run_diffusers(sched, net, x_T, steps, ve=False, noises=noises)
+    sigmas = get_sigmas(schedule, steps, "trailing")
+    it = iter(noises)
+    out = SAMPLERS["dpm++2m-sde"](
+        VPDenoiser(net, schedule, prediction_type), _ve_start(x_T, sigmas), sigmas,
+        noise_sampler=lambda sigma, sigma_next: next(it),
+    )  # fmt: skip
+    # DPMSolverMultistepScheduler keeps its sigmas in float32 (the DDIM/DDPM tests reach 1e-8)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_dpmpp_2m_sde_at_eta_0_is_the_ode_solver():
+    schedule, denoise = _net_pair("v")
+    sigmas = get_sigmas(schedule, 12, "trailing")
+    x = _ve_start(_x_T(torch.float64), sigmas)
+    torch.testing.assert_close(
+        SAMPLERS["dpm++2m-sde"](denoise, x, sigmas, eta=0.0), sample_dpmpp_2m(denoise, x, sigmas),
+        atol=1e-10, rtol=0,
+    )  # fmt: skip
+
+
+def test_dpmpp_2m_sde_samples_a_gaussian_exactly():
+    """With the exact denoiser of N(mu, s^2) data, 15 steps give the data's mean and std."""
+    mu, s = 0.7, 0.5
+    schedule = make_schedule("cosine", T)
+
+    def denoise(x, sigma):  # E[x0 | x] for x = x0 + sigma * n
+        return mu + (x - mu) * s**2 / (s**2 + sigma.item() ** 2)
+
+    sigmas = get_sigmas(schedule, 15, "trailing")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g, dtype=torch.float64) * math.sqrt(1 + sigmas[0].item() ** 2)
+    out = SAMPLERS["dpm++2m-sde"](denoise, x, sigmas, generator=g)
+    assert abs(out.mean().item() - mu) < 0.02 and abs(out.std().item() - s) < 0.02
+
+
+def test_cli_defaults_name_the_library_defaults():
+    """cli.py spells the default sampler(s) out so that `ldmkit --help` needs no torch import."""
+    from ldmkit.cli import make_parser
+    from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+    from ldmkit.evaluation.evaluate import DEFAULT_SAMPLERS
+
+    p = make_parser()
+    assert p.parse_args(["sample", "--run", "R"]).sampler == DEFAULT_SAMPLER
+    assert p.parse_args(["report", "--run", "R"]).sampler == DEFAULT_SAMPLER
+    assert p.parse_args(["eval", "--run", "R"]).samplers == ",".join(DEFAULT_SAMPLERS)
+    assert DEFAULT_SAMPLER in SAMPLERS and set(DEFAULT_SAMPLERS) <= set(SAMPLERS)

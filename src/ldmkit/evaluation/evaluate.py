@@ -66,7 +66,7 @@ DOMAIN_MIN_STEPS = 300  # optimiser steps the domain classifier gets at least
 DOMAIN_DIR = Path("eval") / "domain-classifier"
 FLOOR_NAME = "real-vs-real"
 PR_K = 3  # k of the k-NN manifolds for precision / recall (Kynkäänniemi 2019 use 3)
-DEFAULT_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm++2m")
+DEFAULT_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm++2m", "dpm++2m-sde")
 DEFAULT_STEPS = (10, 20, 50, 100, 1000)
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+
 from .grids import save_grid, to_uint8_hwc
 
 logger = logging.getLogger(__name__)
@@ -181,7 +183,7 @@ def plot_samples(
     *,
     per_class: int = 8,
     n: int = 64,
-    sampler: str = "dpm++2m",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 1.0,
@@ -207,7 +209,7 @@ def plot_samples(
 def record_trajectory(
     ldm: Any,
     *,
-    sampler: str = "dpm++2m",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
     seed: int = 0,
     n: int = 3,
@@ -244,7 +246,7 @@ def plot_denoising_trajectory(
     ldm: Any,
     path: str | os.PathLike,
     *,
-    sampler: str = "dpm++2m",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
     seed: int = 0,
     n: int = 3,

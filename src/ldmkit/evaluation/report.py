@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("config", "data", "training", "autoencoder", "samples", "trajectory", "evaluation")
@@ -165,7 +167,7 @@ def build_report(
     run_dir: str | os.PathLike,
     *,
     out_path: str | os.PathLike | None = None,
-    sampler: str = "dpm++2m",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
     seed: int = 0,
     per_class: int = 8,

@@ -34,6 +34,7 @@ from ..checkpoint import CheckpointError, load_tensors, read_json, save_tensors,
 from ..config import ConfigError, deep_update, from_dict, to_dict
 from ..diffusion.losses import loss_weights
 from ..diffusion.process import add_noise, target_for
+from ..diffusion.samplers import DEFAULT_SAMPLER
 from ..diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
 from ..models.unet import UNet, UNetConfig
@@ -151,7 +152,7 @@ class RunConfig:
             steps=20000, batch_size=32, lr=1e-3, lr_schedule="cosine"
         )
     )
-    preview_sampler: str = "dpm++2m"
+    preview_sampler: str = DEFAULT_SAMPLER
     preview_steps: int = 20
     # classifier-free guidance when a class-conditional model is sampled (previews, and the
     # default of `ldmkit sample` / `ldmkit eval`); 1 = none. Chosen by measurement (issue notes).
