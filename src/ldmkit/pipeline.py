@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, read_json
 from .diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, sample
-from .diffusion.schedules import NoiseSchedule, make_schedule
+from .diffusion.schedules import NoiseSchedule, schedule_from_fields
 from .models.unet import UNet
 from .models.vae import Autoencoder
 
@@ -82,13 +82,7 @@ class LatentDiffusion:
                 )
         run = read_json(run_dir / "run.json")
         diff = run.get("diffusion", {})
-        schedule = make_schedule(
-            diff.get("schedule", "linear"),
-            diff.get("num_timesteps", 1000),
-            beta_start=diff.get("beta_start"),
-            beta_end=diff.get("beta_end"),
-            zero_terminal_snr=diff.get("zero_terminal_snr", False),
-        )
+        schedule = schedule_from_fields({"schedule": "linear", "num_timesteps": 1000, **diff})
         data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
         dev = torch.device(device) if device is not None else default_device()
         vae = Autoencoder.from_pretrained(run_dir / "vae", device=dev)

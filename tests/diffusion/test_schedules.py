@@ -103,3 +103,25 @@ def test_bad_inputs():
         NoiseSchedule(torch.tensor([0.1, 1.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="cosine schedule takes no beta_start"):
         make_schedule("cosine", beta_start=0.1)
+
+
+def test_schedule_from_fields_reads_mappings_and_attributes():
+    import dataclasses
+
+    from ldmkit.diffusion.schedules import schedule_from_fields
+
+    @dataclasses.dataclass
+    class Spec:
+        schedule: str = "linear"
+        num_timesteps: int = 50
+        beta_start: float | None = 2e-4
+        beta_end: float | None = None
+        zero_terminal_snr: bool = True
+
+    want = make_schedule("linear", 50, beta_start=2e-4, zero_terminal_snr=True)
+    for spec in (Spec(), dataclasses.asdict(Spec())):
+        torch.testing.assert_close(schedule_from_fields(spec).betas, want.betas, atol=0, rtol=0)
+    cos = schedule_from_fields({"schedule": "cosine", "num_timesteps": 20})  # defaults filled in
+    torch.testing.assert_close(cos.betas, make_schedule("cosine", 20).betas, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="needs num_timesteps"):
+        schedule_from_fields({"schedule": "cosine"})

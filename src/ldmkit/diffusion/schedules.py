@@ -17,8 +17,9 @@ Schedules may be added, never changed: a trained model is only valid with the sc
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -189,3 +190,26 @@ def make_schedule(
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return NoiseSchedule(betas)
+
+
+SCHEDULE_FIELDS = ("schedule", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr")
+
+
+def schedule_from_fields(spec: Any) -> NoiseSchedule:
+    """`make_schedule` from the fields of SCHEDULE_FIELDS, read from a mapping (a run.json's
+    "diffusion" section) or attributes (DiffusionConfig, SchedulerSpec). A mapping may leave
+    out beta_start, beta_end (the schedule's defaults) and zero_terminal_snr (False)."""
+    if isinstance(spec, Mapping):
+        missing = [k for k in ("schedule", "num_timesteps") if k not in spec]
+        if missing:
+            raise ValueError(f"a schedule needs {' and '.join(missing)}; got {dict(spec)}")
+        get = spec.get
+    else:
+
+        def get(key: str, default: Any = None) -> Any:
+            return getattr(spec, key, default)
+
+    return make_schedule(
+        get("schedule"), int(get("num_timesteps")), beta_start=get("beta_start"),
+        beta_end=get("beta_end"), zero_terminal_snr=bool(get("zero_terminal_snr", False)),
+    )  # fmt: skip

@@ -51,7 +51,7 @@ from ldmkit.checkpoint import (
     write_json,
 )
 from ldmkit.config import ConfigError, from_dict, to_dict
-from ldmkit.diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
+from ldmkit.diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
 from ldmkit.interop import unet_names, vae_names
 from ldmkit.models.unet import PredictionType, UNet, UNetConfig
 from ldmkit.models.vae import Autoencoder, AutoencoderConfig
@@ -131,13 +131,7 @@ class SchedulerSpec:
     sampling_options: dict[str, Any] = field(default_factory=dict)
 
     def make_schedule(self) -> NoiseSchedule:
-        return make_schedule(
-            self.schedule,
-            self.num_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            zero_terminal_snr=self.zero_terminal_snr,
-        )
+        return schedule_from_fields(self)
 
 
 def load_diffusers_scheduler(directory: str | Path) -> SchedulerSpec:

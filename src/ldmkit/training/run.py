@@ -35,7 +35,7 @@ from ..config import ConfigError, deep_update, from_dict, to_dict
 from ..diffusion.losses import loss_weights
 from ..diffusion.process import add_noise, target_for
 from ..diffusion.samplers import DEFAULT_SAMPLER
-from ..diffusion.schedules import NoiseSchedule, ScheduleName, make_schedule
+from ..diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import Autoencoder, AutoencoderConfig, measure_scaling_factor
@@ -66,13 +66,7 @@ class DiffusionConfig:
     class_dropout: float = 0.1  # share of labels replaced by the null label (for guidance)
 
     def make_schedule(self) -> NoiseSchedule:
-        return make_schedule(
-            self.schedule,
-            self.num_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            zero_terminal_snr=self.zero_terminal_snr,
-        )
+        return schedule_from_fields(self)
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 2:
