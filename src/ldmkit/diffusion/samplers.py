@@ -337,6 +337,17 @@ def sample_heun(
     return x
 
 
+def _dpmpp_2m_x0(
+    x0: Tensor, x0_prev: Tensor | None, h: float, h_prev: float | None, *, last: bool
+) -> Tensor:
+    """The x0 that a DPM-Solver++(2M) step uses: x0 linearly extrapolated from the previous
+    prediction, D = x0 + (x0 - x0_prev) / (2r) with r = h_prev / h (Lu 2022b Alg. 2); plain x0
+    (first order, = DDIM) on the first and the last step."""
+    if x0_prev is None or h_prev is None or last:
+        return x0
+    return x0 + (x0 - x0_prev) / (2 * (h_prev / h))
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoise: Denoiser,
@@ -360,11 +371,7 @@ def sample_dpmpp_2m(
     for i in range(len(s) - 1):
         x0 = denoise(x, sigmas[i])
         h = lam[i + 1] - lam[i]
-        if x0_prev is None or s[i + 1] == 0:
-            x0_d = x0  # DPM-Solver++(1) = DDIM
-        else:
-            r = h_prev / h
-            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # Lu 2022b Alg. 2
+        x0_d = _dpmpp_2m_x0(x0, x0_prev, h, h_prev, last=s[i + 1] == 0)
         # (sigma_next / sigma) x - expm1(-h) D, written as a DDIM step so it holds at sigma = inf
         x_next = x0_d + s[i + 1] * _to_eps(x, s[i], x0_d)
         x0_prev, h_prev = x0, h
@@ -405,11 +412,7 @@ def sample_dpmpp_2m_sde(
         sigma, sigma_next = s[i], s[i + 1]
         x0 = denoise(x, sigmas[i])
         h = lam[i + 1] - lam[i]
-        if x0_prev is None or sigma_next == 0:
-            x0_d = x0
-        else:
-            r = h_prev / h
-            x0_d = x0 + (x0 - x0_prev) / (2 * r)
+        x0_d = _dpmpp_2m_x0(x0, x0_prev, h, h_prev, last=sigma_next == 0)
         q = sigma_next / sigma  # 0 at sigma = inf and at sigma_next = 0
         if math.isinf(sigma):
             # x is the unit noise itself; q^(1+eta) x_ve -> sigma_next^(1+eta) / sigma^eta x
