@@ -192,13 +192,11 @@ def make_schedule(
     return NoiseSchedule(betas)
 
 
-SCHEDULE_FIELDS = ("schedule", "num_timesteps", "beta_start", "beta_end", "zero_terminal_snr")
-
-
 def schedule_from_fields(spec: Any) -> NoiseSchedule:
-    """`make_schedule` from the fields of SCHEDULE_FIELDS, read from a mapping (a run.json's
-    "diffusion" section) or attributes (DiffusionConfig, SchedulerSpec). A mapping may leave
-    out beta_start, beta_end (the schedule's defaults) and zero_terminal_snr (False)."""
+    """`make_schedule` from the fields schedule, num_timesteps, beta_start, beta_end and
+    zero_terminal_snr, read from a mapping (a run.json's "diffusion" section) or attributes
+    (DiffusionConfig, SchedulerSpec). A mapping may leave out beta_start, beta_end (the
+    schedule's defaults) and zero_terminal_snr (False)."""
     if isinstance(spec, Mapping):
         missing = [k for k in ("schedule", "num_timesteps") if k not in spec]
         if missing:

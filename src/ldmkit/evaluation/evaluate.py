@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from .features import (
     DomainClassifierConfig,
     FeatureNetworkError,
     InceptionFeatures,
+    file_fingerprint,
     train_domain_classifier,
 )
 from .metrics import (
@@ -893,27 +893,16 @@ def run_data(run_dir: str | os.PathLike, spec: str | None = None) -> Any:
     return ds
 
 
-def _file_fingerprint(path: Path) -> str | None:
-    """First 16 hex digits of the file's SHA-256 (None when it does not exist)."""
-    import hashlib
-
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _earlier_rows(summary_path: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows of an earlier summary.json measured under the same `identity`, else none."""
+    from ldmkit.checkpoint import CheckpointError, read_json
+
     if not summary_path.is_file():
         return []
     try:
-        old = json.loads(summary_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logger.warning("%s is unreadable; starting a new table", summary_path)
+        old = read_json(summary_path)
+    except CheckpointError as e:
+        logger.warning("%s; starting a new table", e)
         return []
     differ = [k for k, v in identity.items() if old.get(k) != v]
     if differ:
@@ -991,7 +980,7 @@ def evaluate_run(
         guidance_scale = ldm.default_guidance
     conditional = bool(ldm.unet.config.num_classes)
     identity = {
-        "model_fingerprint": _file_fingerprint(run_dir / "unet" / "model.safetensors"),
+        "model_fingerprint": file_fingerprint(run_dir / "unet" / "model.safetensors"),
         "reference_fingerprint": ref_ds.fingerprint(),
         "feature_fingerprint": net.fingerprint,
         "n": n,
