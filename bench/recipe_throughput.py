@@ -3,7 +3,7 @@
     python bench/recipe_throughput.py [--threads 2] [--batch 64]
 
 Prints one row per candidate autoencoder / UNet config. Used to choose the CPU defaults in
-ldmkit.training.run (default_vae, default_unet); compare rows measured in the same run only.
+the recipe (AutoencoderConfig(), UNetConfig() defaults); compare rows measured in the same run only.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import torch
 from ldmkit.config import to_dict
 from ldmkit.models import Autoencoder, AutoencoderConfig, UNet, UNetConfig
 from ldmkit.models.losses import autoencoder_loss
-from ldmkit.training.run import default_unet, default_vae
 
 VAES = {
-    "vae f2 (16,32) x1, 4 latent ch [default]": to_dict(default_vae()),
+    "vae f2 (16,32) x1, 4 latent ch [default]": to_dict(AutoencoderConfig()),
     "vae (16,32,32) x1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
     "vae (32,64,64) x1": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_groups=16),
     "vae (32,64,128) x1": dict(
@@ -28,7 +27,7 @@ VAES = {
     "vae (64,128,128) x2 [anchor]": dict(block_out_channels=(64, 128, 128), layers_per_block=2),
 }
 UNETS = {
-    "unet16 (32,64,128) x1 att 4 adagn [default]": to_dict(default_unet()),
+    "unet16 (32,64,128) x1 att 4 adagn [default]": to_dict(UNetConfig()),
     "unet16 (32,64,128) x2 att 4": dict(
         sample_size=16,
         block_out_channels=(32, 64, 128),

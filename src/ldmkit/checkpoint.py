@@ -96,8 +96,30 @@ def save_tensors(
 
     def write(tmp: str) -> None:
         save_file(flat, tmp, metadata=metadata)
+        _sort_metadata(tmp)
 
     atomic_write(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors keeps metadata in a Rust HashMap, so two saves of the same tensors and metadata
+    order its keys at random and the files' checksums differ. Sorted, equal content gives equal
+    bytes (the header keeps its length: same keys and values, same compact JSON).
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not meta or len(meta) < 2:
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # never expected; leave the file as safetensors wrote it
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 EXIT_USAGE = 2
 
@@ -22,60 +19,24 @@ class CLIError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
 
-def _set_dotted(d: dict[str, Any], key: str, raw: str) -> None:
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    parts = key.split(".")
-    cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise CLIError(f"--set {key}: {p} is not a section")
-    cur[parts[-1]] = value
-
-
-def build_run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
-    from .config import deep_update, load_config_file
-    from .training.run import run_config_from_dict
-
-    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}  # settings apply on top
-    if args.config:
-        file_cfg = load_config_file(args.config)
-        deep_update(data, file_cfg)
-    for item in args.set or []:
-        if "=" not in item:
-            raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
-        k, v = item.split("=", 1)
-        _set_dotted(data, k.strip(), v.strip())
-    for flag, key in (("data", "data"), ("time_budget", "time_budget"), ("seed", "seed"),
-                      ("device", "device"), ("image_size", "image_size")):  # fmt: skip
-        v = getattr(args, flag, None)
-        if v is not None:
-            data[key] = v
-    return run_config_from_dict(data)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.run import train_run
+    from . import api
+    from .runs import RunFolder
 
-    base = None
-    if args.resume and (Path(args.out) / "run.json").is_file():
-        # a run resumes with its saved run.json; only training settings may change
-        base = _check_resume_overrides(args)
-    cfg = build_run_config(args, base=base)
-    _check_writable(Path(args.out))
-    res = train_run(
-        cfg, args.out, resume=args.resume is not None, stage=args.stage, progress=not args.quiet
-    )
+    res = api.train(
+        args.out, data=args.data, time_budget=args.time_budget, seed=args.seed,
+        image_size=args.image_size, device=args.device, config_file=args.config,
+        sets=args.set or [], resume=args.resume is not None, stage=args.stage,
+        progress=None if args.quiet else api.tqdm_progress(),
+    )  # fmt: skip
     print(
         f"{res.stopped_because}: autoencoder {res.vae_steps} steps, diffusion {res.unet_steps} steps "
         f"in {res.seconds / 60:.1f} min -> {res.run_dir}"
     )
-    if (res.run_dir / "samples.png").is_file():
-        print(f"samples: {res.run_dir / 'samples.png'}")
-    if res.stopped_because == "signal":
+    grid = RunFolder(res.run_dir).final_grid_path
+    if grid.is_file():
+        print(f"samples: {grid}")
+    if res.stopped_because in ("signal", "stop request"):
         print(f"ldmkit: interrupted: checkpoint saved in {res.run_dir}; continue with "
               f"`ldmkit train --out {res.run_dir} --resume`", file=sys.stderr)  # fmt: skip
         return 130
@@ -87,156 +48,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if res.stopped_because in ("finished", "time budget") else 1
 
 
-def _check_resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--resume keeps the data and models of the saved run.json: refuse settings that change them.
-
-    Returns the saved config, the base that the command line's settings apply to.
-    """
-    from .checkpoint import read_json
-    from .config import deep_update, load_config_file
-    from .training.run import _CHANGEABLE_ON_RESUME
-
-    saved_path = Path(args.out) / "run.json"
-    saved = read_json(saved_path)
-    given: dict[str, Any] = {}
-    if args.config:
-        deep_update(given, load_config_file(args.config))
-    for item in args.set or []:
-        if "=" not in item:
-            raise CLIError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
-        k, v = item.split("=", 1)
-        _set_dotted(given, k.strip(), v.strip())
-    given.update({k: getattr(args, k) for k in ("data", "seed", "image_size")
-                  if getattr(args, k, None) is not None})  # fmt: skip
-
-    def flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-        return [x for k, v in d.items()
-                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]  # fmt: skip
-
-    for key, value in flat(given):
-        if key.split(".")[0] in _CHANGEABLE_ON_RESUME:  # training settings may change
-            continue
-        old: Any = saved
-        for part in key.split("."):
-            old = old.get(part, "<not set>") if isinstance(old, dict) else "<not set>"
-        if old != value:
-            raise CLIError(
-                f"--resume: {key} = {json.dumps(value)} differs from the run's saved "
-                f"{json.dumps(old)} ({saved_path}); a run resumes with its saved config: drop the "
-                "setting, or train into a new --out folder"
-            )
-    return saved
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from .evaluation.grids import save_grid
-    from .pipeline import LatentDiffusion
+    from . import api
 
     if args.out is None and args.outdir is None:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
-    for target in filter(
-        None, [args.out and Path(args.out).parent, args.outdir and Path(args.outdir)]
-    ):
-        _check_writable(Path(target))
-    ldm = LatentDiffusion.from_run(args.run, device=args.device)
-    if args.prompt is not None and ldm.unet.config.context_dim is None:
-        how = " (pick a class with --class)" if ldm.unet.config.num_classes else ""
-        raise CLIError(
-            f"--prompt: the model in {args.run} has no text conditioning, so it cannot follow a "
-            f"prompt; drop --prompt{how}"
-        )
-    if args.prompt is not None:
-        raise CLIError("--prompt: text-conditioned sampling is not available yet in this version")
-    labels, per_row, row_labels = None, None, None
-    if args.cls is not None and not ldm.unet.config.num_classes:
-        raise CLIError(
-            f"--class: the model in {args.run} was trained without class labels (unconditional); "
-            "drop --class"
-        )
-    if args.cls is not None:
-        labels = _parse_class(args.cls, ldm.class_names, args.n)
-    elif ldm.unet.config.num_classes:  # one row of the grid per class, labelled
-        nc = ldm.unet.config.num_classes
-        per_row = -(-args.n // nc)
-        labels = torch.arange(nc).repeat_interleave(per_row)[: args.n]
-        rows = -(-args.n // per_row)
-        if ldm.class_names and len(ldm.class_names) == nc:
-            row_labels = list(ldm.class_names[:rows])
-    images = ldm.sample(
-        args.n, sampler=args.sampler, steps=args.steps, seed=args.seed, class_labels=labels,
-        guidance_scale=args.guidance, batch_size=args.batch_size,
+    for target in filter(None, [args.out and Path(args.out).parent, args.outdir]):
+        api.check_writable(target)
+    samples = api.sample(
+        args.run, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        classes=args.cls, prompt=args.prompt, guidance=args.guidance,
+        batch_size=args.batch_size, device=args.device,
     )  # fmt: skip
     if args.out:
-        if args.nrow:  # the user's layout: the rows no longer hold one class each
-            per_row, row_labels = args.nrow, None
-        save_grid(images, args.out, nrow=per_row, row_labels=row_labels)
-        how = ""
-        if labels is not None:
-            g = ldm.default_guidance if args.guidance is None else args.guidance
-            how = (
-                f", guidance {g:g}, one class per row" if args.cls is None else f", guidance {g:g}"
-            )
-        print(
-            f"wrote {args.out} ({args.n} images, {args.sampler}, {args.steps} steps, "
-            f"seed {args.seed}{how})"
-        )
+        api.save_grid(samples, args.out, nrow=args.nrow)
+        print(f"wrote {args.out} ({samples.description})")
     if args.outdir:
-        os.makedirs(args.outdir, exist_ok=True)
-        for i, im in enumerate(LatentDiffusion.to_pil(images)):
-            im.save(Path(args.outdir) / f"{i:05d}.png")
+        api.save_images(samples, args.outdir)
         print(f"wrote {args.n} images to {args.outdir}")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop import convert_from_diffusers, export_to_diffusers
+    from . import api
 
     if args.from_diffusers is not None:
-        out = convert_from_diffusers(
-            args.from_diffusers, args.out, vae_dir=args.vae, scheduler_dir=args.scheduler
+        out = api.convert_from_diffusers(
+            args.from_diffusers, args.out, vae=args.vae, scheduler=args.scheduler
         )
         print(f"wrote the ldmkit run {out} (sample it with `ldmkit sample --run {out}`)")
     else:
         if args.vae is not None or args.scheduler is not None:
             raise CLIError("--vae and --scheduler go with --from-diffusers only")
-        out = export_to_diffusers(args.to_diffusers, args.out)
+        out = api.export_to_diffusers(args.to_diffusers, args.out)
         print(f"wrote the diffusers folder {out} (model_index.json, unet/, vae/, scheduler/)")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .diffusion.samplers import SAMPLERS
-    from .evaluation.evaluate import evaluate_run, format_table
-
-    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    unknown = [s for s in samplers if s not in SAMPLERS]
-    if not samplers or unknown:
-        raise CLIError(
-            f"unknown sampler(s) {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(SAMPLERS)}"
-        )
+def _int_list(flag: str, text: str) -> list[int]:
     try:
-        steps = [int(s) for s in args.steps.split(",") if s.strip()]
+        return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise CLIError(f"--steps takes whole numbers like 10,20,50, got {args.steps!r}") from None
-    if not steps or min(steps) < 1:
-        raise CLIError(f"--steps takes positive whole numbers like 10,20,50, got {args.steps!r}")
-    if args.n < 6:
-        raise CLIError(f"--n must be at least 6 images (precision/recall use k = 3), got {args.n}")
-    if not Path(args.run).is_dir():
-        raise CLIError(
-            f"run folder {args.run} does not exist; train one with `ldmkit train --out {args.run}`"
-        )
-    out = Path(args.out) if args.out else Path(args.run) / "eval"
-    _check_writable(out)
-    table, summary = evaluate_run(
-        args.run, ref=args.ref, held_out=args.held_out, features=args.features,
-        samplers=samplers, steps=steps, n=args.n, seed=args.seed, out_dir=out,
+        raise CLIError(f"{flag} takes whole numbers like 10,20,50, got {text!r}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .evaluation.table import format_table
+
+    table, summary = api.evaluate(
+        args.run, samplers=[s.strip() for s in args.samplers.split(",") if s.strip()],
+        steps=_int_list("--steps", args.steps), n=args.n, out=args.out, ref=args.ref,
+        held_out=args.held_out, features=args.features, seed=args.seed,
         batch_size=args.batch_size, device=args.device, guidance_scale=args.guidance,
         fresh=args.fresh,
     )  # fmt: skip
+    out = Path(summary["files"]["summary"]).parent
     print(format_table(table))
     if table.kept:
         print(
@@ -261,50 +128,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluation.report import build_report
+    from . import api
 
-    if not Path(args.run).is_dir():
-        raise CLIError(
-            f"run folder {args.run} does not exist; train one with `ldmkit train --out {args.run}`"
-        )
-    if args.out:
-        _check_writable(Path(args.out).parent)
-    path = build_report(
-        args.run, out_path=args.out, sampler=args.sampler, steps=args.steps, seed=args.seed,
+    path = api.report(
+        args.run, out=args.out, sampler=args.sampler, steps=args.steps, seed=args.seed,
         device=args.device,
     )  # fmt: skip
     print(path)
     return 0
-
-
-def _parse_class(text: str, names: list[str] | None, n: int):
-    import torch
-
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.isdigit():
-            values.append(int(part))
-        elif names and part in names:
-            values.append(names.index(part))
-        else:
-            known = ", ".join(names) if names else "none (the model has no class names)"
-            raise CLIError(f"unknown class {part!r}; known classes: {known}")
-    t = torch.tensor(values)
-    return t.repeat(n // len(values) + 1)[:n]
-
-
-def _check_writable(folder: Path) -> None:
-    folder = folder if str(folder) else Path(".")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CLIError(
-            f"cannot write to {folder}: {probe} is a file, not a folder; choose another output path"
-        )
-    if not os.access(probe, os.W_OK):
-        raise CLIError(f"cannot write to {folder}: permission denied; choose another output path")
 
 
 def make_parser() -> argparse.ArgumentParser:

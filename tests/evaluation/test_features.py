@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ldmkit.data.transforms import to_float
 from ldmkit.evaluation import features as feat
 from ldmkit.evaluation.features import (
     DomainClassifier,
@@ -170,7 +171,7 @@ def test_domain_classifier_training_is_seeded():
 def test_domain_classifier_uint8_input_equals_float():
     model = DomainClassifier(DomainClassifierConfig(in_channels=3, num_classes=4)).eval()
     u8 = torch.randint(0, 256, (3, 3, 8, 8), generator=_gen(6), dtype=torch.uint8)
-    assert torch.allclose(model.features(u8), model.features(u8.float() / 127.5 - 1))
+    assert torch.allclose(model.features(u8), model.features(to_float(u8)))
 
 
 def test_unlabelled_fallback_is_random_features_and_says_so():

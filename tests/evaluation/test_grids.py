@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldmkit.data.transforms import to_float
 from ldmkit.evaluation.grids import make_grid, save_grid, to_uint8_hwc
 
 
@@ -31,7 +32,7 @@ def test_float_and_uint8_inputs_map_the_same():
     u8 = torch.randint(
         0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
-    as_float = u8.float() / 127.5 - 1
+    as_float = to_float(u8)
     assert np.array_equal(to_uint8_hwc(as_float), to_uint8_hwc(u8))
     assert np.array_equal(make_grid(as_float), make_grid(u8.numpy()))
 

@@ -15,7 +15,6 @@ from ldmkit.evaluation.metrics import (
     inception_score,
     kid,
     memorisation_report,
-    metric_name,
     mmd2_unbiased,
     nearest_neighbours,
     precision_recall,
@@ -136,11 +135,6 @@ def test_small_n_fid_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="ldmkit.evaluation.metrics"):
         fid_from_features(f, f + 1)
     assert "biased" in caplog.text
-
-
-def test_metric_name_separates_inception_from_domain_features():
-    assert metric_name("FID", "inception-v3-pool3") == "FID"
-    assert metric_name("FID", "shapes-cnn") == "FID-shapes-cnn"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from ldmkit.checkpoint import read_json, write_json
-from ldmkit.config import to_dict
 from ldmkit.interop import (
     InteropError,
     convert_from_diffusers,
@@ -26,6 +25,8 @@ from ldmkit.interop import (
 )
 from ldmkit.models.unet import UNet, UNetConfig
 from ldmkit.models.vae import Autoencoder, AutoencoderConfig
+from ldmkit.recipe import DiffusionConfig, RunConfig
+from ldmkit.runs import DataInfo, RunFolder
 
 ATOL = 1e-5
 
@@ -213,8 +214,8 @@ def test_diffusers_pipeline_folder_converts_to_a_run(tmp_path):
     ldm = LatentDiffusion.from_run(run, device="cpu")
     assert ldm.unet.config.prediction_type == "v"
     assert ldm.latent_shape == (2, 8, 8)
-    assert read_json(run / "run.json")["diffusion"]["zero_terminal_snr"] is True
-    assert read_json(run / "data.json")["class_names"] is None
+    assert RunFolder(run).config().diffusion.zero_terminal_snr is True
+    assert RunFolder(run).data_info().class_names is None
     torch.testing.assert_close(
         ldm.schedule.alphas_cumprod,
         diffusers.DDIMScheduler.from_pretrained(
@@ -233,37 +234,45 @@ def test_diffusers_pipeline_folder_converts_to_a_run(tmp_path):
     lone = convert_from_diffusers(
         pipe / "unet", tmp_path / "lone", vae_dir=pipe / "vae", scheduler_dir=pipe / "scheduler"
     )
-    assert read_json(lone / "run.json")["unet"] == read_json(run / "run.json")["unet"]
+    assert RunFolder(lone).config().unet == RunFolder(run).config().unet
 
 
 # ---------------------------------------------------------------- ldmkit runs -> diffusers
 
+# The architecture is named in full: ldmkit's config defaults are its training recipe and may
+# change; these tests need a small eps-predicting model with "add" time injection to start from.
 VAE = AutoencoderConfig(
     image_channels=3,
     latent_channels=2,
     block_out_channels=(8, 16),
     layers_per_block=1,
     norm_groups=4,
+    norm_eps=1e-6,
+    mid_attention=True,
     image_size=16,
     scaling_factor=0.7,
 )
 UNET = UNetConfig(
     sample_size=8,
     in_channels=2,
+    out_channels=2,
     block_out_channels=(8, 16),
     num_res_blocks=1,
     attention_resolutions=(4,),
+    mid_attention=True,
     head_dim=4,
+    num_heads=None,
     norm_num_groups=4,
+    time_injection="add",
+    prediction_type="eps",
 )
 
 
 def make_run(folder: Path, unet_cfg: UNetConfig = UNET, **diffusion) -> Path:
-    """A run folder as training/run.py writes it, with random weights."""
-    from ldmkit.training.run import DiffusionConfig, RunConfig
-
-    perturb(Autoencoder(VAE), seed=1).save_pretrained(folder / "vae")
-    perturb(UNet(unet_cfg), seed=2).save_pretrained(folder / "unet")
+    """A run folder as a training writes it (through RunFolder), with random weights."""
+    run = RunFolder(folder)
+    run.save_vae(perturb(Autoencoder(VAE), seed=1))
+    run.save_unet(perturb(UNet(unet_cfg), seed=2))
     cfg = RunConfig(
         image_size=16,
         channels=3,
@@ -271,13 +280,10 @@ def make_run(folder: Path, unet_cfg: UNetConfig = UNET, **diffusion) -> Path:
         unet=unet_cfg,
         diffusion=DiffusionConfig(**diffusion),
     )
-    write_json(folder / "run.json", to_dict(cfg))
     classes = [f"c{i}" for i in range(unet_cfg.num_classes)] if unet_cfg.num_classes else None
-    write_json(
-        folder / "data.json",
-        {"spec": cfg.data, "channels": 3, "image_size": 16, "class_names": classes},
-    )
-    return folder
+    run.write_data_info(DataInfo(spec=cfg.data, channels=3, image_size=16, class_names=classes))
+    run.write_config(cfg)  # last, as a training does
+    return run.path
 
 
 @pytest.mark.reference
@@ -290,8 +296,7 @@ def test_exported_run_loads_in_diffusers_with_equal_outputs(tmp_path, unet_overr
     diffusers = pytest.importorskip("diffusers")
     run = make_run(tmp_path / "run", dataclasses.replace(UNET, **unet_overrides))
     out = export_to_diffusers(run, tmp_path / "hf")
-    vae = Autoencoder.from_pretrained(run / "vae")
-    unet = UNet.from_pretrained(run / "unet")
+    vae, unet = RunFolder(run).load_vae(), RunFolder(run).load_unet()
 
     their_vae = diffusers.AutoencoderKL.from_pretrained(out, subfolder="vae").eval()
     assert their_vae.config.scaling_factor == 0.7
@@ -377,7 +382,10 @@ def test_sigmoid_run_exports_a_ddpm_pipeline_that_samples_alike(tmp_path):
     ldm = LatentDiffusion.from_run(run, device="cpu")
     x_T = randn(2, *ldm.latent_shape, seed=4)
     gen = torch.Generator().manual_seed(5)
-    ours = sample(ldm.unet, ldm.schedule, x_T, sampler="ddpm", steps=4, generator=gen)
+    ours = sample(
+        ldm.unet, ldm.schedule, x_T, sampler="ddpm", steps=4, generator=gen,
+        prediction_type=ldm.unet.config.prediction_type,
+    )  # fmt: skip
     pipe.scheduler.set_timesteps(4)
     gen, latents = torch.Generator().manual_seed(5), x_T
     with torch.no_grad():
@@ -385,6 +393,7 @@ def test_sigmoid_run_exports_a_ddpm_pipeline_that_samples_alike(tmp_path):
             eps = pipe.unet(latents, t).sample
             latents = pipe.scheduler.step(eps, t, latents, generator=gen).prev_sample
     assert pipe.scheduler.timesteps.tolist() == [750, 500, 250, 0]
+    assert pipe.scheduler.config.prediction_type == "epsilon"  # UNET predicts eps
     scale = latents.abs().max().clamp(min=1)
     torch.testing.assert_close(ours / scale, latents / scale, rtol=0, atol=1e-5)
 
@@ -409,16 +418,19 @@ def test_round_trip_ldmkit_diffusers_ldmkit_is_bit_exact(tmp_path, unet_override
     assert type(pipe).__name__ == expected
     # ... and converting it back gives the same run.
     back = convert_from_diffusers(hf, tmp_path / "back")
-    for part, cls in (("vae", Autoencoder), ("unet", UNet)):
-        a, b = cls.from_pretrained(run / part), cls.from_pretrained(back / part)
+    first, second = RunFolder(run), RunFolder(back)
+    for part, a, b in (
+        ("vae", first.load_vae(), second.load_vae()),
+        ("unet", first.load_unet(), second.load_unet()),
+    ):
         assert a.config == b.config, part
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{part}.{k}"
     keys = ("schedule", "num_timesteps", "zero_terminal_snr")
-    d0, d1 = read_json(run / "run.json")["diffusion"], read_json(back / "run.json")["diffusion"]
-    assert {k: d0[k] for k in keys} == {k: d1[k] for k in keys}
+    d0, d1 = RunFolder(run).config().diffusion, RunFolder(back).config().diffusion
+    assert {k: getattr(d0, k) for k in keys} == {k: getattr(d1, k) for k in keys}
 
 
 @pytest.mark.reference
@@ -509,6 +521,47 @@ UNET2D = {
     "norm_num_groups": 4,
     "attention_head_dim": 4,
 }
+UNET2D_CONDITION = {
+    **UNET2D,
+    "_class_name": "UNet2DConditionModel",
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 6,
+}
+# Fields a diffusers config does not describe: initialisation and the trainer's loss switches.
+NOT_IN_DIFFUSERS = {
+    "UNetConfig": {"zero_init_residual"},
+    "AutoencoderConfig": {
+        "reconstruction", "kl_weight", "perceptual_weight", "disc_weight", "disc_start",
+        "disc_layers", "disc_channels",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config",
+    [UNET2D, UNET2D_CONDITION, {"_class_name": "AutoencoderKL"}],
+    ids=["UNet2DModel", "UNet2DConditionModel", "AutoencoderKL"],
+)
+def test_diffusers_configs_set_every_architecture_field(monkeypatch, config):
+    """ldmkit's config defaults are its training recipe, not diffusers' defaults: a converted
+    config names every architecture field itself, whatever those defaults become."""
+    from ldmkit.interop import unet_names, vae_names
+
+    if config["_class_name"] == "AutoencoderKL":
+        cls, module, convert = AutoencoderConfig, vae_names, vae_names.vae_config_from_diffusers
+    else:
+        cls, module, convert = UNetConfig, unet_names, unet_names.unet_config_from_diffusers
+    given: list[set[str]] = []
+
+    def recording_constructor(**kwargs):
+        given.append(set(kwargs))
+        return cls(**kwargs)
+
+    monkeypatch.setattr(module, cls.__name__, recording_constructor)
+    convert(config)
+    left_to_defaults = {f.name for f in dataclasses.fields(cls)} - given[-1]
+    assert left_to_defaults == NOT_IN_DIFFUSERS[cls.__name__]
 
 
 @pytest.mark.parametrize(
@@ -635,8 +688,12 @@ def test_convert_refuses_what_a_run_cannot_hold(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_export_refuses_a_used_folder_and_an_edited_ldmkit_section(tmp_path):
+def test_export_refuses_unfinished_runs_used_folders_and_edited_ldmkit_sections(tmp_path):
     run = make_run(tmp_path / "run")
+    unfinished = tmp_path / "unfinished"  # a run whose training has saved no model yet
+    RunFolder(unfinished).write_config(RunFolder(run).config())
+    with pytest.raises(InteropError, match="has no trained vae"):
+        export_to_diffusers(unfinished, tmp_path / "hf-unfinished")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
     with pytest.raises(InteropError, match="not an empty folder"):

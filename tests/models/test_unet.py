@@ -47,11 +47,25 @@ def inputs(cfg: UNetConfig, batch: int = 2, seed: int = 1):
 # ---------------------------------------------------------------- config
 
 
-def test_config_defaults_are_the_latent16_reference():
+# the latent16 reference of PERF_ANCHORS (diffusers' UNet2DModel with these settings)
+LATENT16 = dict(block_out_channels=(128, 256, 256), num_res_blocks=2, attention_resolutions=(8, 4),
+                norm_num_groups=32, time_injection="add")  # fmt: skip
+
+
+def test_config_defaults_are_the_training_recipe():
+    from ldmkit.recipe import RunConfig
+
     cfg = UNetConfig()
+    assert RunConfig().unet == cfg  # one set of defaults: what `ldmkit train` trains
     assert cfg.out_channels == cfg.in_channels == 4
-    assert cfg.time_embed_dim == 4 * 128
+    assert cfg.time_embed_dim == 4 * 32
     assert cfg.resolutions == (16, 8, 4)
+    assert (cfg.prediction_type, cfg.time_injection) == ("v", "scale_shift")
+
+
+def test_latent16_reference_has_the_diffusers_parameter_count():
+    cfg = UNetConfig(**LATENT16)
+    assert cfg.time_embed_dim == 4 * 128
     with torch.device("meta"):  # count without allocating 27 M weights
         model = UNet(cfg)
     assert model.num_parameters() == 27_159_300  # as diffusers' UNet2DModel (27.16 M)

@@ -86,7 +86,7 @@ def make_run(folder: Path, *, num_classes: int | None = 3, unet_channels=(8, 16)
     """A small untrained but complete run folder, as `ldmkit train` writes it (fast: no training)."""
     from ldmkit.models.unet import UNet
     from ldmkit.models.vae import Autoencoder
-    from ldmkit.training.run import resolve_config, run_config_from_dict
+    from ldmkit.recipe import resolve_config, run_config_from_dict
 
     cfg = run_config_from_dict(
         {"data": "builtin:shapes?n=64", "image_size": 16, "vae": {"block_out_channels": [8, 8], "norm_groups": 4,

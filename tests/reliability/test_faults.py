@@ -236,7 +236,7 @@ def test_sigterm_and_sigint_save_and_resume(reference, tmp_path):
 def test_non_finite_loss_skips_then_stops(tmp_path, capsys, caplog, monkeypatch):
     """A loss that turns NaN at step 3: each bad step is skipped with a warning, and after
     max_bad_steps in a row the run stops, naming the cause, with the step-2 checkpoint intact."""
-    import ldmkit.training.run as run_mod
+    import ldmkit.training.stages as run_mod
 
     real, calls = run_mod.autoencoder_loss, [0]
 

@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from ldmkit.config import ConfigError
-from ldmkit.training.loop import DataOrder, Stage, TrainConfig, lr_multiplier, train_stage
+from ldmkit.recipe import TrainConfig
+from ldmkit.runs import RunFolder
+from ldmkit.training.loop import DataOrder, Progress, train_stage
 from ldmkit.training.state import RunLock, RunLockedError, list_checkpoints
+from ldmkit.training.step import Stage
 
 DATA = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
 TARGET = DATA @ torch.tensor([[1.0], [-2.0], [0.5]])
@@ -19,18 +22,17 @@ def make_stage(seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(123)
 
-    def step(micro, i):
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for idx in micro:
-            noise = torch.randn(len(idx), 1, generator=gen) * 0.01
-            loss = ((model(DATA[idx]) - TARGET[idx] - noise) ** 2).mean() / len(micro)
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        return {"loss": total}
+    def loss(idx, step):
+        noise = torch.randn(len(idx), 1, generator=gen) * 0.01
+        return ((model(DATA[idx]) - TARGET[idx] - noise) ** 2).mean(), {}
 
-    return Stage("toy", model, {"adamw": opt}, step, generators={"noise": gen})
+    return Stage("toy", model, opt, loss, generators={"noise": gen})
+
+
+def train(stage, c, path, **kw):
+    kw.setdefault("num_items", 40)
+    kw.setdefault("seed", 0)
+    return train_stage(stage, c, folder=RunFolder(path), **kw)
 
 
 def cfg(steps, **kw):
@@ -58,13 +60,11 @@ def weights(stage, result):
 
 def test_resume_is_bit_exact(tmp_path):
     a = make_stage()
-    ra = train_stage(a, cfg(12), run_dir=tmp_path / "a", num_items=40, seed=5, progress=False)
+    ra = train(a, cfg(12), tmp_path / "a", num_items=40, seed=5)
     b = make_stage()
-    train_stage(b, cfg(7), run_dir=tmp_path / "b", num_items=40, seed=5, progress=False)
+    train(b, cfg(7), tmp_path / "b", num_items=40, seed=5)
     c = make_stage(seed=99)  # a fresh process: different init, all restored from the checkpoint
-    rc = train_stage(
-        c, cfg(12), run_dir=tmp_path / "b", num_items=40, seed=5, resume=True, progress=False
-    )
+    rc = train(c, cfg(12), tmp_path / "b", num_items=40, seed=5, resume=True)
     assert rc.steps_done == 12
     for x, y in zip(weights(a, ra), weights(c, rc)):
         assert torch.equal(x, y)
@@ -73,15 +73,15 @@ def test_resume_is_bit_exact(tmp_path):
 def test_without_resume_weights_differ(tmp_path):
     # the same comparison without restoring RNG/optimizer must fail, or the test above proves nothing
     a = make_stage()
-    ra = train_stage(a, cfg(12), run_dir=tmp_path / "a", num_items=40, seed=5, progress=False)
+    ra = train(a, cfg(12), tmp_path / "a", num_items=40, seed=5)
     c = make_stage(seed=0)
-    rc = train_stage(c, cfg(12), run_dir=tmp_path / "c", num_items=40, seed=6, progress=False)
+    rc = train(c, cfg(12), tmp_path / "c", num_items=40, seed=6)
     assert not all(torch.equal(x, y) for x, y in zip(weights(a, ra), weights(c, rc)))
 
 
 def test_checkpoint_rotation_and_log(tmp_path):
     s = make_stage()
-    train_stage(s, cfg(17), run_dir=tmp_path, num_items=40, seed=0, progress=False)
+    train(s, cfg(17), tmp_path, num_items=40, seed=0)
     steps = [c.step for c in list_checkpoints(tmp_path, "toy")]
     assert steps[-2:] == [16, 17] and len(steps) <= 3  # last 2 + possibly the best
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -90,24 +90,22 @@ def test_checkpoint_rotation_and_log(tmp_path):
 
 def test_time_budget_stops_with_checkpoint(tmp_path):
     s = make_stage()
-    r = train_stage(
-        s, cfg(10_000), run_dir=tmp_path, num_items=40, seed=0, time_budget_s=0.2, progress=False
-    )
+    r = train(s, cfg(10_000), tmp_path, num_items=40, seed=0, time_budget_s=0.2)
     assert r.stopped_because == "time budget"
     assert list_checkpoints(tmp_path, "toy")[-1].step == r.steps_done
 
 
 def slow_stage(delay):
     s = make_stage()
-    inner = s.step
+    inner = s.loss
     lrs = []
 
-    def step(micro, i):
-        time.sleep(delay)
-        lrs.append(s.optimizers["adamw"].param_groups[0]["lr"])
-        return inner(micro, i)
+    def loss(idx, step):
+        time.sleep(delay / 2)  # two micro-batches a step
+        lrs.append(s.optimizer.param_groups[0]["lr"])
+        return inner(idx, step)
 
-    s.step = step
+    s.loss = loss
     return s, lrs
 
 
@@ -116,7 +114,7 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
     # the cosine reaches its floor (10 % of the peak) at the planned end, before the deadline
     s, lrs = slow_stage(0.01)
     c = cfg(10_000, lr_schedule="cosine", checkpoint_every=10_000)
-    r = train_stage(s, c, run_dir=tmp_path, num_items=40, seed=0, time_budget_s=1.0, progress=False)
+    r = train(s, c, tmp_path, num_items=40, seed=0, time_budget_s=1.0)
     assert r.stopped_because == "time budget"
     assert 40 <= r.steps_done <= 100  # sleep dominates; at most 1 s / 10 ms steps
     assert lrs[-1] <= 0.12 * c.lr  # the decay had (nearly) reached its floor when time ran out
@@ -125,9 +123,8 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
     assert r.steps_done <= state["planned_steps"] <= r.steps_done + 5
     # a constant LR is not planned: the deadline stops it
     s2, _ = slow_stage(0.01)
-    r2 = train_stage(
-        s2, cfg(10_000, checkpoint_every=10_000), run_dir=tmp_path / "c", num_items=40, seed=0,
-        time_budget_s=0.5, progress=False,
+    r2 = train(s2, cfg(10_000, checkpoint_every=10_000), tmp_path / "c", num_items=40, seed=0,
+        time_budget_s=0.5,
     )  # fmt: skip
     assert r2.stopped_because == "time budget"
     state2 = json.loads(
@@ -139,14 +136,12 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
 def test_nan_loss_stops_after_k_bad_steps(tmp_path):
     s = make_stage()
 
-    def bad(micro, i):
-        return {"loss": float("nan"), "skipped": True}
+    def bad(idx, step):
+        return s.model(DATA[idx]).sum() * float("nan"), {}
 
-    s.step = bad
+    s.loss = bad
     before = [p.detach().clone() for p in s.model.parameters()]
-    r = train_stage(
-        s, cfg(50, max_bad_steps=3), run_dir=tmp_path, num_items=40, seed=0, progress=False
-    )
+    r = train(s, cfg(50, max_bad_steps=3), tmp_path, num_items=40, seed=0)
     assert r.stopped_because == "bad loss" and r.steps_done == 3
     assert all(torch.equal(x, y) for x, y in zip(before, s.model.parameters()))
 
@@ -160,9 +155,9 @@ def test_data_order_is_a_function_of_step():
 
 def test_lr_schedule():
     c = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine")
-    assert lr_multiplier(0, c) == pytest.approx(0.1)
-    assert lr_multiplier(9, c) == pytest.approx(1.0)
-    assert lr_multiplier(100, c) == pytest.approx(0.1)
+    assert c.lr_multiplier(0) == pytest.approx(0.1)
+    assert c.lr_multiplier(9) == pytest.approx(1.0)
+    assert c.lr_multiplier(100) == pytest.approx(0.1)
 
 
 def test_bad_train_config():
@@ -179,3 +174,30 @@ def test_run_lock(tmp_path):
                 pass
     with RunLock(tmp_path):  # released
         pass
+
+
+def test_a_stop_request_ends_the_stage_with_a_checkpoint(tmp_path):
+    """A threading.Event set from another place (a web page, a notebook) stops the stage after
+    the current step, with a checkpoint at that step; resuming then ends where an uninterrupted
+    run does."""
+    import threading
+
+    stop, events = threading.Event(), []
+
+    def progress(p: Progress):
+        events.append(p)
+        if p.step == 6:
+            stop.set()
+
+    s = make_stage()
+    r = train(s, cfg(12), tmp_path / "b", progress=progress, stop=stop)
+    assert (r.stopped_because, r.steps_done) == ("stop request", 6)
+    assert list_checkpoints(tmp_path / "b", "toy")[-1].step == 6
+    assert [e.step for e in events if not e.done] == [1, 2, 3, 4, 5, 6] and events[-1].done
+    assert [e.step for e in events if e.loss is not None] == [2, 4, 6]  # the log_every rows
+    c = make_stage()
+    rc = train(c, cfg(12), tmp_path / "b", resume=True)
+    a = make_stage()
+    ra = train(a, cfg(12), tmp_path / "a")
+    assert (rc.steps_done, rc.stopped_because) == (12, "finished")
+    assert all(torch.equal(x, y) for x, y in zip(weights(a, ra), weights(c, rc)))

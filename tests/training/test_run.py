@@ -9,7 +9,8 @@ from ldmkit.checkpoint import load_tensors
 from ldmkit.cli import main
 from ldmkit.config import ConfigError
 from ldmkit.pipeline import LatentDiffusion
-from ldmkit.training.run import parse_duration, run_config_from_dict, train_run
+from ldmkit.recipe import parse_duration, run_config_from_dict
+from ldmkit.training.run import train_run
 
 TINY = {
     "data": "builtin:shapes?n=96",
@@ -51,7 +52,7 @@ def tiny(**over):
 def run_dir(tmp_path_factory):
     torch.set_num_threads(1)  # module fixtures run before the per-test one that sets this
     out = tmp_path_factory.mktemp("run") / "r"
-    res = train_run(tiny(), out, progress=False)
+    res = train_run(tiny(), out)
     assert res.stopped_because == "finished" and res.vae_steps == 4 and res.unet_steps == 6
     return out
 
@@ -103,8 +104,8 @@ def test_resume_is_bit_exact(tmp_path, run_dir):
     # run_dir trained 4 + 6 steps without interruption; here: the same run stopped after 3
     # diffusion steps (as if killed right after its checkpoint) and resumed for 3 more
     out = tmp_path / "r"
-    train_run(tiny(unet_train={"steps": 3}), out, progress=False)
-    res = train_run(tiny(), out, resume=True, progress=False)
+    train_run(tiny(unet_train={"steps": 3}), out)
+    res = train_run(tiny(), out, resume=True)
     assert res.unet_steps == 6
     for part in ("vae", "unet"):
         a = load_tensors(run_dir / part / "model.safetensors")
@@ -115,7 +116,7 @@ def test_resume_is_bit_exact(tmp_path, run_dir):
 
 def test_refuses_to_overwrite_a_run(run_dir):
     with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
-        train_run(tiny(), run_dir, progress=False)
+        train_run(tiny(), run_dir)
 
 
 def test_cli_sample(run_dir, tmp_path, capsys):
@@ -196,13 +197,13 @@ def test_autoencoder_with_discriminator_and_resume(tmp_path):
         "perceptual_weight": 0.1,
     }
     cfg = tiny(vae=gan, vae_train={"steps": 3})
-    train_run(cfg, tmp_path / "a", stage="vae", progress=False)
+    train_run(cfg, tmp_path / "a", stage="vae")
     rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert "d_loss" in rows[-1] and "g_loss" in rows[-1] and "perceptual" in rows[-1]
     # the discriminator and its optimizer are part of the checkpoint, so resume stays exact
-    train_run(tiny(vae=gan, vae_train={"steps": 2}), tmp_path / "b", stage="vae", progress=False)
+    train_run(tiny(vae=gan, vae_train={"steps": 2}), tmp_path / "b", stage="vae")
     (tmp_path / "b" / "vae").rename(tmp_path / "b" / "vae-partial")  # as if killed before the end
-    train_run(cfg, tmp_path / "b", stage="vae", resume=True, progress=False)
+    train_run(cfg, tmp_path / "b", stage="vae", resume=True)
     a = load_tensors(tmp_path / "a" / "vae" / "model.safetensors")
     b = load_tensors(tmp_path / "b" / "vae" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -23,14 +23,13 @@ is. Only v- and x0-prediction can denoise there (x0 = -v at alpha = 0); eps-pred
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ldmkit.diffusion.process import PredictionType
 from ldmkit.diffusion.schedules import NoiseSchedule
 
-PredictionType = Literal["eps", "x0", "v"]
 PREDICTION_TYPES: tuple[str, ...] = ("eps", "x0", "v")
 
 # A network function model(x_t, t, **cond) -> prediction, on VP-scaled x_t and steps t (B,).

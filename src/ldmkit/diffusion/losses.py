@@ -22,6 +22,7 @@ Contents:
     model_mean_log_variance                            the model's p(x_{t-1} | x_t)
     hybrid_loss                                        L_simple + lambda L_vlb (learned variances)
     diffusion_loss, loss_weights                       the (weighted) MSE training loss
+    training_loss                                      what the trainer calls: t, eps, x_t, the loss
     sample_timesteps, LossAwareSampler                 training steps t: uniform, stratified,
                                                        importance-sampled
     sample_log_sigmas                                  continuous noise levels (EDM / SD3)
@@ -368,6 +369,44 @@ def loss_weights(
     else:
         w = {"eps": torch.ones_like(r), "x0": r, "v": ab}[prediction_type]
     return w.to(device=t.device, dtype=torch.float32)
+
+
+def training_loss(
+    model: Callable[..., Tensor],
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    prediction_type: PredictionType,
+    weighting: Weighting = "none",
+    gamma: float = 5.0,
+    generator: torch.Generator | None = None,
+    cond: dict | Callable[[], dict] | None = None,
+    timesteps: Literal["uniform", "stratified"] = "uniform",
+) -> Tensor:
+    """The loss ldmkit trains a diffusion network with: draw t and eps, noise x0, weight the MSE.
+
+        t ~ U{0, .., T-1},  eps ~ N(0, I),  x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps
+        loss = mean_b  w(t_b) * mean |model(x_t, t) - target(x0, eps, t)|^2      Ho 2020 Alg. 1
+
+    The target is eps, x0 or v (`prediction_type`), w is `loss_weights(weighting)`.
+    t and eps are drawn on the generator's device (the CPU by default), in that order, then
+    moved to x0's device, so a seeded run draws the same numbers on any device. `cond` holds
+    the network's condition kwargs, or a function returning them: it is called after t and eps
+    are drawn, so a condition dropout that draws from the same generator comes third.
+
+    Returns:
+        The scalar loss, float32 (the prediction is upcast, e.g. after bf16 autocast).
+    """
+    b = x0.shape[0]
+    t = sample_timesteps(b, schedule.num_timesteps, generator=generator, method=timesteps)
+    eps = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+    kwargs = cond() if callable(cond) else (cond or {})
+    t, eps = t.to(x0.device), eps.to(x0.device)
+    x_t = add_noise(schedule, x0, eps, t)
+    prediction = model(x_t, t, **kwargs).float()
+    target = target_for(prediction_type, x0, eps, schedule, t)
+    weights = loss_weights(schedule, t, prediction_type, weighting=weighting, gamma=gamma)
+    return diffusion_loss(prediction, target, weights)
 
 
 # ---------------------------------------------------------------- sampling t and sigma

@@ -492,6 +492,18 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 # DDPM chain: an imperfect model's errors are partly washed out by the fresh noise.
 DEFAULT_SAMPLER = "dpm++2m-sde"
 
+
+def check_sampler(*names: str) -> None:
+    """Raise a ValueError that names every unknown sampler among `names` and lists the known."""
+    unknown = [n for n in names if n not in SAMPLERS]
+    if len(unknown) == 1:
+        raise ValueError(f"unknown sampler {unknown[0]!r}; choose one of {', '.join(SAMPLERS)}")
+    if unknown:
+        raise ValueError(
+            f"unknown sampler(s) {', '.join(map(repr, unknown))}; choose one of {', '.join(SAMPLERS)}"
+        )
+
+
 # Spacing used by `sample` when none is given: Lin et al. 2024 (Sec. 3.3) recommend "trailing",
 # which starts at t = T - 1; DDPM uses "leading" so that steps = T is the full chain of Ho 2020.
 DEFAULT_SPACING: dict[str, Spacing] = {
@@ -511,7 +523,7 @@ def sample(
     schedule: NoiseSchedule,
     shape_or_xT: tuple[int, ...] | torch.Size | Tensor,
     *,
-    sampler: str = "dpm++2m",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int = 20,
     prediction_type: PredictionType = "eps",
     spacing: Spacing | None = None,
@@ -540,8 +552,7 @@ def sample(
             `guidance_scale` between `cond` and `uncond` (see guidance.py).
         sampler_options: passed to the sampler (eta, variance, s_churn, n_corrector, ...).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler)
     spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     sigmas = get_sigmas(schedule, steps, spacing)
     if torch.isinf(sigmas[0]) and prediction_type == "eps":

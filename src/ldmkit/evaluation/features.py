@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.config import ConfigError, to_dict
+from ldmkit.data.transforms import to_float
+
+from .metrics import tf32_off
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +223,6 @@ class InceptionFeatures(nn.Module):
 
     @torch.inference_mode()
     def features(self, images: Tensor) -> Tensor:
-        from ldmkit.evaluation.metrics import tf32_off
-
         device = next(self.net.parameters()).device
         out = []
         for start in range(0, images.shape[0], self.batch_size):
@@ -244,12 +245,7 @@ class InceptionFeatures(nn.Module):
 class DomainClassifierConfig:
     in_channels: int = 3  # 1 (grayscale) or 3 (RGB)
     num_classes: int = 10  # 0 for an untrained random-feature network (no labels)
-    widths: tuple[int, ...] = (
-        16,
-        32,
-        64,
-        128,
-    )  # conv widths; every conv after the first halves H, W
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # conv widths; each 3x3 stride-2 conv halves H, W
     feature_dim: int = 128  # width of the penultimate (feature) layer
     name: str = "domain-cnn"  # metrics are labelled "FID-<name>"
     data_fingerprint: str = ""  # the caller's fingerprint of the data it was fitted on
@@ -270,8 +266,8 @@ class DomainClassifier(nn.Module):
     """Small CNN: conv stack -> global average pool -> feature layer -> logits.
 
     Each conv is 3x3 stride 2 + BatchNorm + ReLU, so with the default widths a 32x32 image costs
-    about 5 MFLOP forward (about 3 s per training epoch of 10k images on one CPU core). Call `.eval()` before `features`/`logits` (the loaders and the trainer return
-    the model in eval mode).
+    about 5 MFLOP forward (about 3 s per training epoch of 10k images on one CPU core). Call
+    `.eval()` before `features`/`logits` (the loaders and the trainer return it in eval mode).
     """
 
     def __init__(self, config: DomainClassifierConfig) -> None:
@@ -307,7 +303,7 @@ class DomainClassifier(nn.Module):
             )
         device = self.head.weight.device
         if images.dtype == torch.uint8:
-            return images.to(device, torch.float32) / 127.5 - 1
+            return to_float(images.to(device))
         return images.to(device, torch.float32)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -413,16 +409,7 @@ def train_domain_classifier(
         model = DomainClassifier(config).to(x.device)  # trains where the images are
 
     if labels is None:
-        # BatchNorm with momentum None keeps a cumulative average: one pass fits the statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for s in range(0, n, batch_size):
-                model(x[s : s + batch_size])
-        return model.eval(), math.nan
+        return _fit_batchnorm(model, x, batch_size), math.nan
 
     y = torch.as_tensor(labels).long().to(x.device)
     if y.shape != (n,):
@@ -434,7 +421,39 @@ def train_domain_classifier(
         raise ValueError(f"need at least 3 images to train and hold out, got {n}")
     perm = torch.randperm(n, generator=g)
     held, train = perm[:n_held], perm[n_held:]
+    _fit(model, x, y, train, g, epochs=epochs, batch_size=batch_size, lr=lr, budget=time_budget_s)
+    pred = model.logits(x[held]).argmax(1)
+    accuracy = float((pred == y[held]).to(torch.float64).mean())
+    return model, accuracy
 
+
+def _fit_batchnorm(model: DomainClassifier, x: Tensor, batch_size: int) -> DomainClassifier:
+    """Fit only the BatchNorm statistics to the images, in one pass; return the model in eval mode."""
+    # BatchNorm with momentum None keeps a cumulative average: one pass fits the statistics
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            model(x[s : s + batch_size])
+    return model.eval()
+
+
+def _fit(
+    model: DomainClassifier,
+    x: Tensor,
+    y: Tensor,
+    train: Tensor,
+    g: torch.Generator,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    budget: float | None,
+) -> None:
+    """Cross-entropy training on the items `train` with AdamW, shuffled by `g`; leaves eval mode."""
     model.to(memory_format=torch.channels_last)  # ~1.3x faster convs on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     start = time.monotonic()
@@ -452,7 +471,7 @@ def train_domain_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+            if budget is not None and time.monotonic() - start > budget:
                 out_of_time = True
                 break
         logger.info("domain classifier epoch %d: last loss %.4f", epoch, loss.item())
@@ -460,9 +479,6 @@ def train_domain_classifier(
             logger.warning("domain classifier stopped at epoch %d: time budget spent", epoch)
             break
     model.to(memory_format=torch.contiguous_format).eval()
-    pred = model.logits(x[held]).argmax(1)
-    accuracy = float((pred == y[held]).to(torch.float64).mean())
-    return model, accuracy
 
 
 __all__ = [

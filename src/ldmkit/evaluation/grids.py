@@ -15,21 +15,28 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from ldmkit.data.transforms import to_uint8
+
 FONT_SIZE = 12
 MIN_CAPTIONED_CELL = 96  # px: captioned cells are upscaled (nearest) to at least this width
 MAX_CAPTION_LINES = 3
 
 
-def to_uint8_hwc(images: Tensor | np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] or uint8 -> uint8 numpy (N, H, W, C)."""
+def as_uint8(images: Tensor | np.ndarray) -> Tensor:
+    """(N, C, H, W) float in [-1, 1] or uint8 -> uint8 tensor (N, C, H, W) on the CPU."""
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images (N, C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
     if x.dtype != torch.uint8:
         if not x.is_floating_point():
             raise ValueError(f"images must be float in [-1, 1] or uint8, got {x.dtype}")
-        x = ((x.to(torch.float32) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+        x = to_uint8(x)
+    return x
+
+
+def to_uint8_hwc(images: Tensor | np.ndarray) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] or uint8 -> uint8 numpy (N, H, W, C)."""
+    return as_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(
@@ -192,4 +199,4 @@ def save_grid(
     return grid
 
 
-__all__ = ["make_grid", "save_grid", "save_image", "to_uint8_hwc"]
+__all__ = ["as_uint8", "make_grid", "save_grid", "save_image", "to_uint8_hwc"]

@@ -195,18 +195,29 @@ class FeatureStats:
             raise ValueError(f"a covariance needs at least 2 features, these stats hold {self.n}")
         return self._m2 / (self.n - 1)
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        """{"n": (1,) int64, "mean": (D,), "m2": (D, D)}: what `save` writes and `from_tensors` reads."""
+        if self.n == 0:
+            raise ValueError("refusing to save empty stats; add features first")
+        return {"n": torch.tensor([self.n], dtype=torch.int64), "mean": self.mean, "m2": self._m2}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, Tensor], meta: dict[str, str] | None = None
+    ) -> FeatureStats:
+        """Stats from the n, mean and m2 tensors of `to_tensors` (other keys are ignored)."""
+        stats = cls(dim=int(tensors["mean"].shape[0]), meta=meta)
+        stats.n = int(tensors["n"][0])
+        stats._mean = tensors["mean"].to(torch.float64)
+        stats._m2 = tensors["m2"].to(torch.float64)
+        return stats
+
     def save(self, path: str | os.PathLike) -> None:
         """Write to `.safetensors` or `.npz` (no pickle), atomically."""
         from ldmkit.checkpoint import atomic_write, save_tensors
 
-        if self.n == 0:
-            raise ValueError("refusing to save empty stats; add features first")
+        tensors = self.to_tensors()
         path = Path(path)
-        tensors = {
-            "n": torch.tensor([self.n], dtype=torch.int64),
-            "mean": self.mean,
-            "m2": self._m2,
-        }
         if path.suffix == ".safetensors":
             save_tensors(path, tensors, metadata={str(k): str(v) for k, v in self.meta.items()})
         elif path.suffix == ".npz":
@@ -242,11 +253,7 @@ class FeatureStats:
                 meta = dict(zip(z["meta_keys"].tolist(), z["meta_values"].tolist()))
         else:
             raise ValueError(f"{path}: feature stats must be .safetensors or .npz")
-        stats = cls(dim=int(tensors["mean"].shape[0]), meta=meta)
-        stats.n = int(tensors["n"][0])
-        stats._mean = tensors["mean"].to(torch.float64)
-        stats._m2 = tensors["m2"].to(torch.float64)
-        return stats
+        return cls.from_tensors(tensors, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,13 +538,6 @@ def memorisation_report(
     )
 
 
-def metric_name(metric: str, feature_name: str) -> str:
-    """Label for a metric: "FID" for Inception pool3 features, "FID-<name>" for any other."""
-    from ldmkit.evaluation.features import INCEPTION_NAME
-
-    return metric if feature_name == INCEPTION_NAME else f"{metric}-{feature_name}"
-
-
 __all__ = [
     "MIN_FID_IMAGES",
     "FeatureStats",
@@ -552,7 +552,6 @@ __all__ = [
     "kid",
     "knn_radii",
     "memorisation_report",
-    "metric_name",
     "mmd2_unbiased",
     "nearest_neighbours",
     "precision_recall",

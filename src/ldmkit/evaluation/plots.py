@@ -1,5 +1,5 @@
 """Pictures of a run: samples by class, denoising trajectories, VAE reconstructions, latent
-channels, training loss, FID over training and the sampler-quality table (PNG files).
+channels, training loss and the sampler-quality table (PNG files).
 
 Figures use matplotlib's object API (`matplotlib.figure.Figure` with the Agg canvas), never
 pyplot, so no global backend or figure state is touched. Images are (B, C, H, W) float in
@@ -9,9 +9,6 @@ The denoising trajectory is recorded through the sampler callback `callback(i, x
 x is the VE state x = x0 + sigma * noise of the (scaled) latents, so it is shown in image space
 as decode(x / sqrt(1 + sigma^2)), the VP latent x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar)
 noise with alpha_bar = 1 / (1 + sigma^2); x0 is the step's prediction of the clean latent.
-
-FID over training reads rows of log.jsonl that carry a key starting with "FID" (for instance
-{"stage": "eval", "step": 4000, "FID-shapes-cnn": 12.3}), one curve per such key.
 """
 
 from __future__ import annotations
@@ -27,9 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldmkit.data.transforms import to_float
 from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
 
-from .grids import save_grid, to_uint8_hwc
+from .grids import as_uint8, save_grid, to_uint8_hwc
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +79,6 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _as_uint8_nchw(images: Tensor) -> Tensor:
-    return torch.from_numpy(to_uint8_hwc(images)).permute(0, 3, 1, 2)
-
-
 # ---------------------------------------------------------------------------------------------
 # curves
 
@@ -116,31 +110,6 @@ def plot_loss_curves(log_path: str | os.PathLike, path: str | os.PathLike) -> Pa
         ax.set_title(f"{stage} loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_fid_over_training(log_path: str | os.PathLike, path: str | os.PathLike) -> Path | None:
-    """FID figures against step from log.jsonl rows (module docstring); None without any."""
-    log_path = Path(log_path)
-    if not log_path.is_file():
-        return None
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for r in read_log(log_path):
-        for key, v in r.items():
-            if key.startswith("FID") and isinstance(v, (int, float)) and "step" in r:
-                curves.setdefault(key, []).append((r["step"], float(v)))
-    if not curves:
-        return None
-    fig = _figure(6, 3.5)
-    ax = fig.add_subplot(1, 1, 1)
-    for key, pts in sorted(curves.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FID")
-    ax.set_title("FID over training")
-    ax.legend()
-    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -190,15 +159,15 @@ def plot_samples(
 ) -> Path:
     """A sample grid: one row of `per_class` samples per class, labelled with the class names,
     for a class-conditional model; n samples in a square grid otherwise."""
-    num_classes = ldm.unet.config.num_classes or 0
-    if num_classes:
-        labels = torch.arange(num_classes).repeat_interleave(per_class)
+    cond = ldm.conditioner
+    if cond.enabled:
+        labels, per_row, names = cond.grid_labels(cond.num_classes * per_class)
         images = ldm.sample(
             len(labels), sampler=sampler, steps=steps, seed=seed, class_labels=labels,
             guidance_scale=guidance_scale,
         )  # fmt: skip
-        names = ldm.class_names or [str(c) for c in range(num_classes)]
-        save_grid(images, path, nrow=per_class, row_labels=list(names[:num_classes]), scale=2)
+        names = names or [str(c) for c in range(cond.num_classes)]
+        save_grid(images, path, nrow=per_row, row_labels=names, scale=2)
     else:
         images = ldm.sample(n, sampler=sampler, steps=steps, seed=seed)
         save_grid(images, path, scale=2)
@@ -222,9 +191,9 @@ def record_trajectory(
     CPU; decode them with `ldm.decode`. A class-conditional model gets classes 0, 1, ... unless
     class_labels is given.
     """
-    num_classes = ldm.unet.config.num_classes or 0
-    if class_labels is None and num_classes:
-        class_labels = torch.arange(n) % num_classes
+    cond = ldm.conditioner
+    if class_labels is None and cond.enabled:
+        class_labels = torch.arange(n) % cond.num_classes
     record: list[tuple[int, float, Tensor, Tensor]] = []
 
     def callback(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> None:
@@ -282,10 +251,10 @@ def plot_denoising_trajectory(
 @torch.no_grad()
 def plot_reconstructions(ldm: Any, images: Tensor, path: str | os.PathLike, *, n: int = 8) -> Path:
     """Originals (top row) above their VAE reconstructions (bottom row), n of each."""
-    x = _as_uint8_nchw(images[:n])
-    recon = ldm.decode(ldm.encode(x.to(torch.float32) / 127.5 - 1)).cpu()
+    x = as_uint8(images[:n])
+    recon = ldm.decode(ldm.encode(to_float(x))).cpu()
     save_grid(
-        torch.cat([x, _as_uint8_nchw(recon)]), path, nrow=len(x),
+        torch.cat([x, as_uint8(recon)]), path, nrow=len(x),
         row_labels=["original", "reconstruction"], scale=2,
     )  # fmt: skip
     return Path(path)
@@ -298,8 +267,8 @@ def plot_latent_channels(ldm: Any, images: Tensor, path: str | os.PathLike, *, n
     Channels share one symmetric colour scale per channel across the images, so a channel that
     carries little shows as pale.
     """
-    x = _as_uint8_nchw(images[:n])
-    z = ldm.encode(x.to(torch.float32) / 127.5 - 1).cpu()  # (n, C_lat, h, w)
+    x = as_uint8(images[:n])
+    z = ldm.encode(to_float(x)).cpu()  # (n, C_lat, h, w)
     n, c = z.shape[:2]
     fig = _figure(1.4 * (c + 1) + 0.6, 1.4 * n + 0.5)
     axes = fig.subplots(n, c + 1, squeeze=False)
@@ -321,7 +290,6 @@ def plot_latent_channels(ldm: Any, images: Tensor, path: str | os.PathLike, *, n
 
 __all__ = [
     "plot_denoising_trajectory",
-    "plot_fid_over_training",
     "plot_latent_channels",
     "plot_loss_curves",
     "plot_reconstructions",

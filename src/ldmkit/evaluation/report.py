@@ -1,10 +1,10 @@
 """`build_report(run_dir)`: one self-contained HTML page about a trained run.
 
-The page (run_dir/report.html) holds the run config, a data summary, the loss curves (and FID
-over training when log.jsonl has such rows), VAE reconstructions beside their originals, the
-latent channels, a sample grid (one labelled row per class for a class-conditional model), a
-denoising trajectory, and the sampler table and summary of `ldmkit eval` when eval/summary.json
-exists (otherwise a line saying how to make them). Every image is an inline base64 PNG and the
+The page (run_dir/report.html) holds the run config, a data summary, the loss curves, VAE
+reconstructions beside their originals, the latent channels, a sample grid (one labelled row
+per class for a class-conditional model), a denoising trajectory, and the sampler table and
+summary of `ldmkit eval` when eval/summary.json exists (otherwise a line saying how to make
+them). Every image is an inline base64 PNG and the
 CSS is inline: the file needs nothing else, and opens offline in any browser.
 
 Sections carry ids, in order: config, data, training, autoencoder, samples, trajectory,
@@ -24,7 +24,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ldmkit.checkpoint import atomic_write
 from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+from ldmkit.pipeline import LatentDiffusion
+from ldmkit.runs import RunFolder
+
+from .grids import save_grid
+from .plots import (
+    plot_denoising_trajectory,
+    plot_latent_channels,
+    plot_loss_curves,
+    plot_reconstructions,
+    plot_samples,
+)
+from .table import FLOOR_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +107,7 @@ def _csv_table(path: Path, labels: dict[str, str]) -> str:
     head = "".join(f"<th>{html.escape(label(c))}</th>" for c in cols)
     body = ""
     for r in rows:
-        cls = ' class="floor"' if r.get("sampler") == "real-vs-real" else ""
+        cls = ' class="floor"' if r.get("sampler") == FLOOR_NAME else ""
         body += f"<tr{cls}>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols)
         body += "</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -174,96 +189,90 @@ def build_report(
     device: str | None = None,
 ) -> Path:
     """Write the report of a run (default run_dir/report.html) and return its path."""
-    import torch
-
-    from ldmkit.checkpoint import read_json
-    from ldmkit.pipeline import LatentDiffusion
-
-    from .evaluate import run_data
-    from .grids import save_grid
-    from .plots import (
-        plot_denoising_trajectory,
-        plot_fid_over_training,
-        plot_latent_channels,
-        plot_loss_curves,
-        plot_reconstructions,
-        plot_samples,
-    )
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a run folder (no run.json); "
-            f"train one with `ldmkit train --out {run_dir}`"
-        )
-    out_path = Path(out_path) if out_path is not None else run_dir / "report.html"
-    ldm = LatentDiffusion.from_run(run_dir, device=device)
-    run = read_json(run_dir / "run.json")
-    data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
-    ds = run_data(run_dir)
-    sec: dict[str, str] = {}
+    run = RunFolder(run_dir).require_run()
+    out_path = Path(out_path) if out_path is not None else run.report_path
+    ldm = LatentDiffusion.from_run(run.path, device=device)
+    ds = run.load_data()
     with tempfile.TemporaryDirectory(prefix="ldmkit-report-") as tmp:
         t = Path(tmp)
-        # data
-        if ds.labels is not None and ds.class_names:
-            idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class]
-                             for c in range(len(ds.class_names))])  # fmt: skip
-            counts = torch.bincount(ds.labels, minlength=len(ds.class_names)).tolist()
-            rows_ok = all(k >= per_class for k in counts)
-            save_grid(ds.images[idx], t / "data.png", nrow=per_class, scale=2,
-                      row_labels=list(ds.class_names) if rows_ok else None)  # fmt: skip
-            classes = ", ".join(f"{n} ({k})" for n, k in zip(ds.class_names, counts))
-        else:
-            save_grid(ds.images[:64], t / "data.png", scale=2)
-            classes = "none (unlabelled)"
-        facts = [
-            ("spec", data.get("spec", run.get("data"))),
-            ("name", ds.name),
-            ("images", len(ds)),
-            ("size", f"{ds.channels} x {ds.image_size} x {ds.image_size}"),
-            ("classes (count)", classes),
-            ("fingerprint", data.get("fingerprint")),
-        ]
-        rows_note = ", one row per class" if ds.labels is not None else ""
-        sec["data"] = _kv_table(facts) + _img(t / "data.png", "training images" + rows_note)
+        sec = {
+            "data": _data_section(run, ds, t, per_class),
+            "training": _img(
+                plot_loss_curves(run.log_path, t / "loss.png"), "training loss (log.jsonl)"
+            ),
+            "autoencoder": _autoencoder_section(ldm, ds.images, t),
+            **_sample_sections(
+                ldm, t, sampler=sampler, steps=steps, seed=seed, per_class=per_class
+            ),
+            "config": f"<pre>{html.escape(json.dumps(run.config_dict(), indent=2))}</pre>",
+            "evaluation": _evaluation_section(run.path, run.eval_dir),
+        }
+    page = _page(run.path, sec)
+    atomic_write(out_path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    logger.info("wrote %s (%.1f kB)", out_path, len(page) / 1024)
+    return out_path
 
-        # training
-        loss = plot_loss_curves(run_dir / "log.jsonl", t / "loss.png")
-        fid = plot_fid_over_training(run_dir / "log.jsonl", t / "fid.png")
-        sec["training"] = _img(loss, "training loss (log.jsonl)") + (
-            _img(fid, "FID over training")
-            if fid is not None
-            else '<p class="muted">No FID-over-training rows in log.jsonl.</p>'
-        )
 
-        # autoencoder
-        vae = ldm.vae.config
-        sec["autoencoder"] = (
-            _kv_table([("summary", ldm.vae.summary() if hasattr(ldm.vae, "summary") else "-"),
-                       ("latent scaling factor", vae.scaling_factor)])  # fmt: skip
-            + _img(plot_reconstructions(ldm, ds.images, t / "recon.png", n=8),
-                   "VAE reconstructions: originals (top) and reconstructions (bottom)")
-            + _img(plot_latent_channels(ldm, ds.images, t / "latents.png", n=4),
-                   "latent channels of four training images")
-        )  # fmt: skip
+def _data_section(run: RunFolder, ds: Any, t: Path, per_class: int) -> str:
+    """Facts about the training data and a grid of its images (one row per class)."""
+    if ds.labels is not None and ds.class_names:
+        idx = torch.cat([torch.nonzero(ds.labels == c).flatten()[:per_class]
+                         for c in range(len(ds.class_names))])  # fmt: skip
+        counts = torch.bincount(ds.labels, minlength=len(ds.class_names)).tolist()
+        rows_ok = all(k >= per_class for k in counts)
+        save_grid(ds.images[idx], t / "data.png", nrow=per_class, scale=2,
+                  row_labels=list(ds.class_names) if rows_ok else None)  # fmt: skip
+        classes = ", ".join(f"{n} ({k})" for n, k in zip(ds.class_names, counts))
+    else:
+        save_grid(ds.images[:64], t / "data.png", scale=2)
+        classes = "none (unlabelled)"
+    info = run.data_info()
+    facts = [
+        ("spec", info.spec or run.config().data),
+        ("name", ds.name),
+        ("images", len(ds)),
+        ("size", f"{ds.channels} x {ds.image_size} x {ds.image_size}"),
+        ("classes (count)", classes),
+        ("fingerprint", info.fingerprint),
+    ]
+    rows_note = ", one row per class" if ds.labels is not None else ""
+    return _kv_table(facts) + _img(t / "data.png", "training images" + rows_note)
 
-        # samples and trajectory
-        conditional = bool(ldm.unet.config.num_classes)
-        what = "one row per class" if conditional else "unconditional"
-        sec["samples"] = _img(
+
+def _autoencoder_section(ldm: Any, images: Any, t: Path) -> str:
+    """The VAE's summary, reconstructions beside their originals, and latent channels."""
+    vae = ldm.vae
+    return (
+        _kv_table([("summary", vae.summary() if hasattr(vae, "summary") else "-"),
+                   ("latent scaling factor", vae.config.scaling_factor)])  # fmt: skip
+        + _img(plot_reconstructions(ldm, images, t / "recon.png", n=8),
+               "VAE reconstructions: originals (top) and reconstructions (bottom)")
+        + _img(plot_latent_channels(ldm, images, t / "latents.png", n=4),
+               "latent channels of four training images")
+    )  # fmt: skip
+
+
+def _sample_sections(
+    ldm: Any, t: Path, *, sampler: str, steps: int, seed: int, per_class: int
+) -> dict[str, str]:
+    """The "samples" grid (one row per class when conditional) and the denoising "trajectory"."""
+    what = "one row per class" if ldm.conditioner.enabled else "unconditional"
+    return {
+        "samples": _img(
             plot_samples(ldm, t / "samples.png", per_class=per_class, sampler=sampler,
                          steps=steps, seed=seed),
             f"samples ({what}; {sampler}, {steps} steps, seed {seed})",
-        )  # fmt: skip
-        sec["trajectory"] = _img(
+        ),
+        "trajectory": _img(
             plot_denoising_trajectory(ldm, t / "trajectory.png", sampler=sampler, steps=steps,
                                       seed=seed),
             "denoising trajectory: decoded x_t and predicted x0 over the sampler's steps",
-        )  # fmt: skip
+        ),
+    }  # fmt: skip
 
-        sec["config"] = f"<pre>{html.escape(json.dumps(run, indent=2))}</pre>"
-        sec["evaluation"] = _evaluation_section(run_dir, run_dir / "eval")
 
+def _page(run_dir: Path, sec: dict[str, str]) -> str:
+    """The whole HTML page: title, inline CSS and the sections in SECTIONS order."""
     titles = {"config": "Run config", "data": "Data", "training": "Training",
               "autoencoder": "Autoencoder", "samples": "Samples",
               "trajectory": "Denoising trajectory", "evaluation": "Evaluation"}  # fmt: skip
@@ -271,22 +280,13 @@ def build_report(
         f'<section id="{k}"><h2>{titles[k]}</h2>\n{sec[k]}\n</section>' for k in SECTIONS
     )
     name = html.escape(run_dir.resolve().name)
-    page = (
+    return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>ldmkit report: {name}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>ldmkit report: {name}</h1>\n"
         f'<p class="muted">{html.escape(str(run_dir.resolve()))} &middot; written '
         f"{html.escape(time.strftime('%Y-%m-%d %H:%M:%S %Z'))}</p>\n{body}\n</body></html>\n"
     )
-    from ldmkit.checkpoint import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-
-    atomic_write(out_path, write)
-    logger.info("wrote %s (%.1f kB)", out_path, len(page) / 1024)
-    return out_path
 
 
 __all__ = ["SECTIONS", "build_report"]

@@ -51,10 +51,13 @@ from ldmkit.checkpoint import (
     write_json,
 )
 from ldmkit.config import ConfigError, from_dict, to_dict
+from ldmkit.diffusion.process import PredictionType
 from ldmkit.diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
 from ldmkit.interop import unet_names, vae_names
-from ldmkit.models.unet import PredictionType, UNet, UNetConfig
+from ldmkit.models.unet import UNet, UNetConfig
 from ldmkit.models.vae import Autoencoder, AutoencoderConfig
+from ldmkit.recipe import DiffusionConfig, RunConfig
+from ldmkit.runs import DataInfo, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,17 @@ _VP_SCHEDULERS = {
 # Sampling options that make diffusers' loop differ from ldmkit's samplers when set: named in a
 # warning on import (ldmkit never clips or thresholds x0, and starts DDIM at t = T - 1).
 _SAMPLING_DIFFERENCES = {"clip_sample": False, "thresholding": False}
+# Scheduler keys that fix the betas or the model's output; all others are sampling options.
+_SCHEDULE_KEYS = {
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "timestep_type",
+}
 
 
 @dataclass(frozen=True)
@@ -146,61 +160,89 @@ def load_diffusers_scheduler(directory: str | Path) -> SchedulerSpec:
     path = _scheduler_config_path(Path(directory))
     cfg = read_json(path)
     cls_name = cfg.get("_class_name", "DDPMScheduler")
+    try:
+        _check_vp_scheduler(cls_name)
+        schedule = _schedule_name(cfg)
+        prediction_type = _prediction_type(cfg)
+        _check_model_options(cfg)
+    except ConfigError as e:
+        raise InteropError(f"{path}: {e}") from None
+    beta_start, beta_end = _beta_range(cfg, schedule)
+    return SchedulerSpec(
+        schedule=schedule,
+        num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+        zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        prediction_type=prediction_type,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        scheduler_class=cls_name,
+        sampling_options=_sampling_options(cfg, path),
+    )
 
-    def fail(msg: str) -> None:
-        raise InteropError(f"{path}: {msg}")
 
+def _check_vp_scheduler(cls_name: str) -> None:
     if cls_name not in _VP_SCHEDULERS:
-        fail(
+        raise ConfigError(
             f"scheduler class {cls_name!r} is not supported; ldmkit reads the discrete VP beta "
             f"schedules of {', '.join(sorted(_VP_SCHEDULERS))}"
         )
+
+
+def _schedule_name(cfg: dict[str, Any]) -> ScheduleName:
+    """ldmkit's name of the scheduler's beta_schedule."""
     if cfg.get("trained_betas") is not None:
-        fail("trained_betas (an explicit beta list) is not supported; use a named beta_schedule")
+        raise ConfigError(
+            "trained_betas (an explicit beta list) is not supported; use a named beta_schedule"
+        )
     beta_schedule = cfg.get("beta_schedule", "linear")
     names = {theirs: ours for ours, (theirs, _, _) in _SCHEDULES.items()}
     if beta_schedule not in names:
-        fail(
+        raise ConfigError(
             f"beta_schedule={beta_schedule!r} is not supported; ldmkit has "
             f"{', '.join(sorted(names))}"
         )
-    schedule = names[beta_schedule]
+    return names[beta_schedule]
+
+
+def _prediction_type(cfg: dict[str, Any]) -> PredictionType:
     prediction = cfg.get("prediction_type", "epsilon")
     ours = {theirs: mine for mine, theirs in _PREDICTIONS.items()}
     if prediction not in ours:
-        fail(
+        raise ConfigError(
             f"prediction_type={prediction!r} is not supported; ldmkit has {', '.join(sorted(ours))}"
         )
+    return ours[prediction]
+
+
+def _check_model_options(cfg: dict[str, Any]) -> None:
+    """Refuse options that change what the UNet outputs or which t it takes."""
     variance = cfg.get("variance_type")
     if variance is not None and str(variance).startswith("learned"):
-        fail(
+        raise ConfigError(
             f"variance_type={variance!r} (a UNet that predicts its variance) is not supported; "
             "ldmkit UNets predict eps, x0 or v only"
         )
     timestep_type = cfg.get("timestep_type", "discrete")
     if timestep_type != "discrete":
-        fail(f"timestep_type={timestep_type!r} is not supported; ldmkit UNets take discrete t")
+        raise ConfigError(
+            f"timestep_type={timestep_type!r} is not supported; ldmkit UNets take discrete t"
+        )
 
-    beta_start, beta_end = None, None
-    if schedule != "cosine":  # diffusers ignores both for squaredcos_cap_v2
-        _, default_start, default_end = _SCHEDULES[schedule]
-        start, end = cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
-        if not math.isclose(start, default_start, rel_tol=1e-9):
-            beta_start = float(start)
-        if not math.isclose(end, default_end, rel_tol=1e-9):
-            beta_end = float(end)
 
-    schedule_keys = {
-        "num_train_timesteps",
-        "beta_start",
-        "beta_end",
-        "beta_schedule",
-        "trained_betas",
-        "prediction_type",
-        "rescale_betas_zero_snr",
-        "timestep_type",
-    }
-    sampling = {k: v for k, v in cfg.items() if k not in schedule_keys and not k.startswith("_")}
+def _beta_range(cfg: dict[str, Any], schedule: ScheduleName) -> tuple[float | None, float | None]:
+    """(beta_start, beta_end) where they differ from ldmkit's defaults for `schedule`, else None."""
+    if schedule == "cosine":  # diffusers ignores both for squaredcos_cap_v2
+        return None, None
+    _, default_start, default_end = _SCHEDULES[schedule]
+    start, end = cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
+    beta_start = None if math.isclose(start, default_start, rel_tol=1e-9) else float(start)
+    beta_end = None if math.isclose(end, default_end, rel_tol=1e-9) else float(end)
+    return beta_start, beta_end
+
+
+def _sampling_options(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The options that only steer diffusers' sampling loop; warns about those ldmkit lacks."""
+    sampling = {k: v for k, v in cfg.items() if k not in _SCHEDULE_KEYS and not k.startswith("_")}
     differs = [k for k, v in _SAMPLING_DIFFERENCES.items() if sampling.get(k, v) != v]
     if differs:
         logger.warning(
@@ -208,16 +250,7 @@ def load_diffusers_scheduler(directory: str | Path) -> SchedulerSpec:
             path,
             ", ".join(f"{k}={sampling[k]!r}" for k in differs),
         )
-    return SchedulerSpec(
-        schedule=schedule,
-        num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-        zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-        prediction_type=ours[prediction],
-        beta_start=beta_start,
-        beta_end=beta_end,
-        scheduler_class=cls_name,
-        sampling_options=sampling,
-    )
+    return sampling
 
 
 def diffusers_scheduler_config(
@@ -355,7 +388,7 @@ def convert_from_diffusers(
     vae_dir: str | Path | None = None,
     scheduler_dir: str | Path | None = None,
 ) -> Path:
-    """Write an ldmkit run folder (run.json, data.json, vae/, unet/) from diffusers folders.
+    """Write an ldmkit run folder (`ldmkit.runs.RunFolder`) from diffusers folders.
 
     Args:
         src_dir: a pipeline folder with unet/, vae/ and scheduler/ (model_index.json), or a lone
@@ -366,37 +399,70 @@ def convert_from_diffusers(
     and sample it with `ldmkit.diffusion.samplers.sample`. Nothing is written unless every part
     loads. Returns the run folder.
     """
-    from ldmkit.training.run import DiffusionConfig, RunConfig
+    src, run = Path(src_dir), RunFolder(out_run_dir)
+    if run.exists():
+        raise InteropError(f"{run.path} already holds a run; choose another output folder")
+    _require_empty_folder(run.path)
+    vae_src, scheduler_src = _run_sources(src, vae_dir, scheduler_dir)
+    spec = _run_scheduler(scheduler_src)
+    vae = load_diffusers_vae(vae_src)
+    unet = load_diffusers_unet(src, prediction_type=spec.prediction_type)
+    cfg = _run_config(src, vae.config, unet.config, spec)
 
-    src, out = Path(src_dir), Path(out_run_dir)
-    if (out / "run.json").exists():
-        raise InteropError(f"{out} already holds a run; choose another output folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InteropError(f"{out} exists and is not an empty folder; choose another output folder")
+    run.save_vae(vae)
+    run.save_unet(unet)
+    run.write_data_info(
+        DataInfo(
+            spec=cfg.data,
+            name="diffusers",
+            num_images=0,
+            channels=cfg.channels,
+            image_size=cfg.image_size,
+        )
+    )
+    run.write_config(cfg)  # last: its presence marks a complete run
+    logger.info("converted %s into the ldmkit run %s", src, run.path)
+    return run.path
+
+
+def _run_sources(
+    src: Path, vae_dir: str | Path | None, scheduler_dir: str | Path | None
+) -> tuple[Path, Path]:
+    """The folders to read the autoencoder and the scheduler from; refuses incomplete sources."""
     _check_pipeline_components(src)
-    vae_src = Path(vae_dir) if vae_dir is not None else src
     if vae_dir is None and not _is_component(src / "vae"):
         raise InteropError(
             f"{src} has no vae/ folder: ldmkit runs are latent diffusion models and need an "
             "AutoencoderKL; pass vae_dir (--vae), or load a pixel-space UNet alone with "
             "ldmkit.interop.load_diffusers_unet"
         )
-    sched_src = Path(scheduler_dir) if scheduler_dir is not None else src
     if scheduler_dir is None and not _has_scheduler(src):
         raise InteropError(
             f"{src} has no scheduler config (scheduler/scheduler_config.json); pass "
             "scheduler_dir (--scheduler) with the scheduler the UNet was trained with"
         )
-    spec = load_diffusers_scheduler(sched_src)
+    vae_src = Path(vae_dir) if vae_dir is not None else src
+    scheduler_src = Path(scheduler_dir) if scheduler_dir is not None else src
+    return vae_src, scheduler_src
+
+
+def _run_scheduler(scheduler_src: Path) -> SchedulerSpec:
+    """The scheduler of a run to be converted; refuses beta ranges that are not carried over."""
+    spec = load_diffusers_scheduler(scheduler_src)
     if spec.beta_start is not None or spec.beta_end is not None:
         raise InteropError(
-            f"{sched_src}: beta_start/beta_end {spec.beta_start}/{spec.beta_end} differ from "
-            f"ldmkit's {spec.schedule} defaults and run.json cannot store others yet; load the "
-            "parts with load_diffusers_unet / load_diffusers_scheduler instead"
+            f"{scheduler_src}: beta_start/beta_end {spec.beta_start}/{spec.beta_end} differ from "
+            f"ldmkit's {spec.schedule} defaults, and converting does not carry other beta "
+            "ranges into a run yet; load the parts with load_diffusers_unet / "
+            "load_diffusers_scheduler instead"
         )
-    vae = load_diffusers_vae(vae_src)
-    unet = load_diffusers_unet(src, prediction_type=spec.prediction_type)
-    vcfg, ucfg = vae.config, unet.config
+    return spec
+
+
+def _run_config(
+    src: Path, vcfg: AutoencoderConfig, ucfg: UNetConfig, spec: SchedulerSpec
+) -> RunConfig:
+    """The RunConfig of a converted run; refuses a UNet that does not map latents to latents."""
     if ucfg.in_channels != vcfg.latent_channels or ucfg.out_channels != ucfg.in_channels:
         raise InteropError(
             f"the UNet maps {ucfg.in_channels} to {ucfg.out_channels} channels but the "
@@ -415,7 +481,7 @@ def convert_from_diffusers(
             image_size,
             image_size,
         )
-    run = RunConfig(
+    return RunConfig(
         data=f"diffusers:{src.resolve()}",
         image_size=image_size,
         channels=vcfg.image_channels,
@@ -428,23 +494,6 @@ def convert_from_diffusers(
             zero_terminal_snr=spec.zero_terminal_snr,
         ),
     )
-    vae.save_pretrained(out / "vae")
-    unet.save_pretrained(out / "unet")
-    write_json(
-        out / "data.json",
-        {
-            "spec": run.data,
-            "name": "diffusers",
-            "num_images": 0,
-            "channels": vcfg.image_channels,
-            "image_size": image_size,
-            "class_names": None,
-            "fingerprint": None,
-        },
-    )
-    write_json(out / "run.json", to_dict(run))  # last: its presence marks a complete run
-    logger.info("converted %s into the ldmkit run %s", src, out)
-    return out
 
 
 def export_to_diffusers(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -455,64 +504,25 @@ def export_to_diffusers(run_dir: str | Path, out_dir: str | Path) -> Path:
     `AutoencoderKL.from_pretrained(out_dir, subfolder="vae")`; decode latents / scaling_factor.
     Returns out_dir.
     """
-    from ldmkit.training.run import DiffusionConfig
-
-    run, out = Path(run_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InteropError(f"{out} exists and is not an empty folder; choose another output folder")
-    for part in ("vae", "unet"):
-        if not (run / part / "model.safetensors").is_file():
-            raise InteropError(
-                f"{run} is not a finished ldmkit run: {part}/model.safetensors is missing"
-            )
-    try:
-        diffusion = from_dict(DiffusionConfig, read_json(run / "run.json").get("diffusion", {}))
-    except ConfigError as e:
-        raise InteropError(f"{run / 'run.json'}: {e}") from None
-    for name in ("beta_start", "beta_end"):  # not in run.json yet; refuse rather than drop them
-        if getattr(diffusion, name, None) is not None:
-            raise InteropError(f"{run / 'run.json'}: diffusion.{name} cannot be exported yet")
-    vae = Autoencoder.from_pretrained(run / "vae")
-    unet = UNet.from_pretrained(run / "unet")
+    run, out = RunFolder(run_dir), Path(out_dir)
+    _require_empty_folder(out)
+    diffusion = _exportable_diffusion(run)
+    vae, unet = run.load_vae(), run.load_unet()
     try:
         vae_cfg = vae_names.diffusers_vae_config(vae.config)
         unet_cls, unet_cfg = unet_names.diffusers_unet_config(unet.config)
     except ConfigError as e:
-        raise InteropError(f"{run}: {e}") from None
+        raise InteropError(f"{run.path}: {e}") from None
     version = _diffusers_version()
 
-    save_tensors(
-        out / "vae" / WEIGHTS_NAME,
-        vae_names.state_dict_to_diffusers(vae.state_dict()),
-        metadata={"format": "pt"},
-    )
-    write_json(
-        out / "vae" / CONFIG_NAME,
-        {
-            "_class_name": "AutoencoderKL",
-            "_diffusers_version": version,
-            **_jsonable(vae_cfg),
-            LDMKIT_KEY: to_dict(vae.config),
-        },
-    )
+    vae_state = vae_names.state_dict_to_diffusers(vae.state_dict())
+    _write_component(out / "vae", "AutoencoderKL", vae_cfg, vae.config, vae_state, version)
     unet_state = unet.state_dict()
-    save_tensors(
-        out / "unet" / WEIGHTS_NAME,
-        unet_names.state_dict_to_diffusers(unet_state),
-        metadata={"format": "pt"},
-    )
     extra = {k: unet_state[k] for k in unet_names.LDMKIT_ONLY if k in unet_state}
     if extra:
         save_tensors(out / "unet" / EXTRA_NAME, extra, metadata={"format": "pt"})
-    write_json(
-        out / "unet" / CONFIG_NAME,
-        {
-            "_class_name": unet_cls,
-            "_diffusers_version": version,
-            **_jsonable(unet_cfg),
-            LDMKIT_KEY: to_dict(unet.config),
-        },
-    )
+    their_state = unet_names.state_dict_to_diffusers(unet_state)
+    _write_component(out / "unet", unet_cls, unet_cfg, unet.config, their_state, version)
     scheduler = diffusers_scheduler_config(
         diffusion.schedule,
         diffusion.num_timesteps,
@@ -520,22 +530,66 @@ def export_to_diffusers(run_dir: str | Path, out_dir: str | Path) -> Path:
         prediction_type=unet.config.prediction_type,
     )
     write_json(out / "scheduler" / SCHEDULER_CONFIG_NAME, scheduler)
-    pipeline = "DDPMPipeline" if scheduler["_class_name"] == "DDPMScheduler" else "DDIMPipeline"
+    _write_model_index(out, scheduler["_class_name"], unet_cls, version)
+    logger.info("exported the ldmkit run %s as the diffusers folder %s", run.path, out)
+    return out
+
+
+def _exportable_diffusion(run: RunFolder) -> DiffusionConfig:
+    """The diffusion settings of a finished run; refuses beta ranges (not carried over yet)."""
+    try:
+        run.require_trained()
+        diffusion = run.config().diffusion
+    except CheckpointError as e:
+        raise InteropError(str(e)) from None
+    for name in ("beta_start", "beta_end"):  # refuse rather than drop them
+        if getattr(diffusion, name) is not None:
+            raise InteropError(f"{run.config_path}: diffusion.{name} cannot be exported yet")
+    return diffusion
+
+
+def _write_component(
+    folder: Path,
+    class_name: str,
+    diffusers_config: dict[str, Any],
+    ldmkit_config: Any,
+    state: dict[str, Tensor],
+    version: str,
+) -> None:
+    """A diffusers model folder: weights, and config.json with the ldmkit config under LDMKIT_KEY."""
+    save_tensors(folder / WEIGHTS_NAME, state, metadata={"format": "pt"})
+    write_json(
+        folder / CONFIG_NAME,
+        {
+            "_class_name": class_name,
+            "_diffusers_version": version,
+            **_jsonable(diffusers_config),
+            LDMKIT_KEY: to_dict(ldmkit_config),
+        },
+    )
+
+
+def _write_model_index(out: Path, scheduler_cls: str, unet_cls: str, version: str) -> None:
+    """model_index.json of a DDIMPipeline (DDPMPipeline with a DDPMScheduler): unet + scheduler."""
+    pipeline = "DDPMPipeline" if scheduler_cls == "DDPMScheduler" else "DDIMPipeline"
     write_json(
         out / MODEL_INDEX_NAME,
         {
             "_class_name": pipeline,
             "_diffusers_version": version,
-            "scheduler": ["diffusers", scheduler["_class_name"]],
+            "scheduler": ["diffusers", scheduler_cls],
             "unet": ["diffusers", unet_cls],
         },
     )
-    logger.info("exported the ldmkit run %s as the diffusers folder %s", run, out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Folder and file helpers
+
+
+def _require_empty_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InteropError(f"{out} exists and is not an empty folder; choose another output folder")
 
 
 def _is_component(folder: Path) -> bool:

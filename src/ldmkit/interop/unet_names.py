@@ -13,12 +13,14 @@ This module imports nothing from diffusers; tests and converters do that themsel
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from torch import Tensor, nn
 
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import ConfigError
+from ldmkit.diffusion.process import PredictionType
 from ldmkit.models.unet import UNetConfig
 
 # (ldmkit regex, diffusers replacement), applied in this order to every parameter name.
@@ -266,7 +268,7 @@ _UNET_FIXED: dict[str, tuple[Any, ...]] = dict(
 _UNET_NO_EFFECT = {"num_train_timesteps", "upcast_attention", "addition_embed_type_num_heads"}
 
 
-def _fail(option: str, value: Any, supported: str) -> None:
+def _fail(option: str, value: Any, supported: str) -> NoReturn:
     raise ConfigError(f"diffusers UNet option {option}={value!r} is not supported; {supported}")
 
 
@@ -283,7 +285,7 @@ def unet_config_from_diffusers(
     cfg: dict[str, Any],
     *,
     sample_size: int | None = None,
-    prediction_type: str = "eps",
+    prediction_type: PredictionType = "eps",
 ) -> UNetConfig:
     """UNetConfig of a diffusers UNet2DModel / UNet2DConditionModel `config.json` dict.
 
@@ -292,155 +294,224 @@ def unet_config_from_diffusers(
         sample_size: used when the config has no sample_size (it places attention by resolution).
         prediction_type: "eps", "x0" or "v" (diffusers keeps it in the scheduler, not the UNet).
 
-    A class embedding of K rows becomes num_classes = K plus a zero null row (diffusers has no
-    "no label"), so every diffusers label keeps its meaning. Raises ConfigError naming the first
+    Every architecture field is set from the diffusers config (or diffusers' constructor
+    default): ldmkit's own defaults are its training recipe's UNet, not diffusers'. A class
+    embedding of K rows becomes num_classes = K plus a zero null row (diffusers has no "no
+    label"), so every diffusers label keeps its meaning. Raises ConfigError naming the first
     option ldmkit cannot reproduce.
     """
-    cls_name = cfg.get("_class_name")
-    if cls_name == "UNet2DModel":
-        defaults, attn_down, attn_up = _UNET2D_DEFAULTS, "AttnDownBlock2D", "AttnUpBlock2D"
-    elif cls_name == "UNet2DConditionModel":
-        defaults, attn_down = _UNET2D_CONDITION_DEFAULTS, "CrossAttnDownBlock2D"
-        attn_up = "CrossAttnUpBlock2D"
+    cls = _unet_class(cfg.get("_class_name"))
+    opts = _options_with_defaults(cfg, cls)
+    channels = tuple(opts["block_out_channels"])
+    attn = _attention_levels(opts, cls, len(channels))
+    size = _side_length(opts["sample_size"], sample_size, cls.name)
+    resolutions = [size // 2**i for i in range(len(channels))]
+    fields: dict[str, Any] = dict(
+        sample_size=size,
+        in_channels=opts["in_channels"],
+        out_channels=opts["out_channels"],
+        block_out_channels=channels,
+        attention_resolutions=tuple(r for r, a in zip(resolutions, attn) if a),
+        **_resnet_fields(opts),
+        **_time_and_class_fields(opts),
+        prediction_type=prediction_type,
+    )
+    if cls.name == "UNet2DModel":
+        fields.update(_self_attention_fields(opts))
     else:
+        fields.update(_cross_attention_fields(opts, channels, attn))
+    try:
+        return UNetConfig(**fields)
+    except ConfigError as e:
         raise ConfigError(
-            f"diffusers UNet class {cls_name!r} is not supported; ldmkit reads UNet2DModel and "
+            f"diffusers {cls.name} config gives an invalid ldmkit UNet: {e}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _UNetClass:
+    """What ldmkit reads differently in the two diffusers UNet classes."""
+
+    name: str
+    defaults: dict[str, Any]  # constructor defaults
+    attn_down: str  # the down block type with attention; the plain one is DownBlock2D
+    attn_up: str  # the up block type with attention; the plain one is UpBlock2D
+
+
+_UNET_CLASSES = {
+    "UNet2DModel": _UNetClass("UNet2DModel", _UNET2D_DEFAULTS, "AttnDownBlock2D", "AttnUpBlock2D"),
+    "UNet2DConditionModel": _UNetClass(
+        "UNet2DConditionModel",
+        _UNET2D_CONDITION_DEFAULTS,
+        "CrossAttnDownBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+}
+
+
+def _unet_class(name: Any) -> _UNetClass:
+    if name not in _UNET_CLASSES:
+        raise ConfigError(
+            f"diffusers UNet class {name!r} is not supported; ldmkit reads UNet2DModel and "
             "UNet2DConditionModel folders"
         )
-    unknown = sorted(k for k in cfg if k not in defaults and not k.startswith("_"))
+    return _UNET_CLASSES[name]
+
+
+def _options_with_defaults(cfg: dict[str, Any], cls: _UNetClass) -> dict[str, Any]:
+    """Every constructor argument of `cls`: the config's value, else diffusers' default.
+
+    Refuses keys the class does not know and options set to a value ldmkit cannot reproduce.
+    """
+    unknown = sorted(k for k in cfg if k not in cls.defaults and not k.startswith("_"))
     if unknown:
-        raise ConfigError(f"diffusers {cls_name} option {unknown[0]!r} is not supported")
-
-    def get(key: str) -> Any:
-        return cfg.get(key, defaults[key])
-
+        raise ConfigError(f"diffusers {cls.name} option {unknown[0]!r} is not supported")
+    opts = {**cls.defaults, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
     for key, allowed in _UNET_FIXED.items():
-        if key in defaults:
-            value = get(key)
-            if key == "only_cross_attention" and isinstance(value, (list, tuple)):
-                value = any(value)
-            if value not in allowed:
-                _fail(key, value, f"ldmkit supports only {key}={allowed[0]!r}")
+        if key not in opts:
+            continue
+        value = opts[key]
+        if key == "only_cross_attention" and isinstance(value, (list, tuple)):
+            value = any(value)
+        if value not in allowed:
+            _fail(key, value, f"ldmkit supports only {key}={allowed[0]!r}")
+    return opts
 
-    channels = tuple(get("block_out_channels"))
-    levels = len(channels)
-    down, up = list(get("down_block_types")), list(get("up_block_types"))
+
+def _attention_levels(opts: dict[str, Any], cls: _UNetClass, levels: int) -> list[bool]:
+    """Whether each level (from the top) has attention, from the down and up block types."""
+    down, up = list(opts["down_block_types"]), list(opts["up_block_types"])
     if len(down) != levels or len(up) != levels:
         raise ConfigError(
-            f"diffusers {cls_name} has {levels} block_out_channels but {len(down)} down and "
+            f"diffusers {cls.name} has {levels} block_out_channels but {len(down)} down and "
             f"{len(up)} up block types; the config is inconsistent"
         )
     for key, types, plain, attn in (
-        ("down_block_types", down, "DownBlock2D", attn_down),
-        ("up_block_types", up, "UpBlock2D", attn_up),
+        ("down_block_types", down, "DownBlock2D", cls.attn_down),
+        ("up_block_types", up, "UpBlock2D", cls.attn_up),
     ):
         for t in types:
             if t not in (plain, attn):
-                _fail(key, types, f"{cls_name} levels must be {plain} or {attn}")
-    attn = [t == attn_down for t in down]
-    if [t == attn_up for t in reversed(up)] != attn:
+                _fail(key, types, f"{cls.name} levels must be {plain} or {attn}")
+    attn = [t == cls.attn_down for t in down]
+    if [t == cls.attn_up for t in reversed(up)] != attn:
         _fail(
             "up_block_types",
             up,
             f"ldmkit needs attention at the same levels on the way up as down ({down})",
         )
+    return attn
 
-    size = get("sample_size")
+
+def _side_length(size: Any, fallback: int | None, cls_name: str) -> int:
+    """The config's sample_size (one side, or a square [H, W]), else `fallback`."""
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
             _fail("sample_size", size, "ldmkit UNets are square; use one side length")
         size = size[0]
     if size is None:
-        size = sample_size
+        size = fallback
     if size is None:
         raise ConfigError(
             f"diffusers {cls_name} config has no sample_size; pass sample_size= (the latent or "
             "image side length the UNet was trained on)"
         )
-    resolutions = [size // 2**i for i in range(levels)]
+    return size
 
-    norm_groups = get("norm_num_groups")
-    if norm_groups is None:
+
+def _resnet_fields(opts: dict[str, Any]) -> dict[str, Any]:
+    """The resnets, norms and resampling convs, which both classes share."""
+    if opts["norm_num_groups"] is None:
         _fail("norm_num_groups", None, "ldmkit needs a GroupNorm group count")
-    scale_shift = get("resnet_time_scale_shift")
-    if scale_shift not in ("default", "scale_shift"):
-        _fail("resnet_time_scale_shift", scale_shift, "use 'default' or 'scale_shift'")
-    num_class_embeds = get("num_class_embeds")
-
-    kwargs: dict[str, Any] = dict(
-        sample_size=size,
-        in_channels=get("in_channels"),
-        out_channels=get("out_channels"),
-        block_out_channels=channels,
-        num_res_blocks=get("layers_per_block"),
-        attention_resolutions=tuple(r for r, a in zip(resolutions, attn) if a),
-        norm_num_groups=norm_groups,
-        norm_eps=get("norm_eps"),
-        flip_sin_to_cos=get("flip_sin_to_cos"),
-        freq_shift=get("freq_shift"),
-        downsample_padding=get("downsample_padding"),
-        dropout=get("dropout"),
-        time_embed_dim=get("time_embedding_dim"),
-        time_injection="scale_shift" if scale_shift == "scale_shift" else "add",
-        num_classes=num_class_embeds,
-        prediction_type=prediction_type,
+    return dict(
+        num_res_blocks=opts["layers_per_block"],
+        norm_num_groups=opts["norm_num_groups"],
+        norm_eps=opts["norm_eps"],
+        dropout=opts["dropout"],
+        downsample_padding=opts["downsample_padding"],
     )
 
-    if cls_name == "UNet2DModel":
-        mid = get("mid_block_type")
-        if mid != "UNetMidBlock2D":
-            _fail("mid_block_type", mid, "ldmkit needs 'UNetMidBlock2D'")
-        kwargs["mid_attention"] = bool(get("add_attention"))
-        attn_groups = get("attn_norm_num_groups")
-        if kwargs["mid_attention"] and scale_shift == "scale_shift" and attn_groups is None:
-            _fail(
-                "attn_norm_num_groups",
-                None,
-                "with resnet_time_scale_shift='scale_shift' the diffusers mid attention has no "
-                "GroupNorm; ldmkit needs attn_norm_num_groups = norm_num_groups",
-            )
-        if attn_groups is not None and attn_groups != norm_groups:
-            _fail(
-                "attn_norm_num_groups", attn_groups, f"ldmkit needs norm_num_groups={norm_groups}"
-            )
-        head_dim = get("attention_head_dim")
-        if head_dim is None:  # one head of all channels at every level
-            kwargs.update(head_dim=None, num_heads=1)
-        else:
-            kwargs.update(head_dim=head_dim, num_heads=None)
-    else:
-        mid = get("mid_block_type")
-        if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
-            _fail("mid_block_type", mid, "use 'UNetMidBlock2DCrossAttn' or 'UNetMidBlock2D'")
-        kwargs["mid_attention"] = mid == "UNetMidBlock2DCrossAttn"
-        kwargs["context_dim"] = _all_equal(
-            "cross_attention_dim", get("cross_attention_dim"), levels
+
+def _time_and_class_fields(opts: dict[str, Any]) -> dict[str, Any]:
+    """The sinusoidal time embedding, how it enters the resnets, and the class embedding."""
+    scale_shift = opts["resnet_time_scale_shift"]
+    if scale_shift not in ("default", "scale_shift"):
+        _fail("resnet_time_scale_shift", scale_shift, "use 'default' or 'scale_shift'")
+    return dict(
+        flip_sin_to_cos=opts["flip_sin_to_cos"],
+        freq_shift=opts["freq_shift"],
+        time_embed_dim=opts["time_embedding_dim"],  # None: 4 * block_out_channels[0], as diffusers
+        time_injection="scale_shift" if scale_shift == "scale_shift" else "add",
+        num_classes=opts["num_class_embeds"],
+    )
+
+
+def _self_attention_fields(opts: dict[str, Any]) -> dict[str, Any]:
+    """UNet2DModel's attention: self-attention with one head width (or one head) everywhere."""
+    mid = opts["mid_block_type"]
+    if mid != "UNetMidBlock2D":
+        _fail("mid_block_type", mid, "ldmkit needs 'UNetMidBlock2D'")
+    mid_attention = bool(opts["add_attention"])
+    norm_groups, attn_groups = opts["norm_num_groups"], opts["attn_norm_num_groups"]
+    if mid_attention and opts["resnet_time_scale_shift"] == "scale_shift" and attn_groups is None:
+        _fail(
+            "attn_norm_num_groups",
+            None,
+            "with resnet_time_scale_shift='scale_shift' the diffusers mid attention has no "
+            "GroupNorm; ldmkit needs attn_norm_num_groups = norm_num_groups",
         )
-        kwargs["transformer_depth"] = _all_equal(
-            "transformer_layers_per_block", get("transformer_layers_per_block"), levels
-        )
-        kwargs["use_linear_projection"] = bool(get("use_linear_projection"))
-        # Legacy naming: attention_head_dim is the number of heads unless num_attention_heads is set.
-        heads = get("num_attention_heads") or get("attention_head_dim")
-        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
-        used = [(c, h) for c, h, a in zip(channels, heads, attn) if a]
-        if kwargs["mid_attention"]:
-            used.append((channels[-1], heads[-1]))
-        if not used or len({h for _, h in used}) == 1:
-            # Without attention the head count is never used; 1 is as good as any.
-            kwargs.update(head_dim=None, num_heads=used[0][1] if used else 1)
-        elif all(c % h == 0 for c, h in used) and len({c // h for c, h in used}) == 1:
-            kwargs.update(head_dim=used[0][0] // used[0][1], num_heads=None)
-        else:
-            _fail(
-                "attention_head_dim",
-                heads,
-                "ldmkit needs the same number of heads, or the same channels per head, at every "
-                "attention level",
-            )
-    try:
-        return UNetConfig(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(
-            f"diffusers {cls_name} config gives an invalid ldmkit UNet: {e}"
-        ) from None
+    if attn_groups is not None and attn_groups != norm_groups:
+        _fail("attn_norm_num_groups", attn_groups, f"ldmkit needs norm_num_groups={norm_groups}")
+    head_dim = opts["attention_head_dim"]
+    return dict(
+        mid_attention=mid_attention,
+        # None: one head of all channels at every level
+        head_dim=head_dim,
+        num_heads=1 if head_dim is None else None,
+        context_dim=None,
+        transformer_depth=1,
+        use_linear_projection=False,
+    )
+
+
+def _cross_attention_fields(
+    opts: dict[str, Any], channels: tuple[int, ...], attn: list[bool]
+) -> dict[str, Any]:
+    """UNet2DConditionModel's attention: transformers attending to one context sequence."""
+    mid = opts["mid_block_type"]
+    if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+        _fail("mid_block_type", mid, "use 'UNetMidBlock2DCrossAttn' or 'UNetMidBlock2D'")
+    mid_attention = mid == "UNetMidBlock2DCrossAttn"
+    levels = len(channels)
+    return dict(
+        mid_attention=mid_attention,
+        context_dim=_all_equal("cross_attention_dim", opts["cross_attention_dim"], levels),
+        transformer_depth=_all_equal(
+            "transformer_layers_per_block", opts["transformer_layers_per_block"], levels
+        ),
+        use_linear_projection=bool(opts["use_linear_projection"]),
+        **_cross_attention_heads(opts, channels, attn, mid_attention),
+    )
+
+
+def _cross_attention_heads(
+    opts: dict[str, Any], channels: tuple[int, ...], attn: list[bool], mid_attention: bool
+) -> dict[str, Any]:
+    """head_dim / num_heads from diffusers' per-level head counts, if they fit either."""
+    # Legacy naming: attention_head_dim is the number of heads unless num_attention_heads is set.
+    heads = opts["num_attention_heads"] or opts["attention_head_dim"]
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
+    used = [(c, h) for c, h, a in zip(channels, heads, attn) if a]
+    if mid_attention:
+        used.append((channels[-1], heads[-1]))
+    if not used or len({h for _, h in used}) == 1:
+        # Without attention the head count is never used; 1 is as good as any.
+        return dict(head_dim=None, num_heads=used[0][1] if used else 1)
+    if all(c % h == 0 for c, h in used) and len({c // h for c, h in used}) == 1:
+        return dict(head_dim=used[0][0] // used[0][1], num_heads=None)
+    _fail(
+        "attention_head_dim",
+        heads,
+        "ldmkit needs the same number of heads, or the same channels per head, at every "
+        "attention level",
+    )

@@ -72,10 +72,12 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014)."""
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * eps
+        # eps is drawn on the generator's device (a seeded CPU generator gives the same z on any
+        # device) and in at least float32 (a bf16 mean under autocast still gets float32 noise)
+        device = generator.device if generator is not None else self.mean.device
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> Tensor:
         return self.mean

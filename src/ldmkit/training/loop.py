@@ -1,35 +1,41 @@
-"""The training loop shared by both stages: data order, LR schedule, checkpoints, resume, budget.
+"""The training loop shared by both stages: data order, LR schedule, checkpoints, resume, budget,
+logging, progress and stopping.
 
-What a stage supplies (`Stage`): the modules to save, their optimizers, and a `step` function
-that does one optimizer step on given micro-batches of data indices. Everything that must be
-identical between an uninterrupted run and a killed-and-resumed one lives here:
+What a stage supplies is a `Stage` (training/step.py): its model, optimizer and per-micro-batch
+loss. Everything that must be identical between an uninterrupted run and a killed-and-resumed
+one lives here:
 
 1. data order is a pure function of (seed, step): epoch e is `randperm(N)` from a generator
    seeded with (seed, e), so resuming at step s needs no saved data position beyond s;
 2. every other random draw comes from the stage's generators or torch's global RNG, whose
    states are saved in each checkpoint;
-3. the learning rate is a pure function of the step.
+3. the learning rate is a pure function of the step (`TrainConfig.lr_multiplier`).
 So a run of 2N steps and a run of N steps, killed, then resumed for N more end bit-identical
 (on the CPU, with the same thread count).
+
+A training stops early, with a checkpoint, on SIGINT/SIGTERM or when its `stop` request is set
+(a `threading.Event` or any callable returning True: a web page's stop button, a notebook).
+Progress goes to an optional callback as `Progress` events; the CLI draws them as a tqdm bar.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
-from ..config import ConfigError
+from ..recipe import TrainConfig
+from ..runs import RunFolder
 from .ema import EMA
 from .state import (
     clean_stray_temporaries,
@@ -38,72 +44,41 @@ from .state import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from .step import Stage, optimizer_step
 
 log = logging.getLogger(__name__)
 
-# Planning a stage's length from a time budget (see train_stage)
+# Planning a stage's length from a time budget (see BudgetPlan)
 PLAN_SKIP = 5  # first steps of a session not timed (allocator and kernel warm-up)
 PLAN_OVER = 20  # the plan is revised every PLAN_OVER steps
 PLAN_MARGIN = 0.95  # share of the remaining budget planned for (previews, checkpoints, noise)
 
+StopRequest = threading.Event | Callable[[], bool]
+
 
 @dataclass
-class TrainConfig:
-    """Optimisation settings of one training stage."""
+class Progress:
+    """One step of a stage, as reported to a progress callback."""
 
-    steps: int = 2000  # optimizer steps; a time budget may stop the stage earlier
-    batch_size: int = 64  # images per optimizer step (split over grad_accum micro-batches)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # peak learning rate of AdamW
-    warmup_steps: int = 100  # linear LR warm-up from 0
-    lr_schedule: Literal["constant", "cosine"] = (
-        "constant"  # after warm-up; cosine decays to 10 % at `steps`
-    )
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    ema_decay: float = 0.999  # 0 disables EMA
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 2  # checkpoints kept per stage (plus the best by loss)
-    sample_every: int = 500  # steps between preview grids (0 disables)
-    log_every: int = 25  # steps between log lines / TensorBoard scalars
-    bf16: bool = False  # bf16 autocast for the forward pass (about 1.6-2x on CPUs with avx512_bf16)
-    max_bad_steps: int = 5  # consecutive non-finite losses before the stage stops
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "keep_last", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
-            )
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_bad_steps < 1:
-            raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
-
-    @property
-    def micro_batch(self) -> int:
-        return self.batch_size // self.grad_accum
+    stage: str
+    step: int  # optimizer steps done
+    total: int  # steps the stage will run (shrinks when a time budget plans fewer)
+    loss: float | None = None  # mean loss since the last log row (set on log steps only)
+    images_per_s: float | None = None
+    done: bool = False  # the stage has ended
 
 
-def lr_multiplier(step: int, cfg: TrainConfig, total: int | None = None) -> float:
-    """LR factor at optimizer step `step` (0-based): linear warm-up, then constant or cosine.
+ProgressFn = Callable[[Progress], None]
 
-    The cosine decays over `total` steps (default `cfg.steps`; a time budget plans a smaller one).
-    """
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        span = max(1, (total or cfg.steps) - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0
+
+@dataclass
+class StageResult:
+    steps_done: int
+    stopped_because: str  # "finished", "time budget", "signal", "stop request", "bad loss"
+    last_loss: float
+    seconds: float
+    ema: EMA | None
+    checkpoint: Path | None
 
 
 class DataOrder:
@@ -129,167 +104,199 @@ class DataOrder:
         return self._perm[pos * self.b : (pos + 1) * self.b]
 
 
-@dataclass
-class Stage:
-    """What a training stage hands to `train_stage`."""
+class StopFlag:
+    """Why a training should stop now: a signal (SIGINT/SIGTERM) or a stop request."""
 
-    name: str  # "autoencoder" or "diffusion": names checkpoints
-    model: nn.Module  # the main trained module (EMA'd)
-    optimizers: dict[str, torch.optim.Optimizer]
-    # step(micro_batches, step) -> logs; must include "loss" (float) and set "skipped": True when
-    # it did not apply the update (non-finite loss or gradients)
-    step: Callable[[list[Tensor], int], dict[str, float]]
-    extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # e.g. a discriminator
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
-    # preview(step, ema_or_model) -> path of a grid written, or None
-    preview: Callable[[int, nn.Module], Path | None] | None = None
-
-
-@dataclass
-class StageResult:
-    steps_done: int
-    stopped_because: str  # "finished", "time budget", "signal", "bad loss"
-    last_loss: float
-    seconds: float
-    ema: EMA | None
-    checkpoint: Path | None
-
-
-class _SignalFlag:
-    def __init__(self) -> None:
-        self.received: int | None = None
+    def __init__(self, request: StopRequest | None = None) -> None:
+        self.request = request
+        self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _SignalFlag:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
+            except ValueError:  # not the main thread: only the stop request works there
                 pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop at once
-        self.received = signum
+        self.signal = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def reason(self) -> str | None:
+        if self.signal is not None:
+            return "signal"
+        req = self.request
+        if req is not None and (req.is_set() if isinstance(req, threading.Event) else req()):
+            return "stop request"
+        return None
+
+
+class RunLog:
+    """Scalars of a run: one JSON line per log step in log.jsonl, and TensorBoard when installed."""
+
+    def __init__(self, folder: RunFolder, tensorboard: bool = True) -> None:
+        self.path = folder.log_path
+        self.writer = _tensorboard(folder.tensorboard_dir) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+
+    def add_image(self, tag: str, path: Path, step: int) -> None:
+        if self.writer is None:
+            return
+        try:
+            import numpy as np
+            from PIL import Image
+
+            img = np.asarray(Image.open(path).convert("RGB"))
+            self.writer.add_image(tag, img, step, dataformats="HWC")
+        except Exception as e:  # previews are a convenience; never stop training for one
+            log.warning("could not add %s to TensorBoard: %s", path, e)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        log.info(
+            "TensorBoard is not installed (pip install tensorboard): scalars go to log.jsonl only"
+        )
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+class BudgetPlan:
+    """How many steps a time budget allows, so that a decaying LR ends when the budget does.
+
+    After PLAN_SKIP warm-up steps the loop times itself and, every PLAN_OVER steps, sets the
+    stage's length to what fits PLAN_MARGIN of the remaining budget at the mean speed so far
+    (previews and checkpoints included). The plan is saved in checkpoints, so a resumed stage
+    keeps its schedule.
+    """
+
+    def __init__(self, name: str, cfg: TrainConfig, deadline: float | None, start_step: int,
+                 planned: int | None) -> None:  # fmt: skip
+        self.name, self.cfg, self.deadline = name, cfg, deadline
+        self.active = deadline is not None and cfg.lr_schedule != "constant"
+        self.start = start_step + PLAN_SKIP
+        self.t0 = 0.0
+        self.planned = planned  # None until the first plan (or the saved plan of a resume)
+
+    @property
+    def total(self) -> int:
+        return self.planned or self.cfg.steps
+
+    def observe(self, step: int) -> bool:
+        """Call before each step; returns True when the plan changed."""
+        if not self.active:
+            return False
+        if step == self.start:
+            self.t0 = time.perf_counter()
+        elif step > self.start and (step - self.start) % PLAN_OVER == 0:
+            now = time.perf_counter()
+            per_step = (now - self.t0) / (step - self.start)
+            assert self.deadline is not None
+            first = self.planned is None
+            remaining = int(PLAN_MARGIN * (self.deadline - now) / per_step)
+            self.planned = min(self.cfg.steps, step + remaining)
+            if first:
+                log.info(
+                    "%s: %.3f s/step, so the time budget allows about %d steps; the LR "
+                    "decays over those", self.name, per_step, self.planned,
+                )  # fmt: skip
+            return True
+        return False
+
+
+class _Meter:
+    """Mean loss and images/s between two log rows."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: float, images: int) -> None:
+        self.losses.append(loss)
+        self.images += images
+
+    def read(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        ips = self.images / max(now - self.t0, 1e-9)
+        mean = sum(self.losses) / len(self.losses)
+        self.losses.clear()
+        self.images, self.t0 = 0, now
+        return mean, ips
 
 
 def train_stage(
     stage: Stage,
     cfg: TrainConfig,
     *,
-    run_dir: str | Path,
+    folder: RunFolder,
     num_items: int,
     seed: int,
     resume: bool = False,
     time_budget_s: float | None = None,
-    extra_state: dict[str, Any] | None = None,
-    writer: Any = None,
-    progress: bool = True,
+    run_log: RunLog | None = None,
+    progress: ProgressFn | None = None,
+    stop: StopRequest | None = None,
 ) -> StageResult:
     """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_stray_temporaries(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    clean_stray_temporaries(folder.path)
+    run_log = run_log or RunLog(folder, tensorboard=False)
     ema = EMA(stage.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, nn.Module] = {"model": stage.model, **stage.extra_modules}
     if ema is not None:
         modules["ema"] = ema.model
     order = DataOrder(num_items, cfg.micro_batch, seed)
-
-    step = 0
-    planned: int | None = None  # steps a time budget allows, planned from the measured speed
-    last_ckpt: Path | None = None
-    if resume:
-        ckpts = list_checkpoints(run_dir, stage.name)
-        if ckpts:
-            try:
-                state = load_checkpoint(
-                    ckpts[-1].path,
-                    modules=modules,
-                    optimizers=stage.optimizers,
-                    generators=stage.generators,
-                )
-            except CheckpointError as e:
-                raise CheckpointError(
-                    f"cannot resume: {e} (to resume from the checkpoint before it, delete "
-                    f"{ckpts[-1].path})"
-                ) from None
-            step = int(state["step"])
-            planned = state.get("planned_steps")
-            last_ckpt = ckpts[-1].path  # so a stage resumed at its end does not re-save it
-            if ema is not None:
-                ema.num_updates = int(state.get("ema_updates", step))
-            log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
-
-    def checkpoint(metric: float) -> Path:
-        state = {
-            "ema_updates": ema.num_updates if ema else 0,
-            "metric": metric,
-            "planned_steps": planned,
-            **(extra_state or {}),
-        }
-        path = save_checkpoint(
-            run_dir, stage.name, step, modules=modules, optimizers=stage.optimizers,
-            generators=stage.generators, state=state,
-        )  # fmt: skip
-        rotate_checkpoints(run_dir, stage.name, cfg.keep_last)
-        return path
+    step, planned, last_ckpt = _resume(stage, folder, modules, ema) if resume else (0, None, None)
 
     start = time.perf_counter()
-    deadline = start + time_budget_s if time_budget_s else None
-    stopped = "finished"
-    last_loss = float("nan")
-    bad_streak = 0
-    loss_window: list[float] = []
-    log_path = run_dir / "log.jsonl"
-    images_seen_t0, t0 = 0, time.perf_counter()
+    plan = BudgetPlan(stage.name, cfg, start + time_budget_s if time_budget_s else None, step,
+                      planned)  # fmt: skip
 
-    bar = None
-    if progress and step < cfg.steps:
-        from tqdm.auto import tqdm
+    def checkpoint(metric: float) -> Path:
+        state = {"ema_updates": ema.num_updates if ema else 0, "metric": metric,
+                 "planned_steps": plan.planned}  # fmt: skip
+        path = save_checkpoint(
+            folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
+            generators=stage.generators, state=state,
+        )  # fmt: skip
+        rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
+        return path
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
-
-    # With a time budget and a decaying LR, the decay must end when the budget does. After
-    # PLAN_SKIP warm-up steps the loop times itself and, every PLAN_OVER steps, sets the stage's
-    # length to what fits the remaining budget at the mean speed so far (previews and
-    # checkpoints included). The plan is saved in checkpoints, so a resumed stage keeps it.
-    plan = deadline is not None and cfg.lr_schedule != "constant"
-    plan_start, plan_t0 = step + PLAN_SKIP, 0.0
-    with _SignalFlag() as sig:
-        while step < (planned or cfg.steps):
-            if plan and step == plan_start:
-                plan_t0 = time.perf_counter()
-            elif plan and step > plan_start and (step - plan_start) % PLAN_OVER == 0:
-                now = time.perf_counter()
-                per_step = (now - plan_t0) / (step - plan_start)
-                assert deadline is not None
-                first = planned is None
-                planned = min(cfg.steps, step + int(PLAN_MARGIN * (deadline - now) / per_step))
-                if first:
-                    log.info(
-                        "%s: %.3f s/step, so the time budget allows about %d steps; the LR "
-                        "decays over those", stage.name, per_step, planned,
-                    )  # fmt: skip
-                if bar is not None:
-                    bar.total = planned
-                    bar.refresh()
-            mult = lr_multiplier(step, cfg, planned)
+    stopped, last_loss, bad_streak, meter = "finished", float("nan"), 0, _Meter()
+    with StopFlag(stop) as flag:
+        while step < plan.total:
+            plan.observe(step)
+            mult = cfg.lr_multiplier(step, plan.planned)
             for opt in stage.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = group.setdefault("base_lr", cfg.lr) * mult
             micro = [order.indices(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-            logs = stage.step(micro, step)
-            loss = float(logs["loss"])
+            logs = optimizer_step(stage, micro, step, grad_clip=cfg.grad_clip, ema=ema)
+            step += 1  # a skipped step is consumed too (data and RNG moved on)
             if logs.get("skipped"):
                 bad_streak += 1
-                step += 1  # the step is consumed (data and RNG moved on) but changed no weight
-                log.warning("step %d: non-finite loss or gradient (%s); update skipped", step, loss)
+                log.warning("step %d: non-finite loss or gradient (%s); update skipped", step, logs["loss"])  # fmt: skip
                 if bad_streak >= cfg.max_bad_steps:
                     stopped = "bad loss"
                     log.error(
@@ -299,77 +306,61 @@ def train_stage(
                     )  # fmt: skip
                     break
                 continue
-            bad_streak = 0
-            if ema is not None:
-                ema.update(stage.model)
-            step += 1
-            last_loss = loss
-            loss_window.append(loss)
-            images_seen_t0 += sum(len(m) for m in micro)
-
-            if step % cfg.log_every == 0 or step == (planned or cfg.steps):
-                now = time.perf_counter()
-                ips = images_seen_t0 / max(now - t0, 1e-9)
-                images_seen_t0, t0 = 0, now
-                mean_loss = sum(loss_window) / len(loss_window)
-                loss_window.clear()
-                record = {"stage": stage.name, "step": step, "loss": mean_loss, "lr": cfg.lr * mult,
-                          "images_per_s": ips, **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}}  # fmt: skip
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            writer.add_scalar(f"{stage.name}/{k}", v, step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-            if bar is not None:
-                bar.update(1)
-
+            bad_streak, last_loss = 0, float(logs["loss"])
+            meter.add(last_loss, sum(len(m) for m in micro))
+            event = Progress(stage.name, step, plan.total)
+            if step % cfg.log_every == 0 or step == plan.total:
+                event.loss, event.images_per_s = meter.read()
+                run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
+                               "images_per_s": event.images_per_s,
+                               **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
+            if progress is not None:
+                progress(event)
             if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
                 grid = stage.preview(step, ema.model if ema else stage.model)
-                if grid is not None and writer is not None:
-                    _add_image(writer, f"{stage.name}/samples", grid, step)
-            if step % cfg.checkpoint_every == 0 and step < (planned or cfg.steps):
+                if grid is not None:
+                    run_log.add_image(f"{stage.name}/samples", grid, step)
+            if step % cfg.checkpoint_every == 0 and step < plan.total:
                 last_ckpt = checkpoint(last_loss)
-            if sig.received is not None:
-                stopped = "signal"
+            if (why := flag.reason()) is not None:
+                stopped = why
+                what = signal.Signals(flag.signal).name if flag.signal else "a stop request"
                 log.warning(
                     "%s received: saving a checkpoint of %s at step %d and stopping; continue "
-                    "with --resume", signal.Signals(sig.received).name, stage.name, step,
+                    "with --resume", what, stage.name, step,
                 )  # fmt: skip
                 break
-            if deadline is not None and time.perf_counter() >= deadline:
+            if plan.deadline is not None and time.perf_counter() >= plan.deadline:
                 stopped = "time budget"
                 break
-    if bar is not None:
-        bar.close()
-    if stopped == "finished" and planned is not None and planned < cfg.steps:
+    if progress is not None:
+        progress(Progress(stage.name, step, plan.total, done=True))
+    if stopped == "finished" and plan.planned is not None and plan.planned < cfg.steps:
         stopped = "time budget"  # the planned steps ran out with it
     if stopped != "bad loss" and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
         last_ckpt = checkpoint(last_loss)
     return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, last_ckpt)
 
 
-def _add_image(writer: Any, tag: str, path: Path, step: int) -> None:
+def _resume(
+    stage: Stage, folder: RunFolder, modules: dict[str, nn.Module], ema: EMA | None
+) -> tuple[int, int | None, Path | None]:
+    """Restore the newest checkpoint of the stage: (step, planned steps, its path)."""
+    ckpts = list_checkpoints(folder.path, stage.name)
+    if not ckpts:
+        return 0, None, None
     try:
-        import numpy as np
-        from PIL import Image
-
-        img = np.asarray(Image.open(path).convert("RGB"))
-        writer.add_image(tag, img, step, dataformats="HWC")
-    except Exception as e:  # previews are a convenience; never stop training for one
-        log.warning("could not add %s to TensorBoard: %s", path, e)
-
-
-def clip_and_check(params: list[nn.Parameter], max_norm: float) -> tuple[float, bool]:
-    """Clip the global grad norm (if max_norm > 0); return (norm, finite)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0, True
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    norm_f = float(norm)  # a sync point on GPU; once per step is fine
-    return norm_f, math.isfinite(norm_f)
+        state = load_checkpoint(
+            ckpts[-1].path, modules=modules, optimizers=stage.optimizers,
+            generators=stage.generators,
+        )  # fmt: skip
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"cannot resume: {e} (to resume from the checkpoint before it, delete {ckpts[-1].path})"
+        ) from None
+    step = int(state["step"])
+    if ema is not None:
+        ema.num_updates = int(state.get("ema_updates", step))
+    log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
+    # the path is returned so that a stage resumed at its end does not re-save it
+    return step, state.get("planned_steps"), ckpts[-1].path

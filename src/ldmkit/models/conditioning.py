@@ -1,0 +1,112 @@
+"""Conditioning: how a condition becomes the UNet's keyword arguments, is dropped for
+classifier-free guidance, and is made null.
+
+One object per kind of condition, called by training (dropout), sampling (cond / uncond pairs
+for guidance), evaluation and the grids (one row per class), so a new kind (text, in its own
+issue) is one new class with the same methods rather than an edit in every caller.
+
+Class labels: long (B,) in [0, num_classes); the value `num_classes` is the learned null label
+(Ho & Salimans 2022 train one network for both by replacing a share of the labels with it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Cond = dict[str, Tensor]  # keyword arguments of UNet.forward, e.g. {"class_labels": (B,)}
+
+
+class ClassConditioner:
+    """Class-label conditioning of a UNet with `num_classes` (None: an unconditional model)."""
+
+    def __init__(
+        self,
+        num_classes: int | None,
+        *,
+        class_names: Sequence[str] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        if not 0 <= dropout < 1:
+            raise ValueError(f"class dropout must be in [0, 1), got {dropout}")
+        self.num_classes = num_classes or None
+        names = list(class_names) if class_names else None
+        # names that do not match the label count are not trusted for display or parsing
+        self.class_names = names if names and len(names) == self.num_classes else None
+        self.dropout = dropout
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_classes is not None
+
+    # ------------------------------------------------------------------ training
+    def training_kwargs(
+        self, labels: Tensor | None, generator: torch.Generator, device: torch.device
+    ) -> Cond:
+        """Labels (B,) with a `dropout` share replaced by the null label (drawn from `generator`)."""
+        if not self.enabled:
+            return {}
+        assert labels is not None, "a class-conditional model needs labels to train on"
+        y = labels.clone()
+        y[torch.rand(len(y), generator=generator) < self.dropout] = self.num_classes
+        return {"class_labels": y.to(device)}
+
+    # ------------------------------------------------------------------ sampling
+    def check(self, labels: Sequence[int] | Tensor | None, n: int) -> Tensor | None:
+        """Validate user labels for n images: one label (repeated) or n; None stays None."""
+        if labels is None:
+            return None
+        if not self.enabled:
+            raise ValueError("this model was trained without class labels; do not pass any")
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if y.numel() == 1:
+            y = y.expand(n)
+        if y.numel() != n:
+            raise ValueError(f"got {y.numel()} class labels for {n} images; give one or n")
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}")
+        return y
+
+    def sampling_kwargs(
+        self, labels: Tensor | None, b: int, guidance_scale: float, device: torch.device
+    ) -> tuple[Cond, Cond | None]:
+        """(cond, uncond) network kwargs for b images; uncond is None when no guidance applies."""
+        if not self.enabled:
+            return {}, None
+        null = torch.full((b,), self.num_classes, dtype=torch.long, device=device)
+        if labels is None:
+            return {"class_labels": null}, None
+        if guidance_scale == 1.0:
+            return {"class_labels": labels.to(device)}, None
+        return {"class_labels": labels.to(device)}, {"class_labels": null}
+
+    # ------------------------------------------------------------------ grids and parsing
+    def grid_labels(self, n: int) -> tuple[Tensor | None, int | None, list[str] | None]:
+        """Labels for a grid of n images with one row per class: (labels, per_row, row_labels)."""
+        if not self.enabled:
+            return None, None, None
+        per_row = -(-n // self.num_classes)
+        labels = torch.arange(self.num_classes).repeat_interleave(per_row)[:n]
+        rows = -(-n // per_row)
+        return labels, per_row, (self.class_names[:rows] if self.class_names else None)
+
+    def parse(self, text: str, n: int) -> Tensor:
+        """'star', '3' or 'circle,star' (names or indices) -> n labels, cycling through them."""
+        values = []
+        for part in (p.strip() for p in text.split(",")):
+            if part.isdigit() and int(part) < (self.num_classes or 0):
+                values.append(int(part))
+            elif self.class_names and part in self.class_names:
+                values.append(self.class_names.index(part))
+            else:
+                known = (
+                    ", ".join(self.class_names)
+                    if self.class_names
+                    else f"0..{self.num_classes - 1} (the model has no class names)"
+                    if self.enabled
+                    else "none (the model has no classes)"
+                )
+                raise ValueError(f"unknown class {part!r}; known classes: {known}")
+        return torch.tensor(values).repeat(n // len(values) + 1)[:n]

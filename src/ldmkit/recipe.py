@@ -1,0 +1,286 @@
+"""The training recipe: `RunConfig` (saved as run.json) and every default of `ldmkit train`.
+
+One place holds what a run trains and with which settings: the model configs' own field defaults
+*are* the recipe's models (`AutoencoderConfig()`, `UNetConfig()`), and the two stages' optimiser
+settings are set here. A config is built in layers, each on top of the one before:
+
+    RunConfig defaults  <-  saved run.json (--resume)  <-  --config file  <-  --set k=v  <-  flags
+
+`run_config_from_dict` then derives the linked fields (the UNet's latent size and channels follow
+from the image size and the autoencoder) and validates everything; `resolve_config` fills in
+what the data decides (image channels, class count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .config import ConfigError, deep_update, from_dict, load_config_file, to_dict
+from .diffusion.samplers import DEFAULT_SAMPLER
+from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
+from .models.unet import UNetConfig
+from .models.vae import AutoencoderConfig
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training stage."""
+
+    steps: int = 2000  # optimizer steps; a time budget may stop the stage earlier
+    batch_size: int = 64  # images per optimizer step (split over grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # peak learning rate of AdamW
+    warmup_steps: int = 100  # linear LR warm-up from 0
+    lr_schedule: Literal["constant", "cosine"] = (
+        "constant"  # after warm-up; cosine decays to 10 % at `steps`
+    )
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.999  # 0 disables EMA
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # checkpoints kept per stage (plus the best by loss)
+    sample_every: int = 500  # steps between preview grids (0 disables)
+    log_every: int = 25  # steps between log lines / TensorBoard scalars
+    bf16: bool = False  # bf16 autocast for the forward pass (about 1.6-2x on CPUs with avx512_bf16)
+    max_bad_steps: int = 5  # consecutive non-finite losses before the stage stops
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "keep_last", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def lr_multiplier(self, step: int, total: int | None = None) -> float:
+        """LR factor at optimizer step `step` (0-based): linear warm-up, then constant or cosine.
+
+        The cosine decays to 10 % over `total` steps (default `steps`; a time budget plans fewer).
+        """
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            span = max(1, (total or self.steps) - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process the UNet is trained on."""
+
+    # linear (DDPM), scaled_linear (LDM), cosine (Nichol & Dhariwal 2021), sigmoid. cosine is
+    # the default: on 16x16 latents the linear schedule spends most steps at noise levels where
+    # nothing is left to learn, and cosine reached a lower FID in the same CPU time (issue notes)
+    schedule: ScheduleName = "cosine"
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False  # Lin et al. 2024; use with prediction_type "v"
+    # None: the schedule's own default (linear 1e-4 / 0.02, scaled_linear 0.00085 / 0.012)
+    beta_start: float | None = None
+    beta_end: float | None = None
+    loss_weighting: Literal["none", "min_snr", "eps_equivalent"] = "min_snr"  # Hang et al. 2023
+    min_snr_gamma: float = 5.0
+    class_dropout: float = 0.1  # share of labels replaced by the null label (for guidance)
+
+    def make_schedule(self) -> NoiseSchedule:
+        return schedule_from_fields(self)
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 2:
+            raise ConfigError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not 0 <= self.class_dropout < 1:
+            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as run.json."""
+
+    # folder, builtin:shapes|mnist|digits, mnist:PATH, cifar10:PATH, ...
+    data: str = "builtin:shapes"
+    image_size: int = 32
+    channels: int | None = None  # None: inferred from the data (1 for grayscale, else 3)
+    conditioning: Literal["auto", "none", "class"] = (
+        "auto"  # auto: class labels when the data has them
+    )
+    seed: int = 0
+    time_budget: str | None = None  # e.g. "10m": split between the stages by budget_split
+    budget_split: float = 0.15  # share of the time budget for the autoencoder
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # the autoencoder: a high LR with warm-up and cosine decay, and a short EMA (it trains
+    # only ~400 steps in the 10-minute budget)
+    vae_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=3000,
+            batch_size=32,
+            lr=2e-3,
+            warmup_steps=50,
+            ema_decay=0.995,
+            lr_schedule="cosine",
+        )  # fmt: skip
+    )
+    unet_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=20000, batch_size=32, lr=1e-3, lr_schedule="cosine"
+        )
+    )
+    preview_sampler: str = DEFAULT_SAMPLER
+    preview_steps: int = 20
+    # classifier-free guidance when a class-conditional model is sampled (previews, and the
+    # default of `ldmkit sample` / `ldmkit eval`); 1 = none. Chosen by measurement (issue notes).
+    guidance_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.image_size < 4:
+            raise ConfigError(f"image_size must be >= 4, got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3 (or unset to infer), got {self.channels}")
+        if not 0 < self.budget_split < 1:
+            raise ConfigError(f"budget_split must be in (0, 1), got {self.budget_split}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+
+
+# training settings that a resumed run may change; everything else comes from its run.json
+CHANGEABLE_ON_RESUME = (
+    "time_budget", "budget_split", "device", "vae_train", "unet_train", "preview_sampler",
+    "preview_steps", "guidance_scale",
+)  # fmt: skip
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a (file or command line) dict, deriving the linked fields first.
+
+    The UNet's sample_size and channels follow from the image size and the autoencoder, so they
+    are filled in before validation: a user who sets attention_resolutions does so for the latent
+    size their autoencoder gives.
+    """
+    user = json.loads(json.dumps(data))  # a deep copy
+    data = to_dict(RunConfig())
+    # fields derived below are dropped from the defaults, kept where the user set them
+    data["vae"].pop("image_size")
+    for k in ("sample_size", "in_channels", "out_channels"):
+        data["unet"].pop(k)
+    deep_update(data, user)
+    vae, unet = data["vae"], data["unet"]
+    if not isinstance(vae, dict) or not isinstance(unet, dict):
+        return from_dict(RunConfig, data)  # reports the wrong type
+    image_size = data["image_size"]
+    levels = (
+        len(vae["block_out_channels"]) if isinstance(vae.get("block_out_channels"), list) else 1
+    )
+    latent_channels = vae.get("latent_channels")
+    vae.setdefault("image_size", image_size)
+    if isinstance(image_size, int) and image_size % 2 ** (levels - 1) == 0:
+        unet.setdefault("sample_size", image_size // 2 ** (levels - 1))
+    unet.setdefault("in_channels", latent_channels)
+    unet.setdefault("out_channels", latent_channels)
+    return from_dict(RunConfig, data)
+
+
+def resolve_config(cfg: RunConfig, channels: int, num_classes: int | None) -> RunConfig:
+    """Fill in what the data decides: image channels, latent size, class count."""
+    vae = dataclasses.replace(cfg.vae, image_channels=channels, image_size=cfg.image_size)
+    f = vae.downsample_factor
+    if cfg.image_size % f:
+        raise ConfigError(
+            f"image_size {cfg.image_size} is not a multiple of the autoencoder's downsampling factor {f}"
+        )
+    unet = dataclasses.replace(
+        cfg.unet,
+        in_channels=vae.latent_channels,
+        out_channels=vae.latent_channels,
+        sample_size=cfg.image_size // f,
+        num_classes=num_classes,
+    )
+    return dataclasses.replace(cfg, channels=channels, vae=vae, unet=unet)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '1.5h', '1h30m' or a plain number of seconds -> seconds."""
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or "".join(n + u for n, u in parts) != s.replace(" ", ""):
+        raise ConfigError(f"cannot read the duration {text!r}; write e.g. 90s, 10m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+# ------------------------------------------------------------------------- layering
+def settings_dict(
+    config_file: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The user's settings as one nested dict: a TOML/JSON file, then `key.sub=value` strings
+    (values parsed as JSON where they are JSON, else kept as text), then top-level flags."""
+    data: dict[str, Any] = {}
+    if config_file:
+        deep_update(data, load_config_file(config_file))
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. unet_train.lr=1e-3), got {item!r}")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *sections, name = key.split(".")
+        cur = data
+        for p in sections:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        cur[name] = value
+    data.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return data
+
+
+def check_resume_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -> None:
+    """A run resumes with its saved config: refuse settings that would change its data or models.
+
+    Only the fields in CHANGEABLE_ON_RESUME (training settings) may differ from `saved`.
+    """
+
+    def flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+        return [x for k, v in d.items()
+                for x in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]  # fmt: skip
+
+    for key, value in flat(given):
+        if key.split(".")[0] in CHANGEABLE_ON_RESUME:
+            continue
+        old: Any = saved
+        for part in key.split("."):
+            old = old.get(part, "<not set>") if isinstance(old, dict) else "<not set>"
+        if old != value:
+            raise ConfigError(
+                f"--resume: {key} = {json.dumps(value)} differs from the run's saved "
+                f"{json.dumps(old)} ({where}); a run resumes with its saved config: drop the "
+                "setting, or train into a new --out folder"
+            )

@@ -1,0 +1,252 @@
+"""The run folder: the one owner of the files a training writes and everything else reads.
+
+    RUN/
+      run.json             the resolved RunConfig (ldmkit.recipe)        config(), write_config()
+      data.json            data spec, name, fingerprint, channels, classes  data_info(), write_data_info()
+      vae/  unet/          config.json + model.safetensors each             load_vae(), save_unet(), ...
+      latents.safetensors  cached posterior moments of the training data   cached_moments(), ...
+      checkpoints/         resumable training states (ldmkit.training.state owns their format)
+      samples/             preview grids; samples.png, loss.png, reconstructions.png beside them
+      log.jsonl, tb/       scalars (JSON lines; TensorBoard when installed)
+      eval/                evaluation caches and tables (ldmkit.evaluation owns their format)
+
+Like diffusers' pipeline folder (model_index.json + one sub-folder per component), nothing but
+`RunFolder` names these paths: training, the pipeline, evaluation, interop, the CLI and the
+tests' helpers all go through it. A training writes run.json before its first step (so
+--resume finds the config); a conversion writes it after the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import (
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from .config import ConfigError, from_dict, to_dict
+from .recipe import RunConfig
+
+if TYPE_CHECKING:
+    from .data.dataset import ImageDataset
+    from .models.unet import UNet
+    from .models.vae import Autoencoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DataInfo:
+    """data.json: what a run was trained on (all optional: converted runs know little)."""
+
+    spec: str | None = None  # the --data spec
+    name: str | None = None  # the data set's display name
+    num_images: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    class_names: list[str] | None = None  # index = class label
+    fingerprint: str | None = None  # ImageDataset.fingerprint() of the images trained on
+
+
+class RunFolder:
+    """Paths and files of one run folder. Creating the object touches no file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def config_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def data_path(self) -> Path:
+        return self.path / "data.json"
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.path / "vae"
+
+    @property
+    def unet_dir(self) -> Path:
+        return self.path / "unet"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def latents_path(self) -> Path:
+        return self.path / "latents.safetensors"
+
+    @property
+    def final_grid_path(self) -> Path:
+        return self.path / "samples.png"
+
+    @property
+    def loss_plot_path(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def reconstructions_path(self) -> Path:
+        return self.path / "reconstructions.png"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    def preview_path(self, step: int, prefix: str = "") -> Path:
+        return self.samples_dir / f"{prefix}step-{step:08d}.png"
+
+    # ------------------------------------------------------------------ state
+    def exists(self) -> bool:
+        """Whether a run was started (or converted) here: run.json exists."""
+        return self.config_path.is_file()
+
+    def has_model(self, part: str) -> bool:
+        folder = self.path / part
+        return (folder / WEIGHTS_NAME).is_file() and (folder / "config.json").is_file()
+
+    def require_run(self) -> RunFolder:
+        """Raise a one-line error unless this is a run folder; return self."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"run folder {self.path} does not exist; train one with `ldmkit train --out {self.path}`"
+            )
+        if not self.exists():
+            raise FileNotFoundError(
+                f"{self.path} is not a run folder (no run.json); "
+                f"train one with `ldmkit train --out {self.path}`"
+            )
+        return self
+
+    def require_trained(self) -> RunFolder:
+        """Raise a one-line error unless both models are saved; return self."""
+        if not self.path.is_dir():
+            raise CheckpointError(
+                f"run folder {self.path} does not exist; train one with `ldmkit train --out {self.path}`"
+            )
+        for part in ("vae", "unet"):
+            if not (self.path / part / WEIGHTS_NAME).is_file():
+                raise CheckpointError(
+                    f"{self.path} has no trained {part} ({self.path / part / WEIGHTS_NAME} is "
+                    "missing); finish or resume the training with `ldmkit train --resume`"
+                )
+        return self
+
+    # ------------------------------------------------------------------ run.json, data.json
+    def config_dict(self) -> dict[str, Any]:
+        """run.json as saved (a dict), for checks that compare settings key by key."""
+        return read_json(self.config_path)
+
+    def config(self) -> RunConfig:
+        try:
+            return from_dict(RunConfig, self.config_dict())
+        except ConfigError as e:
+            raise CheckpointError(f"{self.config_path}: {e}") from None
+
+    def write_config(self, cfg: RunConfig) -> None:
+        write_json(self.config_path, to_dict(cfg))
+
+    def data_info(self) -> DataInfo:
+        if not self.data_path.is_file():
+            return DataInfo()
+        raw = read_json(self.data_path)
+        known = {f.name for f in dataclasses.fields(DataInfo)}
+        return DataInfo(**{k: v for k, v in raw.items() if k in known})
+
+    def write_data_info(self, info: DataInfo) -> None:
+        write_json(self.data_path, dataclasses.asdict(info))
+
+    def load_data(self, spec: str | None = None) -> ImageDataset:
+        """The run's training data (or `spec` at the run's image size, channels and seed)."""
+        from .data import load_dataset
+
+        cfg, info = self.config(), self.data_info()
+        spec = spec or info.spec or cfg.data
+        size, seed = cfg.image_size, cfg.seed
+        if spec != info.spec or info.fingerprint is None:
+            return load_dataset(spec, image_size=size, channels=cfg.channels, seed=seed)
+        # the trainer loads with channels unset unless the user set them (run.json holds the
+        # resolved value), and the fingerprint covers that choice: try both
+        for channels in dict.fromkeys([None, cfg.channels]):
+            ds = load_dataset(spec, image_size=size, channels=channels, seed=seed)
+            if ds.fingerprint() == info.fingerprint:
+                return ds
+        log.warning(
+            "%s now gives other images than the run was trained on (fingerprint %s, was %s)",
+            spec, ds.fingerprint(), info.fingerprint,
+        )  # fmt: skip
+        return ds
+
+    # ------------------------------------------------------------------ models
+    def load_vae(self, device: str | torch.device | None = None) -> Autoencoder:
+        from .models.vae import Autoencoder
+
+        return Autoencoder.from_pretrained(self.vae_dir, device=device)
+
+    def load_unet(self, device: str | torch.device | None = None) -> UNet:
+        from .models.unet import UNet
+
+        return UNet.from_pretrained(self.unet_dir, device=device)
+
+    def save_vae(self, vae: Autoencoder) -> None:
+        vae.save_pretrained(self.vae_dir)
+
+    def save_unet(self, unet: UNet) -> None:
+        unet.save_pretrained(self.unet_dir)
+
+    # ------------------------------------------------------------------ latent cache
+    def vae_identity(self, num_images: int) -> str:
+        """Identifies the saved VAE weights and data size a latent cache was made from."""
+        return f"{(self.vae_dir / WEIGHTS_NAME).stat().st_mtime_ns}:{num_images}"
+
+    def cached_moments(self, vae_id: str) -> Tensor | None:
+        """The cached posterior moments when they were made by `vae_id`, else None."""
+        meta_path = self.path / "latents.json"
+        if not self.latents_path.is_file():
+            return None
+        try:
+            cached = load_tensors(self.latents_path)
+            meta = read_json(meta_path) if meta_path.is_file() else {}
+        except CheckpointError:
+            log.warning("latent cache %s is unreadable; encoding the data again", self.latents_path)
+            return None
+        return cached["moments"] if meta.get("vae_id") == vae_id else None
+
+    def save_moments(self, moments: Tensor, vae_id: str) -> None:
+        save_tensors(self.latents_path, {"moments": moments})
+        write_json(self.path / "latents.json", {"vae_id": vae_id, "shape": list(moments.shape)})
