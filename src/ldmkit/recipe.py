@@ -99,6 +99,9 @@ class DiffusionConfig:
     beta_start: float | None = None
     beta_end: float | None = None
     loss_weighting: Literal["none", "min_snr", "eps_equivalent"] = "min_snr"  # Hang et al. 2023
+    # training steps t: i.i.d. uniform, or stratified over the batch (Kingma et al. 2021: the same
+    # marginal, less variance in the batch loss)
+    timestep_sampling: Literal["uniform", "stratified"] = "uniform"
     min_snr_gamma: float = 5.0
     class_dropout: float = 0.1  # share of labels replaced by the null label (for guidance)
 

@@ -84,8 +84,7 @@ def evaluate_run(
             --steps 1000` can add a slow row to the table of an earlier call.
     """
     run = RunFolder(run_dir).require_run()
-    for s in samplers:  # before the model and data are loaded
-        check_sampler(s)
+    check_sampler(*samplers)  # before the model and data are loaded
     out = Path(out_dir) if out_dir is not None else run.eval_dir
     ldm = ldm or LatentDiffusion.from_run(run.path, device=device)
 

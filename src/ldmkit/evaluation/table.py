@@ -176,8 +176,7 @@ def sampler_table(
 def _check_table_args(
     ref: Reference, net: FeatureNet, samplers: Sequence[str], steps: Sequence[int], n: int
 ) -> None:
-    for s in samplers:
-        check_sampler(s)
+    check_sampler(*samplers)
     if not steps or any(int(s) < 1 for s in steps):
         raise ValueError(f"steps must be positive integers, got {list(steps)}")
     if n < 2 * PR_K:

@@ -42,22 +42,17 @@ The logs are floats, so each entry is a device sync (`.item()`); that is once pe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.models.distributions import DiagonalGaussian
-
-if TYPE_CHECKING:
-    from ldmkit.models.vae import AutoencoderConfig
+from ldmkit.models.vae import SSIM_WINDOW, AutoencoderConfig
 
 # Wang et al. 2003, Sec. 3.2: exponents of the 5 scales, finest first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-# Side of the Gaussian SSIM window of the perceptual loss: +-2 sigma of Wang's sigma = 1.5, smaller
-# than Wang's 11 so that 28x28 and 32x32 images keep three scales.
-SSIM_WINDOW = 7
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def diffusion_stage(
         value = training_loss(
             network, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
             weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, generator=gen,
+            timesteps=diff.timestep_sampling,
             cond=lambda: conditioner.training_kwargs(y, gen, device),
         )  # fmt: skip
         return value, {}
