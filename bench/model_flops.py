@@ -82,8 +82,10 @@ UNET_REFERENCES = [
         "35.75 M, 12.44 GFLOP",
     ),
 ]
-# Shared by the latent references: block channels (128, 256, 256), 2 resnets per level,
-# attention at the two lower resolutions and the middle, head_dim 32 (UNetConfig defaults).
+# Shared by all references (diffusers' UNet2DModel defaults, not ldmkit's recipe): block channels
+# (128, 256, 256), 2 resnets per level, 32 norm groups, additive time embedding, head_dim 32.
+UNET_BASE = dict(block_out_channels=(128, 256, 256), num_res_blocks=2, norm_num_groups=32,
+                 time_injection="add", head_dim=32)  # fmt: skip
 
 
 def unet_rows() -> list[Row]:
@@ -92,7 +94,7 @@ def unet_rows() -> list[Row]:
 
     rows = []
     for name, overrides, anchor in UNET_REFERENCES:
-        cfg = UNetConfig(**overrides)
+        cfg = UNetConfig(**{**UNET_BASE, **overrides})
         model = UNet(cfg).eval()
         x = torch.randn(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         t = torch.tensor([500])
@@ -141,7 +143,7 @@ def vae_rows() -> list[Row]:
 
     rows = []
     for name, overrides, enc_anchor, dec_anchor in VAE_REFERENCES:
-        cfg = AutoencoderConfig(layers_per_block=2, latent_channels=4, **overrides)
+        cfg = AutoencoderConfig(layers_per_block=2, latent_channels=4, norm_groups=32, **overrides)
         model = Autoencoder(cfg).eval()
         parts = {
             "encode": nn.Sequential(model.encoder, model.quant_conv),

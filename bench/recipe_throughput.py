@@ -17,6 +17,12 @@ from ldmkit.config import to_dict
 from ldmkit.models import Autoencoder, AutoencoderConfig, UNet, UNetConfig
 from ldmkit.models.losses import autoencoder_loss
 
+# the candidate rows below were written against diffusers-like field defaults; spelled out here
+VAE_BASE = dict(layers_per_block=2, norm_groups=32)
+UNET_BASE = dict(
+    num_res_blocks=2, norm_num_groups=32, time_injection="add", attention_resolutions=(8, 4)
+)
+
 VAES = {
     "vae f2 (16,32) x1, 4 latent ch [default]": to_dict(AutoencoderConfig()),
     "vae (16,32,32) x1": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_groups=8),
@@ -84,7 +90,7 @@ def main() -> None:
     if a.only in (None, "vae"):
         x = torch.rand(a.batch, 3, 32, 32) * 2 - 1
         for name, kw in VAES.items():
-            m = Autoencoder(AutoencoderConfig(**kw))
+            m = Autoencoder(AutoencoderConfig(**{**VAE_BASE, **kw}))
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
             def step():
@@ -102,7 +108,7 @@ def main() -> None:
         for name, kw in UNETS.items():
             kw = {"sample_size": 8, **kw, "num_classes": 5}
             x = torch.randn(a.batch, 4, kw["sample_size"], kw["sample_size"])
-            m = UNet(UNetConfig(**kw))
+            m = UNet(UNetConfig(**{**UNET_BASE, **kw}))
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
             def step():

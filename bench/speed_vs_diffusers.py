@@ -65,6 +65,7 @@ def main() -> None:
     # ---- latent8 UNet
     torch.manual_seed(0)
     ours = UNet(UNetConfig(sample_size=8, in_channels=4, block_out_channels=(128, 256, 256),
+                           num_res_blocks=2, norm_num_groups=32, time_injection="add",
                            attention_resolutions=(4, 2), head_dim=32)).eval()  # fmt: skip
     perturb(ours)
     kind, kw = diffusers_unet_config(ours.config)
@@ -104,7 +105,7 @@ def main() -> None:
 
     # ---- f4 VAE decode
     vae = Autoencoder(
-        AutoencoderConfig(block_out_channels=(64, 128, 128), layers_per_block=2)
+        AutoencoderConfig(block_out_channels=(64, 128, 128), layers_per_block=2, norm_groups=32)
     ).eval()
     perturb(vae)
     dvae = diffusers.AutoencoderKL(**diffusers_vae_config(vae.config)).eval()

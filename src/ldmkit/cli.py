@@ -55,6 +55,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
     for target in filter(None, [args.out and Path(args.out).parent, args.outdir]):
         api.check_writable(target)
+    if args.nrow is not None:  # before sampling, not after
+        api.check_count("--nrow", args.nrow)
     samples = api.sample(
         args.run, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
         classes=args.cls, prompt=args.prompt, guidance=args.guidance,

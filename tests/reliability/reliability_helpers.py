@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ldmkit import cli
-from ldmkit.checkpoint import write_json
-from ldmkit.config import to_dict
+from ldmkit.runs import DataInfo, RunFolder
 
 # The smallest two-stage run that exercises every part: 64 shapes at 16 px, an f2 autoencoder and a
 # two-level UNet without attention; each stage takes well under a second per step on one thread.
@@ -97,9 +96,10 @@ def make_run(folder: Path, *, num_classes: int | None = 3, unet_channels=(8, 16)
     cfg = resolve_config(cfg, 3, num_classes)
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "run.json", to_dict(cfg))
+    run = RunFolder(folder)
+    run.write_config(cfg)
     names = [f"c{i}" for i in range(num_classes)] if num_classes else None
-    write_json(folder / "data.json", {"channels": 3, "class_names": names})
-    Autoencoder(cfg.vae).save_pretrained(folder / "vae")
-    UNet(cfg.unet).save_pretrained(folder / "unet")
+    run.write_data_info(DataInfo(channels=3, class_names=names))
+    run.save_vae(Autoencoder(cfg.vae))
+    run.save_unet(UNet(cfg.unet))
     return folder

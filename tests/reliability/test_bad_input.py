@@ -299,6 +299,21 @@ def test_unknown_class_name(tmp_path, capsys):
                  "sample", "--run", str(run), "--n", "2", "--class", "dog", "--out", str(tmp_path / "g.png"))  # fmt: skip
 
 
+def test_class_index_out_of_range(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    expect_error(capsys, r"unknown class '3'; known classes: c0, c1, c2",
+                 "sample", "--run", str(run), "--n", "2", "--class", "0,3", "--out", str(tmp_path / "g.png"))  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["--n", "--steps", "--batch-size", "--nrow"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sample_counts_must_be_positive(tmp_path, capsys, flag, value):
+    run = make_run(tmp_path / "run")
+    expect_error(capsys, rf"{flag} must be a whole number >= 1, got {value}",
+                 "sample", "--run", str(run), "--out", str(tmp_path / "g.png"), flag, value)  # fmt: skip
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_output_path_under_a_file(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     (tmp_path / "f").write_text("keep me")

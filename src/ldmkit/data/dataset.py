@@ -26,7 +26,7 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -226,6 +226,131 @@ def _seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
+class _Source(NamedTuple):
+    """What one kind of source yields, before channel conversion."""
+
+    images: np.ndarray  # (N, C, S, S) uint8, S = image_size
+    labels: np.ndarray | None  # (N,) integer
+    captions: list[str] | None
+    class_names: list[str] | None
+    name: str
+
+
+def _check_load_args(
+    image_size: int, channels: int | None, limit: int | None, on_error: str, crop: str
+) -> None:
+    """Reject bad `load_dataset` arguments before anything is read."""
+    if image_size < 8:
+        raise DataError(f"image_size must be at least 8, got {image_size}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1, 3 or None (infer), got {channels}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}")
+    if on_error not in ("skip", "fatal"):
+        raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+    if crop not in ("center", "random"):
+        raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
+
+
+def _check_folder_spec(spec: str, path: str) -> None:
+    """A "name:..." spec that is no known scheme must at least be an existing folder."""
+    if re.match(r"^[A-Za-z0-9_-]{2,}:", spec) and not Path(path).exists():
+        raise DataError(
+            f"{spec!r} is neither an existing folder nor a known kind of data set; use "
+            "builtin:shapes, builtin:mnist, builtin:digits, mnist:PATH, fashion-mnist:PATH, "
+            "cifar10:PATH, cifar100:PATH or a folder of images"
+        )
+
+
+def _from_shapes(
+    spec: str, options: dict[str, str], image_size: int, limit: int | None, seed: int
+) -> _Source:
+    """builtin:shapes: generate min(n, limit) images directly at the training size."""
+    try:
+        n = int(options.get("n", DEFAULT_SHAPES))
+    except ValueError:
+        raise DataError(f"n in {spec!r} must be a whole number of images") from None
+    if n < 1:
+        raise DataError(f"n in {spec!r} must be at least 1")
+    n = min(n, limit) if limit is not None else n
+    shapes = generate_shapes(n, image_size=image_size, seed=seed)
+    return _Source(shapes.images, shapes.labels, shapes.captions, shapes.class_names, "shapes")
+
+
+def _read_arrays(
+    kind: str, path: str, options: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
+    """(images (N, C, H, W) uint8 at source size, labels, class names, name) of an array source."""
+    split = options.get("split", "train")
+    if kind == "builtin:mnist":
+        digits, labels = load_mnist_builtin(split)
+        return _pad_28_to_32(digits), labels, MNIST_CLASSES, "mnist"
+    if kind == "builtin:digits":
+        digits, labels = load_digits_builtin()
+        return digits[:, None], labels, MNIST_CLASSES, "digits"
+    if kind in ("mnist", "fashion-mnist"):
+        digits, labels = formats.read_mnist_folder(path, split)
+        images = _pad_28_to_32(digits) if digits.shape[1:] == (28, 28) else digits[:, None]
+        class_names = formats.FASHION_MNIST_CLASSES if kind == "fashion-mnist" else MNIST_CLASSES
+        return images, labels, class_names, kind
+    # cifar10 / cifar100
+    images, labels, class_names = formats.read_cifar(
+        path, variant=kind, split=split, label_kind=options.get("labels", "fine")
+    )
+    return images, labels, class_names, kind
+
+
+def _from_arrays(
+    kind: str,
+    path: str,
+    options: dict[str, str],
+    image_size: int,
+    limit: int | None,
+    seed: int,
+) -> _Source:
+    """MNIST / digits / CIFAR arrays: read, take the seeded `limit` subset, then resize."""
+    images, labels, class_names, name = _read_arrays(kind, path, options)
+    if labels is None:
+        class_names = None
+    keep = _seeded_subset(len(images), limit, seed)
+    if keep is not None:
+        images = images[keep]
+        labels = labels[keep] if labels is not None else None
+    return _Source(resize_array(images, image_size), labels, None, class_names, name)
+
+
+def _read_source(
+    spec: str,
+    kind: str,
+    path: str,
+    options: dict[str, str],
+    *,
+    image_size: int,
+    channels: int | None,
+    labels_from_folders: bool,
+    on_error: str,
+    limit: int | None,
+    seed: int,
+) -> _Source:
+    """Read the parsed spec's images at the training size, with any labels and captions."""
+    if kind == "folder":
+        _check_folder_spec(spec, path)
+        data = load_folder(
+            path,
+            image_size=image_size,
+            channels=channels,
+            labels_from_folders=labels_from_folders,
+            on_error=on_error,
+            limit=limit,
+            seed=seed,
+        )  # folder.py resizes and subsets the images itself
+        name = Path(path).resolve().name or str(path)
+        return _Source(data.images, data.labels, data.captions, data.class_names, name)
+    if kind == "builtin:shapes":
+        return _from_shapes(spec, options, image_size, limit, seed)
+    return _from_arrays(kind, path, options, image_size, limit, seed)
+
+
 def load_dataset(
     spec: str = DEFAULT_SPEC,
     *,
@@ -250,91 +375,30 @@ def load_dataset(
             this many).
         seed: seeds builtin:shapes and the `limit` subset.
     """
-    if image_size < 8:
-        raise DataError(f"image_size must be at least 8, got {image_size}")
-    if channels not in (None, 1, 3):
-        raise DataError(f"channels must be 1, 3 or None (infer), got {channels}")
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of images, got {limit}")
-    if on_error not in ("skip", "fatal"):
-        raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
-    if crop not in ("center", "random"):
-        raise DataError(f"crop must be 'center' or 'random', got {crop!r}")
+    _check_load_args(image_size, channels, limit, on_error, crop)
     kind, path, options = parse_spec(spec)
-    split = options.get("split", "train")
-    labels = captions = class_names = None
-
     if not kind.startswith("builtin:"):
         path = str(Path(path).expanduser())
-    if kind == "folder" and re.match(r"^[A-Za-z0-9_-]{2,}:", spec) and not Path(path).exists():
-        raise DataError(
-            f"{spec!r} is neither an existing folder nor a known kind of data set; use "
-            "builtin:shapes, builtin:mnist, builtin:digits, mnist:PATH, fashion-mnist:PATH, "
-            "cifar10:PATH, cifar100:PATH or a folder of images"
-        )
-    if kind == "folder":
-        data = load_folder(
-            path,
-            image_size=image_size,
-            channels=channels,
-            labels_from_folders=labels_from_folders,
-            on_error=on_error,
-            limit=limit,
-            seed=seed,
-        )
-        images, labels, captions, class_names = (
-            data.images,
-            data.labels,
-            data.captions,
-            data.class_names,
-        )
-        name = Path(path).resolve().name or str(path)
-    elif kind == "builtin:shapes":
-        try:
-            n = int(options.get("n", DEFAULT_SHAPES))
-        except ValueError:
-            raise DataError(f"n in {spec!r} must be a whole number of images") from None
-        if n < 1:
-            raise DataError(f"n in {spec!r} must be at least 1")
-        n = min(n, limit) if limit is not None else n
-        shapes = generate_shapes(n, image_size=image_size, seed=seed)
-        images, labels, captions = shapes.images, shapes.labels, shapes.captions
-        class_names, name = shapes.class_names, "shapes"
-    else:
-        if kind == "builtin:mnist":
-            digits, labels = load_mnist_builtin(split)
-            images, class_names, name = _pad_28_to_32(digits), MNIST_CLASSES, "mnist"
-        elif kind == "builtin:digits":
-            digits, labels = load_digits_builtin()
-            images, class_names, name = digits[:, None], MNIST_CLASSES, "digits"
-        elif kind in ("mnist", "fashion-mnist"):
-            digits, labels = formats.read_mnist_folder(path, split)
-            images = _pad_28_to_32(digits) if digits.shape[1:] == (28, 28) else digits[:, None]
-            class_names = (
-                formats.FASHION_MNIST_CLASSES if kind == "fashion-mnist" else MNIST_CLASSES
-            )
-            name = kind
-        else:  # cifar10 / cifar100
-            images, labels, class_names = formats.read_cifar(
-                path, variant=kind, split=split, label_kind=options.get("labels", "fine")
-            )
-            name = kind
-        if labels is None:
-            class_names = None
-        keep = _seeded_subset(len(images), limit, seed)
-        if keep is not None:
-            images = images[keep]
-            labels = labels[keep] if labels is not None else None
-        images = resize_array(images, image_size)
 
-    if channels is not None:
-        images = convert_channels(images, channels)
+    src = _read_source(
+        spec,
+        kind,
+        path,
+        options,
+        image_size=image_size,
+        channels=channels,
+        labels_from_folders=labels_from_folders,
+        on_error=on_error,
+        limit=limit,
+        seed=seed,
+    )
+    images = src.images if channels is None else convert_channels(src.images, channels)
     ds = ImageDataset(
         torch.from_numpy(np.ascontiguousarray(images)),
-        labels=torch.from_numpy(labels).long() if labels is not None else None,
-        captions=captions,
-        class_names=list(class_names) if class_names is not None else None,
-        name=name,
+        labels=torch.from_numpy(src.labels).long() if src.labels is not None else None,
+        captions=src.captions,
+        class_names=list(src.class_names) if src.class_names is not None else None,
+        name=src.name,
         spec=f"{spec}|size={image_size}|channels={channels}|limit={limit}|seed={seed}",
         crop=crop,
         flip=flip,

@@ -169,26 +169,9 @@ def _read_captions(root: Path, files: list[Path], on_error: str) -> list[str] | 
     return captions
 
 
-def load_folder(
-    root: str | Path,
-    *,
-    image_size: int,
-    channels: int | None = None,
-    labels_from_folders: bool = False,
-    on_error: str = "skip",
-    limit: int | None = None,
-    seed: int = 0,
-    workers: int | None = None,
-) -> FolderData:
-    """Read every image under `root` into memory at image_size x image_size (see module doc).
-
-    `channels=None` gives 1 channel if every image is grayscale, else 3. `limit` keeps a seeded
-    random subset of that many files (chosen before decoding). `workers` threads decode in
-    parallel (Pillow releases the GIL while decoding and resizing).
-    """
-    root = Path(root)
-    if on_error not in ("skip", "fatal"):
-        raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+def _list_images(root: Path, labels_from_folders: bool) -> list[Path]:
+    """The image files under `root`, sorted; a clear error if there are none or, with folder
+    labels, if one is not inside a class sub-folder."""
     if not root.exists():
         raise DataError(
             f"data folder {root} does not exist; give a folder of images ({_EXT_TEXT}) "
@@ -214,9 +197,13 @@ def load_folder(
                 f"{loose[0]} is not inside a class sub-folder, but labels_from_folders needs "
                 f"every image in {root}/<class name>/...; move it or turn labels off"
             )
-    if limit is not None and limit < len(files):
-        keep = np.sort(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))
-        files = [files[i] for i in keep]
+    return files
+
+
+def _decode_all(
+    files: list[Path], image_size: int, channels: int | None, workers: int | None
+) -> list[tuple[np.ndarray, bool, bool] | str]:
+    """`_decode` every file in threads, in order; an unreadable file gives its reason instead."""
 
     def work(path: Path):
         try:
@@ -225,11 +212,17 @@ def load_folder(
             return str(e)
 
     workers = workers or min(8, (os.cpu_count() or 1) + 2)
-    with warnings.catch_warnings():  # refused above with a clearer message
+    with warnings.catch_warnings():  # refused in _decode with a clearer message
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(work, files))
+            return list(pool.map(work, files))
 
+
+def _keep_readable(
+    root: Path, files: list[Path], results: list, on_error: str
+) -> tuple[list[Path], list[np.ndarray], list[bool], int]:
+    """(kept files, their pixels, is-grayscale flags, number upscaled) of the decoded files;
+    unreadable ones are logged and skipped, or fatal."""
     kept, arrays, grays, bad = [], [], [], []
     upscaled = 0
     for path, res in zip(files, results):
@@ -256,22 +249,56 @@ def load_folder(
             f"none of the {len(files)} image files in {root} could be read (first: {bad[0]}); "
             "check the files"
         )
+    return kept, arrays, grays, upscaled
+
+
+def _folder_labels(root: Path, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """(labels (N,) int64, class names): class = first-level sub-folder, names sorted."""
+    folders = [p.relative_to(root).parts[0] for p in files]
+    class_names = sorted(set(folders))
+    index = {name: i for i, name in enumerate(class_names)}
+    return np.array([index[f] for f in folders], dtype=np.int64), class_names
+
+
+def load_folder(
+    root: str | Path,
+    *,
+    image_size: int,
+    channels: int | None = None,
+    labels_from_folders: bool = False,
+    on_error: str = "skip",
+    limit: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> FolderData:
+    """Read every image under `root` into memory at image_size x image_size (see module doc).
+
+    `channels=None` gives 1 channel if every image is grayscale, else 3. `limit` keeps a seeded
+    random subset of that many files (chosen before decoding). `workers` threads decode in
+    parallel (Pillow releases the GIL while decoding and resizing).
+    """
+    root = Path(root)
+    if on_error not in ("skip", "fatal"):
+        raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+    files = _list_images(root, labels_from_folders)
+    if limit is not None and limit < len(files):
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))
+        files = [files[i] for i in keep]
+
+    results = _decode_all(files, image_size, channels, workers)
+    kept, arrays, grays, upscaled = _keep_readable(root, files, results, on_error)
     if upscaled:
         logger.warning(
             "upscaled %d of %d images smaller than %dx%d; they will look soft",
             upscaled, len(arrays), image_size, image_size,
         )  # fmt: skip
-
     if channels is None and not all(grays):
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
     images = np.stack(arrays).transpose(0, 3, 1, 2).copy()  # (N, C, S, S)
 
     labels = class_names = None
     if labels_from_folders:
-        folders = [p.relative_to(root).parts[0] for p in kept]
-        class_names = sorted(set(folders))
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = np.array([index[f] for f in folders], dtype=np.int64)
+        labels, class_names = _folder_labels(root, kept)
     return FolderData(
         images=images,
         labels=labels,
