@@ -153,13 +153,17 @@ def sample(
     steps: int = 20,
     seed: int = 0,
     classes: str | None = None,
-    prompt: str | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
     guidance: float | None = None,
+    guidance_rescale: float = 0.0,
     batch_size: int = 64,
     device: str | None = None,
 ) -> Samples:
     """Draw n images from a run. A class-conditional model draws one row per class unless
-    `classes` ("star", "3" or "circle,star") picks them; `guidance` defaults to the run's."""
+    `classes` ("star", "3" or "circle,star") picks them; a text-conditional model draws one row
+    per prompt (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance`
+    defaults to the run's."""
     from .pipeline import LatentDiffusion
 
     check_count("--n", n)
@@ -168,27 +172,23 @@ def sample(
     check_sampler(sampler)
     if guidance is not None and guidance < 0:
         raise ConfigError(f"--guidance must be >= 0 (1 = no guidance), got {guidance}")
+    if not 0 <= guidance_rescale <= 1:
+        raise ConfigError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
     ldm = LatentDiffusion.from_run(run, device=device)
-    cond = ldm.conditioner
-    if prompt is not None:
-        if ldm.unet.config.context_dim is None:
-            how = " (pick a class with --class)" if cond.enabled else ""
-            raise ConfigError(
-                f"--prompt: the model in {run} has no text conditioning, so it cannot follow a "
-                f"prompt; drop --prompt{how}"
-            )
-        raise ConfigError(
-            "--prompt: text-conditioned sampling is not available yet in this version"
-        )
-    if classes is not None and not cond.enabled:
-        raise ConfigError(
-            f"--class: the model in {run} was trained without class labels (unconditional); "
-            "drop --class"
-        )
+    _check_condition_args(ldm, run, classes, prompts, negative_prompt)
     kwargs = dict(sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance,
-                  batch_size=batch_size)  # fmt: skip
+                  guidance_rescale=guidance_rescale, batch_size=batch_size)  # fmt: skip
     how = f"{n} images, {sampler}, {steps} steps, seed {seed}"
     g = ldm.default_guidance if guidance is None else guidance
+    cond = ldm.conditioner
+    if prompts:
+        per_row = -(-n // len(prompts))
+        texts = [p for p in prompts for _ in range(per_row)][:n]
+        images = ldm.sample(n, prompt=texts, negative_prompt=negative_prompt, **kwargs)
+        rows = -(-n // per_row)
+        return Samples(
+            images, per_row, list(prompts[:rows]), how + f", guidance {g:g}, one prompt per row"
+        )
     if classes is not None:
         images = ldm.sample(n, class_labels=cond.parse(classes, n), **kwargs)
         return Samples(images, None, None, how + f", guidance {g:g}")
@@ -196,6 +196,40 @@ def sample(
     if cond.enabled:
         how += f", guidance {g:g}, one class per row"
     return Samples(images, per_row, row_labels, how)
+
+
+def _check_condition_args(
+    ldm: Any, run: Any, classes: str | None, prompts: Sequence[str] | None, negative: str | None
+) -> None:
+    """--class, --prompt and --negative-prompt against what the model was trained on."""
+    text = ldm.is_text_conditional
+    if (prompts is not None or negative is not None) and not text:
+        flag = "--prompt" if prompts is not None else "--negative-prompt"
+        how = " (pick a class with --class)" if ldm.conditioner.enabled else ""
+        raise ConfigError(
+            f"{flag}: the model in {run} has no text conditioning, so it cannot follow a "
+            f"prompt; drop {flag}{how}"
+        )
+    if classes is not None and not ldm.conditioner.enabled:
+        raise ConfigError(
+            f"--class: the model in {run} was trained without class labels (unconditional); "
+            "drop --class"
+        )
+    if classes is not None and text:
+        raise ConfigError(
+            f"--class: the model in {run} follows text prompts, not classes; describe what to "
+            'draw with --prompt, e.g. --prompt "a large red star on a blue background"'
+        )
+    if text and not prompts:
+        raise ConfigError(
+            f"the model in {run} follows text prompts: give --prompt TEXT (repeat it for one "
+            "row per prompt) or --prompts FILE (one per line)"
+        )
+    for p in prompts or []:
+        if not p.strip():
+            raise ConfigError(
+                '--prompt is empty; describe the image, e.g. --prompt "a small blue circle"'
+            )
 
 
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:

@@ -59,7 +59,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         api.check_count("--nrow", args.nrow)
     samples = api.sample(
         args.run, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-        classes=args.cls, prompt=args.prompt, guidance=args.guidance,
+        classes=args.cls, prompts=_prompts(args), negative_prompt=args.negative_prompt,
+        guidance=args.guidance, guidance_rescale=args.guidance_rescale,
         batch_size=args.batch_size, device=args.device,
     )  # fmt: skip
     if args.out:
@@ -69,6 +70,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
         api.save_images(samples, args.outdir)
         print(f"wrote {args.n} images to {args.outdir}")
     return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt (repeatable) and --prompts FILE (one prompt per line) as one list."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        try:
+            text = Path(args.prompts).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(
+                f"--prompts: cannot read {args.prompts} ({e}); give a UTF-8 text file"
+            ) from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise CLIError(f"--prompts: {args.prompts} holds no prompt; write one per line")
+        prompts += lines
+    return prompts or None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -180,7 +198,12 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
-    s.add_argument("--prompt", help="text prompt (for text-conditioned models only)")
+    s.add_argument("--prompt", action="append", help="text prompt of a text-conditional model; "
+                   "repeat it for one row per prompt")  # fmt: skip
+    s.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
+    s.add_argument("--negative-prompt", help='what guidance steers away from (instead of "")')
+    s.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)")  # fmt: skip
     s.add_argument(
         "--guidance",
         type=float,

@@ -20,7 +20,8 @@ from torch import Tensor
 from .data.transforms import to_uint8
 from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler, sample
 from .diffusion.schedules import NoiseSchedule
-from .models.conditioning import ClassConditioner
+from .models.conditioning import ClassConditioner, TextConditioner
+from .models.text import TextEncoder, Tokenizer
 from .models.unet import UNet
 from .models.vae import Autoencoder
 from .runs import RunFolder
@@ -39,20 +40,37 @@ class LatentDiffusion:
         schedule: NoiseSchedule,
         *,
         class_names: Sequence[str] | None = None,
+        text_encoder: TextEncoder | None = None,
+        tokenizer: Tokenizer | None = None,
         device: str | torch.device | None = None,
         guidance_scale: float = 1.0,
     ) -> None:
-        self.default_guidance = float(guidance_scale)  # used when sample() is given labels only
+        self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
         self.device = torch.device(device) if device is not None else default_device()
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
         self.schedule = schedule
-        self.conditioner = ClassConditioner(self.unet.config.num_classes, class_names=class_names)
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise ValueError(
                 f"the UNet takes {self.unet.config.in_channels} channels but the autoencoder makes "
                 f"{self.vae.config.latent_channels}-channel latents; they are not from the same run"
             )
+        self.text_encoder = None
+        self.conditioner: ClassConditioner | TextConditioner
+        if text_encoder is None:
+            self.conditioner = ClassConditioner(
+                self.unet.config.num_classes, class_names=class_names
+            )
+            return
+        if tokenizer is None:
+            raise ValueError("a text encoder needs its tokenizer; pass tokenizer=")
+        if self.unet.config.context_dim != text_encoder.config.width:
+            raise ValueError(
+                f"the UNet's context_dim {self.unet.config.context_dim} differs from the text "
+                f"encoder's width {text_encoder.config.width}; they are not from the same run"
+            )
+        self.text_encoder = text_encoder.to(self.device).eval()
+        self.conditioner = TextConditioner(tokenizer, self.text_encoder)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -63,11 +81,21 @@ class LatentDiffusion:
         folder = RunFolder(run_dir).require_trained()
         cfg = folder.config()
         dev = torch.device(device) if device is not None else default_device()
+        text = {}
+        if folder.has_text():
+            text = {
+                "text_encoder": folder.load_text_encoder(dev),
+                "tokenizer": folder.load_tokenizer(),
+            }
         return cls(
             folder.load_vae(dev), folder.load_unet(dev), cfg.diffusion.make_schedule(),
             class_names=folder.data_info().class_names, device=dev,
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=cfg.guidance_scale, **text,
         )  # fmt: skip
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return isinstance(self.conditioner, TextConditioner)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -104,7 +132,10 @@ class LatentDiffusion:
         steps: int = 20,
         seed: int | None = 0,
         class_labels: Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
         batch_size: int = 64,
         return_latents: bool = False,
         callback: Callable[..., Any] | None = None,
@@ -114,39 +145,55 @@ class LatentDiffusion:
 
         The same seed gives the same images whatever the batch size: each image's starting
         noise and per-step noise come from one generator seeded by (seed, image index).
-        `guidance_scale` (classifier-free guidance; 1 = none) applies with class labels only;
-        None takes the run's default (`default_guidance`).
+        A class-conditional model takes `class_labels`, a text-conditional one `prompt` (one for
+        all images, or n) and `negative_prompt` (the unconditional branch of guidance instead
+        of ""); without them the model samples unconditionally. `guidance_scale`
+        (classifier-free guidance; 1 = none) applies with a condition only; None takes the
+        run's default (`default_guidance`).
         """
         check_sampler(sampler)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        labels = self.conditioner.check(class_labels, n)
+        cond_all, negative = self._check_conditions(n, class_labels, prompt, negative_prompt)
         if guidance_scale is None:
-            guidance_scale = self.default_guidance if labels is not None else 1.0
+            guidance_scale = self.default_guidance if cond_all is not None else 1.0
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            y = labels[start : start + b].to(self.device) if labels is not None else None
-            cond, uncond = self.conditioner.sampling_kwargs(y, b, guidance_scale, self.device)
+            part = cond_all[start : start + b] if cond_all is not None else None
+            if negative is not None:
+                cond, uncond = self.conditioner.sampling_kwargs(
+                    part, b, guidance_scale, self.device, negative=negative[start : start + b]
+                )
+            else:
+                cond, uncond = self.conditioner.sampling_kwargs(
+                    part, b, guidance_scale, self.device
+                )
             z = sample(
-                self.unet,
-                self.schedule,
-                (b, *self.latent_shape),
-                sampler=sampler,
-                steps=steps,
-                prediction_type=self.unet.config.prediction_type,
-                generator=gen,
-                callback=callback,
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=guidance_scale,
-                device=self.device,
-                **sampler_options,
-            )
+                self.unet, self.schedule, (b, *self.latent_shape), sampler=sampler, steps=steps,
+                prediction_type=self.unet.config.prediction_type, generator=gen,
+                callback=callback, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale, device=self.device, **sampler_options,
+            )  # fmt: skip
             out.append((z if return_latents else self.decode(z)).float().cpu())
         return torch.cat(out)
+
+    def _check_conditions(
+        self, n: int, class_labels: Any, prompt: Any, negative_prompt: Any
+    ) -> tuple[Any, Any]:
+        """The per-image condition (labels or prompts) and negative prompts, checked."""
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise ValueError("this model follows text prompts, not class labels; pass prompt=")
+            return self.conditioner.check(prompt, n), self.conditioner.check(negative_prompt, n)
+        if prompt is not None or negative_prompt is not None:
+            how = " (pass class_labels=)" if self.conditioner.enabled else ""
+            raise ValueError(
+                f"this model has no text conditioning, so it cannot follow a prompt{how}"
+            )
+        return self.conditioner.check(class_labels, n), None
 
     def sample_grid(
         self, n: int, **sample_kwargs: Any
@@ -154,7 +201,16 @@ class LatentDiffusion:
         """n images for a grid: one row per class (labelled with its name) for a class-conditional
         model, else unconditional. Returns (images, images per row or None, row labels or None)."""
         labels, per_row, row_labels = self.conditioner.grid_labels(n)
-        return self.sample(n, class_labels=labels, **sample_kwargs), per_row, row_labels
+        if labels is not None:
+            sample_kwargs["class_labels"] = labels
+        return self.sample(n, **sample_kwargs), per_row, row_labels
+
+    def prompt_grid(
+        self, prompts: Sequence[str], per_row: int, **sample_kwargs: Any
+    ) -> tuple[Tensor, int, list[str]]:
+        """One row of `per_row` images per prompt (row labels = the prompts)."""
+        texts = [p for p in prompts for _ in range(per_row)]
+        return self.sample(len(texts), prompt=texts, **sample_kwargs), per_row, list(prompts)
 
     @staticmethod
     def to_pil(images: Tensor) -> list[Any]:

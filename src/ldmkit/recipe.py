@@ -116,6 +116,27 @@ class DiffusionConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning (conditioning = "text"): the tokenizer and the encoder trained with the UNet."""
+
+    tokenizer: Literal["words", "bytes"] = "words"  # words: a vocabulary of the run's captions
+    max_length: int = 24  # tokens per prompt, BOS and EOS included; longer ones are cut short
+    width: int = 128  # encoder width = the UNet's context_dim
+    layers: int = 2
+    heads: int = 4
+    # share of captions replaced by "" in training (p_uncond of classifier-free guidance)
+    caption_dropout: float = 0.1
+    # the prompt's mean state also shifts the UNet's time embedding (UNetConfig.pooled_context)
+    pooled: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.max_length < 3:
+            raise ConfigError(f"text.max_length must be >= 3, got {self.max_length}")
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; saved as run.json."""
 
@@ -123,9 +144,8 @@ class RunConfig:
     data: str = "builtin:shapes"
     image_size: int = 32
     channels: int | None = None  # None: inferred from the data (1 for grayscale, else 3)
-    conditioning: Literal["auto", "none", "class"] = (
-        "auto"  # auto: class labels when the data has them
-    )
+    # auto: class labels when the data has them, else text when it has captions, else none
+    conditioning: Literal["auto", "none", "class", "text"] = "auto"
     seed: int = 0
     time_budget: str | None = None  # e.g. "10m": split between the stages by budget_split
     budget_split: float = 0.15  # share of the time budget for the autoencoder
@@ -133,6 +153,7 @@ class RunConfig:
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     # the autoencoder: a high LR with warm-up and cosine decay, and a short EMA (it trains
     # only ~400 steps in the 10-minute budget)
     vae_train: TrainConfig = field(
@@ -206,8 +227,10 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
-def resolve_config(cfg: RunConfig, channels: int, num_classes: int | None) -> RunConfig:
-    """Fill in what the data decides: image channels, latent size, class count."""
+def resolve_config(
+    cfg: RunConfig, channels: int, num_classes: int | None, text: bool = False
+) -> RunConfig:
+    """Fill in what the data decides: image channels, latent size, class count or text width."""
     vae = dataclasses.replace(cfg.vae, image_channels=channels, image_size=cfg.image_size)
     f = vae.downsample_factor
     if cfg.image_size % f:
@@ -219,7 +242,9 @@ def resolve_config(cfg: RunConfig, channels: int, num_classes: int | None) -> Ru
         in_channels=vae.latent_channels,
         out_channels=vae.latent_channels,
         sample_size=cfg.image_size // f,
-        num_classes=num_classes,
+        num_classes=None if text else num_classes,
+        context_dim=cfg.text.width if text else None,
+        pooled_context=text and cfg.text.pooled,
     )
     return dataclasses.replace(cfg, channels=channels, vae=vae, unet=unet)
 

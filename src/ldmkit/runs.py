@@ -4,6 +4,8 @@
       run.json             the resolved RunConfig (ldmkit.recipe)        config(), write_config()
       data.json            data spec, name, fingerprint, channels, classes  data_info(), write_data_info()
       vae/  unet/          config.json + model.safetensors each             load_vae(), save_unet(), ...
+      text_encoder/        the same, for a text-conditional run             load_text_encoder(), ...
+      tokenizer.json       its tokenizer (kind, max length, vocabulary)     load_tokenizer(), ...
       latents.safetensors  cached posterior moments of the training data   cached_moments(), ...
       checkpoints/         resumable training states (ldmkit.training.state owns their format)
       samples/             preview grids; samples.png, loss.png, reconstructions.png beside them
@@ -40,6 +42,7 @@ from .recipe import RunConfig
 
 if TYPE_CHECKING:
     from .data.dataset import ImageDataset
+    from .models.text import TextEncoder, Tokenizer
     from .models.unet import UNet
     from .models.vae import Autoencoder
 
@@ -87,6 +90,14 @@ class RunFolder:
     @property
     def unet_dir(self) -> Path:
         return self.path / "unet"
+
+    @property
+    def text_encoder_dir(self) -> Path:
+        return self.path / "text_encoder"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -222,6 +233,37 @@ class RunFolder:
         from .models.unet import UNet
 
         return UNet.from_pretrained(self.unet_dir, device=device)
+
+    def has_text(self) -> bool:
+        """Whether the run is text-conditional (it saved a tokenizer or a text encoder)."""
+        return self.tokenizer_path.is_file() or self.text_encoder_dir.is_dir()
+
+    def load_text_encoder(self, device: str | torch.device | None = None) -> TextEncoder:
+        from .models.text import TextEncoder
+
+        if not self.has_model("text_encoder"):
+            raise CheckpointError(
+                f"{self.path} is a text-conditional run without a trained text encoder "
+                f"({self.text_encoder_dir / WEIGHTS_NAME} is missing); finish or resume the "
+                "training with `ldmkit train --resume`"
+            )
+        return TextEncoder.from_pretrained(self.text_encoder_dir, device=device)
+
+    def save_text_encoder(self, encoder: TextEncoder) -> None:
+        encoder.save_pretrained(self.text_encoder_dir)
+
+    def load_tokenizer(self) -> Tokenizer:
+        from .models.text import Tokenizer, TokenizerConfig
+
+        try:
+            return Tokenizer(from_dict(TokenizerConfig, read_json(self.tokenizer_path)))
+        except ConfigError as e:
+            raise CheckpointError(
+                f"{self.tokenizer_path} is not a valid tokenizer ({e}); the file is corrupt"
+            ) from None
+
+    def save_tokenizer(self, tokenizer: Tokenizer) -> None:
+        write_json(self.tokenizer_path, dataclasses.asdict(tokenizer.config))
 
     def save_vae(self, vae: Autoencoder) -> None:
         vae.save_pretrained(self.vae_dir)

@@ -103,3 +103,33 @@ def make_run(folder: Path, *, num_classes: int | None = 3, unet_channels=(8, 16)
     run.save_vae(Autoencoder(cfg.vae))
     run.save_unet(UNet(cfg.unet))
     return folder
+
+
+def make_text_run(folder: Path) -> Path:
+    """A small untrained text-conditional run folder (tokenizer of two captions, encoder, UNet)."""
+    from ldmkit.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+    from ldmkit.models.unet import UNet
+    from ldmkit.models.vae import Autoencoder
+    from ldmkit.recipe import resolve_config, run_config_from_dict
+
+    cfg = run_config_from_dict(
+        {"data": "builtin:shapes?n=64", "image_size": 16, "conditioning": "text",
+         "text": {"width": 16, "layers": 1, "heads": 2, "max_length": 12},
+         "vae": {"block_out_channels": [8, 8], "norm_groups": 4, "layers_per_block": 1, "mid_attention": False},
+         "unet": {"block_out_channels": [8, 16], "attention_resolutions": [4], "norm_num_groups": 4,
+                  "head_dim": 8, "num_res_blocks": 1, "mid_attention": False}}
+    )  # fmt: skip
+    cfg = resolve_config(cfg, 3, None, text=True)
+    torch.manual_seed(0)
+    run = RunFolder(folder)
+    run.write_config(cfg)
+    run.write_data_info(DataInfo(channels=3))
+    tok = Tokenizer.from_captions(["a red square", "a blue circle"], max_length=12)
+    run.save_tokenizer(tok)
+    run.save_vae(Autoencoder(cfg.vae))
+    run.save_unet(UNet(cfg.unet))
+    t = cfg.text
+    run.save_text_encoder(
+        TextEncoder(TextEncoderConfig(tok.vocab_size, t.max_length, t.width, t.layers, t.heads))
+    )
+    return folder

@@ -15,7 +15,7 @@ import struct
 
 import pytest
 from PIL import Image
-from reliability_helpers import TINY, error_line, make_run, run_cli, snapshot, tiny
+from reliability_helpers import TINY, error_line, make_run, make_text_run, run_cli, snapshot, tiny
 
 from ldmkit.training.state import RunLock
 
@@ -90,7 +90,7 @@ def test_decompression_bomb(tmp_path, capsys, monkeypatch):
         ("unet.attention_resolutions=[3]",
          r"attention resolution 3 is not a resolution the UNet reaches; it reaches 8, 4"),
         ("unet.norm_num_groups=3", r"norm_num_groups=3 does not divide block channel count 8"),
-        ("conditioning=text", r"RunConfig.conditioning must be one of 'auto', 'none', 'class'"),
+        ("conditioning=image", r"RunConfig.conditioning must be one of 'auto', 'none', 'class', 'text'"),
         ("foo", r"--set expects KEY=VALUE \(e.g. unet_train.lr=1e-3\), got 'foo'"),
     ],
 )  # fmt: skip
@@ -291,6 +291,47 @@ def test_prompt_for_a_model_without_text_conditioning(tmp_path, capsys, num_clas
     run = make_run(tmp_path / "run", num_classes=num_classes)
     expect_error(capsys, r"--prompt: the model in .* has no text conditioning, so it cannot follow a prompt; " + fix,
                  "sample", "--run", str(run), "--n", "2", "--prompt", "a red circle", "--out", str(tmp_path / "g.png"))  # fmt: skip
+
+
+def test_text_model_needs_a_nonempty_prompt_and_no_class(tmp_path, capsys):
+    run = make_text_run(tmp_path / "run")
+    out = ["sample", "--run", str(run), "--n", "2", "--out", str(tmp_path / "g.png")]
+    expect_error(capsys, r"the model in .* follows text prompts: give --prompt TEXT", *out)
+    expect_error(capsys, r"--prompt is empty; describe the image", *out, "--prompt", "  ")
+    expect_error(capsys, r"--class: the model in .* follows text prompts, not classes", *out,
+                 "--prompt", "a red square", "--class", "1")  # fmt: skip
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    expect_error(capsys, r"--prompts: .*empty.txt holds no prompt; write one per line", *out,
+                 "--prompts", str(tmp_path / "empty.txt"))  # fmt: skip
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_text_model_prompts_with_unknown_words_warn_once_and_sample(tmp_path, capsys, caplog):
+    run = make_text_run(tmp_path / "run")
+    (tmp_path / "p.txt").write_text("a red square\na purple dog\n")
+    rc, out, err = run_cli(capsys, "sample", "--run", str(run), "--n", "4", "--steps", "2",
+                           "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "g.png"))  # fmt: skip
+    assert rc == 0, err
+    assert "one prompt per row" in out and (tmp_path / "g.png").is_file()
+    unknown = [r for r in caplog.records if "not in the run's vocabulary" in r.getMessage()]
+    assert len(unknown) == 1 and "'purple'" in unknown[0].getMessage()
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "wrong kind"])
+def test_text_run_with_a_broken_tokenizer(tmp_path, capsys, damage):
+    run = make_text_run(tmp_path / "run")
+    tok = run / "tokenizer.json"
+    if damage == "missing":
+        tok.unlink()
+        pattern = r"tokenizer.json is missing"
+    elif damage == "garbage":
+        tok.write_text("{not json")
+        pattern = r"tokenizer.json is not valid JSON"
+    else:
+        tok.write_text('{"kind": "sentencepiece", "max_length": 12, "vocab": []}')
+        pattern = r"tokenizer.json is not a valid tokenizer \(TokenizerConfig.kind must be one of"
+    expect_error(capsys, pattern, "sample", "--run", str(run), "--n", "2", "--prompt", "a red square",
+                 "--out", str(tmp_path / "g.png"))  # fmt: skip
 
 
 def test_unknown_class_name(tmp_path, capsys):

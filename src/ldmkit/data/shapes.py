@@ -61,7 +61,17 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _contrasting_pairs() -> np.ndarray:
+def caption(kind: int, color: int, background: int, size: int, region: int) -> str:
+    """The caption of one image from its attribute indices (into KINDS, COLOR_NAMES, SIZES,
+    REGION_NAMES), e.g. "a small red circle at the top left on a blue background"."""
+    bg = COLOR_NAMES[background]
+    return (
+        f"a {list(SIZES)[size]} {COLOR_NAMES[color]} {KINDS[kind]} "
+        f"{REGIONS[REGION_NAMES[region]][0]} on {_article(bg)} {bg} background"
+    )
+
+
+def contrasting_pairs() -> np.ndarray:
     rgb = np.array(list(COLORS.values()), dtype=np.float64)
     dist = np.linalg.norm(rgb[:, None] - rgb[None, :], axis=-1)
     fg, bg = np.nonzero(dist >= MIN_CONTRAST)
@@ -180,13 +190,34 @@ def _render(
     return alpha  # (N, S, S)
 
 
+def parse_holdout(text: str) -> list[tuple[str, str]]:
+    """'red-star,blue-circle' -> [("red", "star"), ("blue", "circle")] (color-kind pairs)."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        color, _, kind = item.partition("-")
+        if color not in COLORS or kind not in KINDS:
+            raise ValueError(
+                f"holdout {item!r} is not COLOR-SHAPE; colors: {', '.join(COLOR_NAMES)}; shapes: "
+                f"{', '.join(KINDS)} (e.g. holdout=red-star,blue-circle)"
+            )
+        pairs.append((color, kind))
+    return pairs
+
+
 def generate_shapes(
-    num_images: int, *, image_size: int = 32, seed: int = 0, chunk: int = 256
+    num_images: int,
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    chunk: int = 256,
+    holdout: list[tuple[str, str]] | None = None,
 ) -> ShapesData:
     """Generate `num_images` RGB shape images of side `image_size`, deterministically from `seed`.
 
     The kinds are balanced exactly (counts differ by at most one) and shuffled; color, background,
     size and region are drawn uniformly (color/background from the contrasting pairs).
+    `holdout` color-kind pairs never occur: their images draw another color pair (so that
+    compositional generalisation can be measured on them); without it, nothing changes.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -195,8 +226,13 @@ def generate_shapes(
     rng = np.random.default_rng(seed)
     n = num_images
     kind = rng.permutation(np.arange(n) % len(KINDS))
-    pairs = _contrasting_pairs()
+    pairs = contrasting_pairs()
     pair = pairs[rng.integers(len(pairs), size=n)]
+    for color_name, kind_name in holdout or []:
+        c, k = COLOR_NAMES.index(color_name), KINDS.index(kind_name)
+        allowed = pairs[pairs[:, 0] != c]  # same kind, any other color
+        hit = (pair[:, 0] == c) & (kind == k)
+        pair[hit] = allowed[rng.integers(len(allowed), size=int(hit.sum()))]
     color, background = pair[:, 0], pair[:, 1]
     size = rng.integers(2, size=n)
     region = rng.integers(len(REGIONS), size=n)
@@ -225,11 +261,7 @@ def generate_shapes(
         a = alpha[:, None]  # (n, 1, S, S)
         images[sl] = np.clip(np.rint(bg * (1 - a) + fg * a), 0, 255).astype(np.uint8)
 
-    captions = [
-        f"a {list(SIZES)[s]} {COLOR_NAMES[c]} {KINDS[k]} {REGIONS[REGION_NAMES[r]][0]} "
-        f"on {_article(COLOR_NAMES[b])} {COLOR_NAMES[b]} background"
-        for k, c, b, s, r in zip(kind, color, background, size, region)
-    ]
+    captions = [caption(*a) for a in zip(kind, color, background, size, region)]
     return ShapesData(
         images=images,
         labels=kind.astype(np.int64),

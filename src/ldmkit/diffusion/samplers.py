@@ -532,6 +532,7 @@ def sample(
     cond: dict | None = None,
     uncond: dict | None = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     **sampler_options,
@@ -549,7 +550,8 @@ def sample(
         spacing: "leading", "trailing", "linspace" or "karras"; None = DEFAULT_SPACING[sampler].
         cond: keyword arguments for the network (e.g. class_labels, context).
         uncond, guidance_scale: with `uncond` given, classifier-free guidance of scale
-            `guidance_scale` between `cond` and `uncond` (see guidance.py).
+            `guidance_scale` between `cond` and `uncond` (see guidance.py); `guidance_rescale`
+            in [0, 1] pulls a high scale's output std back toward the conditional one.
         sampler_options: passed to the sampler (eta, variance, s_churn, n_corrector, ...).
     """
     check_sampler(sampler)
@@ -574,7 +576,9 @@ def sample(
     denoise: Denoiser = VPDenoiser(model, schedule, prediction_type)
     cond = cond or {}
     if uncond is not None:
-        denoise = classifier_free_guidance(denoise, guidance_scale, cond=cond, uncond=uncond)
+        denoise = classifier_free_guidance(
+            denoise, guidance_scale, cond=cond, uncond=uncond, rescale=guidance_rescale
+        )
     elif cond:
         denoise = functools.partial(denoise, **cond)
     return SAMPLERS[sampler](

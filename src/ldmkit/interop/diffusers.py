@@ -506,6 +506,12 @@ def export_to_diffusers(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     run, out = RunFolder(run_dir), Path(out_dir)
     _require_empty_folder(out)
+    if run.has_text():
+        raise InteropError(
+            f"{run.path} is text-conditional: its text encoder and tokenizer are ldmkit's own "
+            "and have no diffusers equivalent; export works for class-conditional and "
+            "unconditional runs"
+        )
     diffusion = _exportable_diffusion(run)
     vae, unet = run.load_vae(), run.load_unet()
     try:

@@ -92,6 +92,11 @@ def load_diffusers_unet_state_dict(model: nn.Module, state: dict[str, Tensor]) -
 
 def diffusers_unet_config(cfg: UNetConfig) -> tuple[str, dict[str, Any]]:
     """(diffusers class name, constructor kwargs) of the diffusers UNet equal to `cfg`."""
+    if cfg.pooled_context:
+        raise ConfigError(
+            "pooled_context (the prompt's mean added to the time embedding) has no diffusers "
+            "equivalent; a text-conditional run cannot be exported"
+        )
     attn = [r in cfg.attention_resolutions for r in cfg.resolutions]
     kwargs: dict[str, Any] = dict(
         sample_size=cfg.sample_size,
@@ -469,6 +474,7 @@ def _self_attention_fields(opts: dict[str, Any]) -> dict[str, Any]:
         head_dim=head_dim,
         num_heads=1 if head_dim is None else None,
         context_dim=None,
+        pooled_context=False,
         transformer_depth=1,
         use_linear_projection=False,
     )
@@ -490,6 +496,7 @@ def _cross_attention_fields(
             "transformer_layers_per_block", opts["transformer_layers_per_block"], levels
         ),
         use_linear_projection=bool(opts["use_linear_projection"]),
+        pooled_context=False,  # diffusers has no such path
         **_cross_attention_heads(opts, channels, attn, mid_attention),
     )
 

@@ -1,9 +1,9 @@
 """Conditioning: how a condition becomes the UNet's keyword arguments, is dropped for
 classifier-free guidance, and is made null.
 
-One object per kind of condition, called by training (dropout), sampling (cond / uncond pairs
-for guidance), evaluation and the grids (one row per class), so a new kind (text, in its own
-issue) is one new class with the same methods rather than an edit in every caller.
+One object per kind of condition (`ClassConditioner`, `TextConditioner`), called by training
+(dropout), sampling (cond / uncond pairs for guidance), evaluation and the grids, with the same
+methods, so that no caller needs to know which kind a model has.
 
 Class labels: long (B,) in [0, num_classes); the value `num_classes` is the learned null label
 (Ho & Salimans 2022 train one network for both by replacing a share of the labels with it).
@@ -12,9 +12,13 @@ Class labels: long (B,) in [0, num_classes); the value `num_classes` is the lear
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ldmkit.models.text import TextEncoder, Tokenizer
 
 Cond = dict[str, Tensor]  # keyword arguments of UNet.forward, e.g. {"class_labels": (B,)}
 
@@ -110,3 +114,75 @@ class ClassConditioner:
                 )
                 raise ValueError(f"unknown class {part!r}; known classes: {known}")
         return torch.tensor(values).repeat(n // len(values) + 1)[:n]
+
+
+class TextConditioner:
+    """Text conditioning: prompts -> token ids -> text encoder states -> the UNet's cross-attention.
+
+    The null condition is the encoder's output for the empty caption "" (not a separate learned
+    token): caption dropout trains it, and classifier-free guidance uses it (or the negative
+    prompt) as the unconditional branch.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, encoder: TextEncoder, *, dropout: float = 0.0) -> None:
+        if not 0 <= dropout < 1:
+            raise ValueError(f"caption dropout must be in [0, 1), got {dropout}")
+        self.tokenizer, self.encoder, self.dropout = tokenizer, encoder, dropout
+        self.null_ids, _ = tokenizer.encode([""])  # (1, L)
+
+    enabled = True
+    class_names = None
+    num_classes = None
+
+    def encode(self, ids: Tensor, device: torch.device) -> Cond:
+        """Token ids (B, L) -> {"context": (B, L, D), "context_mask": (B, L)} on device."""
+        from ldmkit.models.text import PAD_ID
+
+        ids = ids.to(device)
+        mask = ids != PAD_ID
+        return {"context": self.encoder(ids, mask), "context_mask": mask}
+
+    def prompts(self, texts: Sequence[str], device: torch.device) -> Cond:
+        return self.encode(self.tokenizer.encode(list(texts))[0], device)
+
+    # ------------------------------------------------------------------ training
+    def training_kwargs(
+        self, ids: Tensor | None, generator: torch.Generator, device: torch.device
+    ) -> Cond:
+        """Captions' ids (B, L) with a `dropout` share replaced by "" (drawn from `generator`)."""
+        assert ids is not None, "a text-conditional model needs captions to train on"
+        drop = torch.rand(len(ids), generator=generator) < self.dropout
+        ids = torch.where(drop[:, None], self.null_ids.expand_as(ids), ids)
+        return self.encode(ids, device)
+
+    # ------------------------------------------------------------------ sampling
+    def check(self, prompts: str | Sequence[str] | None, n: int) -> list[str] | None:
+        """One prompt (repeated) or n prompts for n images; None stays None (unconditional)."""
+        if prompts is None:
+            return None
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(texts) == 1:
+            texts = texts * n
+        if len(texts) != n:
+            raise ValueError(f"got {len(texts)} prompts for {n} images; give one or n")
+        return texts
+
+    def sampling_kwargs(
+        self,
+        prompts: Sequence[str] | None,
+        b: int,
+        guidance_scale: float,
+        device: torch.device,
+        negative: Sequence[str] | None = None,
+    ) -> tuple[Cond, Cond | None]:
+        """(cond, uncond) for b images; uncond (the negative prompt, else "") only with guidance."""
+        null = [""] * b
+        if prompts is None:
+            return self.prompts(null, device), None
+        cond = self.prompts(prompts, device)
+        if guidance_scale == 1.0:
+            return cond, None
+        return cond, self.prompts(negative if negative is not None else null, device)
+
+    def grid_labels(self, n: int) -> tuple[None, None, None]:
+        return None, None, None

@@ -162,14 +162,20 @@ class Attention(nn.Module):
         if zero_init:
             zero_module(self.to_out)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim)."""
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, N, query_dim), context: (B, L, context_dim) or None -> (B, N, query_dim).
+
+        mask: bool (B, L), True for the keys to attend to (padding tokens False); None: all.
+        """
         context = x if context is None else context
         B, N, _ = x.shape
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d), scale 1/sqrt(d)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, h d)
         return self.to_out(out)
 
@@ -232,10 +238,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: (B, N, dim), context: (B, L, context_dim) -> (B, N, dim)."""
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """x: (B, N, dim), context: (B, L, context_dim), context_mask (B, L) -> (B, N, dim)."""
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, context_mask)
         x = x + self.ff(self.norm3(x))
         return x
 
@@ -277,8 +283,8 @@ class SpatialTransformer(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: (B, C, H, W), context: (B, L, context_dim) -> (B, C, H, W)."""
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W), context: (B, L, context_dim), context_mask (B, L) -> (B, C, H, W)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear_projection:
@@ -287,7 +293,7 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(h)
         for block in self.blocks:
-            h = block(h, context)
+            h = block(h, context, context_mask)
         if self.linear_projection:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)

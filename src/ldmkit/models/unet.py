@@ -68,6 +68,9 @@ class UNetConfig:
     head_dim: int | None = 32  # channels per head; exactly one of head_dim and num_heads is set
     num_heads: int | None = None  # fixed number of heads at every resolution (LDM num_heads)
     context_dim: int | None = None  # D of a context (B, L, D): attention becomes cross-attention
+    # also add the context's masked mean, projected, to the time embedding (Imagen, Saharia et al.
+    # 2022, Sec. 2.4): a global path for the prompt beside cross-attention (no diffusers twin)
+    pooled_context: bool = False
     transformer_depth: int = 1  # BasicTransformerBlocks per SpatialTransformer (context only)
     use_linear_projection: bool = False  # transformer proj_in/out: Linear (SD 2), not 1x1 conv
     num_classes: int | None = None  # class-conditional; label num_classes is the learned null label
@@ -122,6 +125,8 @@ class UNetConfig:
             fail(f"num_classes must be >= 1 or None, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
             fail(f"context_dim must be >= 1 or None, got {self.context_dim}")
+        if self.pooled_context and self.context_dim is None:
+            fail("pooled_context needs a context_dim (a text-conditional UNet)")
 
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.sample_size % factor:
@@ -199,9 +204,17 @@ def _resnet(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResnetBlock:
     )
 
 
-def _attend(block: nn.Module, h: Tensor, context: Tensor | None) -> Tensor:
+def pool_context(context: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of the context tokens (B, L, D) -> (B, D), over the unmasked ones when a mask is given."""
+    if mask is None:
+        return context.mean(dim=1)
+    w = mask.to(context.dtype)[..., None]  # (B, L, 1)
+    return (context * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
+
+
+def _attend(block: nn.Module, h: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
     # Route the context only to the blocks that take it (LDM's TimestepEmbedSequential).
-    return block(h, context) if isinstance(block, SpatialTransformer) else block(h)
+    return block(h, context, mask) if isinstance(block, SpatialTransformer) else block(h)
 
 
 class DownLevel(nn.Module):
@@ -220,13 +233,13 @@ class DownLevel(nn.Module):
         self.downsample = Downsample(out_ch, padding=cfg.downsample_padding) if down else None
 
     def forward(
-        self, h: Tensor, temb: Tensor, context: Tensor | None
+        self, h: Tensor, temb: Tensor, context: Tensor | None, mask: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
             if self.attentions:
-                h = _attend(self.attentions[i], h, context)
+                h = _attend(self.attentions[i], h, context, mask)
             skips.append(h)
         if self.downsample is not None:
             h = self.downsample(h)
@@ -243,10 +256,12 @@ class MidBlock(nn.Module):
         self.attention = _attention(cfg, channels) if cfg.mid_attention else None
         self.resnet_2 = _resnet(cfg, channels, channels)
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor | None) -> Tensor:
+    def forward(
+        self, h: Tensor, temb: Tensor, context: Tensor | None, mask: Tensor | None = None
+    ) -> Tensor:
         h = self.resnet_1(h, temb)
         if self.attention is not None:
-            h = _attend(self.attention, h, context)
+            h = _attend(self.attention, h, context, mask)
         return self.resnet_2(h, temb)
 
 
@@ -267,14 +282,19 @@ class UpLevel(nn.Module):
         self.upsample = Upsample(out_ch) if up else None
 
     def forward(
-        self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None
+        self,
+        h: Tensor,
+        skips: list[Tensor],
+        temb: Tensor,
+        context: Tensor | None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Consumes len(self.resnets) tensors from the end of `skips` (in place)."""
         for i, resnet in enumerate(self.resnets):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H, W)
             h = resnet(h, temb)
             if self.attentions:
-                h = _attend(self.attentions[i], h, context)
+                h = _attend(self.attentions[i], h, context, mask)
         if self.upsample is not None:
             h = self.upsample(h)
         return h
@@ -288,6 +308,8 @@ class UNet(nn.Module):
       selects the learned null label for classifier-free guidance.
     - `context`: (B, L, context_dim); None selects the learned null context. The null context is
       one token: attending to L copies of it gives the same result, see `get_null_context`.
+    - `context_mask`: bool (B, L), True for the context tokens to attend to (False for padding);
+      None attends to all. With it, padding a prompt further leaves the output unchanged.
     """
 
     def __init__(self, config: UNetConfig):
@@ -305,6 +327,9 @@ class UNet(nn.Module):
         )
         self.null_context = (
             nn.Parameter(torch.randn(1, cfg.context_dim)) if cfg.context_dim is not None else None
+        )
+        self.context_embed = (
+            nn.Linear(cfg.context_dim, cfg.time_embed_dim) if cfg.pooled_context else None
         )
 
         # Down path: record the channels of every tensor pushed on the skip stack.
@@ -342,10 +367,11 @@ class UNet(nn.Module):
         *,
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
         B, _, H, W = x.shape
-        self._check_inputs(x, class_labels, context)
+        self._check_inputs(x, class_labels, context, context_mask)
 
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -364,19 +390,23 @@ class UNet(nn.Module):
                 class_labels = torch.full((B,), cfg.num_classes, dtype=torch.long, device=x.device)
             temb = temb + self.class_embed(class_labels)
         if self.null_context is not None and context is None:
-            context = self.get_null_context(B)
+            context, context_mask = self.get_null_context(B), None
+        if self.context_embed is not None:
+            temb = temb + self.context_embed(pool_context(context, context_mask))
 
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_levels:
-            h, level_skips = level(h, temb, context)
+            h, level_skips = level(h, temb, context, context_mask)
             skips += level_skips
-        h = self.mid(h, temb, context)
+        h = self.mid(h, temb, context, context_mask)
         for level in self.up_levels:
-            h = level(h, skips, temb, context)
+            h = level(h, skips, temb, context, context_mask)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, out_channels, H, W)
 
-    def _check_inputs(self, x: Tensor, class_labels: Tensor | None, context: Tensor | None) -> None:
+    def _check_inputs(
+        self, x: Tensor, class_labels: Tensor | None, context: Tensor | None, mask: Tensor | None
+    ) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -403,6 +433,12 @@ class UNet(nn.Module):
             if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
                 raise ValueError(
                     f"context must be ({B}, L, {cfg.context_dim}), got {tuple(context.shape)}"
+                )
+        if mask is not None:
+            if context is None or mask.shape != context.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(
+                    "context_mask must be a bool tensor (B, L) matching the context (True = attend), "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
                 )
 
     def get_null_context(self, batch_size: int, length: int = 1) -> Tensor:

@@ -16,22 +16,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.transforms import to_float
-from ..models.conditioning import ClassConditioner
+from ..models.conditioning import ClassConditioner, TextConditioner
+from ..models.text import TextEncoder, TextEncoderConfig, Tokenizer
 from ..models.unet import UNet
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
 from ..runs import DataInfo, RunFolder
 from ..runtime import resolve_device
+
+if TYPE_CHECKING:
+    from ..data.dataset import ImageDataset
 from .loop import ProgressFn, RunLog, StopRequest, train_stage
-from .stages import autoencoder_stage, diffusion_stage, encode_moments
+from .stages import autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -57,8 +61,11 @@ class _Run:
     cfg: RunConfig
     device: torch.device
     images: Tensor  # (N, C, H, W) uint8
-    labels: Tensor | None  # (N,) long, or None for an unconditional run
-    conditioner: ClassConditioner
+    # per-image condition: class labels (N,) long, caption token ids (N, L), or None
+    cond_data: Tensor | None
+    class_names: list[str] | None  # of a class-conditional run
+    tokenizer: Tokenizer | None  # of a text-conditional run
+    preview_prompts: list[str] | None  # one preview row each, for a text-conditional run
     resume: bool
     budget: float | None  # seconds, for both stages
     t_start: float
@@ -101,8 +108,8 @@ def train_run(
             if why in STOPPED_EARLY or stage == "vae":
                 return run.result(vae_steps, 0, why)
             moments = _latents(run, vae)
-            unet, unet_steps, why = _diffusion(run, vae, moments)
-            _finish(run, vae, unet, unet_steps, why)
+            model, unet_steps, why = _diffusion(run, vae, moments)
+            _finish(run, vae, model, unet_steps, why)
         finally:
             run.run_log.close()
         return run.result(vae_steps, unet_steps, why)
@@ -141,12 +148,10 @@ def _prepare(
     cfg = _check_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
-    labels = ds.labels if cfg.conditioning in ("auto", "class") else None
-    if cfg.conditioning == "class" and labels is None:
-        raise ConfigError(f"conditioning 'class' needs labels, but {cfg.data} has none")
-    num_classes = len(ds.class_names) if labels is not None and ds.class_names else None
+    mode = _conditioning(cfg, ds)
+    num_classes = len(ds.class_names) if mode == "class" else None
     if not resumed:
-        cfg = resolve_config(cfg, ds.channels, num_classes)
+        cfg = resolve_config(cfg, ds.channels, num_classes, text=mode == "text")
     elif cfg.unet.num_classes != num_classes:  # the data changed since the run started
         raise ConfigError(
             f"--resume: the data {cfg.data} has {num_classes or 'no'} classes but the run was "
@@ -165,14 +170,56 @@ def _prepare(
             "only %d training images: the model will likely memorise them; "
             "use `ldmkit eval` to check for near-copies", len(ds.images),
         )  # fmt: skip
-    conditioner = ClassConditioner(
-        num_classes, class_names=ds.class_names, dropout=cfg.diffusion.class_dropout
-    )
+    cond_data, tokenizer, prompts = ds.labels if mode == "class" else None, None, None
+    if mode == "text":
+        tokenizer, cond_data, prompts = _prepare_text(folder, cfg, ds, resumed)
+    log.info("conditioning: %s", {"class": f"{num_classes} classes", "text": "text prompts",
+                                  "none": "none (unconditional)"}[mode])  # fmt: skip
     return _Run(
-        folder, cfg, device, ds.images, labels, conditioner, resume,
+        folder, cfg, device, ds.images, cond_data,
+        ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
         RunLog(folder), progress, stop,
     )  # fmt: skip
+
+
+def _conditioning(cfg: RunConfig, ds: ImageDataset) -> str:
+    """What the run is conditioned on: "class", "text" or "none" (see RunConfig.conditioning)."""
+    has_classes = ds.labels is not None and bool(ds.class_names)
+    mode = cfg.conditioning
+    if mode == "auto":  # a resumed run's saved config holds the resolved choice
+        mode = "class" if has_classes else "text" if ds.captions else "none"
+    if mode == "class" and not has_classes:
+        raise ConfigError(f"conditioning 'class' needs labels, but {cfg.data} has none")
+    if mode == "text" and not ds.captions:
+        raise ConfigError(
+            f"conditioning 'text' needs captions, but {cfg.data} has none; put a .txt file beside "
+            "each image (same name) or a captions.jsonl in the folder"
+        )
+    return mode
+
+
+def _prepare_text(
+    folder: RunFolder, cfg: RunConfig, ds: ImageDataset, resumed: bool
+) -> tuple[Tokenizer, Tensor, list[str]]:
+    """The run's tokenizer (built from the captions, or the saved one on resume), every
+    caption's token ids (N, L), and the preview prompts (one caption per class, or the first)."""
+    from ..models.text import Tokenizer
+
+    if resumed and folder.has_text():
+        tokenizer = folder.load_tokenizer()
+    else:
+        tokenizer = Tokenizer.from_captions(
+            ds.captions, kind=cfg.text.tokenizer, max_length=cfg.text.max_length
+        )
+        folder.save_tokenizer(tokenizer)
+    ids, _ = tokenizer.encode(ds.captions)
+    if ds.labels is not None and ds.class_names:  # the first caption of each class
+        prompts = [ds.captions[int((ds.labels == c).nonzero()[0])]
+                   for c in range(len(ds.class_names)) if (ds.labels == c).any()]  # fmt: skip
+    else:  # the first distinct captions
+        prompts = list(dict.fromkeys(c for c in ds.captions if c))
+    return tokenizer, ids, prompts[:5]
 
 
 def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
@@ -223,28 +270,46 @@ def _latents(run: _Run, vae: Autoencoder) -> Tensor:
     return moments
 
 
-def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[UNet, int, str]:
-    """Stage 2: the UNet on the latents; returns (its EMA weights, steps, stop reason)."""
+def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
+    """Stage 2: the UNet (and a text encoder) on the latents; returns (the EMA weights, steps,
+    stop reason). A text-conditional run trains `{"unet", "text_encoder"}` as one module."""
     cfg, device, folder = run.cfg, run.device, run.folder
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
     unet = UNet(cfg.unet).to(device)
+    model: nn.Module = unet
+    if run.tokenizer is not None:
+        t = cfg.text
+        encoder = TextEncoder(TextEncoderConfig(
+            vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
+            layers=t.layers, heads=t.heads,
+        )).to(device)  # fmt: skip
+        unet.null_context.requires_grad_(False)  # the null condition is the encoder's ""
+        model = nn.ModuleDict({"unet": unet, "text_encoder": encoder})
+        conditioner = TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
+    else:
+        num_classes = len(run.class_names) if run.class_names else None
+        conditioner = ClassConditioner(num_classes, dropout=cfg.diffusion.class_dropout)
     st = diffusion_stage(
-        unet, moments, run.conditioner, run.labels, vae.config.scaling_factor, cfg.diffusion,
+        model, moments, conditioner, run.cond_data, vae.config.scaling_factor, cfg.diffusion,
         cfg.unet_train, device,
     )  # fmt: skip
     st.preview = _diffusion_preview(run, vae)
     mb = cfg.unet_train.micro_batch
-    y = run.conditioner.sampling_kwargs(torch.zeros(mb, dtype=torch.long), mb, 1.0, device)[0]
-    per_step = estimate_step_time(
-        unet,
-        lambda m: m(
-            torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device),
-            torch.randint(0, 1000, (mb,)).to(device), **y,
-        ).square().mean(),
-        device,
-    )  # fmt: skip
-    _announce("diffusion", unet, per_step, cfg.unet_train, len(run.images))
+
+    def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
+        x = torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device)
+        t = torch.randint(0, 1000, (mb,)).to(device)
+        unet_copy, encoder = split_model(m)
+        cond = {}
+        if encoder is not None:
+            cond = TextConditioner(run.tokenizer, encoder).encode(run.cond_data[:mb], device)
+        elif run.class_names:
+            cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
+        return unet_copy(x, t, **cond).square().mean()
+
+    per_step = estimate_step_time(model, probe, device)
+    _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
     budget = None
     if run.budget:  # what the autoencoder left, less a margin for the final grid
         budget = max(run.budget - (time.perf_counter() - run.t_start) - 20.0, 10.0)
@@ -253,41 +318,55 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[UNet, int,
         resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
         time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
     )  # fmt: skip
-    final = res.ema.model if res.ema is not None else unet
-    folder.save_unet(final)
+    final = res.ema.model if res.ema is not None else model
+    if isinstance(final, nn.ModuleDict):
+        folder.save_text_encoder(final["text_encoder"])
+        folder.save_unet(final["unet"])
+    else:
+        folder.save_unet(final)
     return final, res.steps_done, res.stopped_because
 
 
-def _finish(run: _Run, vae: Autoencoder, unet: UNet, steps: int, why: str) -> None:
+def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str) -> None:
     """The final sample grid (unless stopped early) and the loss curves."""
     from ..evaluation.plots import plot_loss_curves
 
     if why not in STOPPED_EARLY:
-        grid = _diffusion_preview(run, vae, per_row=8)(steps, unet.eval())
+        grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
         shutil.copyfile(grid, run.folder.final_grid_path)
     plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
 
 
 def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
-    """A function that samples a grid with the given model: one row per class when it has
-    classes (row labels = class names), else a square of per_row x per_row images."""
+    """A function that samples a grid with the given model (a UNet, or the text run's
+    {"unet", "text_encoder"}): one labelled row per class or per preview prompt, else a square
+    of per_row x per_row images."""
     from ..evaluation.grids import save_grid
     from ..pipeline import LatentDiffusion
 
     cfg = run.cfg
     schedule = cfg.diffusion.make_schedule()
-    n = run.conditioner.num_classes * per_row if run.conditioner.enabled else per_row * per_row
+    n_classes = len(run.class_names) if run.class_names else 0
+    options = dict(sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0)
 
     def preview(step: int, model: torch.nn.Module) -> Path:
         was_training = model.training
         model.eval()
-        ldm = LatentDiffusion(
-            vae, model, schedule, class_names=run.conditioner.class_names, device=run.device,
-            guidance_scale=cfg.guidance_scale,
-        )  # fmt: skip
-        images, nrow, row_labels = ldm.sample_grid(
-            n, sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0
-        )
+        if isinstance(model, nn.ModuleDict):
+            ldm = LatentDiffusion(
+                vae, model["unet"], schedule, text_encoder=model["text_encoder"],
+                tokenizer=run.tokenizer, device=run.device, guidance_scale=cfg.guidance_scale,
+            )  # fmt: skip
+            images, nrow, row_labels = ldm.prompt_grid(
+                run.preview_prompts or [""], per_row, **options
+            )
+        else:
+            ldm = LatentDiffusion(
+                vae, model, schedule, class_names=run.class_names, device=run.device,
+                guidance_scale=cfg.guidance_scale,
+            )  # fmt: skip
+            n = n_classes * per_row if n_classes else per_row * per_row
+            images, nrow, row_labels = ldm.sample_grid(n, **options)
         model.train(was_training)
         path = run.folder.preview_path(step)
         save_grid(images, path, nrow=nrow, row_labels=row_labels,
@@ -356,7 +435,7 @@ def _announce(
     per_step = per_micro * cfg.grad_accum
     log.info(
         "%s: %s; ~%.2f s/step (%.0f img/s), ~%.0f s/epoch of %d images; model state ~%.0f MB",
-        name, model.summary() if hasattr(model, "summary") else type(model).__name__, per_step,
+        name, _summary(model), per_step,
         cfg.batch_size / per_step, per_step * steps_per_epoch, n, _model_memory_mb(model),
     )  # fmt: skip
 
@@ -402,3 +481,9 @@ def _check_bf16(cfg: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(
         cfg, **{name: dataclasses.replace(getattr(cfg, name), bf16=False) for name in wants}
     )
+
+
+def _summary(model: torch.nn.Module) -> str:
+    unet, encoder = split_model(model)
+    text = f"; text encoder {encoder.num_parameters() / 1e6:.2f} M params" if encoder else ""
+    return (unet.summary() if hasattr(unet, "summary") else type(unet).__name__) + text

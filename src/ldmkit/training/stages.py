@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.transforms import to_float
 from ..diffusion.losses import training_loss
-from ..models.conditioning import ClassConditioner
+from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
+from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
@@ -87,19 +88,32 @@ def autoencoder_stage(
     )  # fmt: skip
 
 
+def split_model(model: nn.Module) -> tuple[UNet, TextEncoder | None]:
+    """The UNet and text encoder of a diffusion stage's model (a UNet, or a text run's
+    ModuleDict {"unet", "text_encoder"})."""
+    if isinstance(model, nn.ModuleDict):
+        return model["unet"], model["text_encoder"]
+    return model, None
+
+
 def diffusion_stage(
-    unet: UNet,
+    model: nn.Module,
     moments: Tensor,
-    conditioner: ClassConditioner,
-    labels: Tensor | None,
+    conditioner: ClassConditioner | TextConditioner,
+    cond_data: Tensor | None,
     scaling_factor: float,
     diff: DiffusionConfig,
     cfg: TrainConfig,
     device: torch.device,
 ) -> Stage:
-    """Stage 2: train the UNet on latents drawn from cached posterior moments (N, 2*zc, h, w)."""
+    """Stage 2: train the UNet (and a text encoder) on latents drawn from cached posterior
+    moments (N, 2*zc, h, w). `cond_data` holds each image's condition: class labels (N,) or
+    caption token ids (N, L); the conditioner turns a batch of it into the UNet's kwargs, with
+    dropout to the null condition."""
     schedule = diff.make_schedule()
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    unet, _ = split_model(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(DIFFUSION_SEED)
 
     def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
@@ -108,16 +122,16 @@ def diffusion_stage(
 
     def loss(idx: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
         z0 = DiagonalGaussian.from_moments(moments[idx]).sample(gen) * scaling_factor
-        y = labels[idx] if labels is not None else None
+        c = cond_data[idx] if cond_data is not None else None
         value = training_loss(
             network, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
             weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, generator=gen,
             timesteps=diff.timestep_sampling,
-            cond=lambda: conditioner.training_kwargs(y, gen, device),
+            cond=lambda: conditioner.training_kwargs(c, gen, device),
         )  # fmt: skip
         return value, {}
 
-    return Stage("diffusion", unet, opt, loss, generators={"noise": gen})
+    return Stage("diffusion", model, opt, loss, generators={"noise": gen})
 
 
 @torch.no_grad()

@@ -1,0 +1,221 @@
+"""Text for the UNet's cross-attention: a tokenizer that needs no download, and a small
+transformer encoder trained from scratch with the UNet (as the LDM paper trained its
+text-to-image model, Rombach et al. 2022, Sec. 4.3.1), with a padding mask.
+
+Tokenizers (both deterministic, saved inside the run as tokenizer.json):
+    "words"  a word-level vocabulary built from the run's own captions: lower-cased words and
+             punctuation marks, most frequent first. A word it has not seen is read as UNK
+             (one warning per tokenizer names how many and which).
+    "bytes"  UTF-8 bytes: any text, no vocabulary, longer sequences.
+Every sequence is [BOS] tokens [EOS] [PAD] ..., padded or truncated to `max_length` (a caption
+cut short keeps its EOS; one warning says how many were). The empty caption "" is [BOS] [EOS]:
+its encoding is the null condition of classifier-free guidance.
+
+Shapes: ids long (B, L), mask bool (B, L) (True for real tokens), states (B, L, width).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.config import ConfigError
+from ldmkit.models.layers import Attention, FeedForward
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3 in both kinds
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def split_words(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks: "A red, big star" -> a red , big star."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass
+class TokenizerConfig:
+    """What tokenizer.json holds."""
+
+    kind: Literal["words", "bytes"] = "words"
+    max_length: int = 24  # tokens per sequence, BOS and EOS included
+    vocab: list[str] = field(default_factory=list)  # "words": the words, after the 4 specials
+
+    def __post_init__(self) -> None:
+        if self.max_length < 3:
+            raise ConfigError(f"max_length must be >= 3 (BOS, a token, EOS), got {self.max_length}")
+
+
+class Tokenizer:
+    """Text -> (ids, mask) for the text encoder; see the module docstring."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        self.config = config
+        self._index = {w: i + len(SPECIALS) for i, w in enumerate(config.vocab)}
+        self._warned_unknown = self._warned_long = False
+
+    @classmethod
+    def from_captions(
+        cls,
+        captions: Iterable[str],
+        *,
+        kind: Literal["words", "bytes"] = "words",
+        max_length: int = 24,
+    ) -> Tokenizer:
+        """A tokenizer for these captions (the word list is sorted by count, then alphabetically)."""
+        vocab: list[str] = []
+        if kind == "words":
+            counts = Counter(w for c in captions for w in split_words(c))
+            vocab = sorted(counts, key=lambda w: (-counts[w], w))
+        return cls(TokenizerConfig(kind=kind, max_length=max_length, vocab=vocab))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIALS) + (len(self.config.vocab) if self.config.kind == "words" else 256)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    def _tokens(self, text: str) -> tuple[list[int], list[str]]:
+        """Token ids of one text (no specials) and the words it did not know."""
+        if self.config.kind == "bytes":
+            return [b + len(SPECIALS) for b in text.encode("utf-8")], []
+        words = split_words(text)
+        return [self._index.get(w, UNK_ID) for w in words], [
+            w for w in words if w not in self._index
+        ]
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Texts -> ids long (B, L) and mask bool (B, L), L = max_length (default the config's)."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        L = max_length or self.config.max_length
+        ids = torch.full((len(texts), L), PAD_ID, dtype=torch.long)
+        unknown: Counter[str] = Counter()
+        cut = 0
+        for i, text in enumerate(texts):
+            toks, unk = self._tokens(text)
+            unknown.update(unk)
+            if len(toks) > L - 2:
+                toks, cut = toks[: L - 2], cut + 1
+            row = [BOS_ID, *toks, EOS_ID]
+            ids[i, : len(row)] = torch.tensor(row)
+        self._warn(unknown, cut, len(texts), L)
+        return ids, ids != PAD_ID
+
+    def _warn(self, unknown: Counter[str], cut: int, n: int, L: int) -> None:
+        if unknown and not self._warned_unknown:
+            self._warned_unknown = True
+            words = ", ".join(repr(w) for w, _ in unknown.most_common(5))
+            log.warning(
+                "%d word(s) are not in the run's vocabulary and are read as unknown (%s); the model "
+                "only knows the words of its training captions", len(unknown), words,
+            )  # fmt: skip
+        if cut and not self._warned_long:
+            self._warned_long = True
+            log.warning(
+                "%d of %d text(s) are longer than max_length = %d tokens and were cut short",
+                cut, n, L,
+            )  # fmt: skip
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text (specials dropped; words joined by spaces)."""
+        n = len(SPECIALS)
+        toks = [i - n for i in ids if i >= n]
+        if self.config.kind == "bytes":
+            return bytes(toks).decode("utf-8", errors="replace")
+        return " ".join(self.config.vocab[i] for i in toks)
+
+
+@dataclass
+class TextEncoderConfig:
+    """A small pre-norm transformer over token ids (config.json of text_encoder/)."""
+
+    vocab_size: int = 64
+    max_length: int = 24  # positions (learned embeddings)
+    width: int = 128  # D: the UNet's context_dim
+    layers: int = 2
+    heads: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_length", "width", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"text encoder {name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ConfigError(
+                f"text encoder width {self.width} is not divisible by heads {self.heads}"
+            )
+
+
+class _Block(nn.Module):
+    """x = x + Attn(LN(x), key mask); x = x + FF(LN(x))."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads=heads, head_dim=width // heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.ff(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, L) and mask (B, L) -> per-token states (B, L, width) for cross-attention.
+
+    Padding tokens are masked out of every self-attention, so the states of the real tokens do
+    not depend on how far a sequence is padded (the UNet masks them out too).
+    """
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embed = nn.Embedding(config.vocab_size, config.width)
+        self.pos_embed = nn.Parameter(torch.randn(config.max_length, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            _Block(config.width, config.heads) for _ in range(config.layers)
+        )
+        self.norm = nn.LayerNorm(config.width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        L = ids.shape[1]
+        if L > self.config.max_length:
+            raise ValueError(
+                f"{L} tokens is more than the encoder's max_length {self.config.max_length}"
+            )
+        if ids.max() >= self.config.vocab_size or ids.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        x = self.token_embed(ids) + self.pos_embed[:L]  # (B, L, D)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_model_folder(
+            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "TextEncoder"}
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None
+    ) -> TextEncoder:
+        model = load_model_folder(cls, TextEncoderConfig, directory)
+        return model.to(device) if device is not None else model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
