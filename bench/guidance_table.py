@@ -133,6 +133,11 @@ def text_table(
     for name, rows in groups.items():
         captions = [r[0] for r in rows]
         truth = torch.tensor([r[1] for r in rows])  # (n, 5)
+        n = len(captions)
+        floor = fid(clfs["shape"], images[1000 : 1000 + n], real_ref[:n])
+        print(
+            f"{name:>8} {n:4d} {'real':>8}  {'(real-vs-real floor of the FID at this n)':>58} {floor:14.2f}"
+        )
         for g in guidances:
             x = ldm.sample(len(captions), prompt=captions, guidance_scale=g, seed=seed)
             with torch.no_grad():

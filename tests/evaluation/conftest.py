@@ -26,15 +26,30 @@ TINY = {
 }  # fmt: skip
 
 
-def make_tiny_run(out):
-    """Random-weight VAE (16 px -> 4x8x8) and class-conditional UNet, T = 100, 96 shapes."""
-    cfg = run_config_from_dict(TINY)
+def make_tiny_run(out, text: bool = False):
+    """Random-weight VAE (16 px -> 4x8x8) and class-conditional UNet, T = 100, 96 shapes; with
+    `text`, a text-conditional UNet, text encoder and tokenizer of the shapes' captions."""
+    from ldmkit.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+
+    settings = (
+        {**TINY, "conditioning": "text", "text": {"width": 16, "layers": 1, "heads": 2}}
+        if text
+        else TINY
+    )
+    cfg = run_config_from_dict(settings)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
-    cfg = resolve_config(cfg, ds.channels, len(ds.class_names))
+    cfg = resolve_config(cfg, ds.channels, None if text else len(ds.class_names), text=text)
     torch.manual_seed(0)
     run = RunFolder(out)
     run.save_vae(Autoencoder(cfg.vae))
     run.save_unet(UNet(cfg.unet))
+    if text:
+        tok = Tokenizer.from_captions(ds.captions, max_length=cfg.text.max_length)
+        run.save_tokenizer(tok)
+        t = cfg.text
+        run.save_text_encoder(
+            TextEncoder(TextEncoderConfig(tok.vocab_size, t.max_length, t.width, t.layers, t.heads))
+        )
     run.write_data_info(
         DataInfo(spec=cfg.data, name=ds.name, num_images=len(ds), channels=ds.channels,
                  image_size=cfg.image_size, class_names=ds.class_names,

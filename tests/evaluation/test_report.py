@@ -99,3 +99,26 @@ def test_report_renders_in_headless_chromium(evaluated_run, tmp_path):
         assert 0.005 < dark < 0.9  # text and images drawn on a light background
         # images rendered: many distinct colours in the page (a text-only page has few)
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 500
+
+
+def test_eval_and_report_of_a_text_run(tmp_path, monkeypatch):
+    """A text-conditional run is evaluated with the reference images' own captions as prompts,
+    and its report draws one row per prompt."""
+    from conftest import make_tiny_run
+
+    import ldmkit.pipeline as pipeline
+    from ldmkit.data import load_dataset
+
+    run = make_tiny_run(tmp_path / "run", text=True)
+    seen, original = [], pipeline.LatentDiffusion.sample
+
+    def spy(self, n, **kw):
+        seen.append(kw.get("prompt"))
+        return original(self, n, **kw)
+
+    monkeypatch.setattr(pipeline.LatentDiffusion, "sample", spy)
+    assert main(["eval", "--run", str(run), "--n", "8", "--samplers", "ddim", "--steps", "2"]) == 0
+    assert main(["report", "--run", str(run), "--steps", "2"]) == 0
+    captions = load_dataset("builtin:shapes?n=96", image_size=16).captions
+    assert seen[0] is not None and len(seen[0]) == 8 and set(seen[0]) <= set(captions)
+    assert "one row per prompt" in (run / "report.html").read_text()

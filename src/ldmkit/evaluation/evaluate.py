@@ -112,9 +112,12 @@ def evaluate_run(
         "guidance_scale": guidance_scale if ldm.conditioner.enabled else None,
     }
     keep_rows = [] if fresh else earlier_rows(out / SUMMARY_NAME, identity)
+    prompts = None
+    if ldm.is_text_conditional and ref_ds.captions:  # the reference images' own captions
+        prompts = [ref_ds.captions[i] for i in reference.indices[:n].tolist()]
     table = sampler_table(
         ldm, reference, net, samplers, steps, n, seed, out_dir=out, batch_size=batch_size,
-        guidance_scale=guidance_scale, keep_rows=keep_rows,
+        guidance_scale=guidance_scale, prompts=prompts, keep_rows=keep_rows,
     )  # fmt: skip
     summary = _summary(run, identity, table, ref_ds, reference, net)
 

@@ -156,16 +156,19 @@ def plot_samples(
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 1.0,
+    prompts: list[str] | None = None,
 ) -> Path:
-    """A sample grid: one row of `per_class` samples per class, labelled with the class names,
-    for a class-conditional model; n samples in a square grid otherwise."""
+    """A sample grid: one row of `per_class` samples per class (or per prompt of a
+    text-conditional model), labelled with the class names (prompts); n samples in a square
+    grid otherwise."""
     cond = ldm.conditioner
-    if cond.enabled:
+    options = dict(sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale)
+    if ldm.is_text_conditional and prompts:
+        images, per_row, names = ldm.prompt_grid(prompts, per_class, **options)
+        save_grid(images, path, nrow=per_row, row_labels=names, scale=2)
+    elif cond.num_classes:
         labels, per_row, names = cond.grid_labels(cond.num_classes * per_class)
-        images = ldm.sample(
-            len(labels), sampler=sampler, steps=steps, seed=seed, class_labels=labels,
-            guidance_scale=guidance_scale,
-        )  # fmt: skip
+        images = ldm.sample(len(labels), class_labels=labels, **options)
         names = names or [str(c) for c in range(cond.num_classes)]
         save_grid(images, path, nrow=per_row, row_labels=names, scale=2)
     else:
@@ -192,7 +195,7 @@ def record_trajectory(
     class_labels is given.
     """
     cond = ldm.conditioner
-    if class_labels is None and cond.enabled:
+    if class_labels is None and cond.num_classes:
         class_labels = torch.arange(n) % cond.num_classes
     record: list[tuple[int, float, Tensor, Tensor]] = []
 

@@ -202,7 +202,15 @@ def build_report(
             ),
             "autoencoder": _autoencoder_section(ldm, ds.images, t),
             **_sample_sections(
-                ldm, t, sampler=sampler, steps=steps, seed=seed, per_class=per_class
+                ldm,
+                t,
+                sampler=sampler,
+                steps=steps,
+                seed=seed,
+                per_class=per_class,
+                prompts=list(dict.fromkeys(c for c in ds.captions if c))[:5]
+                if ds.captions
+                else None,
             ),
             "config": f"<pre>{html.escape(json.dumps(run.config_dict(), indent=2))}</pre>",
             "evaluation": _evaluation_section(run.path, run.eval_dir),
@@ -253,14 +261,17 @@ def _autoencoder_section(ldm: Any, images: Any, t: Path) -> str:
 
 
 def _sample_sections(
-    ldm: Any, t: Path, *, sampler: str, steps: int, seed: int, per_class: int
-) -> dict[str, str]:
-    """The "samples" grid (one row per class when conditional) and the denoising "trajectory"."""
-    what = "one row per class" if ldm.conditioner.enabled else "unconditional"
+    ldm: Any, t: Path, *, sampler: str, steps: int, seed: int, per_class: int,
+    prompts: list[str] | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """The "samples" grid (one row per class or prompt when conditional) and the denoising
+    "trajectory"."""
+    what = ("one row per prompt" if ldm.is_text_conditional else
+            "one row per class" if ldm.conditioner.enabled else "unconditional")  # fmt: skip
     return {
         "samples": _img(
             plot_samples(ldm, t / "samples.png", per_class=per_class, sampler=sampler,
-                         steps=steps, seed=seed),
+                         steps=steps, seed=seed, prompts=prompts),
             f"samples ({what}; {sampler}, {steps} steps, seed {seed})",
         ),
         "trajectory": _img(

@@ -122,6 +122,7 @@ def sampler_table(
     batch_size: int = 64,
     guidance_scale: float = 1.0,
     class_labels: Any = "auto",
+    prompts: Sequence[str] | None = None,
     keep_rows: Sequence[dict[str, Any]] = (),
 ) -> SamplerTable:
     """FID / KID / precision / recall and wall time per image for each sampler and step count.
@@ -135,13 +136,18 @@ def sampler_table(
         ldm: a LatentDiffusion.
         class_labels: "auto" samples a class-conditional model with the reference images' own
             labels (balanced classes when the reference has none), None uses the null label.
+        prompts: the prompts of the n samples of a text-conditional model (`evaluate_run`
+            passes the reference images' own captions); None samples it unconditionally.
         out_dir: when given, writes sampler_table.csv and sampler_table.png there.
         keep_rows: rows of an earlier table of the same model, n, seed, guidance and features
             (see `evaluate_run`); those whose (sampler, steps) is not measured again are kept,
             so a long table can be built in several calls. `best` is this call's best row.
     """
     _check_table_args(ref, feature_net, samplers, steps, n)
-    labels = _sample_labels(ldm, ref, n, class_labels)
+    if ldm.is_text_conditional:
+        conditions = {"prompt": list(prompts)[:n]} if prompts else {}
+    else:
+        conditions = {"class_labels": _sample_labels(ldm, ref, n, class_labels)}
     table = SamplerTable(
         [], real_vs_real_floor(ref, n, seed=seed), [], n, feature_net.name,
         feature_net.fingerprint, metric_labels(feature_net), fid_bias_warning(n),
@@ -157,8 +163,8 @@ def sampler_table(
                 unet_calls.count = 0
                 t0 = time.perf_counter()
                 images = ldm.sample(
-                    n, sampler=sampler, steps=k, seed=seed, class_labels=labels,
-                    guidance_scale=guidance_scale, batch_size=batch_size,
+                    n, sampler=sampler, steps=k, seed=seed, guidance_scale=guidance_scale,
+                    batch_size=batch_size, **conditions,
                 )  # fmt: skip
                 seconds = time.perf_counter() - t0
                 nfe = unet_calls.count // math.ceil(n / batch_size)  # UNet calls per batch
