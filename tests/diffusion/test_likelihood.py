@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from loss_data import GRID, gen, image_data  # noqa: E402
 
 from ldmkit.diffusion.likelihood import (
     LossAwareSampler,
@@ -24,32 +25,17 @@ from ldmkit.diffusion.process import (
 )
 from ldmkit.diffusion.schedules import make_schedule
 
-GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 8-bit values in [-1, 1]
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _image_data(seed=0, shape=(4, 2, 4, 4)):
-    """x0 on the 8-bit grid and Gaussian eps, float64."""
-    g = _gen(seed)
-    x0 = GRID[torch.randint(0, 256, shape, generator=g)]
-    eps = torch.randn(shape, generator=g, dtype=torch.float64)
-    return x0, eps
-
-
 # ---------------------------------------------------------------- Gaussian KL and the decoder
 
 
 def test_normal_kl_of_identical_gaussians_is_zero():
-    g = _gen()
+    g = gen()
     mean, logvar = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     assert torch.all(normal_kl(mean, logvar, mean, logvar).abs() < 1e-6)
 
 
 def test_normal_kl_matches_torch_distributions():
-    g = _gen(1)
+    g = gen(1)
     m1, m2 = (torch.randn(6, 7, generator=g, dtype=torch.float64) for _ in range(2))
     lv1, lv2 = (2 * torch.randn(6, 7, generator=g, dtype=torch.float64) for _ in range(2))
     p = torch.distributions.Normal(m1, (0.5 * lv1).exp())
@@ -89,7 +75,7 @@ def _mp_log_bin_mass(x, mean, std):
 
 
 def test_discretized_likelihood_matches_high_precision_reference():
-    g = _gen(2)
+    g = gen(2)
     x = GRID[torch.randint(0, 256, (40,), generator=g)]
     x[:2] = torch.tensor([-1.0, 1.0], dtype=torch.float64)  # both edge bins
     means = torch.rand(40, generator=g, dtype=torch.float64) * 2.4 - 1.2
@@ -123,7 +109,7 @@ def test_discretized_likelihood_keeps_digits_far_in_the_tail():
 
 
 def test_prior_kl_vanishes_when_alpha_bar_T_is_zero():
-    x0, _ = _image_data()
+    x0, _ = image_data()
     cosine = make_schedule("cosine", 1000)
     zero_snr = make_schedule("linear", 1000, zero_terminal_snr=True)
     assert torch.all(prior_kl(zero_snr, x0) == 0)
@@ -132,7 +118,7 @@ def test_prior_kl_vanishes_when_alpha_bar_T_is_zero():
 
 
 def test_prior_kl_is_positive_for_a_short_schedule_and_matches_formula():
-    x0, _ = _image_data()
+    x0, _ = image_data()
     short = make_schedule("linear", 10)
     ab = short.alphas_cumprod[-1]
     assert ab > 0.8  # ten small betas leave most of the signal
@@ -145,7 +131,7 @@ def test_prior_kl_is_positive_for_a_short_schedule_and_matches_formula():
 
 def test_vlb_term_is_zero_for_the_true_x0_with_small_variance():
     sched = make_schedule("linear", 1000)
-    x0, eps = _image_data()
+    x0, eps = image_data()
     t = torch.tensor([1, 2, 500, 999])
     x_t = add_noise(sched, x0, eps, t)
     for pred_type in ["eps", "x0", "v"]:
@@ -155,7 +141,7 @@ def test_vlb_term_is_zero_for_the_true_x0_with_small_variance():
 
 def test_vlb_term_large_variance_is_the_variance_mismatch_kl():
     sched = make_schedule("cosine", 100)
-    x0, eps = _image_data(seed=1)
+    x0, eps = image_data(seed=1)
     t = torch.tensor([1, 10, 50, 99])
     x_t = add_noise(sched, x0, eps, t)
     got = vlb_term(sched, x0, x0, x_t, t, "x0", variance="large")
@@ -167,7 +153,7 @@ def test_vlb_term_large_variance_is_the_variance_mismatch_kl():
 
 def test_vlb_term_at_t0_is_the_decoder_nll():
     sched = make_schedule("linear", 1000)
-    x0, eps = _image_data(seed=2)
+    x0, eps = image_data(seed=2)
     t = torch.zeros(4, dtype=torch.long)
     x_t = add_noise(sched, x0, eps, t)
     out = eps + 0.1  # an imperfect eps-model
@@ -182,10 +168,10 @@ def test_vlb_term_at_t0_is_the_decoder_nll():
 
 def test_learned_range_endpoints_are_the_fixed_variances():
     sched = make_schedule("linear", 1000)
-    x0, eps = _image_data(seed=3)
+    x0, eps = image_data(seed=3)
     t = torch.tensor([1, 5, 300, 999])
     x_t = add_noise(sched, x0, eps, t)
-    pred = eps + 0.05 * torch.randn(eps.shape, generator=_gen(4), dtype=eps.dtype)
+    pred = eps + 0.05 * torch.randn(eps.shape, generator=gen(4), dtype=eps.dtype)
     for v, fixed in [(-1.0, "small"), (1.0, "large")]:
         out = torch.cat([pred, torch.full_like(pred, v)], dim=1)  # (B, 2C, H, W)
         learned = vlb_term(sched, out, x0, x_t, t, "eps", variance="learned_range")
@@ -198,7 +184,7 @@ def test_learned_range_endpoints_are_the_fixed_variances():
 
 def test_hybrid_loss_value_and_stop_gradient():
     sched = make_schedule("linear", 1000)
-    x0, eps = _image_data(seed=5)
+    x0, eps = image_data(seed=5)
     t = torch.tensor([0, 3, 400, 999])
     x_t = add_noise(sched, x0, eps, t)
     out = torch.cat([eps + 0.1, torch.zeros_like(eps)], dim=1).requires_grad_(True)
@@ -222,7 +208,7 @@ def _gaussian_data_setup(seed=0, batch=512, mu=0.1, s=0.2):
     p = discretized_gaussian_log_likelihood(
         GRID, torch.full_like(GRID, mu), torch.full_like(GRID, math.log(s))
     ).exp()
-    idx = torch.multinomial(p, batch, replacement=True, generator=_gen(seed))
+    idx = torch.multinomial(p, batch, replacement=True, generator=gen(seed))
     x0 = GRID[idx].reshape(batch, 1)  # (B, 1)
     sched = make_schedule("linear", 100, beta_start=1e-3, beta_end=0.2)
 
@@ -238,7 +224,7 @@ def test_nll_of_the_exact_denoiser_on_gaussian_data_is_close_to_the_entropy():
     (beyond sampling error); a biased model does clearly worse on the same noise."""
     sched, x0, true_bits, exact_x0 = _gaussian_data_setup()
     bound = nll_bits_per_dim(
-        exact_x0, sched, x0, prediction_type="x0", variance="large", generator=_gen(1)
+        exact_x0, sched, x0, prediction_type="x0", variance="large", generator=gen(1)
     )
     gap = bound - true_bits  # (B,) per-sample, so the spread of -log p(x0) cancels
     stderr = gap.std().item() / len(gap) ** 0.5
@@ -248,7 +234,7 @@ def test_nll_of_the_exact_denoiser_on_gaussian_data_is_close_to_the_entropy():
         return exact_x0(x_t, t) + 0.02
 
     worse = nll_bits_per_dim(
-        biased, sched, x0, prediction_type="x0", variance="large", generator=_gen(1)
+        biased, sched, x0, prediction_type="x0", variance="large", generator=gen(1)
     )
     assert (worse - bound).mean().item() > 0.2
 
@@ -257,7 +243,7 @@ def test_nll_of_the_exact_denoiser_on_gaussian_data_is_close_to_the_entropy():
         return predict_eps(sched, x_t, t, exact_x0(x_t, t), "x0")
 
     same = nll_bits_per_dim(
-        as_eps, sched, x0, prediction_type="eps", variance="large", generator=_gen(1)
+        as_eps, sched, x0, prediction_type="eps", variance="large", generator=gen(1)
     )
     torch.testing.assert_close(same, bound)
 
@@ -266,7 +252,7 @@ def test_nll_of_a_model_that_knows_x0_is_deterministic_and_subsets_rescale():
     """A model that returns the true x0 with variance "large" makes every term noise-free:
     L_{t-1} = D * KL(N(0, beta_tilde) || N(0, beta)), L_0 = the decoder NLL at x0_hat = x0."""
     sched = make_schedule("cosine", 50)
-    x0, _ = _image_data(seed=9, shape=(3, 1, 2, 2))
+    x0, _ = image_data(seed=9, shape=(3, 1, 2, 2))
     D = 4
 
     def knows_x0(x_t, t):
@@ -292,13 +278,13 @@ def test_nll_of_a_model_that_knows_x0_is_deterministic_and_subsets_rescale():
 
 def test_nll_timestep_subsets():
     sched, x0, _, exact_x0 = _gaussian_data_setup(batch=8)
-    full = nll_bits_per_dim(exact_x0, sched, x0, prediction_type="x0", generator=_gen(2))
+    full = nll_bits_per_dim(exact_x0, sched, x0, prediction_type="x0", generator=gen(2))
     listed = nll_bits_per_dim(
-        exact_x0, sched, x0, prediction_type="x0", generator=_gen(2), timesteps=torch.arange(1, 100)
+        exact_x0, sched, x0, prediction_type="x0", generator=gen(2), timesteps=torch.arange(1, 100)
     )
     torch.testing.assert_close(listed, full)
     some = nll_bits_per_dim(
-        exact_x0, sched, x0, prediction_type="x0", generator=_gen(2), timesteps=7
+        exact_x0, sched, x0, prediction_type="x0", generator=gen(2), timesteps=7
     )
     assert some.shape == (8,) and torch.all(torch.isfinite(some))
     with pytest.raises(ValueError, match=r"timesteps=100 must be in \[1, 99\]"):
@@ -318,13 +304,13 @@ def test_loss_aware_sampler():
     torch.testing.assert_close(
         sampler.probabilities(), torch.full((T,), 1 / T, dtype=torch.float64)
     )
-    rounds = torch.rand(3, T, generator=_gen(12), dtype=torch.float64) * torch.arange(1, T + 1)
+    rounds = torch.rand(3, T, generator=gen(12), dtype=torch.float64) * torch.arange(1, T + 1)
     for losses in rounds:  # the third round pushes out the first
         sampler.update(torch.arange(T), losses)
     p = sampler.probabilities()
     expected = rounds[1:].pow(2).mean(dim=0).sqrt()  # Nichol & Dhariwal: sqrt(E[L_t^2])
     torch.testing.assert_close(p, expected / expected.sum())
-    t, w = sampler.sample(4000, generator=_gen(13))
+    t, w = sampler.sample(4000, generator=gen(13))
     assert t.shape == w.shape == (4000,) and w.dtype == torch.float32
     # E_p[w L_t] = sum_t p_t / (T p_t) L_t is the uniform mean of L_t: importance weighting is
     # unbiased. Checked on the sampled batch, within sampling error.

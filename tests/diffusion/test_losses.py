@@ -1,5 +1,6 @@
 import pytest
 import torch
+from loss_data import gen, image_data  # noqa: E402
 
 from ldmkit.diffusion.losses import (
     diffusion_loss,
@@ -16,26 +17,11 @@ from ldmkit.diffusion.process import (
 )
 from ldmkit.diffusion.schedules import make_schedule
 
-GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 8-bit values in [-1, 1]
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _image_data(seed=0, shape=(4, 2, 4, 4)):
-    """x0 on the 8-bit grid and Gaussian eps, float64."""
-    g = _gen(seed)
-    x0 = GRID[torch.randint(0, 256, shape, generator=g)]
-    eps = torch.randn(shape, generator=g, dtype=torch.float64)
-    return x0, eps
-
-
 # ---------------------------------------------------------------- the simple loss and weights
 
 
 def test_diffusion_loss():
-    g = _gen(6)
+    g = gen(6)
     out, target = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
     torch.testing.assert_close(diffusion_loss(out, target), ((out - target) ** 2).mean())
     w = torch.tensor([0.0, 1.0, 3.0])
@@ -52,9 +38,9 @@ def test_diffusion_loss():
 
 def _losses_for_one_error(sched, t, weighting, gamma=5.0):
     """Weighted losses of an eps-, an x0- and a v-model that make the same prediction."""
-    x0, eps = _image_data(seed=7)
+    x0, eps = image_data(seed=7)
     x_t = add_noise(sched, x0, eps, t)
-    eps_hat = eps + 0.3 * torch.randn(eps.shape, generator=_gen(8), dtype=eps.dtype)
+    eps_hat = eps + 0.3 * torch.randn(eps.shape, generator=gen(8), dtype=eps.dtype)
     preds = {
         "eps": eps_hat,
         "x0": predict_x0(sched, x_t, t, eps_hat, "eps"),
@@ -119,20 +105,20 @@ def test_loss_weights_bad_inputs():
 
 
 def test_sample_timesteps_uniform():
-    t = sample_timesteps(20000, 10, generator=_gen(9))
+    t = sample_timesteps(20000, 10, generator=gen(9))
     assert t.dtype == torch.long and t.shape == (20000,)
     counts = torch.bincount(t, minlength=10).double()
     assert t.min() == 0 and t.max() == 9
     chi2 = ((counts - 2000) ** 2 / 2000).sum().item()
     assert chi2 < 30  # 9 degrees of freedom: p < 0.001 above 27.9
-    same = sample_timesteps(5, 10, generator=_gen(3))
-    assert torch.equal(same, sample_timesteps(5, 10, generator=_gen(3)))
+    same = sample_timesteps(5, 10, generator=gen(3))
+    assert torch.equal(same, sample_timesteps(5, 10, generator=gen(3)))
 
 
 def test_sample_timesteps_stratified_covers_every_stratum():
-    t = sample_timesteps(50, 50, generator=_gen(10), method="stratified")
+    t = sample_timesteps(50, 50, generator=gen(10), method="stratified")
     assert torch.equal(t.sort().values, torch.arange(50))
-    t = sample_timesteps(4, 1000, generator=_gen(11), method="stratified")
+    t = sample_timesteps(4, 1000, generator=gen(11), method="stratified")
     assert sorted(int(x) // 250 for x in t) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="unknown method 'lognormal'"):
         sample_timesteps(4, 1000, method="lognormal")
@@ -141,12 +127,12 @@ def test_sample_timesteps_stratified_covers_every_stratum():
 
 
 def test_sample_log_sigmas():
-    z = sample_log_sigmas(20000, generator=_gen(13))
+    z = sample_log_sigmas(20000, generator=gen(13))
     assert z.dtype == torch.float32 and z.shape == (20000,)
     assert z.mean().item() == pytest.approx(-1.2, abs=0.05)
     assert z.std().item() == pytest.approx(1.2, abs=0.05)
     # logit-normal t (SD3) is the same law: sigmoid(ln sigma) has median 1/2 for p_mean = 0.
-    t = torch.sigmoid(sample_log_sigmas(20000, p_mean=0.0, p_std=1.0, generator=_gen(14)))
+    t = torch.sigmoid(sample_log_sigmas(20000, p_mean=0.0, p_std=1.0, generator=gen(14)))
     assert t.median().item() == pytest.approx(0.5, abs=0.02)
     with pytest.raises(ValueError, match="p_std must be > 0"):
         sample_log_sigmas(4, p_std=0.0)
