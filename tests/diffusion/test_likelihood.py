@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from loss_data import GRID, gen, image_data  # noqa: E402
+from loss_data import GRID, gen, image_data
 
 from ldmkit.diffusion.likelihood import (
     LossAwareSampler,

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from loss_data import gen, image_data  # noqa: E402
+from loss_data import gen, image_data
 
 from ldmkit.diffusion.losses import (
     diffusion_loss,
