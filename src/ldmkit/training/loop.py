@@ -6,9 +6,11 @@ loss. Everything that must be identical between an uninterrupted run and a kille
 one lives here:
 
 1. data order is a pure function of (seed, step): epoch e is `randperm(N)` from a generator
-   seeded with (seed, e), so resuming at step s needs no saved data position beyond s;
-2. every other random draw comes from the stage's generators or torch's global RNG, whose
-   states are saved in each checkpoint;
+   seeded with (seed, e), and global step k takes places [kB, (k+1)B) of the epochs laid end
+   to end (B the global batch), so resuming at step s needs no saved data position beyond s;
+2. each sample's random draws come from a generator keyed by (stage, seed, step, place in the
+   global batch) (`step.MicroBatch`); any other draw comes from the stage's generators or
+   torch's global RNG, whose states are saved in each checkpoint;
 3. the learning rate is a pure function of the step (`TrainConfig.lr_multiplier`).
 So a run of 2N steps and a run of N steps, killed, then resumed for N more end bit-identical
 (on the CPU, with the same thread count).
@@ -44,7 +46,7 @@ from .state import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from .step import Stage, optimizer_step
+from .step import MicroBatch, Stage, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +84,51 @@ class StageResult:
 
 
 class DataOrder:
-    """Micro-batch k of a run is a pure function of (seed, k): epochs are seeded permutations."""
+    """The data items of each global step: a pure function of (seed, step), whatever the number
+    of processes.
 
-    def __init__(self, num_items: int, micro_batch: int, seed: int) -> None:
+    The epochs, each a permutation seeded by (seed, epoch), are laid end to end; global step k
+    takes the B items at places [kB, (k+1)B) (B the global batch size; a batch may straddle two
+    epochs, so every item is seen once per epoch). Micro-batch m of that batch is its m-th
+    B / grad_accum items, and rank r takes the r-th of the `size` equal shares of each.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, grad_accum: int, seed: int,
+                 key: str) -> None:  # fmt: skip
         if num_items < 1:
             raise ValueError("the data set is empty")
-        self.n = num_items
-        self.b = min(micro_batch, num_items)
-        self.per_epoch = num_items // self.b
+        self.n, self.batch_size, self.grad_accum = num_items, batch_size, grad_accum
         self.seed = seed
-        self._epoch = -1
-        self._perm: Tensor | None = None
+        self.key = key  # keys the samples' generators (MicroBatch)
+        self._perms: dict[int, Tensor] = {}
 
-    def indices(self, k: int) -> Tensor:
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g)
-            self._epoch = epoch
-        assert self._perm is not None
-        return self._perm[pos * self.b : (pos + 1) * self.b]
+            self._perms = {e: p for e, p in self._perms.items() if abs(e - epoch) <= 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int, slots: Tensor) -> Tensor:
+        """The data items at places `slots` (long) of global step `step`'s batch."""
+        places = step * self.batch_size + slots  # in the stream of epochs
+        epochs, offsets = places // self.n, places % self.n
+        out = torch.empty_like(places)
+        for e in epochs.unique().tolist():
+            out[epochs == e] = self._perm(e)[offsets[epochs == e]]
+        return out
+
+    def micro_batches(self, step: int, rank: int = 0, size: int = 1) -> list[MicroBatch]:
+        """Process `rank`'s share (of `size`) of each micro-batch of global step `step`."""
+        per_micro = self.batch_size // self.grad_accum
+        b = per_micro // size
+        out = []
+        for m in range(self.grad_accum):
+            slots = torch.arange(b) + m * per_micro + rank * b
+            out.append(
+                MicroBatch(self.indices(step, slots), slots, step, self.batch_size, self.key)
+            )
+        return out
 
 
 class StopFlag:
@@ -266,7 +293,7 @@ def train_stage(
     modules: dict[str, nn.Module] = {"model": stage.model, **stage.extra_modules}
     if ema is not None:
         modules["ema"] = ema.model
-    order = DataOrder(num_items, cfg.micro_batch, seed)
+    order = DataOrder(num_items, cfg.batch_size, cfg.grad_accum, seed, key=f"{stage.name}/{seed}")
     step, planned, last_ckpt = _resume(stage, folder, modules, ema) if resume else (0, None, None)
 
     start = time.perf_counter()
@@ -291,8 +318,8 @@ def train_stage(
             for opt in stage.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = group.setdefault("base_lr", cfg.lr) * mult
-            micro = [order.indices(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-            logs = optimizer_step(stage, micro, step, grad_clip=cfg.grad_clip, ema=ema)
+            micro = order.micro_batches(step)
+            logs = optimizer_step(stage, micro, grad_clip=cfg.grad_clip, ema=ema)
             step += 1  # a skipped step is consumed too (data and RNG moved on)
             if logs.get("skipped"):
                 bad_streak += 1

@@ -200,7 +200,10 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     if res.stopped_because in STOPPED_EARLY:
         return vae, res.steps_done, res.stopped_because
     final = (res.ema.model if res.ema is not None else vae).eval()
-    scale = measure_scaling_factor(final, _batches(images, device))
+    # posterior samples from a seeded generator: the factor must not depend on what drew from
+    # the global RNG before (a step-time probe of a size that depends on the process count)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scale = measure_scaling_factor(final, _batches(images, device), generator=gen)
     final.config = dataclasses.replace(final.config, scaling_factor=scale)
     folder.save_vae(final)
     log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)
@@ -370,15 +373,17 @@ def estimate_step_time(
     probe = copy.deepcopy(model).train()
     opt = torch.optim.SGD(probe.parameters(), lr=0.0)
     times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        loss = make_batch(probe)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    # a measurement: the global RNGs stay as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            loss = make_batch(probe)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
     del probe, opt
     return min(times[1:])
 

@@ -4,6 +4,9 @@ Stage 1 trains the autoencoder (reconstruction + KL, optionally a PatchGAN; Esse
 Rombach et al. 2022). Stage 2 trains the UNet on latents drawn from the cached posterior
 moments of the training images, with `ldmkit.diffusion.losses.training_loss`: the loss a reader
 finds in the maths file is the one that runs.
+
+Every random draw of a loss comes from the micro-batch's per-sample generators
+(`step.MicroBatch`), so a sample's noise does not depend on how a batch is split.
 """
 
 from __future__ import annotations
@@ -21,10 +24,7 @@ from ..models.losses import autoencoder_loss, discriminator_loss, make_discrimin
 from ..models.unet import UNet
 from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
-from .step import Stage
-
-# seeds of the stages' own generators (the autoencoder's noise, the diffusion draws)
-AUTOENCODER_SEED, DIFFUSION_SEED = 1, 2
+from .step import MicroBatch, Stage
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -43,15 +43,15 @@ def autoencoder_stage(
     # GAN-style betas only when a discriminator trains beside it (Esser et al. 2021)
     betas = (0.5, 0.9) if vae.config.disc_weight > 0 else (0.9, 0.999)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
-    gen = torch.Generator().manual_seed(AUTOENCODER_SEED)
     disc = make_discriminator(vae.config)
     pending: list[tuple[int, Tensor, Tensor]] = []  # (step, x, reconstruction) for the disc
 
-    def loss(idx: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        x = to_float(images[idx]).to(device)
+    def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        step = mb.step
+        x = to_float(images[mb.indices]).to(device)
+        noise = mb.randn(*vae.latent_shape(tuple(x.shape[-2:])))  # one posterior sample each
         with autocast(device, cfg.bf16):
-            post = vae.encode(x)
-            recon = vae.decode(post.sample(gen))  # reparameterised z
+            recon, post = vae(x, noise=noise)  # reparameterised z
         value, parts = autoencoder_loss(
             x, recon.float(), post, vae.config, step=step, discriminator=disc,
             last_layer=vae.last_layer if disc is not None else None,
@@ -62,7 +62,7 @@ def autoencoder_stage(
         return value, parts
 
     if disc is None:
-        return Stage("autoencoder", vae, opt, loss, generators={"noise": gen})
+        return Stage("autoencoder", vae, opt, loss)
 
     disc = disc.to(device)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=betas)
@@ -83,7 +83,6 @@ def autoencoder_stage(
     return Stage(
         "autoencoder", vae, opt, loss, after_update=discriminator_step,
         extra_modules={"discriminator": disc}, extra_optimizers={"disc": disc_opt},
-        generators={"noise": gen},
     )  # fmt: skip
 
 
@@ -100,24 +99,28 @@ def diffusion_stage(
     """Stage 2: train the UNet on latents drawn from cached posterior moments (N, 2*zc, h, w)."""
     schedule = diff.make_schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(DIFFUSION_SEED)
 
     def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         with autocast(device, cfg.bf16):
             return unet(x_t, t, **cond)
 
-    def loss(idx: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        z0 = DiagonalGaussian.from_moments(moments[idx]).sample(gen) * scaling_factor
-        y = labels[idx] if labels is not None else None
+    def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        # each sample draws from its own generator: posterior noise, t, eps, condition dropout
+        post = DiagonalGaussian.from_moments(moments[mb.indices])
+        z0 = post.sample(noise=mb.randn(*post.shape[1:])) * scaling_factor
+        t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
+        eps = mb.randn(*z0.shape[1:])
+        y = labels[mb.indices] if labels is not None else None
+        cond = mb.per_sample(
+            lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
+        )
         value = training_loss(
             network, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
-            weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, generator=gen,
-            timesteps=diff.timestep_sampling,
-            cond=lambda: conditioner.training_kwargs(y, gen, device),
+            weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, t=t, eps=eps, cond=cond,
         )  # fmt: skip
         return value, {}
 
-    return Stage("diffusion", unet, opt, loss, generators={"noise": gen})
+    return Stage("diffusion", unet, opt, loss)
 
 
 @torch.no_grad()
