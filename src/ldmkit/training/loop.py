@@ -15,6 +15,12 @@ one lives here:
 So a run of 2N steps and a run of N steps, killed, then resumed for N more end bit-identical
 (on the CPU, with the same thread count).
 
+With several processes (training/distributed.py) all of this is defined per global batch:
+rank r takes its share of each micro-batch of the global batch, the step, the data position
+and the randomness keys are global, and a run saved with N processes resumes with any other
+number. Only rank 0 writes checkpoints, logs and previews, inside `World.together()` blocks;
+stopping, the time budget and its plan are decided for all ranks once a step (`World.agree`).
+
 A training stops early, with a checkpoint, on SIGINT/SIGTERM or when its `stop` request is set
 (a `threading.Event` or any callable returning True: a web page's stop button, a notebook).
 Progress goes to an optional callback as `Progress` events; the CLI draws them as a tqdm bar.
@@ -38,8 +44,10 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError
 from ..recipe import TrainConfig
 from ..runs import RunFolder
+from .distributed import World, local_micro_batch
 from .ema import EMA
 from .state import (
+    checkpoint_dir,
     clean_stray_temporaries,
     list_checkpoints,
     load_checkpoint,
@@ -156,13 +164,14 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def requested(self) -> bool:
+        req = self.request
+        return req is not None and bool(req.is_set() if isinstance(req, threading.Event) else req())
+
     def reason(self) -> str | None:
         if self.signal is not None:
             return "signal"
-        req = self.request
-        if req is not None and (req.is_set() if isinstance(req, threading.Event) else req()):
-            return "stop request"
-        return None
+        return "stop request" if self.requested() else None
 
 
 class RunLog:
@@ -284,43 +293,57 @@ def train_stage(
     run_log: RunLog | None = None,
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    world: World | None = None,
 ) -> StageResult:
-    """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints."""
-    folder.path.mkdir(parents=True, exist_ok=True)
-    clean_stray_temporaries(folder.path)
+    """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints.
+
+    With several processes (`world`) every rank calls this at once; rank 0 alone writes, logs
+    and reports progress.
+    """
+    world = world or World(torch.device("cpu"))
+    local_micro_batch(cfg, world.size, stage.name)  # a batch that does not split: one error
+    if world.is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        clean_stray_temporaries(folder.path)
     run_log = run_log or RunLog(folder, tensorboard=False)
     ema = EMA(stage.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, nn.Module] = {"model": stage.model, **stage.extra_modules}
     if ema is not None:
         modules["ema"] = ema.model
     order = DataOrder(num_items, cfg.batch_size, cfg.grad_accum, seed, key=f"{stage.name}/{seed}")
-    step, planned, last_ckpt = _resume(stage, folder, modules, ema) if resume else (0, None, None)
+    step, planned, saved = 0, None, None  # saved: the step of the newest checkpoint
+    if resume:
+        with world.together():  # every rank reads the same checkpoint
+            step, planned, saved = _resume(stage, folder, modules, ema)
 
     start = time.perf_counter()
     plan = BudgetPlan(stage.name, cfg, start + time_budget_s if time_budget_s else None, step,
                       planned)  # fmt: skip
 
-    def checkpoint(metric: float) -> Path:
+    def checkpoint(metric: float) -> int:
         state = {"ema_updates": ema.num_updates if ema else 0, "metric": metric,
-                 "planned_steps": plan.planned}  # fmt: skip
-        path = save_checkpoint(
-            folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
-            generators=stage.generators, state=state,
-        )  # fmt: skip
-        rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
-        return path
+                 "planned_steps": plan.planned, "batch_size": cfg.batch_size,
+                 "processes": world.size}  # fmt: skip
+        with world.together():  # rank 0 writes; the others wait, and stop too if it fails
+            if world.is_main:
+                save_checkpoint(
+                    folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
+                    generators=stage.generators, state=state,
+                )  # fmt: skip
+                rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
+        return step
 
     stopped, last_loss, bad_streak, meter = "finished", float("nan"), 0, _Meter()
     with StopFlag(stop) as flag:
         while step < plan.total:
-            plan.observe(step)
             mult = cfg.lr_multiplier(step, plan.planned)
             for opt in stage.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = group.setdefault("base_lr", cfg.lr) * mult
-            micro = order.micro_batches(step)
-            logs = optimizer_step(stage, micro, grad_clip=cfg.grad_clip, ema=ema)
+            micro = order.micro_batches(step, world.rank, world.size)
+            logs = optimizer_step(stage, micro, grad_clip=cfg.grad_clip, ema=ema, world=world)
             step += 1  # a skipped step is consumed too (data and RNG moved on)
+            # the loss and gradients are averaged over the ranks: each takes the same branch
             if logs.get("skipped"):
                 bad_streak += 1
                 log.warning("step %d: non-finite loss or gradient (%s); update skipped", step, logs["loss"])  # fmt: skip
@@ -332,47 +355,65 @@ def train_stage(
                         bad_streak, stage.name,
                     )  # fmt: skip
                     break
-                continue
-            bad_streak, last_loss = 0, float(logs["loss"])
-            meter.add(last_loss, sum(len(m) for m in micro))
-            event = Progress(stage.name, step, plan.total)
-            if step % cfg.log_every == 0 or step == plan.total:
-                event.loss, event.images_per_s = meter.read()
-                run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
-                               "images_per_s": event.images_per_s,
-                               **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
-            if progress is not None:
-                progress(event)
-            if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
-                grid = stage.preview(step, ema.model if ema else stage.model)
-                if grid is not None:
-                    run_log.add_image(f"{stage.name}/samples", grid, step)
-            if step % cfg.checkpoint_every == 0 and step < plan.total:
-                last_ckpt = checkpoint(last_loss)
-            if (why := flag.reason()) is not None:
-                stopped = why
-                what = signal.Signals(flag.signal).name if flag.signal else "a stop request"
+            else:
+                bad_streak, last_loss = 0, float(logs["loss"])
+                meter.add(last_loss, sum(len(m) for m in micro) * world.size)
+                event = Progress(stage.name, step, plan.total)
+                if world.is_main and (step % cfg.log_every == 0 or step == plan.total):
+                    event.loss, event.images_per_s = meter.read()
+                    run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
+                                   "images_per_s": event.images_per_s,
+                                   **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
+                if world.is_main and progress is not None:
+                    progress(event)
+                if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
+                    with world.together():  # rank 0 draws with the unwrapped model: no collective
+                        if world.is_main:
+                            grid = stage.preview(step, ema.model if ema else stage.model)
+                            if grid is not None:
+                                run_log.add_image(f"{stage.name}/samples", grid, step)
+                if step % cfg.checkpoint_every == 0 and step < plan.total:
+                    saved = checkpoint(last_loss)
+            # what ends the stage is decided once for every rank: a signal or a stop request that
+            # reached any of them, rank 0's deadline and rank 0's plan (the others pass -1)
+            late, mine = False, -1
+            if world.is_main:
+                plan.observe(step)  # (before step `step`)
+                late = plan.deadline is not None and time.perf_counter() >= plan.deadline
+                mine = plan.planned or -1
+            signum, requested, late, planned = world.agree(
+                [flag.signal or 0, flag.requested(), late, mine]
+            )
+            plan.planned = planned if planned > 0 else None
+            if signum or requested:
+                stopped = "signal" if signum else "stop request"
+                what = signal.Signals(signum).name if signum else "a stop request"
                 log.warning(
                     "%s received: saving a checkpoint of %s at step %d and stopping; continue "
                     "with --resume", what, stage.name, step,
                 )  # fmt: skip
                 break
-            if plan.deadline is not None and time.perf_counter() >= plan.deadline:
+            if late:
                 stopped = "time budget"
                 break
-    if progress is not None:
+    if world.is_main and progress is not None:
         progress(Progress(stage.name, step, plan.total, done=True))
     if stopped == "finished" and plan.planned is not None and plan.planned < cfg.steps:
         stopped = "time budget"  # the planned steps ran out with it
-    if stopped != "bad loss" and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
-        last_ckpt = checkpoint(last_loss)
-    return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, last_ckpt)
+    if stopped != "bad loss" and saved != step:
+        saved = checkpoint(last_loss)
+    path = checkpoint_dir(folder.path, stage.name, saved) if saved is not None else None
+    return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, path)
 
 
 def _resume(
     stage: Stage, folder: RunFolder, modules: dict[str, nn.Module], ema: EMA | None
-) -> tuple[int, int | None, Path | None]:
-    """Restore the newest checkpoint of the stage: (step, planned steps, its path)."""
+) -> tuple[int, int | None, int | None]:
+    """Restore the newest checkpoint of the stage: (step, planned steps, its step or None).
+
+    A checkpoint saved by N processes resumes with any number: everything it holds is global
+    (the step, the unwrapped weights, the optimizer state, the plan).
+    """
     ckpts = list_checkpoints(folder.path, stage.name)
     if not ckpts:
         return 0, None, None
@@ -389,5 +430,5 @@ def _resume(
     if ema is not None:
         ema.num_updates = int(state.get("ema_updates", step))
     log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
-    # the path is returned so that a stage resumed at its end does not re-save it
-    return step, state.get("planned_steps"), ckpts[-1].path
+    # the step is returned so that a stage resumed at its end does not re-save it
+    return step, state.get("planned_steps"), step

@@ -6,10 +6,15 @@ those latents -> save the final weights, grid and loss curve. Stage 1 (reconstru
 stage 2 (the diffusion loss on latents drawn from the cached posterior moments; Rombach et al.
 2022) are defined in `stages.py`; the loop both run through is `loop.py`. The run folder's
 layout is `ldmkit.runs.RunFolder`'s.
+
+Under torchrun every process runs this same story (training/distributed.py): rank 0 settles the
+config and writes every file, inside `World.together()` blocks that the other ranks wait at,
+and the others read what it wrote (run.json, the autoencoder, the latent cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -29,7 +34,8 @@ from ..models.unet import UNet
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
 from ..runs import DataInfo, RunFolder
-from ..runtime import resolve_device
+from . import distributed
+from .distributed import World, local_micro_batch
 from .loop import ProgressFn, RunLog, StopRequest, train_stage
 from .stages import autoencoder_stage, diffusion_stage, encode_moments
 from .state import RunLock, list_checkpoints
@@ -65,6 +71,7 @@ class _Run:
     run_log: RunLog
     progress: ProgressFn | None
     stop: StopRequest | None
+    world: World  # this process among the training's processes (one by default)
 
     def result(self, vae_steps: int, unet_steps: int, why: str) -> RunResult:
         return RunResult(
@@ -80,8 +87,10 @@ def train_run(
     stage: Literal["all", "vae", "unet"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    backend: str = "auto",
 ) -> RunResult:
-    """Train both stages into `out_dir` (layout: ldmkit.runs).
+    """Train both stages into `out_dir` (layout: ldmkit.runs), in this process or, launched by
+    torchrun, in all of its processes together (training/distributed.py).
 
     Args:
         resume: continue from the newest checkpoints, with the run's saved config (only the
@@ -90,22 +99,34 @@ def train_run(
         progress: called with a `loop.Progress` after every step (the CLI draws a tqdm bar).
         stop: a threading.Event (or a callable) that, once set, stops the training cleanly with
             a checkpoint, as SIGINT does.
+        backend: under torchrun, the process group's: "auto" (nccl on CUDA, gloo on the CPU),
+            "gloo" or "nccl".
     """
     folder = RunFolder(out_dir)
-    _check_can_start(folder, resume)
-    folder.path.mkdir(parents=True, exist_ok=True)
-    with RunLock(folder.path):
-        run = _prepare(folder, cfg, resume, progress, stop)
-        try:
-            vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
-            if why in STOPPED_EARLY or stage == "vae":
-                return run.result(vae_steps, 0, why)
-            moments = _latents(run, vae)
-            unet, unet_steps, why = _diffusion(run, vae, moments)
-            _finish(run, vae, unet, unet_steps, why)
-        finally:
-            run.run_log.close()
-        return run.result(vae_steps, unet_steps, why)
+    world = distributed.start(cfg, backend)  # one process, or this one among torchrun's N
+    try:
+        with contextlib.ExitStack() as lock:
+
+            def prepare() -> _Run:
+                if world.is_main:  # the others read the run.json that rank 0 writes
+                    _check_can_start(folder, resume)
+                    folder.path.mkdir(parents=True, exist_ok=True)
+                    lock.enter_context(RunLock(folder.path))
+                return _prepare(folder, cfg, resume, progress, stop, world)
+
+            run = world.main_first(prepare)
+            try:
+                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
+                if why in STOPPED_EARLY or stage == "vae":
+                    return run.result(vae_steps, 0, why)
+                moments = _latents(run, vae)
+                unet, unet_steps, why = _diffusion(run, vae, moments)
+                _finish(run, vae, unet, unet_steps, why)
+            finally:
+                run.run_log.close()
+            return run.result(vae_steps, unet_steps, why)
+    finally:
+        world.close()
 
 
 def _check_can_start(folder: RunFolder, resume: bool) -> None:
@@ -122,22 +143,25 @@ def _check_can_start(folder: RunFolder, resume: bool) -> None:
 
 def _prepare(
     folder: RunFolder, cfg: RunConfig, resume: bool, progress: ProgressFn | None,
-    stop: StopRequest | None,
+    stop: StopRequest | None, world: World,
 ) -> _Run:  # fmt: skip
-    """Settle the config, load the data, write run.json and data.json."""
+    """Settle the config, load the data, write run.json and data.json (rank 0; the other ranks
+    take the config from the run.json it wrote, so every process trains the same one)."""
     from ..data import load_dataset
 
     t_start = time.perf_counter()
     resumed = resume and folder.exists()
-    if not resume and folder.exists():  # checked under the lock: see RunLock
+    if not world.is_main:
+        cfg, resumed = folder.config(), True
+    elif not resume and folder.exists():  # checked under the lock: see RunLock
         raise ConfigError(
             f"{folder.path} already holds a run; pass --resume to continue it, or choose another --out folder"
         )
-    if resumed:  # the data and models are the saved ones; training settings (steps, ...) may change
+    elif resumed:  # the saved data and models; training settings (steps, ...) may change
         cfg = dataclasses.replace(
             folder.config(), **{k: getattr(cfg, k) for k in CHANGEABLE_ON_RESUME}
         )
-    device = resolve_device(cfg.device)
+    device = world.device
     cfg = _check_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
@@ -153,14 +177,15 @@ def _prepare(
             f"trained with {cfg.unet.num_classes or 'no'}; resume with the same data, or train "
             "into a new --out folder"
         )
-    folder.write_config(cfg)
-    folder.write_data_info(DataInfo(
-        spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
-        image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
-        fingerprint=ds.fingerprint(),
-    ))  # fmt: skip
+    if world.is_main:
+        folder.write_config(cfg)
+        folder.write_data_info(DataInfo(
+            spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
+            image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
+            fingerprint=ds.fingerprint(),
+        ))  # fmt: skip
     _sanity_check(ds.images, cfg)
-    if len(ds.images) < 1000:
+    if world.is_main and len(ds.images) < 1000:
         log.warning(
             "only %d training images: the model will likely memorise them; "
             "use `ldmkit eval` to check for near-copies", len(ds.images),
@@ -171,83 +196,103 @@ def _prepare(
     return _Run(
         folder, cfg, device, ds.images, labels, conditioner, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
-        RunLog(folder), progress, stop,
+        RunLog(folder, tensorboard=world.is_main), progress, stop, world,
     )  # fmt: skip
 
 
 def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     """Stage 1, unless the autoencoder is saved already: (the saved VAE, steps, stop reason)."""
-    cfg, images, device, folder = run.cfg, run.images, run.device, run.folder
+    cfg, images, device, folder, world = run.cfg, run.images, run.device, run.folder, run.world
     torch.manual_seed(cfg.seed)  # each model's init depends on the seed alone (exact resume)
     vae = Autoencoder(cfg.vae).to(device)
     if not train or folder.has_model("vae"):
         return folder.load_vae(device).eval(), 0, "finished"
-    st = autoencoder_stage(vae, images, cfg.vae_train, device)
+    if world.size > 1 and cfg.vae.disc_weight > 0:
+        raise ConfigError(
+            "vae.disc_weight > 0: the PatchGAN discriminator (BatchNorm, adaptive weight) trains "
+            "in one process only; train the autoencoder without torchrun (--stage vae), then "
+            "resume the run with torchrun"
+        )
+    st = autoencoder_stage(vae, images, cfg.vae_train, device, wrap=world.wrap)
     _vae_round_trip_check(vae, images, device)
     st.preview = lambda step, model: _save_reconstructions(
         model, images, folder.preview_path(step, prefix="vae-"), device
     )
-    mb = cfg.vae_train.micro_batch
-    per_step = estimate_step_time(
-        vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
-    )
-    _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
+    if world.is_main:
+        mb = local_micro_batch(cfg.vae_train, world.size)
+        per_step = estimate_step_time(
+            vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
+        )
+        _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
     res = train_stage(
         st, cfg.vae_train, folder=folder, num_items=len(images), seed=cfg.seed,
         resume=run.resume, time_budget_s=run.budget * cfg.budget_split if run.budget else None,
-        run_log=run.run_log, progress=run.progress, stop=run.stop,
+        run_log=run.run_log, progress=run.progress, stop=run.stop, world=world,
     )  # fmt: skip
     if res.stopped_because in STOPPED_EARLY:
         return vae, res.steps_done, res.stopped_because
-    final = (res.ema.model if res.ema is not None else vae).eval()
-    # posterior samples from a seeded generator: the factor must not depend on what drew from
-    # the global RNG before (a step-time probe of a size that depends on the process count)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    scale = measure_scaling_factor(final, _batches(images, device), generator=gen)
-    final.config = dataclasses.replace(final.config, scaling_factor=scale)
-    folder.save_vae(final)
-    log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)
-    _save_reconstructions(final, images, folder.reconstructions_path, device)
+    with world.together():  # rank 0 measures the scaling factor and saves; every rank loads that
+        if world.is_main:
+            final = (res.ema.model if res.ema is not None else vae).eval()
+            # posterior samples from a seeded generator: the factor must not depend on what
+            # drew from the global RNG before (a step-time probe of N-dependent size)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            scale = measure_scaling_factor(final, _batches(images, device), generator=gen)
+            final.config = dataclasses.replace(final.config, scaling_factor=scale)
+            folder.save_vae(final)
+            log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)  # fmt: skip
+            _save_reconstructions(final, images, folder.reconstructions_path, device)
     return folder.load_vae(device).eval(), res.steps_done, res.stopped_because
 
 
 def _latents(run: _Run, vae: Autoencoder) -> Tensor:
     """Posterior moments of the training images: encoded once, cached in the run folder."""
     vae_id = run.folder.vae_identity(len(run.images))
-    moments = run.folder.cached_moments(vae_id)
+    moments = None
+    with run.world.together():  # rank 0 encodes and caches them; the other ranks read the cache
+        if run.world.is_main:
+            moments = run.folder.cached_moments(vae_id)
+            if moments is None:
+                t0 = time.perf_counter()
+                moments = encode_moments(vae, run.images, run.device)
+                run.folder.save_moments(moments, vae_id)
+                log.info(
+                    "encoded %d images into latents %s in %.1f s",
+                    len(run.images), tuple(moments.shape[1:]), time.perf_counter() - t0,
+                )  # fmt: skip
     if moments is None:
-        t0 = time.perf_counter()
-        moments = encode_moments(vae, run.images, run.device)
-        run.folder.save_moments(moments, vae_id)
-        log.info(
-            "encoded %d images into latents %s in %.1f s",
-            len(run.images), tuple(moments.shape[1:]), time.perf_counter() - t0,
-        )  # fmt: skip
+        moments = run.folder.cached_moments(vae_id)
+    if moments is None:
+        raise CheckpointError(
+            f"rank {run.world.rank} cannot read the latent cache that rank 0 wrote in "
+            f"{run.folder.path}; with several machines, --out must be a folder they all see"
+        )
     return moments
 
 
 def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[UNet, int, str]:
     """Stage 2: the UNet on the latents; returns (its EMA weights, steps, stop reason)."""
-    cfg, device, folder = run.cfg, run.device, run.folder
+    cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
     unet = UNet(cfg.unet).to(device)
     st = diffusion_stage(
         unet, moments, run.conditioner, run.labels, vae.config.scaling_factor, cfg.diffusion,
-        cfg.unet_train, device,
+        cfg.unet_train, device, wrap=world.wrap,
     )  # fmt: skip
     st.preview = _diffusion_preview(run, vae)
-    mb = cfg.unet_train.micro_batch
-    y = run.conditioner.sampling_kwargs(torch.zeros(mb, dtype=torch.long), mb, 1.0, device)[0]
-    per_step = estimate_step_time(
-        unet,
-        lambda m: m(
-            torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device),
-            torch.randint(0, 1000, (mb,)).to(device), **y,
-        ).square().mean(),
-        device,
-    )  # fmt: skip
-    _announce("diffusion", unet, per_step, cfg.unet_train, len(run.images))
+    if world.is_main:
+        mb = local_micro_batch(cfg.unet_train, world.size)
+        y = run.conditioner.sampling_kwargs(torch.zeros(mb, dtype=torch.long), mb, 1.0, device)[0]
+        per_step = estimate_step_time(
+            unet,
+            lambda m: m(
+                torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device),
+                torch.randint(0, 1000, (mb,)).to(device), **y,
+            ).square().mean(),
+            device,
+        )  # fmt: skip
+        _announce("diffusion", unet, per_step, cfg.unet_train, len(run.images))
     budget = None
     if run.budget:  # what the autoencoder left, less a margin for the final grid
         budget = max(run.budget - (time.perf_counter() - run.t_start) - 20.0, 10.0)
@@ -255,9 +300,12 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[UNet, int,
         st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
         resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
         time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
+        world=world,
     )  # fmt: skip
     final = res.ema.model if res.ema is not None else unet
-    folder.save_unet(final)
+    with world.together():
+        if world.is_main:
+            folder.save_unet(final)
     return final, res.steps_done, res.stopped_because
 
 
@@ -265,10 +313,13 @@ def _finish(run: _Run, vae: Autoencoder, unet: UNet, steps: int, why: str) -> No
     """The final sample grid (unless stopped early) and the loss curves."""
     from ..evaluation.plots import plot_loss_curves
 
-    if why not in STOPPED_EARLY:
-        grid = _diffusion_preview(run, vae, per_row=8)(steps, unet.eval())
-        shutil.copyfile(grid, run.folder.final_grid_path)
-    plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
+    with run.world.together():
+        if not run.world.is_main:
+            return
+        if why not in STOPPED_EARLY:
+            grid = _diffusion_preview(run, vae, per_row=8)(steps, unet.eval())
+            shutil.copyfile(grid, run.folder.final_grid_path)
+        plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
 
 
 def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):

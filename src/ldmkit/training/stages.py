@@ -6,15 +6,18 @@ moments of the training images, with `ldmkit.diffusion.losses.training_loss`: th
 finds in the maths file is the one that runs.
 
 Every random draw of a loss comes from the micro-batch's per-sample generators
-(`step.MicroBatch`), so a sample's noise does not depend on how a batch is split.
+(`step.MicroBatch`), so a sample's noise is the same whether 1 or N processes train. A stage's
+loss calls its model through `wrap` (DistributedDataParallel with several processes,
+training/distributed.py), and the Stage keeps the unwrapped model for EMA and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.transforms import to_float
 from ..diffusion.losses import training_loss
@@ -26,6 +29,12 @@ from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
 from .step import MicroBatch, Stage
 
+Wrap = Callable[[nn.Module], nn.Module]  # World.wrap: DistributedDataParallel, or the identity
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module
+
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast of the forward pass (a no-op when disabled)."""
@@ -33,8 +42,9 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def autoencoder_stage(
-    vae: Autoencoder, images: Tensor, cfg: TrainConfig, device: torch.device
-) -> Stage:
+    vae: Autoencoder, images: Tensor, cfg: TrainConfig, device: torch.device,
+    wrap: Wrap = _unwrapped,
+) -> Stage:  # fmt: skip
     """Stage 1: train the autoencoder on uint8 images (N, C, H, W).
 
     With `vae.config.disc_weight > 0` a PatchGAN discriminator trains beside it from
@@ -45,13 +55,14 @@ def autoencoder_stage(
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
     disc = make_discriminator(vae.config)
     pending: list[tuple[int, Tensor, Tensor]] = []  # (step, x, reconstruction) for the disc
+    net = wrap(vae)
 
     def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         step = mb.step
         x = to_float(images[mb.indices]).to(device)
         noise = mb.randn(*vae.latent_shape(tuple(x.shape[-2:])))  # one posterior sample each
         with autocast(device, cfg.bf16):
-            recon, post = vae(x, noise=noise)  # reparameterised z
+            recon, post = net(x, noise=noise)  # reparameterised z
         value, parts = autoencoder_loss(
             x, recon.float(), post, vae.config, step=step, discriminator=disc,
             last_layer=vae.last_layer if disc is not None else None,
@@ -62,7 +73,7 @@ def autoencoder_stage(
         return value, parts
 
     if disc is None:
-        return Stage("autoencoder", vae, opt, loss)
+        return Stage("autoencoder", vae, opt, loss, wrapped=net)
 
     disc = disc.to(device)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=betas)
@@ -82,7 +93,7 @@ def autoencoder_stage(
 
     return Stage(
         "autoencoder", vae, opt, loss, after_update=discriminator_step,
-        extra_modules={"discriminator": disc}, extra_optimizers={"disc": disc_opt},
+        extra_modules={"discriminator": disc}, extra_optimizers={"disc": disc_opt}, wrapped=net,
     )  # fmt: skip
 
 
@@ -95,14 +106,16 @@ def diffusion_stage(
     diff: DiffusionConfig,
     cfg: TrainConfig,
     device: torch.device,
+    wrap: Wrap = _unwrapped,
 ) -> Stage:
     """Stage 2: train the UNet on latents drawn from cached posterior moments (N, 2*zc, h, w)."""
     schedule = diff.make_schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = wrap(unet)
 
     def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         with autocast(device, cfg.bf16):
-            return unet(x_t, t, **cond)
+            return net(x_t, t, **cond)
 
     def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         # each sample draws from its own generator: posterior noise, t, eps, condition dropout
@@ -120,7 +133,7 @@ def diffusion_stage(
         )  # fmt: skip
         return value, {}
 
-    return Stage("diffusion", unet, opt, loss)
+    return Stage("diffusion", unet, opt, loss, wrapped=net)
 
 
 @torch.no_grad()

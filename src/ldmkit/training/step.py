@@ -1,10 +1,9 @@
 """One optimizer step of any training stage: the one home of forward, backward, gradient
-accumulation, clipping, the non-finite check and the EMA update.
+accumulation, DistributedDataParallel's `no_sync`, clipping, the non-finite check and the EMA.
 
 A stage says only how to compute its loss on one micro-batch (`Stage.loss`); both stages (the
 autoencoder and the diffusion UNet) go through `optimizer_step`, so everything that must happen
-around a backward pass (a later DistributedDataParallel `no_sync` on all but the last
-micro-batch, for instance) is written once, here.
+around a backward pass is written once, here.
 
 A micro-batch (`MicroBatch`) carries its samples' randomness: the sample in place i of the
 global batch of step k draws everything random from its own generator, keyed by (stage, seed,
@@ -13,6 +12,7 @@ k, i), so a sample gets the same noise however many processes share the batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import losses
+from .distributed import World, no_sync
 from .ema import EMA
 
 
@@ -102,6 +103,9 @@ class Stage:
     model: nn.Module  # the trained module (EMA'd, saved as "model")
     optimizer: torch.optim.Optimizer  # the model's optimizer
     loss: LossFn
+    # the DistributedDataParallel wrapper that `loss` calls (training/distributed.py); None or
+    # the model itself in one process
+    wrapped: nn.Module | None = None
     # runs after every applied update, e.g. a discriminator's own step; returns float logs
     after_update: Callable[[int], dict[str, float]] | None = None
     # further modules and optimizers to checkpoint (e.g. the discriminator)
@@ -122,10 +126,16 @@ def optimizer_step(
     *,
     grad_clip: float,
     ema: EMA | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Accumulate the loss over the micro-batches, clip, and apply the update when it is finite.
 
-    Returns logs with "loss" (the mean over the micro-batches) and either "grad_norm" and the
+    With several processes each holds its share of every micro-batch; DistributedDataParallel
+    averages the gradients in the last micro-batch's backward (the others run under `no_sync`),
+    so every rank clips, checks and updates the same averaged gradient, and the losses logged are
+    averaged over the ranks too: the global batch's, as in one process.
+
+    Returns logs with "loss" (the mean over the global batch) and either "grad_norm" and the
     stage's own terms, or "skipped": True when a loss or gradient was not finite (then no weight
     changed, and the gradients are cleared).
     """
@@ -134,12 +144,17 @@ def optimizer_step(
     n = len(micro_batches)
     total = 0.0
     logs: dict[str, float] = {}
-    for mb in micro_batches:
-        loss, parts = stage.loss(mb)
-        (loss / n).backward()
+    for i, mb in enumerate(micro_batches):
+        # forward and backward of all but the last micro-batch only accumulate locally
+        with no_sync(stage.wrapped) if i < n - 1 else contextlib.nullcontext():
+            loss, parts = stage.loss(mb)
+            (loss / n).backward()
         total += float(loss.detach()) / n
         for k, v in parts.items():
             logs[k] = logs.get(k, 0.0) + v / n
+    if world is not None and world.size > 1:  # every rank then takes the same decisions
+        total, *values = world.mean([total, *logs.values()])
+        logs = dict(zip(logs, values))
     norm, finite = clip_and_check(list(stage.model.parameters()), grad_clip)
     if not finite or not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
