@@ -93,9 +93,12 @@ def train(
     stage: Literal["all", "vae", "unet"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    dist_backend: str = "auto",
 ) -> RunResult:
     """Train a run into `out` (see ldmkit.training.run.train_run). `stop` (a threading.Event)
-    ends it cleanly with a checkpoint; `progress` receives a `Progress` event per step."""
+    ends it cleanly with a checkpoint; `progress` receives a `Progress` event per step.
+    Launched by torchrun, every process calls this and they train together (`dist_backend`:
+    auto, gloo or nccl; ldmkit.training.distributed)."""
     from .training.run import train_run
 
     cfg = run_config(
@@ -103,7 +106,8 @@ def train(
         time_budget=time_budget, seed=seed, device=device, image_size=image_size,
     )  # fmt: skip
     check_writable(out)
-    return train_run(cfg, out, resume=resume, stage=stage, progress=progress, stop=stop)
+    return train_run(cfg, out, resume=resume, stage=stage, progress=progress, stop=stop,
+                     backend=dist_backend)  # fmt: skip
 
 
 def tqdm_progress() -> ProgressFn:

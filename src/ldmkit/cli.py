@@ -7,8 +7,10 @@ line `ldmkit: error: ...` with exit code 2; a traceback means a bug in ldmkit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out, data=args.data, time_budget=args.time_budget, seed=args.seed,
         image_size=args.image_size, device=args.device, config_file=args.config,
         sets=args.set or [], resume=args.resume is not None, stage=args.stage,
-        progress=None if args.quiet else api.tqdm_progress(),
+        progress=None if args.quiet else api.tqdm_progress(), dist_backend=args.dist_backend,
     )  # fmt: skip
     print(
         f"{res.stopped_because}: autoencoder {res.vae_steps} steps, diffusion {res.unet_steps} steps "
@@ -185,6 +187,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int)
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="under torchrun: the processes' backend (auto: nccl on CUDA, gloo on CPU)")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a trained run")
@@ -264,6 +268,19 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun starts this command once per process: only rank 0 prints (its errors name a
+    # failing rank's, training/distributed.py); the others still show an unexpected traceback
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        with (
+            open(os.devnull, "w") as null,
+            contextlib.redirect_stdout(null),
+            contextlib.redirect_stderr(null),
+        ):
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     from .runtime import tune_allocator

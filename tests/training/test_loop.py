@@ -22,9 +22,9 @@ def make_stage(seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(123)
 
-    def loss(idx, step):
-        noise = torch.randn(len(idx), 1, generator=gen) * 0.01
-        return ((model(DATA[idx]) - TARGET[idx] - noise) ** 2).mean(), {}
+    def loss(mb):
+        noise = torch.randn(len(mb), 1, generator=gen) * 0.01
+        return ((model(DATA[mb.indices]) - TARGET[mb.indices] - noise) ** 2).mean(), {}
 
     return Stage("toy", model, opt, loss, generators={"noise": gen})
 
@@ -100,10 +100,10 @@ def slow_stage(delay):
     inner = s.loss
     lrs = []
 
-    def loss(idx, step):
+    def loss(mb):
         time.sleep(delay / 2)  # two micro-batches a step
         lrs.append(s.optimizer.param_groups[0]["lr"])
-        return inner(idx, step)
+        return inner(mb)
 
     s.loss = loss
     return s, lrs
@@ -136,8 +136,8 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
 def test_nan_loss_stops_after_k_bad_steps(tmp_path):
     s = make_stage()
 
-    def bad(idx, step):
-        return s.model(DATA[idx]).sum() * float("nan"), {}
+    def bad(mb):
+        return s.model(DATA[mb.indices]).sum() * float("nan"), {}
 
     s.loss = bad
     before = [p.detach().clone() for p in s.model.parameters()]
@@ -147,10 +147,11 @@ def test_nan_loss_stops_after_k_bad_steps(tmp_path):
 
 
 def test_data_order_is_a_function_of_step():
-    o1, o2 = DataOrder(10, 3, seed=1), DataOrder(10, 3, seed=1)
-    seq = [o1.indices(k).tolist() for k in range(7)]
-    assert [o2.indices(k).tolist() for k in reversed(range(7))][::-1] == seq
-    assert sorted(sum(seq[:3], [])) == sorted(set(sum(seq[:3], [])))  # no repeats within an epoch
+    o1, o2 = DataOrder(10, 3, 1, seed=1, key="toy"), DataOrder(10, 3, 1, seed=1, key="toy")
+    seq = [o1.micro_batches(k)[0].indices.tolist() for k in range(7)]
+    assert [o2.micro_batches(k)[0].indices.tolist() for k in reversed(range(7))][::-1] == seq
+    stream = sum(seq, [])  # epochs laid end to end: each item once per epoch
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10))
 
 
 def test_lr_schedule():

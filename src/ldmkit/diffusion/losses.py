@@ -122,6 +122,8 @@ def training_loss(
     generator: torch.Generator | None = None,
     cond: dict | Callable[[], dict] | None = None,
     timesteps: Literal["uniform", "stratified"] = "uniform",
+    t: Tensor | None = None,
+    eps: Tensor | None = None,
 ) -> Tensor:
     """The loss ldmkit trains a diffusion network with: draw t and eps, noise x0, weight the MSE.
 
@@ -132,16 +134,22 @@ def training_loss(
     t and eps are drawn on the generator's device (the CPU by default), in that order, then
     moved to x0's device, so a seeded run draws the same numbers on any device. `cond` holds
     the network's condition kwargs, or a function returning them: it is called after t and eps
-    are drawn, so a condition dropout that draws from the same generator comes third.
+    are drawn, so a condition dropout that draws from the same generator comes third. A `t`
+    (long (B,)) or `eps` (x0's shape) that is given is used instead of a draw: the trainer draws
+    them per sample (`ldmkit.training.step.MicroBatch`), so that a sample's noise does not
+    depend on how a batch is split over processes.
 
     Returns:
         The scalar loss, float32 (the prediction is upcast, e.g. after bf16 autocast).
     """
     b = x0.shape[0]
-    t = sample_timesteps(b, schedule.num_timesteps, generator=generator, method=timesteps)
-    eps = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+    if t is None:
+        t = sample_timesteps(b, schedule.num_timesteps, generator=generator, method=timesteps)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=generator, device=t.device, dtype=x0.dtype)
+    check_same_shape(x0=x0, eps=eps)
     kwargs = cond() if callable(cond) else (cond or {})
-    t, eps = t.to(x0.device), eps.to(x0.device)
+    t, eps = t.to(x0.device), eps.to(device=x0.device, dtype=x0.dtype)
     x_t = add_noise(schedule, x0, eps, t)
     prediction = model(x_t, t, **kwargs).float()
     target = target_for(prediction_type, x0, eps, schedule, t)
@@ -159,13 +167,15 @@ def sample_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     method: Literal["uniform", "stratified"] = "uniform",
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Training steps t, long (batch,), on device.
 
     "uniform": i.i.d. uniform on [0, T) (Ho 2020 Alg. 1).
     "stratified": one shared uniform offset u, t_i = floor(T * ((u + i / batch) mod 1)), the
         low-discrepancy sampler of Kingma et al. 2021 (VDM): same marginal, less
-        variance in the batch loss.
+        variance in the batch loss. `positions` (long (b,)) returns only the t_i of those places
+        i of the batch (one process's share of it; same generator state, same u).
     """
     if batch < 1 or num_timesteps < 1:
         raise ValueError(f"batch and num_timesteps must be >= 1, got {batch} and {num_timesteps}")
@@ -174,7 +184,8 @@ def sample_timesteps(
         t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=gen_device)
     elif method == "stratified":
         u = torch.rand((), generator=generator, device=gen_device, dtype=torch.float64)
-        grid = torch.arange(batch, device=gen_device, dtype=torch.float64) / batch
+        i = torch.arange(batch) if positions is None else positions
+        grid = i.to(device=gen_device, dtype=torch.float64) / batch
         t = (((u + grid) % 1.0) * num_timesteps).long().clamp(max=num_timesteps - 1)
     else:
         raise ValueError(f"unknown method {method!r}; use 'uniform' or 'stratified'")

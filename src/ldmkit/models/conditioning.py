@@ -149,11 +149,12 @@ class TextConditioner:
     def training_kwargs(
         self, ids: Tensor | None, generator: torch.Generator, device: torch.device
     ) -> Cond:
-        """Captions' ids (B, L) with a `dropout` share replaced by "" (drawn from `generator`)."""
+        """{"text_ids": the captions' ids (B, L) with a `dropout` share replaced by ""} (drawn
+        from `generator`), for the trained module that encodes them (training.stages.TextUNet)."""
         assert ids is not None, "a text-conditional model needs captions to train on"
         drop = torch.rand(len(ids), generator=generator) < self.dropout
         ids = torch.where(drop[:, None], self.null_ids.expand_as(ids), ids)
-        return self.encode(ids, device)
+        return {"text_ids": ids.to(device)}
 
     # ------------------------------------------------------------------ sampling
     def check(self, prompts: str | Sequence[str] | None, n: int) -> list[str] | None:

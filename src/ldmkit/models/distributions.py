@@ -70,8 +70,19 @@ class DiagonalGaussian:
     def _sum_per_sample(self, x: Tensor) -> Tensor:
         return x.sum(dim=tuple(range(1, x.ndim)))  # (B,)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014)."""
+    def sample(
+        self, generator: torch.Generator | None = None, *, noise: Tensor | None = None
+    ) -> Tensor:
+        """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014).
+
+        `noise`, when given, is that eps (the trainer draws it per sample) instead of a draw.
+        """
+        if noise is not None:
+            if noise.shape != self.mean.shape:
+                raise ValueError(
+                    f"noise has shape {tuple(noise.shape)}, the posterior {tuple(self.mean.shape)}"
+                )
+            return self.mean + self.std * noise.to(self.mean.device)
         # eps is drawn on the generator's device (a seeded CPU generator gives the same z on any
         # device) and in at least float32 (a bf16 mean under autocast still gets float32 noise)
         device = generator.device if generator is not None else self.mean.device

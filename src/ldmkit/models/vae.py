@@ -415,10 +415,14 @@ class Autoencoder(nn.Module):
         x: Tensor,
         sample_posterior: bool = True,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct x through a posterior sample (or its mode); returns (recon, posterior)."""
+        """Reconstruct x through a posterior sample (or its mode); returns (recon, posterior).
+
+        The sample's noise is drawn from `generator`, or is `noise` (latent-shaped) when given.
+        """
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise=noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     @property

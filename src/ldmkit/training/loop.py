@@ -6,12 +6,20 @@ loss. Everything that must be identical between an uninterrupted run and a kille
 one lives here:
 
 1. data order is a pure function of (seed, step): epoch e is `randperm(N)` from a generator
-   seeded with (seed, e), so resuming at step s needs no saved data position beyond s;
-2. every other random draw comes from the stage's generators or torch's global RNG, whose
-   states are saved in each checkpoint;
+   seeded with (seed, e), and global step k takes places [kB, (k+1)B) of the epochs laid end
+   to end (B the global batch), so resuming at step s needs no saved data position beyond s;
+2. each sample's random draws come from a generator keyed by (stage, seed, step, place in the
+   global batch) (`step.MicroBatch`); any other draw comes from the stage's generators or
+   torch's global RNG, whose states are saved in each checkpoint;
 3. the learning rate is a pure function of the step (`TrainConfig.lr_multiplier`).
 So a run of 2N steps and a run of N steps, killed, then resumed for N more end bit-identical
 (on the CPU, with the same thread count).
+
+With several processes (training/distributed.py) all of this is defined per global batch:
+rank r takes its share of each micro-batch of the global batch, the step, the data position
+and the randomness keys are global, and a run saved with N processes resumes with any other
+number. Only rank 0 writes checkpoints, logs and previews, inside `World.together()` blocks;
+stopping, the time budget and its plan are decided for all ranks once a step (`World.agree`).
 
 A training stops early, with a checkpoint, on SIGINT/SIGTERM or when its `stop` request is set
 (a `threading.Event` or any callable returning True: a web page's stop button, a notebook).
@@ -36,15 +44,17 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError
 from ..recipe import TrainConfig
 from ..runs import RunFolder
+from .distributed import World, local_micro_batch
 from .ema import EMA
 from .state import (
+    checkpoint_dir,
     clean_stray_temporaries,
     list_checkpoints,
     load_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
 )
-from .step import Stage, optimizer_step
+from .step import MicroBatch, Stage, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +92,51 @@ class StageResult:
 
 
 class DataOrder:
-    """Micro-batch k of a run is a pure function of (seed, k): epochs are seeded permutations."""
+    """The data items of each global step: a pure function of (seed, step), whatever the number
+    of processes.
 
-    def __init__(self, num_items: int, micro_batch: int, seed: int) -> None:
+    The epochs, each a permutation seeded by (seed, epoch), are laid end to end; global step k
+    takes the B items at places [kB, (k+1)B) (B the global batch size; a batch may straddle two
+    epochs, so every item is seen once per epoch). Micro-batch m of that batch is its m-th
+    B / grad_accum items, and rank r takes the r-th of the `size` equal shares of each.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, grad_accum: int, seed: int,
+                 key: str) -> None:  # fmt: skip
         if num_items < 1:
             raise ValueError("the data set is empty")
-        self.n = num_items
-        self.b = min(micro_batch, num_items)
-        self.per_epoch = num_items // self.b
+        self.n, self.batch_size, self.grad_accum = num_items, batch_size, grad_accum
         self.seed = seed
-        self._epoch = -1
-        self._perm: Tensor | None = None
+        self.key = key  # keys the samples' generators (MicroBatch)
+        self._perms: dict[int, Tensor] = {}
 
-    def indices(self, k: int) -> Tensor:
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g)
-            self._epoch = epoch
-        assert self._perm is not None
-        return self._perm[pos * self.b : (pos + 1) * self.b]
+            self._perms = {e: p for e, p in self._perms.items() if abs(e - epoch) <= 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int, slots: Tensor) -> Tensor:
+        """The data items at places `slots` (long) of global step `step`'s batch."""
+        places = step * self.batch_size + slots  # in the stream of epochs
+        epochs, offsets = places // self.n, places % self.n
+        out = torch.empty_like(places)
+        for e in epochs.unique().tolist():
+            out[epochs == e] = self._perm(e)[offsets[epochs == e]]
+        return out
+
+    def micro_batches(self, step: int, rank: int = 0, size: int = 1) -> list[MicroBatch]:
+        """Process `rank`'s share (of `size`) of each micro-batch of global step `step`."""
+        per_micro = self.batch_size // self.grad_accum
+        b = per_micro // size
+        out = []
+        for m in range(self.grad_accum):
+            slots = torch.arange(b) + m * per_micro + rank * b
+            out.append(
+                MicroBatch(self.indices(step, slots), slots, step, self.batch_size, self.key)
+            )
+        return out
 
 
 class StopFlag:
@@ -129,13 +164,14 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def requested(self) -> bool:
+        req = self.request
+        return req is not None and bool(req.is_set() if isinstance(req, threading.Event) else req())
+
     def reason(self) -> str | None:
         if self.signal is not None:
             return "signal"
-        req = self.request
-        if req is not None and (req.is_set() if isinstance(req, threading.Event) else req()):
-            return "stop request"
-        return None
+        return "stop request" if self.requested() else None
 
 
 class RunLog:
@@ -257,43 +293,57 @@ def train_stage(
     run_log: RunLog | None = None,
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    world: World | None = None,
 ) -> StageResult:
-    """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints."""
-    folder.path.mkdir(parents=True, exist_ok=True)
-    clean_stray_temporaries(folder.path)
+    """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints.
+
+    With several processes (`world`) every rank calls this at once; rank 0 alone writes, logs
+    and reports progress.
+    """
+    world = world or World(torch.device("cpu"))
+    local_micro_batch(cfg, world.size, stage.name)  # a batch that does not split: one error
+    if world.is_main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        clean_stray_temporaries(folder.path)
     run_log = run_log or RunLog(folder, tensorboard=False)
     ema = EMA(stage.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, nn.Module] = {"model": stage.model, **stage.extra_modules}
     if ema is not None:
         modules["ema"] = ema.model
-    order = DataOrder(num_items, cfg.micro_batch, seed)
-    step, planned, last_ckpt = _resume(stage, folder, modules, ema) if resume else (0, None, None)
+    order = DataOrder(num_items, cfg.batch_size, cfg.grad_accum, seed, key=f"{stage.name}/{seed}")
+    step, planned, saved = 0, None, None  # saved: the step of the newest checkpoint
+    if resume:
+        with world.together():  # every rank reads the same checkpoint
+            step, planned, saved = _resume(stage, folder, modules, ema)
 
     start = time.perf_counter()
     plan = BudgetPlan(stage.name, cfg, start + time_budget_s if time_budget_s else None, step,
                       planned)  # fmt: skip
 
-    def checkpoint(metric: float) -> Path:
+    def checkpoint(metric: float) -> int:
         state = {"ema_updates": ema.num_updates if ema else 0, "metric": metric,
-                 "planned_steps": plan.planned}  # fmt: skip
-        path = save_checkpoint(
-            folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
-            generators=stage.generators, state=state,
-        )  # fmt: skip
-        rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
-        return path
+                 "planned_steps": plan.planned, "batch_size": cfg.batch_size,
+                 "processes": world.size}  # fmt: skip
+        with world.together():  # rank 0 writes; the others wait, and stop too if it fails
+            if world.is_main:
+                save_checkpoint(
+                    folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
+                    generators=stage.generators, state=state,
+                )  # fmt: skip
+                rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
+        return step
 
     stopped, last_loss, bad_streak, meter = "finished", float("nan"), 0, _Meter()
     with StopFlag(stop) as flag:
         while step < plan.total:
-            plan.observe(step)
             mult = cfg.lr_multiplier(step, plan.planned)
             for opt in stage.optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = group.setdefault("base_lr", cfg.lr) * mult
-            micro = [order.indices(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-            logs = optimizer_step(stage, micro, step, grad_clip=cfg.grad_clip, ema=ema)
+            micro = order.micro_batches(step, world.rank, world.size)
+            logs = optimizer_step(stage, micro, grad_clip=cfg.grad_clip, ema=ema, world=world)
             step += 1  # a skipped step is consumed too (data and RNG moved on)
+            # the loss and gradients are averaged over the ranks: each takes the same branch
             if logs.get("skipped"):
                 bad_streak += 1
                 log.warning("step %d: non-finite loss or gradient (%s); update skipped", step, logs["loss"])  # fmt: skip
@@ -305,47 +355,65 @@ def train_stage(
                         bad_streak, stage.name,
                     )  # fmt: skip
                     break
-                continue
-            bad_streak, last_loss = 0, float(logs["loss"])
-            meter.add(last_loss, sum(len(m) for m in micro))
-            event = Progress(stage.name, step, plan.total)
-            if step % cfg.log_every == 0 or step == plan.total:
-                event.loss, event.images_per_s = meter.read()
-                run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
-                               "images_per_s": event.images_per_s,
-                               **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
-            if progress is not None:
-                progress(event)
-            if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
-                grid = stage.preview(step, ema.model if ema else stage.model)
-                if grid is not None:
-                    run_log.add_image(f"{stage.name}/samples", grid, step)
-            if step % cfg.checkpoint_every == 0 and step < plan.total:
-                last_ckpt = checkpoint(last_loss)
-            if (why := flag.reason()) is not None:
-                stopped = why
-                what = signal.Signals(flag.signal).name if flag.signal else "a stop request"
+            else:
+                bad_streak, last_loss = 0, float(logs["loss"])
+                meter.add(last_loss, sum(len(m) for m in micro) * world.size)
+                event = Progress(stage.name, step, plan.total)
+                if world.is_main and (step % cfg.log_every == 0 or step == plan.total):
+                    event.loss, event.images_per_s = meter.read()
+                    run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
+                                   "images_per_s": event.images_per_s,
+                                   **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
+                if world.is_main and progress is not None:
+                    progress(event)
+                if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
+                    with world.together():  # rank 0 draws with the unwrapped model: no collective
+                        if world.is_main:
+                            grid = stage.preview(step, ema.model if ema else stage.model)
+                            if grid is not None:
+                                run_log.add_image(f"{stage.name}/samples", grid, step)
+                if step % cfg.checkpoint_every == 0 and step < plan.total:
+                    saved = checkpoint(last_loss)
+            # what ends the stage is decided once for every rank: a signal or a stop request that
+            # reached any of them, rank 0's deadline and rank 0's plan (the others pass -1)
+            late, mine = False, -1
+            if world.is_main:
+                plan.observe(step)  # (before step `step`)
+                late = plan.deadline is not None and time.perf_counter() >= plan.deadline
+                mine = plan.planned or -1
+            signum, requested, late, planned = world.agree(
+                [flag.signal or 0, flag.requested(), late, mine]
+            )
+            plan.planned = planned if planned > 0 else None
+            if signum or requested:
+                stopped = "signal" if signum else "stop request"
+                what = signal.Signals(signum).name if signum else "a stop request"
                 log.warning(
                     "%s received: saving a checkpoint of %s at step %d and stopping; continue "
                     "with --resume", what, stage.name, step,
                 )  # fmt: skip
                 break
-            if plan.deadline is not None and time.perf_counter() >= plan.deadline:
+            if late:
                 stopped = "time budget"
                 break
-    if progress is not None:
+    if world.is_main and progress is not None:
         progress(Progress(stage.name, step, plan.total, done=True))
     if stopped == "finished" and plan.planned is not None and plan.planned < cfg.steps:
         stopped = "time budget"  # the planned steps ran out with it
-    if stopped != "bad loss" and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
-        last_ckpt = checkpoint(last_loss)
-    return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, last_ckpt)
+    if stopped != "bad loss" and saved != step:
+        saved = checkpoint(last_loss)
+    path = checkpoint_dir(folder.path, stage.name, saved) if saved is not None else None
+    return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, path)
 
 
 def _resume(
     stage: Stage, folder: RunFolder, modules: dict[str, nn.Module], ema: EMA | None
-) -> tuple[int, int | None, Path | None]:
-    """Restore the newest checkpoint of the stage: (step, planned steps, its path)."""
+) -> tuple[int, int | None, int | None]:
+    """Restore the newest checkpoint of the stage: (step, planned steps, its step or None).
+
+    A checkpoint saved by N processes resumes with any number: everything it holds is global
+    (the step, the unwrapped weights, the optimizer state, the plan).
+    """
     ckpts = list_checkpoints(folder.path, stage.name)
     if not ckpts:
         return 0, None, None
@@ -362,5 +430,5 @@ def _resume(
     if ema is not None:
         ema.num_updates = int(state.get("ema_updates", step))
     log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
-    # the path is returned so that a stage resumed at its end does not re-save it
-    return step, state.get("planned_steps"), ckpts[-1].path
+    # the step is returned so that a stage resumed at its end does not re-save it
+    return step, state.get("planned_steps"), step

@@ -6,10 +6,15 @@ those latents -> save the final weights, grid and loss curve. Stage 1 (reconstru
 stage 2 (the diffusion loss on latents drawn from the cached posterior moments; Rombach et al.
 2022) are defined in `stages.py`; the loop both run through is `loop.py`. The run folder's
 layout is `ldmkit.runs.RunFolder`'s.
+
+Under torchrun every process runs this same story (training/distributed.py): rank 0 settles the
+config and writes every file, inside `World.together()` blocks that the other ranks wait at,
+and the others read what it wrote (run.json, the tokenizer, the autoencoder, the latent cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -30,12 +35,13 @@ from ..models.unet import UNet
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
 from ..runs import DataInfo, RunFolder
-from ..runtime import resolve_device
 
 if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
+from . import distributed
+from .distributed import World, local_micro_batch
 from .loop import ProgressFn, RunLog, StopRequest, train_stage
-from .stages import autoencoder_stage, diffusion_stage, encode_moments, split_model
+from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,7 @@ class _Run:
     run_log: RunLog
     progress: ProgressFn | None
     stop: StopRequest | None
+    world: World  # this process among the training's processes (one by default)
 
     def result(self, vae_steps: int, unet_steps: int, why: str) -> RunResult:
         return RunResult(
@@ -87,8 +94,10 @@ def train_run(
     stage: Literal["all", "vae", "unet"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    backend: str = "auto",
 ) -> RunResult:
-    """Train both stages into `out_dir` (layout: ldmkit.runs).
+    """Train both stages into `out_dir` (layout: ldmkit.runs), in this process or, launched by
+    torchrun, in all of its processes together (training/distributed.py).
 
     Args:
         resume: continue from the newest checkpoints, with the run's saved config (only the
@@ -97,22 +106,34 @@ def train_run(
         progress: called with a `loop.Progress` after every step (the CLI draws a tqdm bar).
         stop: a threading.Event (or a callable) that, once set, stops the training cleanly with
             a checkpoint, as SIGINT does.
+        backend: under torchrun, the process group's: "auto" (nccl on CUDA, gloo on the CPU),
+            "gloo" or "nccl".
     """
     folder = RunFolder(out_dir)
-    _check_can_start(folder, resume)
-    folder.path.mkdir(parents=True, exist_ok=True)
-    with RunLock(folder.path):
-        run = _prepare(folder, cfg, resume, progress, stop)
-        try:
-            vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
-            if why in STOPPED_EARLY or stage == "vae":
-                return run.result(vae_steps, 0, why)
-            moments = _latents(run, vae)
-            model, unet_steps, why = _diffusion(run, vae, moments)
-            _finish(run, vae, model, unet_steps, why)
-        finally:
-            run.run_log.close()
-        return run.result(vae_steps, unet_steps, why)
+    world = distributed.start(cfg, backend)  # one process, or this one among torchrun's N
+    try:
+        with contextlib.ExitStack() as lock:
+
+            def prepare() -> _Run:
+                if world.is_main:  # the others read the run.json that rank 0 writes
+                    _check_can_start(folder, resume)
+                    folder.path.mkdir(parents=True, exist_ok=True)
+                    lock.enter_context(RunLock(folder.path))
+                return _prepare(folder, cfg, resume, progress, stop, world)
+
+            run = world.main_first(prepare)
+            try:
+                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
+                if why in STOPPED_EARLY or stage == "vae":
+                    return run.result(vae_steps, 0, why)
+                moments = _latents(run, vae)
+                model, unet_steps, why = _diffusion(run, vae, moments)
+                _finish(run, vae, model, unet_steps, why)
+            finally:
+                run.run_log.close()
+            return run.result(vae_steps, unet_steps, why)
+    finally:
+        world.close()
 
 
 def _check_can_start(folder: RunFolder, resume: bool) -> None:
@@ -129,22 +150,25 @@ def _check_can_start(folder: RunFolder, resume: bool) -> None:
 
 def _prepare(
     folder: RunFolder, cfg: RunConfig, resume: bool, progress: ProgressFn | None,
-    stop: StopRequest | None,
+    stop: StopRequest | None, world: World,
 ) -> _Run:  # fmt: skip
-    """Settle the config, load the data, write run.json and data.json."""
+    """Settle the config, load the data, write run.json and data.json (rank 0; the other ranks
+    take the config from the run.json it wrote, so every process trains the same one)."""
     from ..data import load_dataset
 
     t_start = time.perf_counter()
     resumed = resume and folder.exists()
-    if not resume and folder.exists():  # checked under the lock: see RunLock
+    if not world.is_main:
+        cfg, resumed = folder.config(), True
+    elif not resume and folder.exists():  # checked under the lock: see RunLock
         raise ConfigError(
             f"{folder.path} already holds a run; pass --resume to continue it, or choose another --out folder"
         )
-    if resumed:  # the data and models are the saved ones; training settings (steps, ...) may change
+    elif resumed:  # the saved data and models; training settings (steps, ...) may change
         cfg = dataclasses.replace(
             folder.config(), **{k: getattr(cfg, k) for k in CHANGEABLE_ON_RESUME}
         )
-    device = resolve_device(cfg.device)
+    device = world.device
     cfg = _check_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
@@ -158,14 +182,15 @@ def _prepare(
             f"trained with {cfg.unet.num_classes or 'no'}; resume with the same data, or train "
             "into a new --out folder"
         )
-    folder.write_config(cfg)
-    folder.write_data_info(DataInfo(
-        spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
-        image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
-        fingerprint=ds.fingerprint(),
-    ))  # fmt: skip
+    if world.is_main:
+        folder.write_config(cfg)
+        folder.write_data_info(DataInfo(
+            spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
+            image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
+            fingerprint=ds.fingerprint(),
+        ))  # fmt: skip
     _sanity_check(ds.images, cfg)
-    if len(ds.images) < 1000:
+    if world.is_main and len(ds.images) < 1000:
         log.warning(
             "only %d training images: the model will likely memorise them; "
             "use `ldmkit eval` to check for near-copies", len(ds.images),
@@ -179,7 +204,7 @@ def _prepare(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
-        RunLog(folder), progress, stop,
+        RunLog(folder, tensorboard=world.is_main), progress, stop, world,
     )  # fmt: skip
 
 
@@ -224,56 +249,78 @@ def _prepare_text(
 
 def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     """Stage 1, unless the autoencoder is saved already: (the saved VAE, steps, stop reason)."""
-    cfg, images, device, folder = run.cfg, run.images, run.device, run.folder
+    cfg, images, device, folder, world = run.cfg, run.images, run.device, run.folder, run.world
     torch.manual_seed(cfg.seed)  # each model's init depends on the seed alone (exact resume)
     vae = Autoencoder(cfg.vae).to(device)
     if not train or folder.has_model("vae"):
         return folder.load_vae(device).eval(), 0, "finished"
-    st = autoencoder_stage(vae, images, cfg.vae_train, device)
+    if world.size > 1 and cfg.vae.disc_weight > 0:
+        raise ConfigError(
+            "vae.disc_weight > 0: the PatchGAN discriminator (BatchNorm, adaptive weight) trains "
+            "in one process only; train the autoencoder without torchrun (--stage vae), then "
+            "resume the run with torchrun"
+        )
+    st = autoencoder_stage(vae, images, cfg.vae_train, device, wrap=world.wrap)
     _vae_round_trip_check(vae, images, device)
     st.preview = lambda step, model: _save_reconstructions(
         model, images, folder.preview_path(step, prefix="vae-"), device
     )
-    mb = cfg.vae_train.micro_batch
-    per_step = estimate_step_time(
-        vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
-    )
-    _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
+    if world.is_main:
+        mb = local_micro_batch(cfg.vae_train, world.size)
+        per_step = estimate_step_time(
+            vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
+        )
+        _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
     res = train_stage(
         st, cfg.vae_train, folder=folder, num_items=len(images), seed=cfg.seed,
         resume=run.resume, time_budget_s=run.budget * cfg.budget_split if run.budget else None,
-        run_log=run.run_log, progress=run.progress, stop=run.stop,
+        run_log=run.run_log, progress=run.progress, stop=run.stop, world=world,
     )  # fmt: skip
     if res.stopped_because in STOPPED_EARLY:
         return vae, res.steps_done, res.stopped_because
-    final = (res.ema.model if res.ema is not None else vae).eval()
-    scale = measure_scaling_factor(final, _batches(images, device))
-    final.config = dataclasses.replace(final.config, scaling_factor=scale)
-    folder.save_vae(final)
-    log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)
-    _save_reconstructions(final, images, folder.reconstructions_path, device)
+    with world.together():  # rank 0 measures the scaling factor and saves; every rank loads that
+        if world.is_main:
+            final = (res.ema.model if res.ema is not None else vae).eval()
+            # posterior samples from a seeded generator: the factor must not depend on what
+            # drew from the global RNG before (a step-time probe of N-dependent size)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            scale = measure_scaling_factor(final, _batches(images, device), generator=gen)
+            final.config = dataclasses.replace(final.config, scaling_factor=scale)
+            folder.save_vae(final)
+            log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)  # fmt: skip
+            _save_reconstructions(final, images, folder.reconstructions_path, device)
     return folder.load_vae(device).eval(), res.steps_done, res.stopped_because
 
 
 def _latents(run: _Run, vae: Autoencoder) -> Tensor:
     """Posterior moments of the training images: encoded once, cached in the run folder."""
     vae_id = run.folder.vae_identity(len(run.images))
-    moments = run.folder.cached_moments(vae_id)
+    moments = None
+    with run.world.together():  # rank 0 encodes and caches them; the other ranks read the cache
+        if run.world.is_main:
+            moments = run.folder.cached_moments(vae_id)
+            if moments is None:
+                t0 = time.perf_counter()
+                moments = encode_moments(vae, run.images, run.device)
+                run.folder.save_moments(moments, vae_id)
+                log.info(
+                    "encoded %d images into latents %s in %.1f s",
+                    len(run.images), tuple(moments.shape[1:]), time.perf_counter() - t0,
+                )  # fmt: skip
     if moments is None:
-        t0 = time.perf_counter()
-        moments = encode_moments(vae, run.images, run.device)
-        run.folder.save_moments(moments, vae_id)
-        log.info(
-            "encoded %d images into latents %s in %.1f s",
-            len(run.images), tuple(moments.shape[1:]), time.perf_counter() - t0,
-        )  # fmt: skip
+        moments = run.folder.cached_moments(vae_id)
+    if moments is None:
+        raise CheckpointError(
+            f"rank {run.world.rank} cannot read the latent cache that rank 0 wrote in "
+            f"{run.folder.path}; with several machines, --out must be a folder they all see"
+        )
     return moments
 
 
 def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
     """Stage 2: the UNet (and a text encoder) on the latents; returns (the EMA weights, steps,
     stop reason). A text-conditional run trains `{"unet", "text_encoder"}` as one module."""
-    cfg, device, folder = run.cfg, run.device, run.folder
+    cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
     unet = UNet(cfg.unet).to(device)
@@ -285,17 +332,17 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
             layers=t.layers, heads=t.heads,
         )).to(device)  # fmt: skip
         unet.null_context.requires_grad_(False)  # the null condition is the encoder's ""
-        model = nn.ModuleDict({"unet": unet, "text_encoder": encoder})
+        model = TextUNet(unet, encoder)
         conditioner = TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
     else:
         num_classes = len(run.class_names) if run.class_names else None
         conditioner = ClassConditioner(num_classes, dropout=cfg.diffusion.class_dropout)
     st = diffusion_stage(
         model, moments, conditioner, run.cond_data, vae.config.scaling_factor, cfg.diffusion,
-        cfg.unet_train, device,
+        cfg.unet_train, device, wrap=world.wrap,
     )  # fmt: skip
     st.preview = _diffusion_preview(run, vae)
-    mb = cfg.unet_train.micro_batch
+    mb = local_micro_batch(cfg.unet_train, world.size)
 
     def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
         x = torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device)
@@ -308,8 +355,9 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
             cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
         return unet_copy(x, t, **cond).square().mean()
 
-    per_step = estimate_step_time(model, probe, device)
-    _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
+    if world.is_main:
+        per_step = estimate_step_time(model, probe, device)
+        _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
     budget = None
     if run.budget:  # what the autoencoder left, less a margin for the final grid
         budget = max(run.budget - (time.perf_counter() - run.t_start) - 20.0, 10.0)
@@ -317,13 +365,15 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
         resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
         time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
+        world=world,
     )  # fmt: skip
     final = res.ema.model if res.ema is not None else model
-    if isinstance(final, nn.ModuleDict):
-        folder.save_text_encoder(final["text_encoder"])
-        folder.save_unet(final["unet"])
-    else:
-        folder.save_unet(final)
+    unet_final, encoder_final = split_model(final)
+    with world.together():
+        if world.is_main:
+            if encoder_final is not None:
+                folder.save_text_encoder(encoder_final)
+            folder.save_unet(unet_final)
     return final, res.steps_done, res.stopped_because
 
 
@@ -331,10 +381,13 @@ def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str)
     """The final sample grid (unless stopped early) and the loss curves."""
     from ..evaluation.plots import plot_loss_curves
 
-    if why not in STOPPED_EARLY:
-        grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
-        shutil.copyfile(grid, run.folder.final_grid_path)
-    plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
+    with run.world.together():
+        if not run.world.is_main:
+            return
+        if why not in STOPPED_EARLY:
+            grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
+            shutil.copyfile(grid, run.folder.final_grid_path)
+        plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
 
 
 def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
@@ -352,9 +405,10 @@ def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
     def preview(step: int, model: torch.nn.Module) -> Path:
         was_training = model.training
         model.eval()
-        if isinstance(model, nn.ModuleDict):
+        unet, encoder = split_model(model)
+        if encoder is not None:
             ldm = LatentDiffusion(
-                vae, model["unet"], schedule, text_encoder=model["text_encoder"],
+                vae, unet, schedule, text_encoder=encoder,
                 tokenizer=run.tokenizer, device=run.device, guidance_scale=cfg.guidance_scale,
             )  # fmt: skip
             images, nrow, row_labels = ldm.prompt_grid(
@@ -362,7 +416,7 @@ def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
             )
         else:
             ldm = LatentDiffusion(
-                vae, model, schedule, class_names=run.class_names, device=run.device,
+                vae, unet, schedule, class_names=run.class_names, device=run.device,
                 guidance_scale=cfg.guidance_scale,
             )  # fmt: skip
             n = n_classes * per_row if n_classes else per_row * per_row

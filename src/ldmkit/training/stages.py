@@ -4,11 +4,17 @@ Stage 1 trains the autoencoder (reconstruction + KL, optionally a PatchGAN; Esse
 Rombach et al. 2022). Stage 2 trains the UNet on latents drawn from the cached posterior
 moments of the training images, with `ldmkit.diffusion.losses.training_loss`: the loss a reader
 finds in the maths file is the one that runs.
+
+Every random draw of a loss comes from the micro-batch's per-sample generators
+(`step.MicroBatch`), so a sample's noise is the same whether 1 or N processes train. A stage's
+loss calls its model through `wrap` (DistributedDataParallel with several processes,
+training/distributed.py), and the Stage keeps the unwrapped model for EMA and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -18,14 +24,17 @@ from ..diffusion.losses import training_loss
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
-from ..models.text import TextEncoder
+from ..models.text import PAD_ID, TextEncoder
 from ..models.unet import UNet
 from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
-from .step import Stage
+from .step import MicroBatch, Stage
 
-# seeds of the stages' own generators (the autoencoder's noise, the diffusion draws)
-AUTOENCODER_SEED, DIFFUSION_SEED = 1, 2
+Wrap = Callable[[nn.Module], nn.Module]  # World.wrap: DistributedDataParallel, or the identity
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -34,8 +43,9 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def autoencoder_stage(
-    vae: Autoencoder, images: Tensor, cfg: TrainConfig, device: torch.device
-) -> Stage:
+    vae: Autoencoder, images: Tensor, cfg: TrainConfig, device: torch.device,
+    wrap: Wrap = _unwrapped,
+) -> Stage:  # fmt: skip
     """Stage 1: train the autoencoder on uint8 images (N, C, H, W).
 
     With `vae.config.disc_weight > 0` a PatchGAN discriminator trains beside it from
@@ -44,15 +54,16 @@ def autoencoder_stage(
     # GAN-style betas only when a discriminator trains beside it (Esser et al. 2021)
     betas = (0.5, 0.9) if vae.config.disc_weight > 0 else (0.9, 0.999)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
-    gen = torch.Generator().manual_seed(AUTOENCODER_SEED)
     disc = make_discriminator(vae.config)
     pending: list[tuple[int, Tensor, Tensor]] = []  # (step, x, reconstruction) for the disc
+    net = wrap(vae)
 
-    def loss(idx: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        x = to_float(images[idx]).to(device)
+    def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        step = mb.step
+        x = to_float(images[mb.indices]).to(device)
+        noise = mb.randn(*vae.latent_shape(tuple(x.shape[-2:])))  # one posterior sample each
         with autocast(device, cfg.bf16):
-            post = vae.encode(x)
-            recon = vae.decode(post.sample(gen))  # reparameterised z
+            recon, post = net(x, noise=noise)  # reparameterised z
         value, parts = autoencoder_loss(
             x, recon.float(), post, vae.config, step=step, discriminator=disc,
             last_layer=vae.last_layer if disc is not None else None,
@@ -63,7 +74,7 @@ def autoencoder_stage(
         return value, parts
 
     if disc is None:
-        return Stage("autoencoder", vae, opt, loss, generators={"noise": gen})
+        return Stage("autoencoder", vae, opt, loss, wrapped=net)
 
     disc = disc.to(device)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=betas)
@@ -83,16 +94,31 @@ def autoencoder_stage(
 
     return Stage(
         "autoencoder", vae, opt, loss, after_update=discriminator_step,
-        extra_modules={"discriminator": disc}, extra_optimizers={"disc": disc_opt},
-        generators={"noise": gen},
+        extra_modules={"discriminator": disc}, extra_optimizers={"disc": disc_opt}, wrapped=net,
     )  # fmt: skip
 
 
-def split_model(model: nn.Module) -> tuple[UNet, TextEncoder | None]:
-    """The UNet and text encoder of a diffusion stage's model (a UNet, or a text run's
-    ModuleDict {"unet", "text_encoder"})."""
-    if isinstance(model, nn.ModuleDict):
-        return model["unet"], model["text_encoder"]
+class TextUNet(nn.Module):
+    """What a text-conditional run trains: the text encoder and the UNet as one module, so that
+    one optimizer, one EMA and (under torchrun) one DistributedDataParallel cover both.
+
+    forward(x_t, t, text_ids=(B, L)) encodes the token ids (padding masked out) and runs the UNet
+    on them; its state_dict keys are "unet.*" and "text_encoder.*".
+    """
+
+    def __init__(self, unet: UNet, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t: Tensor, t: Tensor, *, text_ids: Tensor) -> Tensor:
+        mask = text_ids != PAD_ID
+        return self.unet(x_t, t, context=self.text_encoder(text_ids, mask), context_mask=mask)
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, TextEncoder | None]:
+    """The UNet and text encoder of a diffusion stage's model (a UNet, or a `TextUNet`)."""
+    if isinstance(model, TextUNet):
+        return model.unet, model.text_encoder
     return model, None
 
 
@@ -105,33 +131,38 @@ def diffusion_stage(
     diff: DiffusionConfig,
     cfg: TrainConfig,
     device: torch.device,
+    wrap: Wrap = _unwrapped,
 ) -> Stage:
-    """Stage 2: train the UNet (and a text encoder) on latents drawn from cached posterior
-    moments (N, 2*zc, h, w). `cond_data` holds each image's condition: class labels (N,) or
-    caption token ids (N, L); the conditioner turns a batch of it into the UNet's kwargs, with
-    dropout to the null condition."""
+    """Stage 2: train the UNet (or a `TextUNet`) on latents drawn from cached posterior moments
+    (N, 2*zc, h, w). `cond_data` holds each image's condition: class labels (N,) or caption
+    token ids (N, L); the conditioner drops a share of them to the null condition, per sample."""
     schedule = diff.make_schedule()
     unet, _ = split_model(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(DIFFUSION_SEED)
+    net = wrap(model)
 
     def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         with autocast(device, cfg.bf16):
-            return unet(x_t, t, **cond)
+            return net(x_t, t, **cond)
 
-    def loss(idx: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        z0 = DiagonalGaussian.from_moments(moments[idx]).sample(gen) * scaling_factor
-        c = cond_data[idx] if cond_data is not None else None
+    def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        # each sample draws from its own generator: posterior noise, t, eps, condition dropout
+        post = DiagonalGaussian.from_moments(moments[mb.indices])
+        z0 = post.sample(noise=mb.randn(*post.shape[1:])) * scaling_factor
+        t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
+        eps = mb.randn(*z0.shape[1:])
+        y = cond_data[mb.indices] if cond_data is not None else None
+        cond = mb.per_sample(
+            lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
+        )
         value = training_loss(
             network, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
-            weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, generator=gen,
-            timesteps=diff.timestep_sampling,
-            cond=lambda: conditioner.training_kwargs(c, gen, device),
+            weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, t=t, eps=eps, cond=cond,
         )  # fmt: skip
         return value, {}
 
-    return Stage("diffusion", model, opt, loss, generators={"noise": gen})
+    return Stage("diffusion", model, opt, loss, wrapped=net)
 
 
 @torch.no_grad()

@@ -77,6 +77,11 @@ class Checkpoint:
     step: int
 
 
+def checkpoint_dir(run_dir: str | os.PathLike, stage: str, step: int) -> Path:
+    """The folder of the checkpoint of `stage` at `step`."""
+    return Path(run_dir) / "checkpoints" / f"{stage}-{step:08d}"
+
+
 def list_checkpoints(run_dir: str | os.PathLike, stage: str | None = None) -> list[Checkpoint]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -111,9 +116,9 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> Path:
     """Write a checkpoint folder atomically and return its path."""
-    root = Path(run_dir) / "checkpoints"
+    final = checkpoint_dir(run_dir, stage, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{stage}-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         weights = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
