@@ -26,7 +26,7 @@ from ldmkit.config import ConfigError
 from ldmkit.recipe import RunConfig, parse_duration, resolve_config, run_config_from_dict
 from ldmkit.runs import RunFolder, read_data
 
-VERBS = ("train", "sample", "eval", "report", "convert")
+VERBS = tuple(cli.make_parser()._subparsers._group_actions[0].choices)  # a new verb joins by itself
 BAD = ["0", "-1", "nan", "inf", "1e30", "99999999999999999999", "abc"]  # 0 is legal for some
 RANGE = r"(from -?\d+ to \d+|>= -?\d|in [\[(][^ ]+, [^ ]+[\])]|above 0)"
 
@@ -57,14 +57,17 @@ def numeric_flags(verb: str) -> list[str]:
 
 def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
     """A valid, quick command of `verb`: a flag under test is appended (argparse: last wins)."""
-    return {
+    commands = {
         "train": ["train", "--out", str(tmp / "out"), *tiny(1)],
         "sample": ["sample", "--run", str(run), "--n", "2", "--steps", "2", "--out", str(tmp / "g.png")],
         "eval": ["eval", "--run", str(run), "--n", "6", "--steps", "2", "--samplers", "ddim",
                  "--out", str(tmp / "eval")],
         "report": ["report", "--run", str(run), "--steps", "2", "--out", str(tmp / "r.html")],
         "convert": ["convert", "--to-diffusers", str(run), "--out", str(tmp / "diffusers")],
-    }[verb]  # fmt: skip
+    }  # fmt: skip
+    if verb not in commands:
+        pytest.fail(f"a new verb {verb!r}: add a quick valid command of it here")
+    return commands[verb]
 
 
 def legal(flag: str, value: str) -> bool:
@@ -81,10 +84,11 @@ def test_every_numeric_flag_goes_through_one_parser():
     for verb in VERBS:
         for a in subparser(verb)._actions:
             assert a.type not in (int, float), (verb, a.option_strings)
-    found = {v: numeric_flags(v) for v in VERBS}
-    assert found["sample"] == ["--n", "--steps", "--seed", "--guidance", "--batch-size", "--nrow"]
-    assert set(found["train"]) == {"--time-budget", "--seed", "--image-size"}
-    assert set(found["eval"]) == {"--n", "--seed", "--batch-size", "--guidance"}  # --steps: a list
+    found = {v: set(numeric_flags(v)) for v in VERBS}
+    assert found["sample"] >= {"--n", "--steps", "--seed", "--guidance", "--batch-size", "--nrow"}
+    assert found["train"] >= {"--time-budget", "--seed", "--image-size"}
+    assert found["eval"] >= {"--n", "--seed", "--batch-size", "--guidance"}  # --steps: a list
+    assert found["report"] >= {"--steps", "--seed"}
 
 
 CASES = [(verb, flag, value) for verb in VERBS for flag in numeric_flags(verb) for value in BAD]
@@ -279,6 +283,23 @@ def test_an_autoencoder_that_decodes_to_nan_writes_nothing(tmp_path, capsys, mon
     assert not (tmp_path / "g.png").exists()
 
 
+def test_a_training_preview_that_diverges_is_skipped_not_fatal(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    from ldmkit.diffusion.samplers import NonFiniteSampleError
+    from ldmkit.pipeline import LatentDiffusion
+
+    def diverge(self, n, **kw):
+        raise NonFiniteSampleError("sampler ddim produced non-finite values (NaN or inf) at step 1")
+
+    monkeypatch.setattr(LatentDiffusion, "sample_grid", diverge)
+    out = tmp_path / "o"
+    rc, _, err = run_cli(capsys, "train", "--out", str(out), *tiny(1))
+    assert rc == 0, err
+    assert "no preview grid: sampler ddim produced non-finite values" in caplog.text
+    assert (out / "unet" / "model.safetensors").is_file() and not (out / "samples.png").exists()
+
+
 # ------------------------------------------------------------------------- 4: durations
 @pytest.mark.parametrize("text", ["0", "0s", "0m", "0h0m", "0.0s", "-5m", "-1"])
 def test_a_zero_or_negative_duration_is_an_error(tmp_path, capsys, text):
@@ -298,7 +319,7 @@ def test_a_budget_too_short_to_plan_says_so_before_training(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", "--out", str(out), *tiny(1), "--time-budget", "3s")
     line = error_line(err)
     assert rc == 2 and re.search(
-        r"--time-budget 3s is too short for this run on this machine: each stage runs 25 steps before it can plan \(autoencoder ~.* s/step, diffusion ~.* s/step, measured now\), so the budget must be at least \d+ s",
+        r"--time-budget 3s is too short for this run on this machine: each stage runs 25 steps before it can plan \(autoencoder ~.* s/step, diffusion ~.* s/step, measured now\), so the budget must be at least [\d.]+ (s|min|h)",
         line,
     ), line
     assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
@@ -311,7 +332,7 @@ def test_training_without_a_budget_says_how_long_it_will_take(tmp_path, capsys, 
     rc, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "o"), *tiny(2))
     assert rc == 0, err
     assert re.search(
-        r"no --time-budget: this training will take about \d+ s \(autoencoder 2 steps, diffusion 2 steps at autoencoder ~.* s/step, diffusion ~.* s/step, measured now",
+        r"no --time-budget: this training will take about [\d.]+ (s|min|h) \(autoencoder 2 steps, diffusion 2 steps at autoencoder ~.* s/step, diffusion ~.* s/step, measured now",
         caplog.text,
     )
 
@@ -484,12 +505,13 @@ def test_long_jobs_say_how_long_before_they_start(run_dir, tmp_path, capsys, cap
     rc, _, err = run_cli(capsys, *base_argv("eval", run_dir, tmp_path))
     assert rc == 0, err
     assert re.search(
-        r"sampler table: 1 row\(s\) of 6 images \(ddim at 2 steps\): the sampling will take about \d+ s here",
+        r"sampler table: 1 row\(s\) of 6 images \(ddim at 2 steps\): the sampling will take about [\d.]+ (s|min|h) here",
         caplog.text,
     )
     monkeypatch.setattr(api, "ANNOUNCE_FROM", 4)
     rc, _, err = run_cli(capsys, *base_argv("sample", run_dir, tmp_path))
     assert rc == 0, err
     assert re.search(
-        r"sampling 2 images \(dpm\+\+2m-sde, 2 steps\) will take about \d+ s here", caplog.text
+        r"sampling 2 images \(dpm\+\+2m-sde, 2 steps\) will take about [\d.]+ (s|min|h) here",
+        caplog.text,
     )
