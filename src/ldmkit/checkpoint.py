@@ -38,6 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _test_pause(path)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
@@ -49,6 +50,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def _test_pause(path: Path) -> None:
+    """Fault-injection hook for tests/reliability: LDMKIT_TEST_SLOW_WRITE=GLOB=SECONDS sleeps
+    before the rename of every atomic write whose file name matches GLOB, so a test can SIGKILL
+    the process mid-write. Unset (always, outside those tests) it does nothing."""
+    hook = os.environ.get("LDMKIT_TEST_SLOW_WRITE")
+    if hook:
+        import fnmatch
+        import time
+
+        pattern, _, seconds = hook.rpartition("=")
+        if fnmatch.fnmatch(path.name, pattern):
+            time.sleep(float(seconds))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -160,7 +175,21 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, Tensor], so
                 f"{source}: tensor {k} has shape {tuple(state[k].shape)} but the config gives "
                 f"{tuple(v.shape)}; the weights were saved from a different config"
             )
+    check_finite(state, source)
     module.load_state_dict(state, strict=True)
+
+
+def check_finite(state: dict[str, Tensor], source: str) -> None:
+    """Refuse weights with NaN or inf in them, naming the first such tensor: a model loaded
+    from them would only ever produce garbage."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise CheckpointError(
+                f"{source}: tensor {k} holds non-finite values ({nan} NaN, {inf} inf of "
+                f"{v.numel()}); the weights are broken (a training that diverged, or a damaged "
+                "file): restore them or use an earlier checkpoint"
+            )
 
 
 def save_model_folder(

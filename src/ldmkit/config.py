@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -19,6 +20,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message says which and how to fix it."""
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """A whole number in [lo, hi] (hi None: no upper bound), else a one-line ConfigError that
+    names the setting, the value and the range. The one check of counts, sizes, steps and seeds:
+    `api` calls it with the flag's name (--n), the configs with the field's."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+        raise ConfigError(f"{name} must be a whole number {span}, got {value!r}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> float:
+    """A finite number in the range [lo, hi] (open ends with lo_open / hi_open; None: unbounded),
+    else a one-line ConfigError naming the setting, the value and the range (then `hint`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = lo is None or (value > lo if lo_open else value >= lo)
+        ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        span = "" if lo is None and hi is None else " " + _range_text(lo, hi, lo_open, hi_open)
+        raise ConfigError(f"{name} must be a finite number{span}{hint}, got {value!r}")
+    return float(value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -82,7 +124,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        return check_float(where, value)  # NaN and inf are never a setting
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")

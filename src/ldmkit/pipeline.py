@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,14 +19,14 @@ import torch
 from torch import Tensor
 
 from .data.transforms import to_uint8
-from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler, sample
+from .diffusion.samplers import DEFAULT_SAMPLER, NonFiniteSampleError, check_sampler, sample
 from .diffusion.schedules import NoiseSchedule
 from .models.conditioning import ClassConditioner, TextConditioner
 from .models.text import TextEncoder, Tokenizer
 from .models.unet import UNet
 from .models.vae import Autoencoder
 from .runs import RunFolder
-from .runtime import default_device
+from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class LatentDiffusion:
         guidance_scale: float = 1.0,
     ) -> None:
         self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
         self.schedule = schedule
@@ -80,7 +81,7 @@ class LatentDiffusion:
         """Load a trained run folder (as written by `ldmkit train`)."""
         folder = RunFolder(run_dir).require_trained()
         cfg = folder.config()
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         text = {}
         if folder.has_text():
             text = {
@@ -120,6 +121,11 @@ class LatentDiffusion:
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> images clamped to [-1, 1]."""
         x = self.vae.decode(latents.to(self.device, torch.float32) / self.vae.config.scaling_factor)
+        if not bool(torch.isfinite(x).all()):  # never hand on garbage as images
+            raise NonFiniteSampleError(
+                "the autoencoder decoded the latents into non-finite values (NaN or inf); check "
+                "its weights, or the latents given to it"
+            )
         return x.clamp(-1, 1)
 
     # ------------------------------------------------------------------ sampling
@@ -211,6 +217,33 @@ class LatentDiffusion:
         """One row of `per_row` images per prompt (row labels = the prompts)."""
         texts = [p for p in prompts for _ in range(per_row)]
         return self.sample(len(texts), prompt=texts, **sample_kwargs), per_row, list(prompts)
+
+    def estimate_seconds(
+        self, n: int, *, sampler: str = DEFAULT_SAMPLER, steps: int | Sequence[int] = 20,
+        batch_size: int = 64, guidance_scale: float | None = None, **sampler_options: Any,
+    ) -> float:  # fmt: skip
+        """Wall time `sample(n, ...)` will take here (summed over several step counts, as the rows
+        of a table), from a short timed probe: one batch through 3 steps of the same sampler,
+        with class labels and guidance as a class-conditional grid draws them. The time between
+        the probe's steps is the cost of a step, the rest the fixed cost of a batch."""
+        counts = [steps] if isinstance(steps, int) else list(steps)
+        k, probe = min(batch_size, n), min(3, *counts)
+        condition: dict[str, Any] = {}
+        if self.is_text_conditional:
+            condition["prompt"] = [""] * k
+        elif self.conditioner.num_classes:
+            condition["class_labels"] = torch.arange(k) % self.conditioner.num_classes
+        marks: list[float] = []
+        t0 = time.perf_counter()
+        self.sample(
+            k, sampler=sampler, steps=probe, seed=0, batch_size=k, **condition,
+            guidance_scale=guidance_scale, callback=lambda *_: marks.append(time.perf_counter()),
+            **sampler_options,
+        )  # fmt: skip
+        total = time.perf_counter() - t0
+        per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else total / probe
+        fixed = max(total - per_step * probe, 0.0)
+        return sum(fixed + per_step * c for c in counts) * n / k
 
     @staticmethod
     def to_pil(images: Tensor) -> list[Any]:

@@ -20,11 +20,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import ConfigError, deep_update, from_dict, load_config_file, to_dict
-from .diffusion.samplers import DEFAULT_SAMPLER
+from .config import (
+    ConfigError,
+    check_float,
+    check_int,
+    deep_update,
+    from_dict,
+    load_config_file,
+    to_dict,
+)
+from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler
 from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
 from .models.unet import UNetConfig
 from .models.vae import AutoencoderConfig
+
+# Ranges of the settings a user gives (flags and config fields alike; api checks the flags)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # px; the data readers need >= 8
+MAX_SEED = 2**32 - 1  # numpy's and torch's seed range; seed * 1_000_003 + k stays exact
+MAX_TIMESTEPS = 100_000  # diffusion steps T of a schedule (float64 tables of T entries)
+MAX_BATCH_SIZE = 65536  # images per optimizer step
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale; samplers diverge well before this
+GUIDANCE_HINT = " (1 = no guidance)"
 
 
 @dataclass
@@ -50,22 +66,20 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the stage stops
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "keep_last", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every",
+                     "max_bad_steps"):  # fmt: skip
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_every", "keep_last"):
+            check_int(name, getattr(self, name), 0)
+        check_float("lr", self.lr, 0, 1, lo_open=True)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_float("grad_clip", self.grad_clip, 0)
+        check_float("weight_decay", self.weight_decay, 0, 1)  # AdamW: lr * wd < 1
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
             )
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_bad_steps < 1:
-            raise ConfigError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        check_float("ema_decay", self.ema_decay, 0, 1, hi_open=True)
 
     @property
     def micro_batch(self) -> int:
@@ -109,10 +123,16 @@ class DiffusionConfig:
         return schedule_from_fields(self)
 
     def __post_init__(self) -> None:
-        if self.num_timesteps < 2:
-            raise ConfigError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
-        if not 0 <= self.class_dropout < 1:
-            raise ConfigError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        check_int("num_timesteps", self.num_timesteps, 2, MAX_TIMESTEPS)
+        check_float("class_dropout", self.class_dropout, 0, 1, hi_open=True)
+        check_float("min_snr_gamma", self.min_snr_gamma, 0, lo_open=True)
+        for name in ("beta_start", "beta_end"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name), 0, 1, lo_open=True, hi_open=True)
+        if None not in (self.beta_start, self.beta_end) and self.beta_start >= self.beta_end:
+            raise ConfigError(
+                f"beta_start {self.beta_start} must be below beta_end {self.beta_end}"
+            )
 
 
 @dataclass
@@ -178,14 +198,16 @@ class RunConfig:
     guidance_scale: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.image_size < 4:
-            raise ConfigError(f"image_size must be >= 4, got {self.image_size}")
+        check_float("guidance_scale", self.guidance_scale, 0, MAX_GUIDANCE, hint=GUIDANCE_HINT)
+        check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("preview_steps", self.preview_steps, 1, self.diffusion.num_timesteps)
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1 or 3 (or unset to infer), got {self.channels}")
-        if not 0 < self.budget_split < 1:
-            raise ConfigError(f"budget_split must be in (0, 1), got {self.budget_split}")
+        if not self.data.strip():
+            raise ConfigError(f"data must be a data spec or a folder, got {self.data!r}")
+        check_float("budget_split", self.budget_split, 0, 1, lo_open=True, hi_open=True)
+        check_sampler(self.preview_sampler)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
 
@@ -215,6 +237,10 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not isinstance(vae, dict) or not isinstance(unet, dict):
         return from_dict(RunConfig, data)  # reports the wrong type
     image_size = data["image_size"]
+    if isinstance(image_size, int) and not isinstance(
+        image_size, bool
+    ):  # before it is derived from
+        check_int("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     levels = (
         len(vae["block_out_channels"]) if isinstance(vae.get("block_out_channels"), list) else 1
     )
@@ -249,15 +275,29 @@ def resolve_config(
     return dataclasses.replace(cfg, channels=channels, vae=vae, unet=unet)
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '10m', '1.5h', '1h30m' or a plain number of seconds -> seconds."""
+def parse_duration(text: str, name: str = "time_budget") -> float:
+    """'90s', '10m', '1.5h', '1h30m' or a plain number of seconds -> seconds (> 0).
+
+    Zero is refused rather than read as "no budget": leave the setting out for that.
+    """
     s = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
-    if not parts or "".join(n + u for n, u in parts) != s.replace(" ", ""):
-        raise ConfigError(f"cannot read the duration {text!r}; write e.g. 90s, 10m or 1h30m")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+        if (not parts or "".join(n + u for n, u in parts) != s.replace(" ", "")) and (
+            not s.startswith("-")
+        ):
+            raise ConfigError(
+                f"{name}: cannot read the duration {text!r}; write e.g. 90s, 10m or 1h30m"
+            )
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if s.startswith("-") or not 0 < seconds < float("inf"):
+        raise ConfigError(
+            f"{name} must be a duration above 0 (e.g. 90s, 10m or 1h30m), got {text!r}; leave it "
+            "out to train the configured number of steps"
+        )
+    return seconds
 
 
 # ------------------------------------------------------------------------- layering

@@ -60,6 +60,24 @@ class DataInfo:
     image_size: int | None = None
     class_names: list[str] | None = None  # index = class label
     fingerprint: str | None = None  # ImageDataset.fingerprint() of the images trained on
+    labels_from: str | None = None  # where the class labels came from, e.g. "sub-folder names"
+
+
+def read_data(
+    spec: str, *, image_size: int, channels: int | None = None, seed: int = 0,
+    conditioning: str = "auto",
+) -> ImageDataset:  # fmt: skip
+    """`data.load_dataset` as a run reads its data: labels from a folder's class sub-folders as
+    `conditioning` asks ("auto": when every image sits in one of two or more; "class": always,
+    an error without that layout; "none": never), and sub-folders holding an ldmkit run left
+    out (a run's sample grids are no training data). Training and evaluation both read so."""
+    from .data import load_dataset
+
+    return load_dataset(
+        spec, image_size=image_size, channels=channels, seed=seed,
+        labels_from_folders={"auto": "auto", "class": True}.get(conditioning, False),
+        skip_folder=RunFolder.holds_run,
+    )  # fmt: skip
 
 
 class RunFolder:
@@ -147,6 +165,11 @@ class RunFolder:
         """Whether a run was started (or converted) here: run.json exists."""
         return self.config_path.is_file()
 
+    @staticmethod
+    def holds_run(path: str | os.PathLike) -> bool:
+        """Whether the folder `path` holds an ldmkit run (the folder reader skips those)."""
+        return RunFolder(path).exists()
+
     def has_model(self, part: str) -> bool:
         folder = self.path / part
         return (folder / WEIGHTS_NAME).is_file() and (folder / "config.json").is_file()
@@ -204,17 +227,17 @@ class RunFolder:
 
     def load_data(self, spec: str | None = None) -> ImageDataset:
         """The run's training data (or `spec` at the run's image size, channels and seed)."""
-        from .data import load_dataset
-
         cfg, info = self.config(), self.data_info()
         spec = spec or info.spec or cfg.data
-        size, seed = cfg.image_size, cfg.seed
+        size, seed, how = cfg.image_size, cfg.seed, cfg.conditioning
         if spec != info.spec or info.fingerprint is None:
-            return load_dataset(spec, image_size=size, channels=cfg.channels, seed=seed)
+            return read_data(
+                spec, image_size=size, channels=cfg.channels, seed=seed, conditioning=how
+            )
         # the trainer loads with channels unset unless the user set them (run.json holds the
         # resolved value), and the fingerprint covers that choice: try both
         for channels in dict.fromkeys([None, cfg.channels]):
-            ds = load_dataset(spec, image_size=size, channels=channels, seed=seed)
+            ds = read_data(spec, image_size=size, channels=channels, seed=seed, conditioning=how)
             if ds.fingerprint() == info.fingerprint:
                 return ds
         log.warning(

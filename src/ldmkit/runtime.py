@@ -69,8 +69,12 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """A device from a user's setting: None or "auto" (default_device), cpu, cuda, cuda:1, mps."""
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A device from a user's setting: None or "auto" (default_device), cpu, cuda, cuda:1, mps.
+
+    The one check of a device setting, used by every verb: an unknown name, or a device this
+    machine does not have, is a one-line ConfigError that says what to use instead.
+    """
     import torch
 
     from .config import ConfigError
@@ -79,10 +83,24 @@ def resolve_device(name: str | None) -> torch.device:
         return default_device()
     try:
         dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:1 or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:1 or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {str(name)!r} was asked for but no CUDA GPU is available; use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"device {str(name)!r} was asked for but this machine has {count} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{count - 1}); use one of those or --device cpu"
+            )
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and (mps is None or not mps.is_available()):
         raise ConfigError(
-            "device 'cuda' was asked for but no CUDA GPU is available; use --device cpu"
+            f"device {str(name)!r} was asked for but MPS is not available; use --device cpu"
         )
     return dev

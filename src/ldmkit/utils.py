@@ -1,6 +1,6 @@
 """Small helpers shared across ldmkit that belong to no one module.
 
-`safe_filename` turns untrusted text (a caption, a prompt, a class name from a user's folder) into
+`format_seconds` writes an estimated duration as a person reads it. `safe_filename` turns untrusted text (a caption, a prompt, a class name from a user's folder) into
 one harmless file name, so that nothing derived from it can point outside the chosen output folder.
 """
 
@@ -34,3 +34,12 @@ def safe_filename(text: str, *, max_len: int = 80, default: str = "untitled") ->
         digest = hashlib.sha1(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
         name = name[: max_len - 9].rstrip("._-") + "-" + digest
     return name
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration as a person reads it: '40 s', '12 min', '3.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

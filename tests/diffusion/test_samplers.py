@@ -619,10 +619,17 @@ def test_cli_defaults_name_the_library_defaults():
     """cli.py spells the default sampler(s) out so that `ldmkit --help` needs no torch import."""
     from ldmkit.cli import make_parser
     from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
-    from ldmkit.evaluation.evaluate import DEFAULT_SAMPLERS
+    from ldmkit.evaluation import table
 
     p = make_parser()
     assert p.parse_args(["sample", "--run", "R"]).sampler == DEFAULT_SAMPLER
     assert p.parse_args(["report", "--run", "R"]).sampler == DEFAULT_SAMPLER
-    assert p.parse_args(["eval", "--run", "R"]).samplers == ",".join(DEFAULT_SAMPLERS)
-    assert DEFAULT_SAMPLER in SAMPLERS and set(DEFAULT_SAMPLERS) <= set(SAMPLERS)
+    assert p.parse_args(["eval", "--run", "R"]).samplers is None  # api.evaluate's defaults
+    eval_parser = p._subparsers._group_actions[0].choices["eval"]
+    eval_help = " ".join(
+        a.help for a in eval_parser._actions if a.dest in ("samplers", "steps", "n")
+    )
+    for words in (table.DEFAULT_SAMPLERS, table.FULL_SAMPLERS, table.DEFAULT_STEPS, table.FULL_STEPS,
+                  (table.DEFAULT_N,), (table.FULL_N,)):  # fmt: skip
+        assert ",".join(map(str, words)) in eval_help
+    assert DEFAULT_SAMPLER in SAMPLERS and set(table.FULL_SAMPLERS) <= set(SAMPLERS)

@@ -32,6 +32,7 @@ from reliability_helpers import (
 )
 
 from ldmkit.checkpoint import load_tensors
+from ldmkit.runs import RunFolder
 from ldmkit.training.state import CKPT_RE, list_checkpoints
 
 SLOW_CKPT = {"LDMKIT_TEST_SLOW_CHECKPOINT": "1.0"}  # state.py's hook: sleep mid-checkpoint-write
@@ -330,3 +331,114 @@ def test_second_training_gets_the_lock_message(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ------------------------------------------------------------------------------------ eval, sample
+def spawn_cli(*argv: str, **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ldmkit.cli", *argv]
+    return subprocess.Popen(
+        cmd, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def kill_when(proc: subprocess.Popen, cond) -> None:
+    try:
+        assert wait_for(proc, cond), "the process ended before the moment: " + proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+
+
+def visible(folder: Path) -> dict[str, str]:
+    """snapshot() of the files a reader sees (hidden temporaries aside)."""
+    return {
+        k: v
+        for k, v in snapshot(folder).items()
+        if not any(p.startswith(".") for p in k.split("/"))
+    }
+
+
+@pytest.mark.parametrize(
+    "moment, pattern, where",
+    [("reference features", "ref-*.safetensors", "eval/reference"),  # CI: the issue's moment
+     pytest.param("domain classifier", "model.safetensors", "eval/domain-classifier",
+                  marks=pytest.mark.slow),
+     pytest.param("summary", "summary.json", "eval", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_sigkill_during_eval_leaves_nothing_to_misread(
+    tmp_path, capsys, monkeypatch, moment, pattern, where
+):
+    """`ldmkit eval` killed while it writes a cache (or its summary) leaves only hidden
+    temporaries, which no later call reads, and the next call works."""
+    from ldmkit.evaluation import feature_nets, reference
+
+    run = make_run(tmp_path / "run")
+    argv = ["eval", "--run", str(run), "--n", "6", "--steps", "2", "--samplers", "ddim"]
+    folder = run / where
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
+    if moment != "domain classifier":  # cached here, quickly: the child reuses it
+        feature_nets.get_feature_net("domain", dataset=RunFolder(run).load_data(), run_dir=run)
+    proc = spawn_cli(*argv, LDMKIT_TEST_SLOW_WRITE=f"{pattern}=120")
+    kill_when(proc, lambda: any(folder.glob(f".{pattern}.*.tmp")))
+    assert not list(folder.glob(pattern)), f"a {moment} file was left half-written"
+    assert not (run / "eval" / "summary.json").exists()
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    [cache] = (run / "eval" / "reference").glob("ref-*.safetensors")
+    assert reference._load_reference(cache, "shapes").n == 12
+    assert json.loads((run / "eval" / "summary.json").read_text())["table"][0]["sampler"] == "ddim"
+
+
+def test_a_reference_cache_that_lies_is_recomputed(tmp_path, capsys, monkeypatch, caplog):
+    """Caches are validated on load: a file under another n's name, or with NaN features, is
+    refused with a warning and recomputed."""
+    from ldmkit.checkpoint import save_tensors
+    from ldmkit.evaluation import feature_nets
+
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
+    run = make_run(tmp_path / "run")
+    argv = ["eval", "--run", str(run), "--n", "6", "--steps", "2", "--samplers", "ddim"]
+    assert run_cli(capsys, *argv)[0] == 0
+    [cache] = (run / "eval" / "reference").glob("ref-*-n12.safetensors")
+    liar = cache.with_name(cache.name.replace("-n12.", "-n40."))  # claims 40 images, holds 12
+    liar.write_bytes(cache.read_bytes())
+    from safetensors import safe_open
+
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_tensors(cache)
+    tensors["features"][0, 0] = float("nan")
+    save_tensors(cache, tensors, metadata=meta)
+    rc, _, err = run_cli(capsys, *argv, "--n", "20")  # asks for 40: the liar is the only candidate
+    assert rc == 0, err
+    assert re.search(
+        r"reference cache .*-n40.safetensors is unreadable \(it holds 12 feature rows", caplog.text
+    )
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert re.search(
+        r"reference cache .*-n12.safetensors is unreadable \(its features are not all finite\)",
+        caplog.text,
+    )
+
+
+def test_sigkill_during_sample_outdir_keeps_the_earlier_images(tmp_path, capsys):
+    """`ldmkit sample --outdir` writes into a hidden staging folder, then moves the images into
+    place: killed while writing, the folder keeps the earlier call's images, whole, and the next
+    call works (and removes the staging folder)."""
+    from PIL import Image
+
+    run = make_run(tmp_path / "run")
+    outdir = tmp_path / "imgs"
+    base = ["sample", "--run", str(run), "--steps", "2", "--outdir", str(outdir)]
+    assert run_cli(capsys, *base, "--n", "3", "--seed", "1")[0] == 0
+    before = visible(outdir)
+    proc = spawn_cli(*base, "--n", "5", LDMKIT_TEST_SLOW_WRITE="00003.png=120")
+    kill_when(proc, lambda: any(outdir.glob(".ldmkit-staging-*/.00003.png.*.tmp")))
+    assert visible(outdir) == before
+    rc, _, err = run_cli(capsys, *base, "--n", "5")
+    assert rc == 0, err
+    assert sorted(p.name for p in outdir.iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    for p in outdir.iterdir():
+        with Image.open(p) as im:
+            im.verify()

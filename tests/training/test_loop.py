@@ -162,7 +162,7 @@ def test_lr_schedule():
 
 
 def test_bad_train_config():
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match="steps must be a whole number >= 1"):
         TrainConfig(steps=-5)
     with pytest.raises(ConfigError, match="not divisible by grad_accum"):
         TrainConfig(batch_size=10, grad_accum=3)

@@ -171,7 +171,7 @@ def test_config_errors():
         ConfigError, match="unknown key 'stepz' in RunConfig.unet_train; known keys:"
     ):
         run_config_from_dict({"unet_train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match="steps must be a whole number >= 1"):
         run_config_from_dict({"unet_train": {"steps": -1}})
     with pytest.raises(
         ConfigError, match="attention resolution 3 is not a resolution the UNet reaches"

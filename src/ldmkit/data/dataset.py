@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -332,10 +333,11 @@ def _read_source(
     *,
     image_size: int,
     channels: int | None,
-    labels_from_folders: bool,
+    labels_from_folders: bool | str,
     on_error: str,
     limit: int | None,
     seed: int,
+    skip_folder: Callable[[Path], bool] | None = None,
 ) -> _Source:
     """Read the parsed spec's images at the training size, with any labels and captions."""
     if kind == "folder":
@@ -348,6 +350,7 @@ def _read_source(
             on_error=on_error,
             limit=limit,
             seed=seed,
+            skip_folder=skip_folder,
         )  # folder.py resizes and subsets the images itself
         name = Path(path).resolve().name or str(path)
         return _Source(data.images, data.labels, data.captions, data.class_names, name)
@@ -363,10 +366,11 @@ def load_dataset(
     channels: int | None = None,
     crop: Literal["center", "random"] = "center",
     flip: bool = False,
-    labels_from_folders: bool = False,
+    labels_from_folders: bool | Literal["auto"] = False,
     on_error: Literal["skip", "fatal"] = "skip",
     limit: int | None = None,
     seed: int = 0,
+    skip_folder: Callable[[Path], bool] | None = None,
 ) -> ImageDataset:
     """Load a data set (see the module docstring for specs) into memory at the training size.
 
@@ -374,11 +378,14 @@ def load_dataset(
         image_size: side of the stored square images.
         channels: 1 or 3; None keeps the source's (folders: 1 if every image is grayscale).
         crop, flip: train-time augmentation applied by `ImageDataset.augment` per batch.
-        labels_from_folders: folders only: class = first-level sub-folder name.
+        labels_from_folders: folders only: class = first-level sub-folder name; "auto" when
+            every image sits in one of two or more sub-folders.
         on_error: folders only: "skip" unreadable files (logged by name, counted) or "fatal".
         limit: keep a seeded random subset of at most this many images (builtin:shapes: generate
             this many).
         seed: seeds builtin:shapes and the `limit` subset.
+        skip_folder: folders only: sub-folders for which it is true are not read (ldmkit passes
+            `RunFolder.holds_run`: a run's sample grids are not data).
     """
     _check_load_args(image_size, channels, limit, on_error, crop)
     kind, path, options = parse_spec(spec)
@@ -396,6 +403,7 @@ def load_dataset(
         on_error=on_error,
         limit=limit,
         seed=seed,
+        skip_folder=skip_folder,
     )
     images = src.images if channels is None else convert_channels(src.images, channels)
     ds = ImageDataset(

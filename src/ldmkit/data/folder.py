@@ -8,7 +8,10 @@ reported by name and skipped or fatal, as asked.
 
 Captions come from a `.txt` file beside an image (same stem) or from `captions.jsonl` at the root
 (one `{"file": "<path relative to the root>", "caption": "..."}` per line); the `.txt` wins.
-Class labels come from the first-level sub-folder names (sorted), when asked.
+Class labels come from the first-level sub-folder names (sorted), when asked, or with "auto" when
+every image sits in a sub-folder and there are at least two (`animals/cat/*.png`,
+`animals/dog/*.png`). Sub-folders that a caller's `skip_folder` marks (ldmkit passes "holds an
+ldmkit run", whose sample grids are no training data) are left out, with one warning.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -49,16 +54,30 @@ class _Unreadable(Exception):
     """One file could not be used; the message is the reason, for the log."""
 
 
-def scan_folder(root: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under `root`, sorted, skipping hidden names."""
-    images, others = [], []
+def scan_folder(
+    root: Path, skip_folder: Callable[[Path], bool] | None = None
+) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under `root`, sorted, skipping hidden names and the
+    sub-folders for which `skip_folder` is true (one warning lists them)."""
+    if skip_folder is not None and skip_folder(root):
+        raise DataError(f"{root} holds an ldmkit run, not data; give the folder of images")
+    images, others, skipped = [], [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if skip_folder is not None:
+            skipped += [Path(dirpath) / d for d in dirnames if skip_folder(Path(dirpath) / d)]
+            dirnames[:] = [d for d in dirnames if Path(dirpath) / d not in skipped]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
             (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    if skipped:
+        logger.warning(
+            "skipped %d sub-folder(s) of %s that hold an ldmkit run (%s): their images are a "
+            "run's output, not data", len(skipped), root,
+            ", ".join(p.relative_to(root).as_posix() for p in skipped[:5]),
+        )  # fmt: skip
     key = lambda p: p.relative_to(root).as_posix()  # noqa: E731
     return sorted(images, key=key), sorted(others, key=key)
 
@@ -169,9 +188,12 @@ def _read_captions(root: Path, files: list[Path], on_error: str) -> list[str] | 
     return captions
 
 
-def _list_images(root: Path, labels_from_folders: bool) -> list[Path]:
-    """The image files under `root`, sorted; a clear error if there are none or, with folder
-    labels, if one is not inside a class sub-folder."""
+def _list_images(
+    root: Path, labels_from_folders: bool | str, skip_folder: Callable[[Path], bool] | None
+) -> tuple[list[Path], bool]:
+    """(the image files under `root`, sorted; whether labels come from the sub-folders), or a
+    clear error if there are none or, with folder labels asked for, if one is not inside a class
+    sub-folder. "auto" takes folder labels when every image sits in one of 2 or more."""
     if not root.exists():
         raise DataError(
             f"data folder {root} does not exist; give a folder of images ({_EXT_TEXT}) "
@@ -179,7 +201,7 @@ def _list_images(root: Path, labels_from_folders: bool) -> list[Path]:
         )
     if not root.is_dir():
         raise DataError(f"data path {root} is a file, not a folder; give the folder of images")
-    files, others = scan_folder(root)
+    files, others = scan_folder(root, skip_folder)
     if not files:
         if not others:
             raise DataError(
@@ -190,14 +212,17 @@ def _list_images(root: Path, labels_from_folders: bool) -> list[Path]:
             f"no images ({_EXT_TEXT}) in {root}: found {len(others)} other file(s) such as "
             f"{examples}; put images in the folder or give the right path"
         )
-    if labels_from_folders:
-        loose = [f for f in files if len(f.relative_to(root).parts) < 2]
-        if loose:
-            raise DataError(
-                f"{loose[0]} is not inside a class sub-folder, but labels_from_folders needs "
-                f"every image in {root}/<class name>/...; move it or turn labels off"
-            )
-    return files
+    loose = [f for f in files if len(f.relative_to(root).parts) < 2]
+    if labels_from_folders == "auto":
+        classes = {f.relative_to(root).parts[0] for f in files}
+        return files, not loose and len(classes) >= 2
+    if labels_from_folders and loose:
+        raise DataError(
+            f"{loose[0]} is not inside a class sub-folder, but labels from folders need every "
+            f"image in {root}/<class name>/ (e.g. {root}/cat/1.png, {root}/dog/2.png); move the "
+            "loose images into class folders, or turn labels off (conditioning=none)"
+        )
+    return files, bool(labels_from_folders)
 
 
 def _decode_all(
@@ -265,22 +290,24 @@ def load_folder(
     *,
     image_size: int,
     channels: int | None = None,
-    labels_from_folders: bool = False,
+    labels_from_folders: bool | Literal["auto"] = False,
     on_error: str = "skip",
     limit: int | None = None,
     seed: int = 0,
     workers: int | None = None,
+    skip_folder: Callable[[Path], bool] | None = None,
 ) -> FolderData:
     """Read every image under `root` into memory at image_size x image_size (see module doc).
 
     `channels=None` gives 1 channel if every image is grayscale, else 3. `limit` keeps a seeded
     random subset of that many files (chosen before decoding). `workers` threads decode in
-    parallel (Pillow releases the GIL while decoding and resizing).
+    parallel (Pillow releases the GIL while decoding and resizing). `labels_from_folders`:
+    True, False or "auto" (see the module doc); `skip_folder(path)` leaves sub-folders out.
     """
     root = Path(root)
     if on_error not in ("skip", "fatal"):
         raise DataError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
-    files = _list_images(root, labels_from_folders)
+    files, folder_labels = _list_images(root, labels_from_folders, skip_folder)
     if limit is not None and limit < len(files):
         keep = np.sort(np.random.default_rng(seed).choice(len(files), size=limit, replace=False))
         files = [files[i] for i in keep]
@@ -297,7 +324,7 @@ def load_folder(
     images = np.stack(arrays).transpose(0, 3, 1, 2).copy()  # (N, C, S, S)
 
     labels = class_names = None
-    if labels_from_folders:
+    if folder_labels:
         labels, class_names = _folder_labels(root, kept)
     return FolderData(
         images=images,

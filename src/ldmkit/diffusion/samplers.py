@@ -581,6 +581,35 @@ def sample(
         )
     elif cond:
         denoise = functools.partial(denoise, **cond)
-    return SAMPLERS[sampler](
-        denoise, x, sigmas, generator=generator, callback=callback, **sampler_options
-    )
+    steps = len(sigmas) - 1
+    x0 = SAMPLERS[sampler](
+        denoise, x, sigmas, generator=generator,
+        callback=_stop_if_not_finite(callback, sampler, steps), **sampler_options,
+    )  # fmt: skip
+    _require_finite(x0, sampler, steps - 1, steps, sigmas[-1])  # samplers that skip a callback
+    return x0
+
+
+class NonFiniteSampleError(ValueError):
+    """A sampler's state became NaN or inf: its images would be garbage."""
+
+
+def _require_finite(x: Tensor, sampler: str, i: int, steps: int, sigma: Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteSampleError(
+            f"sampler {sampler} produced non-finite values (NaN or inf) at step {i + 1} of "
+            f"{steps} (sigma {float(sigma):.4g}); the model diverges there: check its weights, "
+            "or lower the guidance scale"
+        )
+
+
+def _stop_if_not_finite(callback: Callback | None, sampler: str, steps: int) -> Callback:
+    """A callback that raises NonFiniteSampleError, naming the sampler and the step, as soon as
+    the state is not finite, then calls `callback`. One reduction per step: cheap beside the
+    network call, and it stops a diverging run at once rather than after its last step."""
+
+    def check(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor | None:
+        _require_finite(x, sampler, i, steps, sigma)
+        return None if callback is None else callback(i, x, sigma, x0)
+
+    return check

@@ -26,22 +26,23 @@ import torch
 from torch import Tensor
 
 from ldmkit.checkpoint import WEIGHTS_NAME, write_json
-from ldmkit.data import load_dataset
 from ldmkit.data.transforms import to_float
 from ldmkit.diffusion.samplers import check_sampler
 from ldmkit.pipeline import LatentDiffusion
-from ldmkit.runs import RunFolder
+from ldmkit.runs import RunFolder, read_data
 
 from .feature_nets import FeatureNet, feature_net_info, get_feature_net
 from .features import file_fingerprint
 from .memorisation import memorisation_check
 from .reference import Reference, held_out_spec, reference_features
 from .table import (
+    DEFAULT_N,
     DEFAULT_SAMPLERS,
     DEFAULT_STEPS,
     SamplerTable,
     earlier_rows,
     sampler_table,
+    skip_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def evaluate_run(
     features: str | None = None,
     samplers: Sequence[str] = DEFAULT_SAMPLERS,
     steps: Sequence[int] = DEFAULT_STEPS,
-    n: int = 2000,
+    n: int = DEFAULT_N,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
@@ -87,6 +88,7 @@ def evaluate_run(
     check_sampler(*samplers)  # before the model and data are loaded
     out = Path(out_dir) if out_dir is not None else run.eval_dir
     ldm = ldm or LatentDiffusion.from_run(run.path, device=device)
+    _announce(ldm, samplers, steps, n, batch_size, guidance_scale)
 
     # 1. data, feature network, reference features of 2n real images (n for the model, n more
     # for the floor)
@@ -128,6 +130,30 @@ def evaluate_run(
     summary["files"]["summary"] = str(out / SUMMARY_NAME)
     write_json(out / SUMMARY_NAME, summary)
     return table, summary
+
+
+def _announce(
+    ldm: LatentDiffusion, samplers: Sequence[str], steps: Sequence[int], n: int, batch_size: int,
+    guidance_scale: float | None,
+) -> None:  # fmt: skip
+    """Log how long the table's sampling will take, before it starts (a probe per sampler)."""
+    from ldmkit.utils import format_seconds
+
+    T = ldm.schedule.num_timesteps
+    rows = [(s, k) for s in samplers for k in sorted(set(steps)) if skip_reason(s, k, T) is None]
+    seconds = sum(
+        ldm.estimate_seconds(
+            n, sampler=sampler, steps=[k for s, k in rows if s == sampler], batch_size=batch_size,
+            guidance_scale=guidance_scale,
+        )
+        for sampler in dict.fromkeys(s for s, _ in rows)
+    )  # fmt: skip
+    logger.info(
+        "sampler table: %d row(s) of %d images (%s at %s steps): the sampling will take about "
+        "%s here (timed now), plus the feature network and reference features on a first call",
+        len(rows), n, ",".join(samplers), ",".join(map(str, sorted(set(steps)))),
+        format_seconds(seconds),
+    )  # fmt: skip
 
 
 def _summary(
@@ -196,15 +222,16 @@ def _held_out_checks(
 def _held_out_data(run: RunFolder, train_ds: Any, held_out: str | None) -> tuple[Any, str | None]:
     """(real images the model never saw, None), or (None, a note saying why there are none)."""
     cfg = run.config()
-    size, channels = cfg.image_size, cfg.channels
+    size, channels, how = cfg.image_size, cfg.channels, cfg.conditioning
     if held_out is not None:
-        return load_dataset(held_out, image_size=size, channels=channels), None
+        return read_data(held_out, image_size=size, channels=channels, conditioning=how), None
     spec = held_out_spec(train_ds.spec.split("|")[0])
     if spec is not None:
         held_spec, seed_offset = spec
-        return load_dataset(
-            held_spec, image_size=size, channels=channels, seed=cfg.seed + seed_offset
-        ), None
+        return read_data(
+            held_spec, image_size=size, channels=channels, seed=cfg.seed + seed_offset,
+            conditioning=how,
+        ), None  # fmt: skip
     return None, (
         f"{train_ds.name} has no held-out part: the VAE error is on training images and the "
         "memorisation check is skipped; pass --held-out DATA"

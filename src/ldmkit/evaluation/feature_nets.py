@@ -176,13 +176,13 @@ def _fit_domain_classifier(
             "features may be weak, so FID-%s will separate models poorly",
             accuracy, config.num_classes, model.name,
         )  # fmt: skip
-    if folder is not None:
-        model.save_pretrained(folder)
+    if folder is not None:  # config.json last: it marks a complete cache (see _cached_...)
         write_json(
             folder / "training.json",
             {"data": dataset.spec, "data_fingerprint": fingerprint, "num_images": len(dataset),
              "epochs": epochs, "seed": seed, "held_out_accuracy": accuracy},
         )  # fmt: skip
+        model.save_pretrained(folder)
     return model
 
 

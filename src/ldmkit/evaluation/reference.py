@@ -99,11 +99,11 @@ def reference_features(
         spec_or_dataset: an ImageDataset, or a data spec loaded at image_size / channels.
         cache_dir: folder for the safetensors cache; None computes without caching.
     """
-    from ldmkit.data import load_dataset
+    from ldmkit.runs import read_data
 
     ds = spec_or_dataset
     if isinstance(ds, (str, os.PathLike)):
-        ds = load_dataset(str(ds), image_size=image_size, channels=channels)
+        ds = read_data(str(ds), image_size=image_size, channels=channels)
     if n < 2:
         raise ValueError(f"n must be >= 2 reference images, got {n}")
     if n > len(ds):
@@ -170,12 +170,29 @@ def _cached_reference(
         if path.is_file():
             try:
                 ref = _load_reference(path, data_name)
+                _check_cached(
+                    ref, data_fp, net_fp, int(path.name[len(prefix) : -len(".safetensors")])
+                )
             except (CheckpointError, KeyError, ValueError) as e:
                 logger.warning("reference cache %s is unreadable (%s); recomputing", path, e)
                 continue
             logger.info("reference features of %d images from %s", n, path)
             return ref.take(n)
     return None
+
+
+def _check_cached(ref: Reference, data_fp: str, net_fp: str, n: int) -> None:
+    """Refuse a cache file that is not what its name says: other data or network, another
+    number of images, or features that are not finite (a file damaged or copied by hand)."""
+    if (ref.data_fingerprint, ref.feature_fingerprint) != (data_fp, net_fp):
+        raise ValueError(
+            f"it holds features of data {ref.data_fingerprint} by {ref.feature_fingerprint}, "
+            f"not {data_fp} by {net_fp}"
+        )
+    if not (ref.n == n == len(ref.indices)) or ref.stats.n != n:
+        raise ValueError(f"it holds {ref.n} feature rows and {len(ref.indices)} indices, not {n}")
+    if not bool(torch.isfinite(ref.features).all()):
+        raise ValueError("its features are not all finite")
 
 
 def _save_reference(ref: Reference) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.checkpoint import load_model_folder, save_model_folder
-from ldmkit.config import ConfigError
+from ldmkit.config import ConfigError, check_int
 from ldmkit.diffusion.process import PredictionType
 from ldmkit.models.layers import (
     AttentionBlock,
@@ -105,8 +105,10 @@ class UNetConfig:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.transformer_depth < 1 or self.time_embed_dim < 1:
             fail("transformer_depth and time_embed_dim must be >= 1")
-        for ch in self.block_out_channels:
-            if ch < 1 or ch % self.norm_num_groups:
+        check_int("norm_num_groups", self.norm_num_groups, 1, 1024)
+        for i, ch in enumerate(self.block_out_channels):
+            check_int(f"block_out_channels[{i}]", ch, 1, 16384)
+            if ch % self.norm_num_groups:
                 fail(
                     f"norm_num_groups={self.norm_num_groups} does not divide block channel count "
                     f"{ch}; use channels that are multiples of it or fewer groups"
@@ -127,6 +129,17 @@ class UNetConfig:
             fail(f"context_dim must be >= 1 or None, got {self.context_dim}")
         if self.pooled_context and self.context_dim is None:
             fail("pooled_context needs a context_dim (a text-conditional UNet)")
+        # upper bounds: a typo such as 10**12 blocks would hang or exhaust memory; the largest
+        # diffusers UNets (SDXL: 1280 channels, transformer depth 10, context 2048) fit inside
+        limits = {"sample_size": 1024, "in_channels": 1024, "out_channels": 1024,
+                  "num_res_blocks": 16, "transformer_depth": 64, "time_embed_dim": 65536,
+                  "num_classes": 1_000_000, "context_dim": 65536, "head_dim": 4096,
+                  "num_heads": 4096}  # fmt: skip
+        for name, hi in limits.items():
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, hi)
+        check_int("levels (len(block_out_channels))", len(self.block_out_channels), 1, 8)
+        check_int("freq_shift", self.freq_shift, 0, 1)
 
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.sample_size % factor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.checkpoint import load_model_folder, save_model_folder
-from ldmkit.config import ConfigError
+from ldmkit.config import ConfigError, check_int
 from ldmkit.models.distributions import DiagonalGaussian
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,13 @@ class AutoencoderConfig:
                 )
         if self.layers_per_block < 1:
             raise ConfigError(f"layers_per_block must be at least 1, got {self.layers_per_block}")
+        # upper bounds: a typo such as 10**12 layers would hang or exhaust memory
+        for name, hi in (("latent_channels", 1024), ("layers_per_block", 16),
+                         ("disc_layers", 8), ("disc_channels", 4096)):  # fmt: skip
+            check_int(name, getattr(self, name), 1, hi)
+        check_int("levels (len(block_out_channels))", len(self.block_out_channels), 1, 8)
+        for i, ch in enumerate(self.block_out_channels):
+            check_int(f"block_out_channels[{i}]", ch, 1, 16384)
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         f = self.downsample_factor

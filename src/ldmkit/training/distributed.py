@@ -195,6 +195,8 @@ def start(cfg: RunConfig, backend: str = "auto") -> World:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown distributed backend {backend!r}; use {', '.join(BACKENDS)}")
     size = launched_size()
+    if size > 1 and cfg.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {cfg.device}: several processes train on cpu or cuda only")
     device = resolve_device(cfg.device)
     if size == 1:
         if backend != "auto":

@@ -29,17 +29,19 @@ from torch import Tensor, nn
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.transforms import to_float
+from ..diffusion.samplers import NonFiniteSampleError
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.text import TextEncoder, TextEncoderConfig, Tokenizer
 from ..models.unet import UNet
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
-from ..runs import DataInfo, RunFolder
+from ..runs import DataInfo, RunFolder, read_data
+from ..utils import format_seconds
+from . import distributed
+from .distributed import World, local_micro_batch
 
 if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
-from . import distributed
-from .distributed import World, local_micro_batch
 from .loop import ProgressFn, RunLog, StopRequest, train_stage
 from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # stop reasons after which no final grid is drawn and the run reports an early end
 STOPPED_EARLY = ("signal", "stop request", "bad loss")
+FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
 
 
 @dataclass
@@ -119,7 +122,7 @@ def train_run(
                     _check_can_start(folder, resume)
                     folder.path.mkdir(parents=True, exist_ok=True)
                     lock.enter_context(RunLock(folder.path))
-                return _prepare(folder, cfg, resume, progress, stop, world)
+                return _prepare(folder, cfg, resume, progress, stop, world, stage)
 
             run = world.main_first(prepare)
             try:
@@ -150,11 +153,12 @@ def _check_can_start(folder: RunFolder, resume: bool) -> None:
 
 def _prepare(
     folder: RunFolder, cfg: RunConfig, resume: bool, progress: ProgressFn | None,
-    stop: StopRequest | None, world: World,
+    stop: StopRequest | None, world: World, stage: str = "all",
 ) -> _Run:  # fmt: skip
-    """Settle the config, load the data, write run.json and data.json (rank 0; the other ranks
-    take the config from the run.json it wrote, so every process trains the same one)."""
-    from ..data import load_dataset
+    """Settle the config, load the data, check the time plan, write run.json and data.json
+    (rank 0; the other ranks take the config from the run.json it wrote, so every process
+    trains the same one)."""
+    from ..data import parse_spec
 
     t_start = time.perf_counter()
     resumed = resume and folder.exists()
@@ -171,9 +175,18 @@ def _prepare(
     device = world.device
     cfg = _check_bf16(cfg, device)
     torch.manual_seed(cfg.seed)
-    ds = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed)
+    ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
+                   conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
     num_classes = len(ds.class_names) if mode == "class" else None
+    labels_from = None
+    if num_classes and world.is_main:
+        labels_from = "sub-folder names" if parse_spec(cfg.data)[0] == "folder" else "the data set"
+        log.info(
+            "class-conditional on %d classes (%s) from %s; set conditioning=none to train "
+            "without labels", num_classes, ", ".join(ds.class_names[:10]),
+            labels_from if labels_from == "the data set" else f"the sub-folder names of {cfg.data}",
+        )  # fmt: skip
     if not resumed:
         cfg = resolve_config(cfg, ds.channels, num_classes, text=mode == "text")
     elif cfg.unet.num_classes != num_classes:  # the data changed since the run started
@@ -183,11 +196,15 @@ def _prepare(
             "into a new --out folder"
         )
     if world.is_main:
+        _check_time_plan(
+            cfg, ds.images, device, train_vae=stage in ("all", "vae") and not folder.has_model("vae"),
+            train_unet=stage in ("all", "unet"), resumed=resumed,
+        )  # fmt: skip
         folder.write_config(cfg)
         folder.write_data_info(DataInfo(
             spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
             image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
-            fingerprint=ds.fingerprint(),
+            fingerprint=ds.fingerprint(), labels_from=labels_from if num_classes else None,
         ))  # fmt: skip
     _sanity_check(ds.images, cfg)
     if world.is_main and len(ds.images) < 1000:
@@ -342,7 +359,8 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         cfg.unet_train, device, wrap=world.wrap,
     )  # fmt: skip
     st.preview = _diffusion_preview(run, vae)
-    mb = local_micro_batch(cfg.unet_train, world.size)
+    # the loop's batches are no larger than the data
+    mb = min(local_micro_batch(cfg.unet_train, world.size), len(run.images))
 
     def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
         x = torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device)
@@ -360,7 +378,7 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
     budget = None
     if run.budget:  # what the autoencoder left, less a margin for the final grid
-        budget = max(run.budget - (time.perf_counter() - run.t_start) - 20.0, 10.0)
+        budget = max(run.budget - (time.perf_counter() - run.t_start) - FINAL_GRID_S, 10.0)
     res = train_stage(
         st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
         resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
@@ -386,7 +404,8 @@ def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str)
             return
         if why not in STOPPED_EARLY:
             grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
-            shutil.copyfile(grid, run.folder.final_grid_path)
+            if grid is not None:
+                shutil.copyfile(grid, run.folder.final_grid_path)
         plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
 
 
@@ -402,26 +421,31 @@ def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
     n_classes = len(run.class_names) if run.class_names else 0
     options = dict(sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0)
 
-    def preview(step: int, model: torch.nn.Module) -> Path:
+    def preview(step: int, model: torch.nn.Module) -> Path | None:
         was_training = model.training
         model.eval()
         unet, encoder = split_model(model)
-        if encoder is not None:
-            ldm = LatentDiffusion(
-                vae, unet, schedule, text_encoder=encoder,
-                tokenizer=run.tokenizer, device=run.device, guidance_scale=cfg.guidance_scale,
-            )  # fmt: skip
-            images, nrow, row_labels = ldm.prompt_grid(
-                run.preview_prompts or [""], per_row, **options
-            )
-        else:
-            ldm = LatentDiffusion(
-                vae, unet, schedule, class_names=run.class_names, device=run.device,
-                guidance_scale=cfg.guidance_scale,
-            )  # fmt: skip
-            n = n_classes * per_row if n_classes else per_row * per_row
-            images, nrow, row_labels = ldm.sample_grid(n, **options)
-        model.train(was_training)
+        try:
+            if encoder is not None:
+                ldm = LatentDiffusion(
+                    vae, unet, schedule, text_encoder=encoder,
+                    tokenizer=run.tokenizer, device=run.device, guidance_scale=cfg.guidance_scale,
+                )  # fmt: skip
+                images, nrow, row_labels = ldm.prompt_grid(
+                    run.preview_prompts or [""], per_row, **options
+                )
+            else:
+                ldm = LatentDiffusion(
+                    vae, unet, schedule, class_names=run.class_names, device=run.device,
+                    guidance_scale=cfg.guidance_scale,
+                )  # fmt: skip
+                n = n_classes * per_row if n_classes else per_row * per_row
+                images, nrow, row_labels = ldm.sample_grid(n, **options)
+        except NonFiniteSampleError as e:  # a preview is a convenience: never stop for one
+            log.warning("step %d: no preview grid: %s", step, e)
+            return None
+        finally:
+            model.train(was_training)
         path = run.folder.preview_path(step)
         save_grid(images, path, nrow=nrow, row_labels=row_labels,
                   scale=2 if cfg.image_size <= 64 else 1)  # fmt: skip
@@ -492,6 +516,70 @@ def _announce(
         name, _summary(model), per_step,
         cfg.batch_size / per_step, per_step * steps_per_epoch, n, _model_memory_mb(model),
     )  # fmt: skip
+
+
+def _check_time_plan(
+    cfg: RunConfig, images: Tensor, device: torch.device, *, train_vae: bool, train_unet: bool,
+    resumed: bool,
+) -> None:  # fmt: skip
+    """Before anything is written: time a micro-batch of each model to be trained, then refuse a
+    time budget too short for the steps a stage runs before it plans (loop.BudgetPlan), or,
+    without a budget, say how long the configured steps will take. (Each stage times itself
+    again when it starts, for its log line; those probes draw from the seeded global RNG.)"""
+    from .loop import PLAN_OVER, PLAN_SKIP
+
+    # throw-away models: the global RNG (seeded above, and drawn by the stages) stays untouched
+    stages = []  # (name, config, seconds per optimizer step)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if train_vae:
+            t = _vae_step_time(cfg, images, device) * cfg.vae_train.grad_accum
+            stages.append(("autoencoder", cfg.vae_train, t))
+        if train_unet:
+            t = _unet_step_time(cfg, len(images), device) * cfg.unet_train.grad_accum
+            stages.append(("diffusion", cfg.unet_train, t))
+    if not stages:
+        return
+    speeds = ", ".join(f"{name} ~{t:.2f} s/step" for name, _, t in stages)
+    if cfg.time_budget is None:
+        log.info(
+            "no --time-budget: this training will take %s%s (%s at %s, measured now; plus "
+            "previews and checkpoints); pass --time-budget to bound it",
+            "up to " if resumed else "about ",
+            format_seconds(sum(tc.steps * t for _, tc, t in stages)),
+            ", ".join(f"{name} {tc.steps} steps" for name, tc, _ in stages), speeds,
+        )  # fmt: skip
+        return
+    first = PLAN_SKIP + PLAN_OVER  # steps a stage runs before its time plan
+    split = cfg.budget_split if train_vae else 0.0
+    need = max(  # the shortest budget that gives every stage its first steps
+        first * t / split if name == "autoencoder" else (first * t + FINAL_GRID_S) / (1 - split)
+        for name, _, t in stages
+    )
+    if parse_duration(cfg.time_budget) < need:
+        raise ConfigError(
+            f"--time-budget {cfg.time_budget} is too short for this run on this machine: each "
+            f"stage runs {first} steps before it can plan ({speeds}, measured now), so the "
+            f"budget must be at least {format_seconds(need)}; give a longer --time-budget, or "
+            "drop it to train the configured steps"
+        )
+
+
+def _vae_step_time(cfg: RunConfig, images: Tensor, device: torch.device) -> float:
+    mb = min(cfg.vae_train.micro_batch, len(images))
+    x = to_float(images[:mb]).to(device)
+    return estimate_step_time(
+        Autoencoder(cfg.vae).to(device), lambda m: m(x)[0].square().mean(), device, repeats=1
+    )
+
+
+def _unet_step_time(cfg: RunConfig, num_images: int, device: torch.device) -> float:
+    c, mb = cfg.unet, min(cfg.unet_train.micro_batch, num_images)
+    z = torch.randn(mb, c.in_channels, c.sample_size, c.sample_size, device=device)
+    t = torch.randint(0, cfg.diffusion.num_timesteps, (mb,), device=device)
+    y = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)} if c.num_classes else {}
+    return estimate_step_time(
+        UNet(c).to(device), lambda m: m(z, t, **y).square().mean(), device, repeats=1
+    )
 
 
 def estimate_step_time(
