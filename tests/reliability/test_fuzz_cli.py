@@ -70,7 +70,8 @@ SPEC = {
 }  # fmt: skip
 OUTPUTS = {"train": ["--out"], "sample": ["--out", "--outdir"], "eval": ["--out"],
            "report": ["--out"], "convert": ["--out"]}  # fmt: skip
-DEFAULT_OUTPUT = {"eval": "{run}/eval", "report": "{run}/report.html"}
+DEFAULT_OUTPUT = {"eval": "{run}/eval", "report": "{run}/report.html"}  # without --out
+CACHES = {"eval": "{run}/eval"}  # written whatever --out says: the run's evaluation caches
 
 
 @st.composite
@@ -139,7 +140,8 @@ def check_command(template: Path, capsys, argv: list[str]) -> None:
             error_line(err)
         verb = argv[0]
         outputs = [last(argv, f) for f in OUTPUTS[verb]] + [
-            DEFAULT_OUTPUT[verb].format(**places) if verb in DEFAULT_OUTPUT and not last(argv, "--out") else None
+            DEFAULT_OUTPUT[verb].format(**places) if verb in DEFAULT_OUTPUT and not last(argv, "--out") else None,
+            CACHES[verb].format(**places) if verb in CACHES else None,
         ]  # fmt: skip
         allowed = [Path(o).resolve() for o in outputs if o] if rc == 0 else []
         after = files(work)
