@@ -72,7 +72,7 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
 
 def legal(flag: str, value: str) -> bool:
     """The values of BAD that are legal for `flag` (everything else must be refused)."""
-    return (flag, value) in {("--seed", "0"), ("--guidance", "0")} or (
+    return (flag, value) in {("--seed", "0"), ("--guidance", "0"), ("--guidance-rescale", "0")} or (
         flag == "--time-budget" and value == "99999999999999999999"  # 3e15 years: no limit
     )
 
