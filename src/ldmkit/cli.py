@@ -294,16 +294,23 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return _main(argv)
     # torchrun starts this command once per process: only rank 0 prints (its errors name a
     # failing rank's, training/distributed.py); the others still show an unexpected traceback
-    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ["RANK"]) > 0:
         with (
             open(os.devnull, "w") as null,
             contextlib.redirect_stdout(null),
             contextlib.redirect_stderr(null),
         ):
-            return _main(argv)
-    return _main(argv)
+            code = _main(argv)
+    else:
+        code = _main(argv)
+    from .training.distributed import leave
+
+    leave(code)  # exits, once a process group ran (gloo + DDP can abort in finalization)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:

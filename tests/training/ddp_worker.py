@@ -2,8 +2,9 @@
 
 Records every write this process makes under the folder LDMKIT_TEST_WATCH (a Python audit hook:
 files opened for writing, folders made, renames, removals) into LDMKIT_TEST_REPORT/rank<r>.txt,
-so a test can check that only rank 0 writes. LDMKIT_TEST_FAIL_RANK=r makes rank r fail while it
-prepares the run (a fault only that rank meets).
+line by line as they happen (ldmkit's CLI ends a torchrun process with os._exit), so a test can
+check that only rank 0 writes. LDMKIT_TEST_FAIL_RANK=r makes rank r fail while it prepares the
+run (a fault only that rank meets).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree
 def main() -> int:
     rank = os.environ["RANK"]
     watch = Path(os.environ["LDMKIT_TEST_WATCH"]).resolve()
-    writes: list[str] = []
+    report = open(Path(os.environ["LDMKIT_TEST_REPORT"]) / f"rank{rank}.txt", "w")
+
+    def record(line: str) -> None:
+        report.write(line + "\n")
+        report.flush()
 
     def under_watch(path: object) -> str | None:
         if isinstance(path, bytes):
@@ -34,11 +39,11 @@ def main() -> int:
             path, mode, flags = args
             writing = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & WRITE_FLAGS)
             if writing and (p := under_watch(path)):
-                writes.append(f"open {p}")
+                record(f"open {p}")
         elif event == "os.rename" and (under_watch(args[0]) or under_watch(args[1])):
-            writes.append(f"{event} {args[0]} -> {args[1]}")
+            record(f"{event} {args[0]} -> {args[1]}")
         elif event in WRITE_EVENTS and args and (p := under_watch(args[0])):
-            writes.append(f"{event} {p}")
+            record(f"{event} {p}")
 
     sys.addaudithook(hook)
     if os.environ.get("LDMKIT_TEST_FAIL_RANK") == rank:
@@ -50,11 +55,7 @@ def main() -> int:
         run._sanity_check = fault
     from ldmkit.cli import main as ldmkit_main
 
-    try:
-        return ldmkit_main(sys.argv[1:])
-    finally:
-        report = Path(os.environ["LDMKIT_TEST_REPORT"]) / f"rank{rank}.txt"
-        report.write_text("".join(w + "\n" for w in writes))
+    return ldmkit_main(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,6 +49,9 @@ BACKENDS = ("auto", "gloo", "nccl")  # auto: nccl on CUDA, gloo on the CPU
 # for encoding a large data set)
 TIMEOUT = datetime.timedelta(minutes=60)
 MESSAGE_BYTES = 400  # of an error message that together() passes to rank 0
+
+
+_started = False  # whether this process started a process group (see `leave`)
 
 
 class PeerFailed(ValueError):
@@ -223,7 +227,28 @@ def start(cfg: RunConfig, backend: str = "auto") -> World:
     dist.init_process_group(
         chosen, timeout=TIMEOUT, device_id=device if chosen == "nccl" else None
     )  # env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, set by torchrun)
+    global _started
+    _started = True
     if rank > 0:  # rank 0 speaks for all; the others log warnings and errors only
         logging.getLogger("ldmkit").setLevel(logging.WARNING)
     log.info("process %d of %d on %s (%s)", rank, size, device, chosen)
     return World(device, rank, size, chosen)
+
+
+def leave(code: int) -> None:
+    """End a process that started a process group with `code`, skipping Python's finalization;
+    a no-op in a process that started none. Call it last: it flushes and exits.
+
+    With DDP on gloo (torch 2.13), about one 2-process run in six aborted during interpreter
+    finalization, after all its work ("terminate called without an active exception", SIGABRT;
+    a 20-line DDP script without ldmkit does the same, a barrier before destroy_process_group
+    only makes it rarer), and torchrun then reports the run as failed and kills the other ranks.
+    Every file is written and closed by then, so `os._exit` loses nothing: 0 aborts in 30 runs.
+    """
+    if not _started:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os._exit(code)
