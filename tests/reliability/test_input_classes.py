@@ -314,17 +314,20 @@ def test_a_zero_or_negative_duration_is_an_error(tmp_path, capsys, text):
     assert not (tmp_path / "o" / "run.json").exists()
 
 
-def test_a_budget_too_short_to_plan_says_so_before_training(tmp_path, capsys):
+def test_a_budget_too_short_to_plan_says_so_before_training(tmp_path, capsys, caplog):
+    """A warning up front, not a refusal: a step timed on a busy machine can read far slower
+    than training runs, and the stages still stop at their deadlines with a checkpoint."""
     out = tmp_path / "o"
     rc, _, err = run_cli(capsys, "train", "--out", str(out), *tiny(1), "--time-budget", "3s")
-    line = error_line(err)
-    assert rc == 2 and re.search(
+    assert rc == 0, err
+    warned = [
+        r.getMessage() for r in caplog.records if "is too short for this run" in r.getMessage()
+    ]
+    assert len(warned) == 1 and re.search(
         r"--time-budget 3s is too short for this run on this machine: each stage runs 25 steps before it can plan \(autoencoder ~.* s/step, diffusion ~.* s/step, measured now\), so the budget must be at least [\d.]+ (s|min|h)",
-        line,
-    ), line
-    assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
-    rc, _, err = run_cli(capsys, "train", "--out", str(out), *tiny(1), "--time-budget", "10m")
-    assert rc == 0, err  # the folder is still free for the next call
+        warned[0],
+    ), warned
+    assert (out / "vae" / "model.safetensors").is_file()  # it trained, and stopped in time
 
 
 def test_training_without_a_budget_says_how_long_it_will_take(tmp_path, capsys, caplog):
