@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 EXIT_USAGE = 2
 
@@ -181,16 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    # default samplers are spelled out (samplers.DEFAULT_SAMPLER; a test keeps them equal) so
-    # that building the parser imports no torch; eval's defaults are api.evaluate's
-    p = _Parser(
-        prog="ldmkit",
-        description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train the autoencoder and the diffusion UNet into a run folder"
     )
@@ -212,6 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="under torchrun: the processes' backend (auto: nccl on CUDA, gloo on CPU)")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub: Any) -> None:
     s = sub.add_parser("sample", help="sample images from a trained run")
     s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     s.add_argument("--n", type=_number, default=64)
@@ -243,6 +237,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.set_defaults(func=cmd_sample)
 
+
+def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="convert a diffusers folder to a run, or a run to diffusers")
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-diffusers", metavar="DIR",
@@ -253,6 +249,8 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--scheduler", metavar="DIR", help="scheduler folder, if not DIR/scheduler")
     c.set_defaults(func=cmd_convert)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="sampler-quality table (FID, KID, precision, recall) of a run")
     e.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     e.add_argument("--ref", help="reference data spec (default: the run's data, from data.json)")
@@ -280,6 +278,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub: Any) -> None:
     r = sub.add_parser("report", help="write RUN/report.html, one self-contained page")
     r.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     r.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
@@ -290,6 +290,20 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=_number, default=0)
     r.add_argument("--device")
     r.set_defaults(func=cmd_report)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    # default samplers are spelled out (samplers.DEFAULT_SAMPLER; a test keeps them equal) so
+    # that building the parser imports no torch; eval's defaults are api.evaluate's
+    p = _Parser(
+        prog="ldmkit",
+        description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    for add in (_add_train, _add_sample, _add_convert, _add_eval, _add_report):
+        add(sub)
     return p
 
 

@@ -28,6 +28,7 @@ from ldmkit.runs import RunFolder, read_data
 
 VERBS = tuple(cli.make_parser()._subparsers._group_actions[0].choices)  # a new verb joins by itself
 BAD = ["0", "-1", "nan", "inf", "1e30", "99999999999999999999", "abc"]  # 0 is legal for some
+UNREADABLE_TIME = "cannot read the duration"  # the message of a malformed --time-budget
 RANGE = r"(from -?\d+ to \d+|>= -?\d|in [\[(][^ ]+, [^ ]+[\])]|above 0)"
 
 
@@ -108,7 +109,7 @@ def test_every_numeric_argument_of_every_verb(run_dir, tmp_path, capsys, verb, f
     assert rc == 2, err
     shown = {value, repr(cli._number(value))}
     assert flag in line and any(v in line for v in shown), line
-    assert re.search(RANGE, line) or "cannot read the duration" in line, line
+    assert re.search(RANGE, line) or UNREADABLE_TIME in line, line
 
 
 def test_flag_values_that_look_like_flags_get_one_line(capsys):

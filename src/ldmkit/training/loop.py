@@ -358,43 +358,13 @@ def train_stage(
             else:
                 bad_streak, last_loss = 0, float(logs["loss"])
                 meter.add(last_loss, sum(len(m) for m in micro) * world.size)
-                event = Progress(stage.name, step, plan.total)
-                if world.is_main and (step % cfg.log_every == 0 or step == plan.total):
-                    event.loss, event.images_per_s = meter.read()
-                    run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": cfg.lr * mult,
-                                   "images_per_s": event.images_per_s,
-                                   **{k: v for k, v in logs.items() if k not in ("loss", "skipped")}})  # fmt: skip
-                if world.is_main and progress is not None:
-                    progress(event)
-                if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
-                    with world.together():  # rank 0 draws with the unwrapped model: no collective
-                        if world.is_main:
-                            grid = stage.preview(step, ema.model if ema else stage.model)
-                            if grid is not None:
-                                run_log.add_image(f"{stage.name}/samples", grid, step)
+                _report(stage, cfg, step, plan.total, logs, cfg.lr * mult, meter, run_log,
+                        progress, world, ema)  # fmt: skip
                 if step % cfg.checkpoint_every == 0 and step < plan.total:
                     saved = checkpoint(last_loss)
-            # what ends the stage is decided once for every rank: a signal or a stop request that
-            # reached any of them, rank 0's deadline and rank 0's plan (the others pass -1)
-            late, mine = False, -1
-            if world.is_main:
-                plan.observe(step)  # (before step `step`)
-                late = plan.deadline is not None and time.perf_counter() >= plan.deadline
-                mine = plan.planned or -1
-            signum, requested, late, planned = world.agree(
-                [flag.signal or 0, flag.requested(), late, mine]
-            )
-            plan.planned = planned if planned > 0 else None
-            if signum or requested:
-                stopped = "signal" if signum else "stop request"
-                what = signal.Signals(signum).name if signum else "a stop request"
-                log.warning(
-                    "%s received: saving a checkpoint of %s at step %d and stopping; continue "
-                    "with --resume", what, stage.name, step,
-                )  # fmt: skip
-                break
-            if late:
-                stopped = "time budget"
+            why = _end_reason(stage.name, step, plan, flag, world)
+            if why is not None:
+                stopped = why
                 break
     if world.is_main and progress is not None:
         progress(Progress(stage.name, step, plan.total, done=True))
@@ -404,6 +374,49 @@ def train_stage(
         saved = checkpoint(last_loss)
     path = checkpoint_dir(folder.path, stage.name, saved) if saved is not None else None
     return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, path)
+
+
+def _report(
+    stage: Stage, cfg: TrainConfig, step: int, total: int, logs: dict[str, Any], lr: float,
+    meter: _Meter, run_log: RunLog, progress: ProgressFn | None, world: World, ema: EMA | None,
+) -> None:  # fmt: skip
+    """After an applied step (rank 0): the log row every log_every steps, a Progress event, and
+    a preview grid every sample_every steps (every rank waits for it)."""
+    event = Progress(stage.name, step, total)
+    if world.is_main and (step % cfg.log_every == 0 or step == total):
+        event.loss, event.images_per_s = meter.read()
+        extra = {k: v for k, v in logs.items() if k not in ("loss", "skipped")}
+        run_log.write({"stage": stage.name, "step": step, "loss": event.loss, "lr": lr,
+                       "images_per_s": event.images_per_s, **extra})  # fmt: skip
+    if world.is_main and progress is not None:
+        progress(event)
+    if stage.preview is not None and cfg.sample_every and step % cfg.sample_every == 0:
+        with world.together():  # rank 0 draws with the unwrapped model: no collective
+            if world.is_main:
+                grid = stage.preview(step, ema.model if ema else stage.model)
+                if grid is not None:
+                    run_log.add_image(f"{stage.name}/samples", grid, step)
+
+
+def _end_reason(name: str, step: int, plan: BudgetPlan, flag: StopFlag, world: World) -> str | None:
+    """Whether the stage ends after `step`, decided once for every rank: a signal or a stop
+    request that reached any of them ("signal", "stop request"), rank 0's deadline ("time
+    budget"); rank 0's plan is shared on the way (the others pass -1)."""
+    late, mine = False, -1
+    if world.is_main:
+        plan.observe(step)  # (before step `step`)
+        late = plan.deadline is not None and time.perf_counter() >= plan.deadline
+        mine = plan.planned or -1
+    signum, requested, late, planned = world.agree([flag.signal or 0, flag.requested(), late, mine])
+    plan.planned = planned if planned > 0 else None
+    if signum or requested:
+        what = signal.Signals(signum).name if signum else "a stop request"
+        log.warning(
+            "%s received: saving a checkpoint of %s at step %d and stopping; continue "
+            "with --resume", what, name, step,
+        )  # fmt: skip
+        return "signal" if signum else "stop request"
+    return "time budget" if late else None
 
 
 def _resume(
