@@ -136,11 +136,7 @@ class TextConditioner:
 
     def encode(self, ids: Tensor, device: torch.device) -> Cond:
         """Token ids (B, L) -> {"context": (B, L, D), "context_mask": (B, L)} on device."""
-        from ldmkit.models.text import PAD_ID
-
-        ids = ids.to(device)
-        mask = ids != PAD_ID
-        return {"context": self.encoder(ids, mask), "context_mask": mask}
+        return self.encoder.context(ids.to(device))
 
     def prompts(self, texts: Sequence[str], device: torch.device) -> Cond:
         return self.encode(self.tokenizer.encode(list(texts))[0], device)

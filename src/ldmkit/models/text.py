@@ -205,6 +205,12 @@ class TextEncoder(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
+    def context(self, ids: Tensor) -> dict[str, Tensor]:
+        """The UNet's cross-attention kwargs of token ids (B, L): {"context": the states
+        (B, L, width), "context_mask": True for the real tokens}."""
+        mask = ids != PAD_ID
+        return {"context": self(ids, mask), "context_mask": mask}
+
     def save_pretrained(self, directory: str | Path) -> None:
         save_model_folder(
             directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "TextEncoder"}

@@ -215,8 +215,8 @@ def _prepare(
     cond_data, tokenizer, prompts = ds.labels if mode == "class" else None, None, None
     if mode == "text":
         tokenizer, cond_data, prompts = _prepare_text(folder, cfg, ds, resumed)
-    log.info("conditioning: %s", {"class": f"{num_classes} classes", "text": "text prompts",
-                                  "none": "none (unconditional)"}[mode])  # fmt: skip
+    if mode != "class":  # the class case was logged above, with where its labels come from
+        log.info("conditioning: %s", "text prompts" if mode == "text" else "none (unconditional)")
     return _Run(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
@@ -336,7 +336,7 @@ def _latents(run: _Run, vae: Autoencoder) -> Tensor:
 
 def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
     """Stage 2: the UNet (and a text encoder) on the latents; returns (the EMA weights, steps,
-    stop reason). A text-conditional run trains `{"unet", "text_encoder"}` as one module."""
+    stop reason). A text-conditional run trains its encoder and UNet as one `TextUNet`."""
     cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
@@ -368,7 +368,7 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         unet_copy, encoder = split_model(m)
         cond = {}
         if encoder is not None:
-            cond = TextConditioner(run.tokenizer, encoder).encode(run.cond_data[:mb], device)
+            cond = encoder.context(run.cond_data[:mb].to(device))
         elif run.class_names:
             cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
         return unet_copy(x, t, **cond).square().mean()
@@ -411,7 +411,7 @@ def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str)
 
 def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
     """A function that samples a grid with the given model (a UNet, or the text run's
-    {"unet", "text_encoder"}): one labelled row per class or per preview prompt, else a square
+    `TextUNet`): one labelled row per class or per preview prompt, else a square
     of per_row x per_row images."""
     from ..evaluation.grids import save_grid
     from ..pipeline import LatentDiffusion

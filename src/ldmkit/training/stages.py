@@ -24,7 +24,7 @@ from ..diffusion.losses import training_loss
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
-from ..models.text import PAD_ID, TextEncoder
+from ..models.text import TextEncoder
 from ..models.unet import UNet
 from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
@@ -111,8 +111,7 @@ class TextUNet(nn.Module):
         self.unet, self.text_encoder = unet, text_encoder
 
     def forward(self, x_t: Tensor, t: Tensor, *, text_ids: Tensor) -> Tensor:
-        mask = text_ids != PAD_ID
-        return self.unet(x_t, t, context=self.text_encoder(text_ids, mask), context_mask=mask)
+        return self.unet(x_t, t, **self.text_encoder.context(text_ids))
 
 
 def split_model(model: nn.Module) -> tuple[nn.Module, TextEncoder | None]:
