@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +40,7 @@ from .runs import RunFolder
 if TYPE_CHECKING:  # the heavy modules are imported inside the functions that use them
     from torch import Tensor
 
+    from .pipeline import LatentDiffusion
     from .training.loop import ProgressFn, StopRequest
     from .training.run import RunResult
 
@@ -281,11 +282,16 @@ def sample(
     guidance_rescale: float = 0.0,
     batch_size: int = 64,
     device: str | None = None,
+    ldm: LatentDiffusion | None = None,
+    callback: Callable[..., Any] | None = None,
 ) -> Samples:
     """Draw n images from a run. A class-conditional model draws one row per class unless
     `classes` ("star", "3" or "circle,star") picks them; a text-conditional model draws one row
     per prompt (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance`
-    defaults to the run's."""
+    defaults to the run's.
+
+    `ldm`: the run's model when the caller has it loaded already (a server's cache);
+    `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""
     from .pipeline import LatentDiffusion
 
     check_path("--run", run)
@@ -296,7 +302,8 @@ def sample(
     check_guidance("--guidance", guidance)
     check_float("--guidance-rescale", guidance_rescale, 0, 1)
     check_sampler(sampler)
-    ldm = LatentDiffusion.from_run(run, device=check_device(device))
+    if ldm is None:
+        ldm = LatentDiffusion.from_run(run, device=check_device(device))
     check_steps("--steps", steps, ldm.schedule.num_timesteps)
     _check_condition_args(ldm, run, classes, prompts, negative_prompt)
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts
@@ -310,7 +317,8 @@ def sample(
             n, sampler, steps, format_seconds(seconds),
         )  # fmt: skip
     kwargs = dict(sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance,
-                  guidance_rescale=guidance_rescale, batch_size=batch_size)  # fmt: skip
+                  guidance_rescale=guidance_rescale, batch_size=batch_size,
+                  callback=callback)  # fmt: skip
     how = f"{n} images, {sampler}, {steps} steps, seed {seed}"
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner

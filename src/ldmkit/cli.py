@@ -182,6 +182,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import api
+
+    api.check_count("--port", args.port, 1, 65535)
+    api.check_path("--runs", args.runs)
+    api.check_path("--host", args.host)
+    try:
+        from .web import app as web
+    except ImportError as e:
+        raise CLIError(
+            f"ldmkit serve needs Starlette and uvicorn ({e.name} is missing); install them with "
+            "pip install -e '.[serve]'"
+        ) from None
+    site = web.create_app(args.runs, device=args.device,
+                          hosts=web.LOOPBACK if web.is_loopback(args.host) else None)  # fmt: skip
+    sock = web.listen(args.host, args.port)
+    if not web.is_loopback(args.host):
+        print(f"ldmkit: warning: --host {args.host} lets other machines on the network use this "
+              "page (sample, and stop trainings) without a password; serve on 127.0.0.1 "
+              "unless you mean it", file=sys.stderr)  # fmt: skip
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"serving the runs in {args.runs} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C stops)"
+    )
+    sys.stdout.flush()
+    web.serve(site, sock)
+    return 0
+
+
 def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train the autoencoder and the diffusion UNet into a run folder"
@@ -292,6 +321,18 @@ def _add_report(sub: Any) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser("serve", help="a local web page to sample, edit and watch trainings")
+    s.add_argument(
+        "--runs", default="runs", help="the folder holding the run folders (default: runs)"
+    )
+    s.add_argument("--port", type=_number, default=7860)
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default: this machine only); "
+                   "0.0.0.0 serves every network the machine is on")  # fmt: skip
+    s.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    s.set_defaults(func=cmd_serve)
+
+
 def make_parser() -> argparse.ArgumentParser:
     # default samplers are spelled out (samplers.DEFAULT_SAMPLER; a test keeps them equal) so
     # that building the parser imports no torch; eval's defaults are api.evaluate's
@@ -302,7 +343,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for add in (_add_train, _add_sample, _add_convert, _add_eval, _add_report):
+    for add in (_add_train, _add_sample, _add_convert, _add_eval, _add_report, _add_serve):
         add(sub)
     return p
 

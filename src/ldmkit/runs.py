@@ -10,6 +10,7 @@
       checkpoints/         resumable training states (ldmkit.training.state owns their format)
       samples/             preview grids; samples.png, loss.png, reconstructions.png beside them
       log.jsonl, tb/       scalars (JSON lines; TensorBoard when installed)
+      stop                 a stop request to the training running here  request_stop(), ...
       eval/                evaluation caches and tables (ldmkit.evaluation owns their format)
 
 Like diffusers' pipeline folder (model_index.json + one sub-folder per component), nothing but
@@ -157,8 +158,29 @@ class RunFolder:
     def report_path(self) -> Path:
         return self.path / "report.html"
 
+    @property
+    def stop_path(self) -> Path:
+        return self.path / "stop"
+
     def preview_path(self, step: int, prefix: str = "") -> Path:
         return self.samples_dir / f"{prefix}step-{step:08d}.png"
+
+    def newest_preview(self) -> Path | None:
+        """The preview grid written last (autoencoder or diffusion stage), or None."""
+        grids = list(self.samples_dir.glob("*step-*.png")) if self.samples_dir.is_dir() else []
+        return max(grids, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+    # ------------------------------------------------------------------ stop requests
+    # A file, so that another process (a web page's server, a script) can ask a training to
+    # stop with a checkpoint, as SIGINT does; the training clears it when it starts and ends.
+    def request_stop(self) -> None:
+        self.stop_path.touch()
+
+    def stop_requested(self) -> bool:
+        return self.stop_path.exists()
+
+    def clear_stop_request(self) -> None:
+        self.stop_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ state
     def exists(self) -> bool:

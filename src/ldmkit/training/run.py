@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,13 @@ def train_run(
         stage: "vae" stops after the autoencoder; "unet" trains the UNet on a saved one.
         progress: called with a `loop.Progress` after every step (the CLI draws a tqdm bar).
         stop: a threading.Event (or a callable) that, once set, stops the training cleanly with
-            a checkpoint, as SIGINT does.
+            a checkpoint, as SIGINT does. A stop request file in the run folder
+            (`RunFolder.request_stop`, e.g. a web page's stop button) does the same.
         backend: under torchrun, the process group's: "auto" (nccl on CUDA, gloo on the CPU),
             "gloo" or "nccl".
     """
     folder = RunFolder(out_dir)
+    stop = _or_stop_file(stop, folder)
     world = distributed.start(cfg, backend)  # one process, or this one among torchrun's N
     try:
         with contextlib.ExitStack() as lock:
@@ -122,6 +125,8 @@ def train_run(
                     _check_can_start(folder, resume)
                     folder.path.mkdir(parents=True, exist_ok=True)
                     lock.enter_context(RunLock(folder.path))
+                    folder.clear_stop_request()  # one left by an earlier training
+                    lock.callback(folder.clear_stop_request)  # answered: gone, lock still held
                 return _prepare(folder, cfg, resume, progress, stop, world, stage)
 
             run = world.main_first(prepare)
@@ -137,6 +142,14 @@ def train_run(
             return run.result(vae_steps, unet_steps, why)
     finally:
         world.close()
+
+
+def _or_stop_file(stop: StopRequest | None, folder: RunFolder) -> StopRequest:
+    """`stop`, or the run folder's stop request file: whichever comes first."""
+    if stop is None:
+        return folder.stop_requested
+    is_set = stop.is_set if isinstance(stop, threading.Event) else stop
+    return lambda: bool(is_set()) or folder.stop_requested()
 
 
 def _check_can_start(folder: RunFolder, resume: bool) -> None:

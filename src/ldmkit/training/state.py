@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,10 @@ def _test_pause() -> None:
     process mid-write. Unset (always, outside those tests) it does nothing."""
     delay = os.environ.get("LDMKIT_TEST_SLOW_CHECKPOINT")
     if delay:
-        import time
-
         time.sleep(float(delay))
+
+
+LOCK_TRIES = 4  # attempts to take a run's lock, 50 ms apart
 
 
 class RunLock:
@@ -239,9 +241,14 @@ class RunLock:
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(LOCK_TRIES):  # an `is_held` probe holds it for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 < LOCK_TRIES:
+                    time.sleep(0.05)
+        else:
             os.close(fd)
             raise RunLockedError(
                 f"another training is already writing to {self.path.parent}; wait for it to finish "
@@ -251,6 +258,24 @@ class RunLock:
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
+
+    @staticmethod
+    def is_held(run_dir: str | os.PathLike) -> bool:
+        """Whether a training holds the lock of `run_dir` now (a probe: a shared lock taken
+        and dropped at once, which never blocks)."""
+        path = Path(run_dir) / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:

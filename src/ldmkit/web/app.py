@@ -1,0 +1,549 @@
+"""`ldmkit serve`: a local web page and its JSON/PNG API over the runs of one folder.
+
+The page (static/: one HTML, one JS, one CSS file, no CDN, no web font) calls the API below,
+which calls `ldmkit.api` and `LatentDiffusion` like the command line does: nothing here samples,
+checks an argument or names a run file by itself.
+
+    GET  /api/runs                      runs under --runs: name, trained, training
+    GET  /api/run?run=NAME              its data, classes or text, guidance, which grids exist
+    GET  /api/run/log?run=NAME          loss rows per stage (log.jsonl)
+    GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview
+    POST /api/run/stop   {"run"}        asks its training to stop with a checkpoint
+    POST /api/sample     {"run", "n", "sampler", "steps", "seed", "guidance", "classes",
+                          "prompts", "negative_prompt"}             -> a queued job
+    GET  /api/job?id=ID                 state, step / total, place in the queue, error
+    GET  /api/job/preview?id=ID         PNG: the x0 estimate at the current step
+    GET  /api/job/result?id=ID          PNG with its parameters in the PNG text ("ldmkit")
+    GET  /api/job/image?id=ID&i=K       the K-th image of its grid, the same way
+    POST /api/job/cancel {"id"}
+
+Errors are JSON `{"error": "<one line>"}` with a 4xx status (the library's ValueErrors: 400).
+Requests are bounded: a body limit, a pixel limit on images, run names that stay inside --runs,
+one job at a time per run (web/jobs.py). Every response carries
+`Content-Security-Policy: default-src 'self'`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import api
+from ..config import ConfigError
+from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler
+from ..pipeline import LatentDiffusion
+from ..runs import RunFolder
+from ..training.state import RunLock
+from .jobs import Job, Jobs, QueueFull, Result
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 8 * 2**20  # a request body (uploaded images and masks)
+MAX_PIXELS = 4096 * 4096  # an uploaded image (Pillow's bomb guard allows 89 M by default)
+MAX_WEB_IMAGES = 64  # images per job
+MAX_DEPTH = 3  # folder levels under --runs searched for runs
+MAX_LOG_ROWS = 2000  # loss rows per stage sent to the page (evenly thinned)
+PREVIEW_EVERY_S = 0.25  # at most this often a job's x0 estimate is decoded for the page
+PNG_KEY = "ldmkit"  # PNG text chunk holding a result's parameters (JSON)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+RUN_IMAGES = ("samples", "loss", "reconstructions", "preview")
+
+
+class WebError(Exception):
+    """An expected failure of a request: its HTTP status and one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------------------ the app
+def create_app(runs: str | os.PathLike, *, device: str | None = None,
+               hosts: tuple[str, ...] | None = None) -> Guard:  # fmt: skip
+    """The web app over the runs under `runs`. `hosts`: the Host names it answers (None: any;
+    a server on 127.0.0.1 passes LOOPBACK, so a page of another site cannot reach it through
+    DNS rebinding)."""
+    site = Site(runs, device=device)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        site.jobs.close()
+
+    routes = [
+        Route("/", site.index),
+        Route("/api/runs", site.list_runs),
+        Route("/api/run", site.run_info),
+        Route("/api/run/log", site.run_log),
+        Route("/api/run/image", site.run_image),
+        Route("/api/run/stop", site.stop_training, methods=["POST"]),
+        Route("/api/sample", site.sample, methods=["POST"]),
+        Route("/api/job", site.job),
+        Route("/api/job/preview", site.job_preview),
+        Route("/api/job/result", site.job_result),
+        Route("/api/job/image", site.job_image),
+        Route("/api/job/cancel", site.cancel_job, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        exception_handlers={WebError: _web_error, HTTPException: _http_error, ValueError: _value_error,
+                            FileNotFoundError: _not_found},
+    )  # fmt: skip
+    app.state.site = site
+    return Guard(app, hosts=hosts)
+
+
+async def _web_error(request: Request, e: Exception) -> Response:
+    return _error(getattr(e, "status", 400), str(e))
+
+
+async def _http_error(request: Request, e: Exception) -> Response:
+    return _error(getattr(e, "status_code", 400), getattr(e, "detail", "bad request"))
+
+
+async def _value_error(request: Request, e: Exception) -> Response:
+    return _error(400, str(e))
+
+
+async def _not_found(request: Request, e: Exception) -> Response:
+    return _error(404, str(e))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    line = message.splitlines()[0] if message else "bad request"
+    return JSONResponse({"error": line}, status_code=status)
+
+
+class Guard:
+    """ASGI middleware: security headers on every response; refuses a request body over
+    MAX_BODY_BYTES (or of no declared size), a Host header not in `hosts`, and a POST that
+    another site's page sent (its Origin is not this server)."""
+
+    def __init__(self, app: ASGIApp, *, hosts: tuple[str, ...] | None) -> None:
+        self.app, self.hosts = app, hosts
+
+    @property
+    def state(self) -> Any:  # the app's, for tests
+        return self.app.state  # type: ignore[attr-defined]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    headers[k] = v
+            await send(message)
+
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            await _error(*refusal)(scope, receive, send_secured)
+            return
+        await self.app(scope, receive, send_secured)
+
+    def refusal(self, scope: Scope) -> tuple[int, str] | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0].strip("[]") if not host.endswith("]") else host.strip("[]")
+        if self.hosts is not None and name not in self.hosts:
+            return 400, f"Host {host!r} is not this server; open the page at 127.0.0.1"
+        if scope["method"] in ("GET", "HEAD"):
+            return None
+        origin = headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != host:
+            return 403, f"a request from the page of {origin} was refused; use this server's page"
+        size = headers.get("content-length")
+        if size is None or not size.isdigit():
+            return 411, "the request has no Content-Length; send the body with its size"
+        if int(size) > MAX_BODY_BYTES:
+            return 413, (
+                f"the request is {int(size) / 2**20:.1f} MiB, over the limit of "
+                f"{MAX_BODY_BYTES / 2**20:.0f} MiB; send a smaller image"
+            )
+        return None
+
+
+# ------------------------------------------------------------------------------ the site
+class Site:
+    """The runs folder, the loaded models (one per run, loaded once) and the jobs."""
+
+    def __init__(self, runs: str | os.PathLike, *, device: str | None = None) -> None:
+        api.check_path("--runs", runs)
+        root = Path(runs).expanduser()
+        if not root.is_dir():
+            raise ConfigError(
+                f"--runs {runs} is not a folder; give the folder that holds your run folders, "
+                "e.g. --runs runs"
+            )
+        if RunFolder.holds_run(root):
+            raise ConfigError(
+                f"--runs {runs} is a run folder; give the folder that holds it: --runs {root.resolve().parent}"
+            )
+        self.root = root.resolve()
+        self.device = api.check_device(device)
+        self.jobs = Jobs()
+        self._models: dict[str, tuple[tuple[int, int], LatentDiffusion]] = {}
+        self._models_lock = threading.Lock()
+
+    # -------------------------------------------------------------- runs
+    def folder(self, name: Any) -> RunFolder:
+        """The run called `name` (a relative path under --runs), or a 4xx WebError."""
+        if not isinstance(name, str) or not name:
+            raise WebError(400, "give a run: ?run=NAME, one of /api/runs")
+        parts = name.replace("\\", "/").split("/")
+        if (
+            name.startswith(("/", "\\"))
+            or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)
+        ):
+            raise WebError(
+                400, f"run {name!r} is not a folder name under --runs; pick one of /api/runs"
+            )
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root):  # a symbolic link out of --runs
+            raise WebError(
+                403, f"run {name!r} leads outside --runs; only runs inside it are served"
+            )
+        if not RunFolder.holds_run(path):
+            raise WebError(
+                404, f"no run {name!r} in --runs (no run.json there); pick one of /api/runs"
+            )
+        return RunFolder(path)
+
+    def run_names(self) -> list[str]:
+        found: list[str] = []
+
+        def walk(folder: Path, depth: int) -> None:
+            for child in sorted(folder.iterdir()):
+                if not child.is_dir() or child.name.startswith("."):
+                    continue
+                if not child.resolve().is_relative_to(self.root):
+                    continue
+                if RunFolder.holds_run(child):
+                    found.append(child.relative_to(self.root).as_posix())
+                elif depth < MAX_DEPTH:
+                    walk(child, depth + 1)
+
+        walk(self.root, 1)
+        return found
+
+    def model(self, folder: RunFolder) -> LatentDiffusion:
+        """The run's LatentDiffusion, loaded once (again when a training saves new weights)."""
+        folder.require_trained()
+        stamp = (folder.unet_dir.stat().st_mtime_ns, folder.vae_dir.stat().st_mtime_ns)
+        key = str(folder.path)
+        with self._models_lock:
+            cached = self._models.get(key)
+            if cached is None or cached[0] != stamp:
+                ldm = LatentDiffusion.from_run(folder.path, device=self.device)
+                self._models[key] = cached = (stamp, ldm)
+        return cached[1]
+
+    # -------------------------------------------------------------- pages and run endpoints
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def list_runs(self, request: Request) -> Response:
+        runs = []
+        for name in self.run_names():
+            folder = RunFolder(self.root / name)
+            runs.append({"name": name, "trained": _trained(folder),
+                         "training": RunLock.is_held(folder.path)})  # fmt: skip
+        return JSONResponse({"root": str(self.root), "runs": runs})
+
+    async def run_info(self, request: Request) -> Response:
+        name = request.query_params.get("run")
+        folder = self.folder(name)
+        cfg, data = folder.config(), folder.data_info()
+        text = folder.has_text()
+        classes = None if text else data.class_names
+        preview = folder.newest_preview()
+        return JSONResponse({
+            "name": name,
+            "trained": _trained(folder),
+            "training": RunLock.is_held(folder.path),
+            "stop_requested": folder.stop_requested(),
+            "conditioning": "text" if text else "class" if classes else "none",
+            "class_names": classes,
+            "guidance": cfg.guidance_scale,
+            "num_timesteps": cfg.diffusion.num_timesteps,
+            "image_size": cfg.image_size,
+            "data": {"name": data.name, "spec": data.spec or cfg.data,
+                     "num_images": data.num_images, "channels": data.channels},
+            "images": {
+                "samples": folder.final_grid_path.is_file(),
+                "loss": folder.loss_plot_path.is_file(),
+                "reconstructions": folder.reconstructions_path.is_file(),
+                "preview": preview.stem if preview else None,
+            },
+            "samplers": list(SAMPLERS), "default_sampler": DEFAULT_SAMPLER,
+            "max_images": MAX_WEB_IMAGES,
+        })  # fmt: skip
+
+    async def run_log(self, request: Request) -> Response:
+        folder = self.folder(request.query_params.get("run"))
+        stages: dict[str, list[list[float]]] = {}
+        if folder.log_path.is_file():
+            for line in folder.log_path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, TypeError):  # a row being written, a bad one
+                    row = json.loads(line)
+                    if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
+                        stages.setdefault(str(row["stage"]), []).append(
+                            [int(row["step"]), float(row["loss"])]
+                        )
+        for stage, rows in stages.items():
+            if len(rows) > MAX_LOG_ROWS:
+                keep = MAX_LOG_ROWS / len(rows)
+                stages[stage] = [
+                    r for i, r in enumerate(rows) if int(i * keep) != int((i + 1) * keep)
+                ]
+        return JSONResponse({"stages": stages})
+
+    async def run_image(self, request: Request) -> Response:
+        folder = self.folder(request.query_params.get("run"))
+        which = request.query_params.get("which")
+        paths = {"samples": folder.final_grid_path, "loss": folder.loss_plot_path,
+                 "reconstructions": folder.reconstructions_path,
+                 "preview": folder.newest_preview()}  # fmt: skip
+        if which not in paths:
+            raise WebError(400, f"which={which!r}: use one of {', '.join(RUN_IMAGES)}")
+        path = paths[which]
+        if path is None or not path.is_file():
+            raise WebError(404, f"the run has no {which} image yet")
+        return Response(path.read_bytes(), media_type="image/png")
+
+    async def stop_training(self, request: Request) -> Response:
+        body = await _json_body(request, {"run"})
+        folder = self.folder(body.get("run"))
+        if not RunLock.is_held(folder.path):
+            raise WebError(
+                409, f"no training is running in {body['run']}; there is nothing to stop"
+            )
+        folder.request_stop()
+        return JSONResponse({"stop_requested": True})
+
+    # -------------------------------------------------------------- jobs
+    async def sample(self, request: Request) -> Response:
+        fields = {"run", "n", "sampler", "steps", "seed", "guidance", "classes", "prompts",
+                  "negative_prompt"}  # fmt: skip
+        body = await _json_body(request, fields)
+        folder = self.folder(body.get("run"))
+        params = {"n": 8, "sampler": DEFAULT_SAMPLER, "steps": 20, "seed": 0, "guidance": None,
+                  "classes": None, "prompts": None, "negative_prompt": None}  # fmt: skip
+        params.update({k: v for k, v in body.items() if k != "run"})
+        # the cheap checks now, so that the page hears of a bad number at once (the rest when
+        # the model is loaded, in the job); the same helpers and messages as the CLI's
+        api.check_count("--n", params["n"], 1, MAX_WEB_IMAGES)
+        api.check_steps("--steps", params["steps"])
+        api.check_seed("--seed", params["seed"])
+        api.check_guidance("--guidance", params["guidance"])
+        _check_texts(params)
+        params["sampler"] = params["sampler"] or DEFAULT_SAMPLER
+        check_sampler(params["sampler"])
+        folder.require_trained()
+        return self._submit(body["run"], "sample", params, lambda job: self._sample(folder, job))
+
+    def _sample(self, folder: RunFolder, job: Job) -> Result:
+        ldm = self.model(folder)
+        p = job.params
+        total, last = p["steps"], 0.0
+
+        def progress(i: int, x: Any, sigma: Any, x0: Any) -> None:
+            nonlocal last
+            preview = None
+            if time.perf_counter() - last > PREVIEW_EVERY_S:
+                preview, last = _preview_png(ldm, x0), time.perf_counter()
+            job.report(min(job.step + 1, total), total, preview)
+
+        samples = api.sample(
+            folder.path, n=p["n"], sampler=p["sampler"], steps=p["steps"], seed=p["seed"],
+            classes=p["classes"], prompts=p["prompts"], negative_prompt=p["negative_prompt"],
+            guidance=p["guidance"], ldm=ldm, callback=progress,
+        )  # fmt: skip
+        meta = {"run": job.run, **p}
+        with tempfile.TemporaryDirectory() as tmp:
+            grid = Image.open(api.save_grid(samples, Path(tmp) / "grid.png"))
+            png = png_with_params(grid, meta)
+        images = [png_with_params(im, {**meta, "index": i})
+                  for i, im in enumerate(LatentDiffusion.to_pil(samples.images))]  # fmt: skip
+        return Result(png, {"description": samples.description, "images": len(images)}, images)
+
+    def _submit(self, run: str, kind: str, params: dict[str, Any], work: Any) -> Response:
+        try:
+            job = self.jobs.submit(run, kind, params, work)
+        except QueueFull as e:
+            raise WebError(429, str(e)) from None
+        return JSONResponse({"job": job.to_json(self.jobs.position(job))}, status_code=202)
+
+    def _job(self, request: Request, job_id: Any = None) -> Job:
+        job_id = job_id if job_id is not None else request.query_params.get("id")
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None:
+            raise WebError(404, f"no job {job_id!r} (finished jobs are kept for a while only)")
+        return job
+
+    async def job(self, request: Request) -> Response:
+        job = self._job(request)
+        return JSONResponse(job.to_json(self.jobs.position(job)))
+
+    async def job_preview(self, request: Request) -> Response:
+        job = self._job(request)
+        if job.preview is None:
+            raise WebError(404, "no preview yet: the job has not taken its first step")
+        return Response(job.preview, media_type="image/png")
+
+    async def job_result(self, request: Request) -> Response:
+        job = self._job(request)
+        if job.result is None:
+            raise WebError(409, f"job {job.id} is {job.state}; its result comes when it is done")
+        headers = {}
+        if request.query_params.get("download"):
+            headers["Content-Disposition"] = (
+                f'attachment; filename="ldmkit-{job.kind}-{job.id}.png"'
+            )
+        return Response(job.result.png, media_type="image/png", headers=headers)
+
+    async def job_image(self, request: Request) -> Response:
+        """One image of a finished job's grid (?i=0 the first), a PNG with its parameters."""
+        job = self._job(request)
+        images = job.result.images if job.result else []
+        i = request.query_params.get("i", "0")
+        if not i.isdigit() or int(i) >= len(images):
+            raise WebError(
+                404, f"job {job.id} has no image {i!r} ({len(images)} images, {job.state})"
+            )
+        return Response(images[int(i)], media_type="image/png")
+
+    async def cancel_job(self, request: Request) -> Response:
+        body = await _json_body(request, {"id"})
+        job = self._job(request, body.get("id"))
+        self.jobs.cancel(job)
+        return JSONResponse(job.to_json(self.jobs.position(job)))
+
+
+# ------------------------------------------------------------------------------ helpers
+def _trained(folder: RunFolder) -> bool:
+    return folder.has_model("vae") and folder.has_model("unet")
+
+
+async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
+    """The request's JSON object, with no key outside `fields`."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise WebError(400, "the request body is not JSON; send a JSON object") from None
+    if not isinstance(body, dict):
+        raise WebError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise WebError(400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    return body
+
+
+def _check_texts(params: dict[str, Any]) -> None:
+    """The text fields of a request: strings (prompts: a list of them); empty ones unset."""
+    prompts = params["prompts"]
+    if prompts is not None and (
+        not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts)
+    ):
+        raise WebError(400, "prompts must be a list of strings, one per grid row")
+    params["prompts"] = prompts or None
+    for name in ("sampler", "negative_prompt", "classes"):
+        value = params[name]
+        if value is not None and not isinstance(value, str):
+            raise WebError(400, f"{name} must be a string, got {value!r}")
+        if value is not None and not value.strip():
+            params[name] = None
+
+
+def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
+    """The step's x0 estimate (scaled latents), decoded, as one grid PNG (None if it cannot be
+    decoded: an early estimate may be far off; the job goes on)."""
+    from ..evaluation.grids import make_grid
+
+    try:
+        grid = make_grid(ldm.decode(x0).cpu(), nrow=None)
+    except ValueError:
+        return None
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_with_params(image: Image.Image, params: dict[str, Any]) -> bytes:
+    """`image` as PNG bytes with `params` (JSON) in its text chunk PNG_KEY."""
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_params(data: bytes) -> dict[str, Any]:
+    """The parameters a result PNG carries (png_with_params)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return json.loads(im.text[PNG_KEY])  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------ serving
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a one-line ConfigError (port taken, no such host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port, or a "
+            "--host of this machine"
+        ) from None
+    return sock
+
+
+def serve(app: Guard, sock: socket.socket) -> None:
+    """Serve `app` on a listening socket until Ctrl-C (uvicorn, one process)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])

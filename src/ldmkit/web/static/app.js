@@ -1,0 +1,318 @@
+// ldmkit serve: the page. It only calls the server's /api (same origin); no other URL.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { run: null, info: null, job: null, editJob: null, lastResult: null, trainTimer: null, lastPreview: null };
+
+// ------------------------------------------------------------------ talking to the server
+async function call(path, body) {
+  const opts = {};
+  if (body instanceof FormData) opts.method = "POST", opts.body = body;
+  else if (body !== undefined) {
+    opts.method = "POST";
+    opts.headers = { "Content-Type": "application/json" };
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  const json = (r.headers.get("content-type") || "").includes("json") ? await r.json() : null;
+  if (!r.ok) throw new Error((json && json.error) || `${r.status} ${r.statusText}`);
+  return json;
+}
+
+function q(params) { return new URLSearchParams(params).toString(); }
+
+function showError(message) {
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
+}
+
+async function guarded(fn) {
+  try { showError(""); await fn(); } catch (e) { showError(e.message); }
+}
+
+// ------------------------------------------------------------------ runs
+async function loadRuns() {
+  const data = await call("/api/runs");
+  const select = $("run");
+  select.replaceChildren(...data.runs.map((r) => new Option(r.name + (r.training ? " (training)" : ""), r.name)));
+  if (!data.runs.length) { showError(`no runs in ${data.root}; train one with ldmkit train --out ${data.root}/NAME`); return; }
+  await pickRun(select.value);
+}
+
+async function pickRun(name) {
+  state.run = name;
+  const info = state.info = await call("/api/run?" + q({ run: name }));
+  $("run-state").textContent = info.training ? "training now" : info.trained ? "trained" : "not trained yet";
+  const facts = [["data", `${info.data.name || info.data.spec} (${info.data.num_images ?? "?"} images)`],
+    ["image size", `${info.image_size} px, ${info.data.channels ?? "?"} channels`],
+    ["condition", info.conditioning === "class" ? info.class_names.join(", ") : info.conditioning === "text" ? "text prompts" : "none"],
+    ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)]];
+  $("facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+  showRunImage("samples", info.images.samples);
+  showRunImage("loss", info.images.loss);
+  fillSampleForm(info);
+  fillEditForm(info);
+  if (!$("tab-train").hidden) refreshTraining();
+}
+
+function el(tag, text) { const e = document.createElement(tag); e.textContent = text; return e; }
+
+function showRunImage(which, present) {
+  $(`${which}-fig`).hidden = !present;
+  if (present) $(`${which}-img`).src = "/api/run/image?" + q({ run: state.run, which, t: Date.now() });
+}
+
+// ------------------------------------------------------------------ sample
+function fillSampleForm(info) {
+  $("sampler").replaceChildren(...info.samplers.map((s) => new Option(s, s, false, s === info.default_sampler)));
+  $("guidance").value = info.guidance;
+  $("n").max = info.max_images;
+  const isClass = info.conditioning === "class", isText = info.conditioning === "text";
+  document.querySelectorAll(".for-class").forEach((e) => { e.hidden = !isClass; });
+  document.querySelectorAll(".for-text").forEach((e) => { e.hidden = !isText; });
+  $("classes").replaceChildren(new Option("one row per class", ""), ...(info.class_names || []).map((c) => new Option(c, c)));
+  $("generate").disabled = !info.trained;
+}
+
+function sampleRequest() {
+  const num = (id) => Number($(id).value);
+  const body = { run: state.run, sampler: $("sampler").value, steps: num("steps"), seed: num("seed"), n: num("n") };
+  if ($("guidance").value !== "") body.guidance = num("guidance");
+  if (state.info.conditioning === "class" && $("classes").value) body.classes = $("classes").value;
+  if (state.info.conditioning === "text") {
+    body.prompts = $("prompts").value.split("\n").map((s) => s.trim()).filter(Boolean);
+    if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
+  }
+  return body;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  await guarded(async () => {
+    const { job } = await call("/api/sample", sampleRequest());
+    $("result").hidden = true; $("download").hidden = true; $("preview").hidden = true;
+    await follow(job, { progress: $("progress"), text: $("progress-text"), cancel: $("cancel"), preview: $("preview"),
+      done: (j) => {
+        const url = "/api/job/result?" + q({ id: j.id });
+        $("result").src = url; $("result").hidden = false;
+        $("result-text").textContent = j.info.description;
+        $("download").href = url + "&download=1"; $("download").hidden = false;
+        state.lastResult = { id: j.id, url };
+        $("use-result").disabled = false;
+      } });
+  });
+}
+
+// Poll a job until it ends, showing its step, place in the queue and x0 preview.
+async function follow(job, ui) {
+  let lastStep = -1;
+  ui.cancel.disabled = false;
+  ui.cancel.onclick = () => guarded(() => call("/api/job/cancel", { id: job.id }));
+  try {
+    for (;;) {
+      ui.progress.max = Math.max(job.total, 1); ui.progress.value = job.step;
+      ui.text.textContent = job.state === "queued" ? `waiting (${job.position} ahead)` : `${job.state}: step ${job.step} of ${job.total || "?"}`;
+      if (ui.preview && job.has_preview && job.step !== lastStep) {
+        ui.preview.src = "/api/job/preview?" + q({ id: job.id, step: job.step }); ui.preview.hidden = false;
+        lastStep = job.step;
+      }
+      if (job.state === "done") { ui.done(job); return; }
+      if (job.state === "failed") throw new Error(job.error);
+      if (job.state === "cancelled") return;
+      await new Promise((r) => setTimeout(r, 300));
+      job = await call("/api/job?" + q({ id: job.id }));
+    }
+  } finally { ui.cancel.disabled = true; }
+}
+
+// ------------------------------------------------------------------ edit: source image and mask
+const mask = { w: 32, h: 32, data: new Uint8Array(32 * 32), drawing: false, last: null };
+
+function setSource(bitmap) {
+  const w = bitmap.width, h = bitmap.height;
+  for (const id of ["source", "mask"]) { $(id).width = w; $(id).height = h; }
+  $("source").getContext("2d").drawImage(bitmap, 0, 0);
+  Object.assign(mask, { w, h, data: new Uint8Array(w * h) });
+  drawMask();
+}
+
+async function useLastResult() {
+  const blob = await (await fetch("/api/job/image?" + q({ id: state.lastResult.id, i: 0 }))).blob();
+  setSource(await createImageBitmap(blob));
+}
+
+function paint(x, y) {
+  const r = Number($("brush-size").value) / 2, value = document.querySelector("input[name=tool]:checked").value === "brush" ? 1 : 0;
+  for (let py = Math.floor(y - r); py <= Math.ceil(y + r); py++) {
+    for (let px = Math.floor(x - r); px <= Math.ceil(x + r); px++) {
+      if (px < 0 || py < 0 || px >= mask.w || py >= mask.h) continue;
+      if ((px + 0.5 - x) ** 2 + (py + 0.5 - y) ** 2 <= r * r) mask.data[py * mask.w + px] = value;
+    }
+  }
+}
+
+function stroke(event) {
+  const box = $("mask").getBoundingClientRect();
+  const p = { x: (event.clientX - box.left) / box.width * mask.w, y: (event.clientY - box.top) / box.height * mask.h };
+  const from = mask.last || p, steps = Math.max(1, Math.ceil(Math.hypot(p.x - from.x, p.y - from.y) * 2));
+  for (let i = 1; i <= steps; i++) paint(from.x + (p.x - from.x) * i / steps, from.y + (p.y - from.y) * i / steps);
+  mask.last = p;
+  drawMask();
+}
+
+function drawMask() {
+  const ctx = $("mask").getContext("2d"), img = ctx.createImageData(mask.w, mask.h);
+  mask.data.forEach((m, i) => { if (m) img.data.set([255, 40, 40, 150], i * 4); });
+  ctx.putImageData(img, 0, 0);
+}
+
+function maskBlob() {
+  const c = document.createElement("canvas"); c.width = mask.w; c.height = mask.h;
+  const ctx = c.getContext("2d"), img = ctx.createImageData(mask.w, mask.h);
+  mask.data.forEach((m, i) => img.data.set([255 * m, 255 * m, 255 * m, 255], i * 4));
+  ctx.putImageData(img, 0, 0);
+  return new Promise((resolve) => c.toBlob(resolve, "image/png"));
+}
+
+// ------------------------------------------------------------------ edit: methods from the server
+function fillEditForm(info) {
+  const methods = info.editing || {};
+  $("edit-tab").hidden = !Object.keys(methods).length;
+  $("edit-kind").replaceChildren(...Object.keys(methods).map((k) => new Option(methods[k].label, k)));
+  showEditParams();
+}
+
+function showEditParams() {
+  const spec = (state.info.editing || {})[$("edit-kind").value];
+  if (!spec) return;
+  $("mask-tools").hidden = !spec.mask;
+  $("mask").hidden = !spec.mask;
+  $("edit-params").replaceChildren(...spec.fields.map((f) => {
+    const label = el("label", f.label), input = document.createElement(f.options ? "select" : "input");
+    if (f.options) input.replaceChildren(...f.options.map((o) => new Option(o, o, false, o === f.value)));
+    else Object.assign(input, { type: f.type || "number", min: f.min ?? "", max: f.max ?? "", step: f.step ?? "any", value: f.value ?? "" });
+    input.name = f.name; input.dataset.kind = f.type || (f.options ? "text" : "number");
+    label.append(input);
+    return label;
+  }));
+}
+
+function editParams() {
+  const params = {};
+  for (const input of $("edit-params").querySelectorAll("input, select")) {
+    if (input.value === "") continue;
+    params[input.name] = input.dataset.kind === "text" ? input.value : Number(input.value);
+  }
+  return params;
+}
+
+async function runEdit() {
+  await guarded(async () => {
+    const kind = $("edit-kind").value, spec = state.info.editing[kind];
+    const form = new FormData();
+    form.append("run", state.run); form.append("kind", kind);
+    form.append("params", JSON.stringify(editParams()));
+    if (spec.image) form.append("image", await new Promise((r) => $("source").toBlob(r, "image/png")), "image.png");
+    if (spec.mask) form.append("mask", await maskBlob(), "mask.png");
+    const { job } = await call("/api/edit", form);
+    $("edit-result").hidden = true; $("edit-download").hidden = true; $("anim-fig").hidden = true;
+    await follow(job, { progress: $("edit-progress"), text: $("edit-progress-text"), cancel: $("edit-cancel"),
+      done: (j) => {
+        const url = "/api/job/result?" + q({ id: j.id });
+        $("edit-result").src = url; $("edit-result").hidden = false;
+        $("edit-text").textContent = (j.info.notes || []).join(" ") || "result";
+        $("edit-download").href = url + "&download=1"; $("edit-download").hidden = false;
+        if (j.info.frames > 1) animate(url, j.info.frames);
+      } });
+  });
+}
+
+// An interpolation comes as one strip of frames; play it on a canvas, frame by frame.
+async function animate(url, frames) {
+  const strip = await createImageBitmap(await (await fetch(url)).blob());
+  const w = strip.width / frames, c = $("anim"), ctx = c.getContext("2d");
+  c.width = w; c.height = strip.height; $("anim-fig").hidden = false;
+  let i = 0;
+  clearInterval(state.animTimer);
+  state.animTimer = setInterval(() => { ctx.drawImage(strip, i * w, 0, w, strip.height, 0, 0, w, strip.height); i = (i + 1) % frames; }, 150);
+}
+
+// ------------------------------------------------------------------ training
+async function refreshTraining() {
+  if (!state.run) return;
+  const info = await call("/api/run?" + q({ run: state.run }));
+  $("train-state").textContent = info.training
+    ? (info.stop_requested ? "stop requested: the training saves a checkpoint and stops" : "training now (refreshed every 2 s)")
+    : "no training is running in this run";
+  $("stop").disabled = !info.training || info.stop_requested;
+  drawLoss((await call("/api/run/log?" + q({ run: state.run }))).stages);
+  const preview = info.images.preview;
+  $("train-preview").hidden = !preview;
+  if (preview && preview !== state.lastPreview) {
+    $("train-preview").src = "/api/run/image?" + q({ run: state.run, which: "preview", name: preview });
+    $("train-preview-text").textContent = `newest preview: ${preview}`;
+    state.lastPreview = preview;
+  }
+}
+
+function drawLoss(stages) {
+  const c = $("loss-chart"), ctx = c.getContext("2d"), pad = 40;
+  ctx.clearRect(0, 0, c.width, c.height);
+  const all = Object.values(stages).flat();
+  if (!all.length) { ctx.fillText("no loss rows yet", pad, pad); return; }
+  const ys = all.map((r) => Math.log10(Math.max(r[1], 1e-12)));
+  const [y0, y1] = [Math.min(...ys), Math.max(...ys) + 1e-9];
+  const colors = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1"];
+  ctx.strokeStyle = "#999"; ctx.strokeRect(pad, 10, c.width - pad - 10, c.height - pad - 10);
+  ctx.fillStyle = "#444";
+  ctx.fillText(`${(10 ** y1).toPrecision(3)}`, 2, 18); ctx.fillText(`${(10 ** y0).toPrecision(3)}`, 2, c.height - pad);
+  ctx.fillText("step (log-scale loss)", c.width / 2 - 50, c.height - 8);
+  Object.entries(stages).forEach(([stage, rows], k) => {
+    const xmax = Math.max(...rows.map((r) => r[0]), 1);
+    ctx.strokeStyle = ctx.fillStyle = colors[k % colors.length];
+    ctx.beginPath();
+    rows.forEach(([step, loss], i) => {
+      const x = pad + (step / xmax) * (c.width - pad - 10);
+      const y = 10 + (1 - (Math.log10(Math.max(loss, 1e-12)) - y0) / (y1 - y0)) * (c.height - pad - 10);
+      i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+    ctx.fillText(stage, c.width - 120, 24 + 14 * k);
+  });
+}
+
+async function stopTraining() {
+  await guarded(async () => {
+    await call("/api/run/stop", { run: state.run });
+    await refreshTraining();
+  });
+}
+
+// ------------------------------------------------------------------ wiring
+function showTab(name) {
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
+  clearInterval(state.trainTimer);
+  if (name === "train") {
+    guarded(refreshTraining);
+    state.trainTimer = setInterval(() => guarded(refreshTraining), 2000);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("run").addEventListener("change", (e) => guarded(() => pickRun(e.target.value)));
+  $("sample-form").addEventListener("submit", generate);
+  document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+  $("stop").addEventListener("click", stopTraining);
+  $("edit-kind").addEventListener("change", showEditParams);
+  $("edit-run").addEventListener("click", runEdit);
+  $("use-result").addEventListener("click", () => guarded(useLastResult));
+  $("upload").addEventListener("change", (e) => guarded(async () => { if (e.target.files[0]) setSource(await createImageBitmap(e.target.files[0])); }));
+  $("invert").addEventListener("click", () => { mask.data = mask.data.map((m) => 1 - m); drawMask(); });
+  $("clear").addEventListener("click", () => { mask.data.fill(0); drawMask(); });
+  const canvas = $("mask");
+  canvas.addEventListener("pointerdown", (e) => { mask.drawing = true; mask.last = null; canvas.setPointerCapture(e.pointerId); stroke(e); });
+  canvas.addEventListener("pointermove", (e) => { if (mask.drawing) stroke(e); });
+  canvas.addEventListener("pointerup", () => { mask.drawing = false; mask.last = null; });
+  guarded(loadRuns);
+});
