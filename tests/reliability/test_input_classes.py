@@ -65,6 +65,7 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
                  "--out", str(tmp / "eval")],
         "report": ["report", "--run", str(run), "--steps", "2", "--out", str(tmp / "r.html")],
         "convert": ["convert", "--to-diffusers", str(run), "--out", str(tmp / "diffusers")],
+        "serve": ["serve", "--runs", str(run.parent)],  # every value tried for --port is refused
     }  # fmt: skip
     if verb not in commands:
         pytest.fail(f"a new verb {verb!r}: add a quick valid command of it here")

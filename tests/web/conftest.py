@@ -9,25 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip(
+    "starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'"
+)
 
-# a two-stage run small enough to train in seconds on one thread: 64 shapes at 16 px
-TINY = [
-    "image_size=16", "vae.block_out_channels=[8,8]", "vae.norm_groups=4",
-    "vae.layers_per_block=1", "vae.mid_attention=false", "unet.block_out_channels=[8,16]",
-    "unet.attention_resolutions=[]", "unet.norm_num_groups=4", "unet.head_dim=8",
-    "unet.num_res_blocks=1", "unet.mid_attention=false", "vae_train.batch_size=8",
-    "unet_train.batch_size=8", "vae_train.log_every=1", "unet_train.log_every=1",
-    "preview_steps=2", "diffusion.num_timesteps=100",
-]  # fmt: skip
-
-
-def tiny_settings(steps: int, sample_every: int = 0) -> list[str]:
-    return TINY + [
-        f"vae_train.steps={steps}", f"unet_train.steps={steps}",
-        f"vae_train.sample_every={sample_every}", f"unet_train.sample_every={sample_every}",
-        f"vae_train.checkpoint_every={steps}", f"unet_train.checkpoint_every={steps}",
-    ]  # fmt: skip
+from serve_helpers import tiny_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
