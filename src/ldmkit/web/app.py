@@ -384,10 +384,10 @@ class Site:
 
         def progress(i: int, x: Any, sigma: Any, x0: Any) -> None:
             nonlocal last
-            preview = None
-            if time.perf_counter() - last > PREVIEW_EVERY_S:
+            step, preview = min(job.step + 1, total), None
+            if step == total or time.perf_counter() - last > PREVIEW_EVERY_S:
                 preview, last = _preview_png(ldm, x0), time.perf_counter()
-            job.report(min(job.step + 1, total), total, preview)
+            job.report(step, total, preview)
 
         samples = api.sample(
             folder.path, n=p["n"], sampler=p["sampler"], steps=p["steps"], seed=p["seed"],

@@ -1,0 +1,107 @@
+"""The page end to end in a real headless browser: Debian's chromium, driven by Playwright
+(never a browser download). Skipped, saying why, where either is missing.
+
+LDMKIT_SCREENSHOTS=DIR also writes the screenshots there (the README's come from
+`LDMKIT_SCREENSHOTS=docs LDMKIT_SERVE_RUNS=runs LDMKIT_SERVE_RUN=shapes pytest tests/web/test_browser.py`,
+a trained run)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serve_helpers import live_server
+
+pytest.importorskip(
+    "starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'"
+)
+pytest.importorskip("playwright", reason="the browser test drives chromium with Playwright: pip install playwright (no browser download)")  # fmt: skip
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on this machine (Debian: apt-get install chromium); .ci/run installs it",
+)
+
+
+def not_blank(png: bytes) -> float:
+    """The standard deviation of a screenshot's pixels (a blank page: 0)."""
+    return float(np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64).std())
+
+
+@pytest.fixture
+def browser_page(runs):
+    """(page, base URL, run name, problems): problems collects page errors, console errors (CSP
+    refusals among them) and any request to another address, which is aborted."""
+    from playwright.sync_api import sync_playwright
+
+    root = Path(os.environ.get("LDMKIT_SERVE_RUNS", runs))
+    run = os.environ.get("LDMKIT_SERVE_RUN", "shapes")
+    problems: list[str] = []
+    with live_server(root) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1180, "height": 820})
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+
+        def only_this_server(route):
+            if route.request.url.startswith(url + "/"):
+                route.continue_()
+            else:
+                problems.append(f"request to {route.request.url}")
+                route.abort()
+
+        page.route("**/*", only_this_server)
+        try:
+            yield page, url, run, problems
+        finally:
+            browser.close()
+
+
+def screenshot(page, name: str, tmp_path: Path) -> bytes:
+    png = page.screenshot(path=str(tmp_path / name))
+    if os.environ.get("LDMKIT_SCREENSHOTS"):
+        Path(os.environ["LDMKIT_SCREENSHOTS"], name).write_bytes(png)
+    return png
+
+
+def test_the_page_samples_a_grid(browser_page, tmp_path):
+    page, url, run, problems = browser_page
+    page.goto(url + "/")
+    page.wait_for_selector(f"#run option[value='{run}']", state="attached")
+    page.select_option("#run", run)
+    page.wait_for_function("() => document.getElementById('classes').options.length > 1")
+    page.fill("#steps", "10")
+    page.fill("#n", "10")
+    page.click("#generate")
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('result').naturalWidth > 0")
+    assert page.inner_text("#progress-text") == "done: step 10 of 10"
+    assert "10 images" in page.inner_text("#result-text")
+    assert page.is_visible("#download") and page.is_visible("#preview")
+    shot = screenshot(page, "serve-sample.png", tmp_path)
+    assert not_blank(shot) > 10
+    assert not_blank(page.locator("#result").screenshot()) > 5  # the grid itself, not one colour
+
+    page.click("#tabs button[data-tab=train]")
+    page.wait_for_function("() => document.getElementById('train-state').textContent.length > 0")
+    assert page.inner_text("#train-state") == "no training is running in this run"
+    assert page.is_disabled("#stop")
+    assert not_blank(page.locator("#loss-chart").screenshot()) > 5
+    assert problems == []
+
+
+def test_the_page_shows_a_refused_request_as_one_line(browser_page):
+    page, url, run, problems = browser_page
+    page.goto(url + "/")
+    page.wait_for_selector(f"#run option[value='{run}']", state="attached")
+    page.fill("#guidance", "1e6")  # the form has no upper bound: the server's check answers
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error").startswith("--guidance must be a finite number in [0, ")
+    assert [p for p in problems if "400" not in p] == []  # the browser logs the 400 itself
