@@ -18,7 +18,7 @@ LAYERS = [
     ("base", ["ldmkit.config", "ldmkit.checkpoint", "ldmkit.utils", "ldmkit.runtime"]),
     ("core", ["ldmkit.diffusion", "ldmkit.models", "ldmkit.data"]),
     ("recipe", ["ldmkit.recipe", "ldmkit.runs", "ldmkit.pipeline"]),
-    ("stages", ["ldmkit.training", "ldmkit.evaluation", "ldmkit.interop"]),
+    ("stages", ["ldmkit.training", "ldmkit.evaluation", "ldmkit.interop", "ldmkit.editing"]),
     ("front", ["ldmkit.api", "ldmkit.cli", "ldmkit.__main__", "ldmkit.web"]),
 ]
 

@@ -13,13 +13,24 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .data.transforms import to_uint8
-from .diffusion.samplers import DEFAULT_SAMPLER, NonFiniteSampleError, check_sampler, sample
+from .diffusion.denoiser import Denoiser
+from .diffusion.samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    NonFiniteSampleError,
+    check_sampler,
+    check_start,
+    get_sigmas,
+    make_denoiser,
+    run_sampler,
+)
 from .diffusion.schedules import NoiseSchedule
 from .models.conditioning import ClassConditioner, TextConditioner
 from .models.text import TextEncoder, Tokenizer
@@ -29,6 +40,22 @@ from .runs import RunFolder
 from .runtime import resolve_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What n images are conditioned on: class labels (long (n,)) or prompts (n strings) or
+    None, negative prompts or None, and the guidance scale (1 = none)."""
+
+    cond: Any
+    negative: list[str] | None
+    guidance_scale: float
+    n: int
+
+    def part(self, start: int, b: int) -> Conditions:
+        """The conditions of images start .. start + b."""
+        cut = lambda v: None if v is None else v[start : start + b]  # noqa: E731
+        return Conditions(cut(self.cond), cut(self.negative), self.guidance_scale, b)
 
 
 class LatentDiffusion:
@@ -108,6 +135,17 @@ class LatentDiffusion:
         c = self.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
+    @property
+    def downsampling(self) -> int:
+        """Pixels per latent cell along each side (the autoencoder's factor f)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes and edits."""
+        size = self.unet.config.sample_size * self.downsampling
+        return (self.vae.config.image_channels, size, size)
+
     @torch.no_grad()
     def encode(
         self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
@@ -160,31 +198,68 @@ class LatentDiffusion:
         check_sampler(sampler)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        cond_all, negative = self._check_conditions(n, class_labels, prompt, negative_prompt)
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance if cond_all is not None else 1.0
+        conditions = self.conditions(n, class_labels, prompt, negative_prompt, guidance_scale)
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed
+        sigmas = self.sigmas(sampler, steps, sampler_options.pop("spacing", None))
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-            part = cond_all[start : start + b] if cond_all is not None else None
-            if negative is not None:
-                cond, uncond = self.conditioner.sampling_kwargs(
-                    part, b, guidance_scale, self.device, negative=negative[start : start + b]
-                )
-            else:
-                cond, uncond = self.conditioner.sampling_kwargs(
-                    part, b, guidance_scale, self.device
-                )
-            z = sample(
-                self.unet, self.schedule, (b, *self.latent_shape), sampler=sampler, steps=steps,
-                prediction_type=self.unet.config.prediction_type, generator=gen,
-                callback=callback, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale, device=self.device, **sampler_options,
+            denoise = self.denoiser(conditions.part(start, b), guidance_rescale=guidance_rescale)
+            x_T = torch.randn((b, *self.latent_shape), generator=gen).to(self.device)
+            z = run_sampler(
+                denoise, x_T, sigmas, sampler=sampler, generator=gen, callback=callback,
+                **sampler_options,
             )  # fmt: skip
             out.append((z if return_latents else self.decode(z)).float().cpu())
         return torch.cat(out)
+
+    def sigmas(self, sampler: str, steps: int, spacing: str | None = None) -> Tensor:
+        """The noise levels `sample` walks down for this sampler and step count (float64,
+        steps + 1, ending in 0), checked against the model's prediction type."""
+        check_sampler(sampler)
+        sigmas = get_sigmas(self.schedule, steps, spacing or DEFAULT_SPACING[sampler])
+        check_start(sigmas, self.unet.config.prediction_type)
+        return sigmas
+
+    def conditions(
+        self,
+        n: int,
+        class_labels: Sequence[int] | Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance_scale: float | None = None,
+    ) -> Conditions:
+        """The checked conditions of n images (labels or prompts, negative prompts) and the
+        guidance scale (None: the run's default with a condition, else 1)."""
+        cond_all, negative = self._check_conditions(n, class_labels, prompt, negative_prompt)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance if cond_all is not None else 1.0
+        return Conditions(cond_all, negative, float(guidance_scale), n)
+
+    def denoiser(
+        self,
+        conditions: Conditions,
+        *,
+        guidance_rescale: float = 0.0,
+        network: Callable[..., Tensor] | None = None,
+    ) -> Denoiser:
+        """The denoiser (x, sigma) -> x0 of images with these conditions (for b = len(conditions)
+        images): the UNet (or `network`, a wrapper of it) with the condition bound, under
+        classifier-free guidance when the scale is not 1."""
+        b, guidance = conditions.n, conditions.guidance_scale
+        if conditions.negative is not None:
+            cond, uncond = self.conditioner.sampling_kwargs(
+                conditions.cond, b, guidance, self.device, negative=conditions.negative
+            )
+        else:
+            cond, uncond = self.conditioner.sampling_kwargs(
+                conditions.cond, b, guidance, self.device
+            )
+        return make_denoiser(
+            network or self.unet, self.schedule, self.unet.config.prediction_type, cond=cond,
+            uncond=uncond, guidance_scale=guidance, guidance_rescale=guidance_rescale,
+        )  # fmt: skip
 
     def _check_conditions(
         self, n: int, class_labels: Any, prompt: Any, negative_prompt: Any

@@ -22,6 +22,7 @@ tests' helpers all go through it. A training writes run.json before its first st
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -315,6 +316,20 @@ class RunFolder:
 
     def save_unet(self, unet: UNet) -> None:
         unet.save_pretrained(self.unet_dir)
+
+    def weights_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) of the weights a sample depends on: the autoencoder's,
+        the UNet's and, for a text model, the text encoder's and the tokenizer's files. Edited
+        PNGs record it, so that reproducing one from its metadata can tell a retrained run."""
+        digest = hashlib.sha256()
+        files = [self.vae_dir / WEIGHTS_NAME, self.unet_dir / WEIGHTS_NAME]
+        if self.has_text():
+            files += [self.text_encoder_dir / WEIGHTS_NAME, self.tokenizer_path]
+        for path in files:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ latent cache
     def vae_identity(self, num_images: int) -> str:

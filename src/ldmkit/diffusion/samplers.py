@@ -517,6 +517,66 @@ DEFAULT_SPACING: dict[str, Spacing] = {
 }
 
 
+def make_denoiser(
+    model: NetworkFn,
+    schedule: NoiseSchedule,
+    prediction_type: PredictionType = "eps",
+    *,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+) -> Denoiser:
+    """The denoiser `(x, sigma) -> x0` a sampler calls: the network in VE terms with its
+    condition bound, or wrapped in classifier-free guidance when `uncond` is given."""
+    denoise: Denoiser = VPDenoiser(model, schedule, prediction_type)
+    cond = cond or {}
+    if uncond is not None:
+        return classifier_free_guidance(
+            denoise, guidance_scale, cond=cond, uncond=uncond, rescale=guidance_rescale
+        )
+    return functools.partial(denoise, **cond) if cond else denoise
+
+
+@torch.no_grad()
+def run_sampler(
+    denoise: Denoiser,
+    x_T: Tensor,
+    sigmas: Tensor,
+    *,
+    sampler: str = DEFAULT_SAMPLER,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    **sampler_options,
+) -> Tensor:
+    """Run `sampler` from the VP state x_T at sigmas[0] down to sigmas[-1] = 0.
+
+    x_T enters the VE sampler as x_T * sqrt(1 + sigmas[0]^2), or unchanged when sigmas[0] = inf.
+    `sigmas` may be any tail of `get_sigmas` (image-to-image starts part-way down), and x_T any
+    VP state at that level (e.g. `process.add_noise` of a latent). The state is checked for
+    NaN/inf after every step (NonFiniteSampleError names the step).
+    """
+    check_sampler(sampler)
+    _check_sigmas(sigmas)
+    scale = 1.0 if torch.isinf(sigmas[0]) else math.sqrt(1 + sigmas[0].item() ** 2)
+    steps = len(sigmas) - 1
+    x0 = SAMPLERS[sampler](
+        denoise, x_T * scale, sigmas, generator=generator,
+        callback=_stop_if_not_finite(callback, sampler, steps), **sampler_options,
+    )  # fmt: skip
+    _require_finite(x0, sampler, steps - 1, steps, sigmas[-1])  # samplers that skip a callback
+    return x0
+
+
+def check_start(sigmas: Tensor, prediction_type: PredictionType) -> None:
+    """Refuse an eps-prediction network at sigma = inf, where it cannot say anything."""
+    if torch.isinf(sigmas[0]) and prediction_type == "eps":
+        raise ValueError(
+            "an eps-prediction model cannot start at zero terminal SNR (sigma = inf); "
+            "use prediction_type='v' (Lin et al. 2024) or spacing='leading'"
+        )
+
+
 @torch.no_grad()
 def sample(
     model: NetworkFn,
@@ -553,16 +613,13 @@ def sample(
             `guidance_scale` between `cond` and `uncond` (see guidance.py); `guidance_rescale`
             in [0, 1] pulls a high scale's output std back toward the conditional one.
         sampler_options: passed to the sampler (eta, variance, s_churn, n_corrector, ...).
+
+    The same as `run_sampler(make_denoiser(...), x_T, get_sigmas(...))`.
     """
     check_sampler(sampler)
     spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     sigmas = get_sigmas(schedule, steps, spacing)
-    if torch.isinf(sigmas[0]) and prediction_type == "eps":
-        raise ValueError(
-            "an eps-prediction model cannot start at zero terminal SNR (sigma = inf); "
-            "use prediction_type='v' (Lin et al. 2024) or spacing='leading'"
-        )
-
+    check_start(sigmas, prediction_type)
     if isinstance(shape_or_xT, Tensor):
         x_T = shape_or_xT
     else:
@@ -570,24 +627,14 @@ def sample(
         draw_on = generator.device if generator is not None else device
         x_T = torch.randn(tuple(shape_or_xT), generator=generator, device=draw_on, dtype=dtype)
         x_T = x_T.to(device)
-    scale = 1.0 if torch.isinf(sigmas[0]) else math.sqrt(1 + sigmas[0].item() ** 2)
-    x = x_T * scale
-
-    denoise: Denoiser = VPDenoiser(model, schedule, prediction_type)
-    cond = cond or {}
-    if uncond is not None:
-        denoise = classifier_free_guidance(
-            denoise, guidance_scale, cond=cond, uncond=uncond, rescale=guidance_rescale
-        )
-    elif cond:
-        denoise = functools.partial(denoise, **cond)
-    steps = len(sigmas) - 1
-    x0 = SAMPLERS[sampler](
-        denoise, x, sigmas, generator=generator,
-        callback=_stop_if_not_finite(callback, sampler, steps), **sampler_options,
+    denoise = make_denoiser(
+        model, schedule, prediction_type, cond=cond, uncond=uncond,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
     )  # fmt: skip
-    _require_finite(x0, sampler, steps - 1, steps, sigmas[-1])  # samplers that skip a callback
-    return x0
+    return run_sampler(
+        denoise, x_T, sigmas, sampler=sampler, generator=generator, callback=callback,
+        **sampler_options,
+    )  # fmt: skip
 
 
 class NonFiniteSampleError(ValueError):
