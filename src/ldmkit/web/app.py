@@ -16,6 +16,9 @@ checks an argument or names a run file by itself.
     GET  /api/job/result?id=ID          PNG with its parameters in the PNG text ("ldmkit")
     GET  /api/job/image?id=ID&i=K       the K-th image of its grid, the same way
     POST /api/job/cancel {"id"}
+    POST /api/edit       multipart: run, kind (inpaint, img2img, interpolate, denoise, fill),
+                         params (JSON), image, mask, image2 (PNG uploads)  -> a queued job
+    GET  /api/job/input?id=ID&which=image|mask|image2   an upload as the server received it
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status (the library's ValueErrors: 400).
 Requests are bounded: a body limit, a pixel limit on images, run names that stay inside --runs,
@@ -42,6 +45,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -56,13 +60,13 @@ from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from ..training.state import RunLock
+from . import edits
 from .jobs import Job, Jobs, QueueFull, Result
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 2**20  # a request body (uploaded images and masks)
-MAX_PIXELS = 4096 * 4096  # an uploaded image (Pillow's bomb guard allows 89 M by default)
 MAX_WEB_IMAGES = 64  # images per job
 MAX_DEPTH = 3  # folder levels under --runs searched for runs
 MAX_LOG_ROWS = 2000  # loss rows per stage sent to the page (evenly thinned)
@@ -113,6 +117,8 @@ def create_app(runs: str | os.PathLike, *, device: str | None = None,
         Route("/api/job/result", site.job_result),
         Route("/api/job/image", site.job_image),
         Route("/api/job/cancel", site.cancel_job, methods=["POST"]),
+        Route("/api/job/input", site.job_input),
+        Route("/api/edit", site.edit, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(
@@ -292,12 +298,16 @@ class Site:
         text = folder.has_text()
         classes = None if text else data.class_names
         preview = folder.newest_preview()
+        conditioning = "text" if text else "class" if classes else "none"
+        methods = edits.methods(
+            {"conditioning": conditioning, "class_names": classes, "guidance": cfg.guidance_scale}
+        )
         return JSONResponse({
             "name": name,
             "trained": _trained(folder),
             "training": RunLock.is_held(folder.path),
             "stop_requested": folder.stop_requested(),
-            "conditioning": "text" if text else "class" if classes else "none",
+            "conditioning": conditioning,
             "class_names": classes,
             "guidance": cfg.guidance_scale,
             "num_timesteps": cfg.diffusion.num_timesteps,
@@ -311,7 +321,7 @@ class Site:
                 "preview": preview.stem if preview else None,
             },
             "samplers": list(SAMPLERS), "default_sampler": DEFAULT_SAMPLER,
-            "max_images": MAX_WEB_IMAGES,
+            "max_images": MAX_WEB_IMAGES, "editing": methods,
         })  # fmt: skip
 
     async def run_log(self, request: Request) -> Response:
@@ -402,9 +412,51 @@ class Site:
                   for i, im in enumerate(LatentDiffusion.to_pil(samples.images))]  # fmt: skip
         return Result(png, {"description": samples.description, "images": len(images)}, images)
 
-    def _submit(self, run: str, kind: str, params: dict[str, Any], work: Any) -> Response:
+    async def edit(self, request: Request) -> Response:
+        form = await request.form(max_files=3, max_fields=8, max_part_size=MAX_BODY_BYTES)
+        run, kind = form.get("run"), form.get("kind")
+        folder = self.folder(run)
         try:
-            job = self.jobs.submit(run, kind, params, work)
+            params = json.loads(str(form.get("params") or "{}"))
+        except ValueError:
+            raise WebError(400, "params must be a JSON object of the method's fields") from None
+        if not isinstance(params, dict):
+            raise WebError(400, "params must be a JSON object of the method's fields")
+        uploads = {}
+        for name in ("image", "mask", "image2"):
+            part = form.get(name)
+            if part is not None and not isinstance(part, str):
+                uploads[name] = await part.read()
+        checked, tensors = await run_in_threadpool(
+            lambda: edits.prepare(self.model(folder), str(kind), params, uploads)
+        )
+        return self._submit(
+            str(run), str(kind), _jsonable(checked),
+            lambda job: self._edit(folder, job, checked, tensors), inputs=uploads,
+        )  # fmt: skip
+
+    def _edit(self, folder: RunFolder, job: Job, params: dict[str, Any], tensors: Any) -> Result:
+        ldm = self.model(folder)
+        out = edits.run(ldm, job.kind, params, tensors)
+        meta = {"run": job.run, "weights": folder.weights_hash(), **_jsonable(out.params)}
+        pictures = LatentDiffusion.to_pil(out.images)
+        images = [png_with_params(im, {**meta, "index": i}) for i, im in enumerate(pictures)]
+        if len(pictures) == 1:
+            png = images[0]
+        else:  # an interpolation: one strip, frame after frame
+            from ..evaluation.grids import make_grid
+
+            strip = make_grid(out.images, nrow=len(pictures), padding=0)
+            png = png_with_params(
+                Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip), meta
+            )
+        info = {"notes": out.notes, "frames": len(pictures), "network_calls": out.network_calls}
+        return Result(png, info, images)
+
+    def _submit(self, run: str, kind: str, params: dict[str, Any], work: Any,
+                inputs: dict[str, bytes] | None = None) -> Response:  # fmt: skip
+        try:
+            job = self.jobs.submit(run, kind, params, work, inputs)
         except QueueFull as e:
             raise WebError(429, str(e)) from None
         return JSONResponse({"job": job.to_json(self.jobs.position(job))}, status_code=202)
@@ -448,6 +500,13 @@ class Site:
             )
         return Response(images[int(i)], media_type="image/png")
 
+    async def job_input(self, request: Request) -> Response:
+        job = self._job(request)
+        which = request.query_params.get("which", "image")
+        if which not in job.inputs:
+            raise WebError(404, f"job {job.id} received no {which!r} (it has {sorted(job.inputs)})")
+        return Response(job.inputs[which], media_type="image/png")
+
     async def cancel_job(self, request: Request) -> Response:
         body = await _json_body(request, {"id"})
         job = self._job(request, body.get("id"))
@@ -472,6 +531,11 @@ async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
     if unknown:
         raise WebError(400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
     return body
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters with tensors and tuples as lists (for JSON and PNG text)."""
+    return json.loads(json.dumps(params, default=lambda v: v.tolist()))
 
 
 def _check_texts(params: dict[str, Any]) -> None:

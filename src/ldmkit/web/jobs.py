@@ -145,8 +145,10 @@ class Jobs:
                 job.state = "running"
             t0 = time.perf_counter()
             try:
-                job.result = job.work(job)
-                job.state = "done"
+                result = job.work(job)
+                if job.cancel.is_set():  # a job that reports no steps cannot stop midway
+                    raise Cancelled
+                job.result, job.state = result, "done"
             except Cancelled:
                 job.state = "cancelled"
             except ValueError as e:  # the library's expected errors: one line for the page

@@ -111,7 +111,9 @@ async function follow(job, ui) {
   try {
     for (;;) {
       ui.progress.max = Math.max(job.total, 1); ui.progress.value = job.step;
-      ui.text.textContent = job.state === "queued" ? `waiting (${job.position} ahead)` : `${job.state}: step ${job.step} of ${job.total || "?"}`;
+      ui.text.textContent = job.state === "queued" ? `waiting (${job.position} ahead)`
+        : job.total ? `${job.state}: step ${job.step} of ${job.total}` : job.state;
+      if (!job.total && job.state === "running") ui.progress.removeAttribute("value");  // indeterminate
       if (ui.preview && job.has_preview && job.step !== lastStep) {
         ui.preview.src = "/api/job/preview?" + q({ id: job.id, step: job.step }); ui.preview.hidden = false;
         lastStep = job.step;
@@ -190,8 +192,9 @@ function showEditParams() {
   $("edit-params").replaceChildren(...spec.fields.map((f) => {
     const label = el("label", f.label), input = document.createElement(f.options ? "select" : "input");
     if (f.options) input.replaceChildren(...f.options.map((o) => new Option(o, o, false, o === f.value)));
+    else if (f.type === "file") Object.assign(input, { type: "file", accept: "image/png,image/jpeg,image/webp" });
     else Object.assign(input, { type: f.type || "number", min: f.min ?? "", max: f.max ?? "", step: f.step ?? "any", value: f.value ?? "" });
-    input.name = f.name; input.dataset.kind = f.type || (f.options ? "text" : "number");
+    input.name = f.name; input.id = `edit-${f.name}`; input.dataset.kind = f.type || (f.options ? "text" : "number");
     label.append(input);
     return label;
   }));
@@ -200,7 +203,7 @@ function showEditParams() {
 function editParams() {
   const params = {};
   for (const input of $("edit-params").querySelectorAll("input, select")) {
-    if (input.value === "") continue;
+    if (input.value === "" || input.type === "file") continue;
     params[input.name] = input.dataset.kind === "text" ? input.value : Number(input.value);
   }
   return params;
@@ -211,9 +214,13 @@ async function runEdit() {
     const kind = $("edit-kind").value, spec = state.info.editing[kind];
     const form = new FormData();
     form.append("run", state.run); form.append("kind", kind);
-    form.append("params", JSON.stringify(editParams()));
-    if (spec.image) form.append("image", await new Promise((r) => $("source").toBlob(r, "image/png")), "image.png");
+    const params = editParams();
+    form.append("params", JSON.stringify(params));
+    if (spec.image || params.between === "images") form.append("image", await new Promise((r) => $("source").toBlob(r, "image/png")), "image.png");
     if (spec.mask) form.append("mask", await maskBlob(), "mask.png");
+    for (const input of $("edit-params").querySelectorAll("input[type=file]")) {
+      if (input.files[0]) form.append(input.name, input.files[0]);
+    }
     const { job } = await call("/api/edit", form);
     $("edit-result").hidden = true; $("edit-download").hidden = true; $("anim-fig").hidden = true;
     await follow(job, { progress: $("edit-progress"), text: $("edit-progress-text"), cancel: $("edit-cancel"),
