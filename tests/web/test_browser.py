@@ -70,7 +70,7 @@ def screenshot(page, name: str, tmp_path: Path) -> bytes:
     return png
 
 
-def test_the_page_samples_a_grid(browser_page, tmp_path):
+def test_the_page_samples_a_grid_inpaints_a_stroke_and_watches_training(browser_page, tmp_path):
     page, url, run, problems = browser_page
     page.goto(url + "/")
     page.wait_for_selector(f"#run option[value='{run}']", state="attached")
@@ -87,6 +87,8 @@ def test_the_page_samples_a_grid(browser_page, tmp_path):
     shot = screenshot(page, "serve-sample.png", tmp_path)
     assert not_blank(shot) > 10
     assert not_blank(page.locator("#result").screenshot()) > 5  # the grid itself, not one colour
+
+    inpaint_a_stroke(page, url, tmp_path)
 
     page.click("#tabs button[data-tab=train]")
     page.wait_for_function("() => document.getElementById('train-state').textContent.length > 0")
@@ -105,3 +107,47 @@ def test_the_page_shows_a_refused_request_as_one_line(browser_page):
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error").startswith("--guidance must be a finite number in [0, ")
     assert [p for p in problems if "400" not in p] == []  # the browser logs the 400 itself
+
+
+def inpaint_a_stroke(page, url: str, tmp_path: Path) -> None:
+    """Edit tab: the grid's first image as the source, one horizontal stroke drawn with the
+    mouse, inpaint; the mask the server received is the stroke, and the rest is unchanged."""
+    import urllib.request
+
+    page.click("#tabs button[data-tab=edit]")
+    page.click("#use-result")
+    page.select_option("#edit-kind", "inpaint")
+    page.fill("#edit-steps", "10")
+    box = page.locator("#mask").bounding_box()
+    size = page.locator("#mask").evaluate("c => c.width")  # the image's pixels
+    y = box["y"] + box["height"] * 0.5
+    x0, x1 = box["x"] + box["width"] * 0.2, box["x"] + box["width"] * 0.75
+    page.mouse.move(x0, y)
+    page.mouse.down()
+    for k in range(1, 11):
+        page.mouse.move(x0 + (x1 - x0) * k / 10, y)
+    page.mouse.up()
+    with page.expect_response("**/api/edit") as answer:
+        page.click("#edit-run")
+    job = answer.value.json()["job"]["id"]
+    page.wait_for_selector("#edit-result:not([hidden])", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('edit-result').naturalWidth > 0")
+    assert not_blank(screenshot(page, "serve-inpaint.png", tmp_path)) > 10
+
+    def fetch(path: str) -> np.ndarray:
+        with urllib.request.urlopen(url + path) as r:
+            return np.asarray(Image.open(io.BytesIO(r.read())))
+
+    mask = fetch(f"/api/job/input?id={job}&which=mask")[..., 0] > 127
+    source = fetch(f"/api/job/input?id={job}&which=image")[..., :3]
+    result = fetch(f"/api/job/result?id={job}")[..., :3]
+    # the stroke in image pixels: a segment at mid height, brush 4 px (radius 2)
+    scale = size / box["width"]
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    cy, ax, bx = (y - box["y"]) * scale, (x0 - box["x"]) * scale, (x1 - box["x"]) * scale
+    dist = np.hypot(np.clip(xs, ax, bx) - xs, ys - cy)  # to the segment
+    assert mask[dist <= 1.5].all(), "the stroke has gaps"
+    assert not mask[dist > 2.5].any(), "the mask reaches beyond the stroke"
+    changed = (result != source).any(-1)
+    assert not changed[~mask].any(), "pixels outside the mask changed"
+    assert changed[mask].any()

@@ -139,7 +139,7 @@ async def _http_error(request: Request, e: Exception) -> Response:
 
 
 async def _value_error(request: Request, e: Exception) -> Response:
-    return _error(400, str(e))
+    return _error(getattr(e, "status", 400), str(e))  # edits.UploadError may say 413
 
 
 async def _not_found(request: Request, e: Exception) -> Response:

@@ -118,7 +118,7 @@ async function follow(job, ui) {
         ui.preview.src = "/api/job/preview?" + q({ id: job.id, step: job.step }); ui.preview.hidden = false;
         lastStep = job.step;
       }
-      if (job.state === "done") { ui.done(job); return; }
+      if (job.state === "done") { ui.progress.value = ui.progress.max; ui.done(job); return; }
       if (job.state === "failed") throw new Error(job.error);
       if (job.state === "cancelled") return;
       await new Promise((r) => setTimeout(r, 300));
@@ -191,7 +191,7 @@ function showEditParams() {
   $("mask").hidden = !spec.mask;
   $("edit-params").replaceChildren(...spec.fields.map((f) => {
     const label = el("label", f.label), input = document.createElement(f.options ? "select" : "input");
-    if (f.options) input.replaceChildren(...f.options.map((o) => new Option(o, o, false, o === f.value)));
+    if (f.options) input.replaceChildren(...f.options.map((o) => new Option(o || "(none)", o, false, o === f.value)));
     else if (f.type === "file") Object.assign(input, { type: "file", accept: "image/png,image/jpeg,image/webp" });
     else Object.assign(input, { type: f.type || "number", min: f.min ?? "", max: f.max ?? "", step: f.step ?? "any", value: f.value ?? "" });
     input.name = f.name; input.id = `edit-${f.name}`; input.dataset.kind = f.type || (f.options ? "text" : "number");
