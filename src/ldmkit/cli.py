@@ -195,8 +195,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"ldmkit serve needs Starlette and uvicorn ({e.name} is missing); install them with "
             "pip install -e '.[serve]'"
         ) from None
-    site = web.create_app(args.runs, device=args.device,
-                          hosts=web.LOOPBACK if web.is_loopback(args.host) else None)  # fmt: skip
+    # on a loopback address, the page answers to its own names only (no DNS rebinding)
+    hosts = (*web.LOOPBACK, args.host) if web.is_loopback(args.host) else None
+    site = web.create_app(args.runs, device=args.device, hosts=hosts)
     sock = web.listen(args.host, args.port)
     if not web.is_loopback(args.host):
         print(f"ldmkit: warning: --host {args.host} lets other machines on the network use this "

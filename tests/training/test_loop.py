@@ -177,6 +177,16 @@ def test_run_lock(tmp_path):
         pass
 
 
+def test_run_lock_is_held_says_whether_a_training_holds_it(tmp_path):
+    assert not RunLock.is_held(tmp_path)  # no lock file yet
+    with RunLock(tmp_path):
+        assert RunLock.is_held(tmp_path)
+        assert RunLock.is_held(tmp_path)  # the probe leaves the lock as it was
+    assert not RunLock.is_held(tmp_path)
+    with RunLock(tmp_path):  # a probe never keeps a training out
+        pass
+
+
 def test_a_stop_request_ends_the_stage_with_a_checkpoint(tmp_path):
     """A threading.Event set from another place (a web page, a notebook) stops the stage after
     the current step, with a checkpoint at that step; resuming then ends where an uninterrupted
