@@ -533,3 +533,277 @@ def export_to_diffusers(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     check_apart("--out", out, "--to-diffusers", run)
     check_writable(out)
     return Path(export(run, out))
+
+
+# ------------------------------------------------------------------------------ edit
+EDIT_METHODS = ("inpaint", "fill", "img2img", "invert", "interpolate", "denoise")
+_MASKED = ("inpaint", "fill")
+MAX_FRAMES = 500
+MAX_BLUR = 64  # pixels of feathered edge / cells of mask dilation
+
+
+@dataclass
+class Edit:
+    """The result of `edit`: images (B, C, H, W) in [-1, 1], the parameters written into every
+    output PNG (enough for `reproduce`), notes for the user, UNet calls, and method extras
+    (inversion's noise and PSNR)."""
+
+    images: Tensor
+    params: dict[str, Any]
+    notes: list[str]
+    network_calls: int
+    extra: dict[str, Any]
+
+
+def _check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
+    """Every option of `edit`, checked once, with the CLI's flag names in the messages."""
+    allowed = {
+        "inpaint": {"mask_blur", "mask_dilate", "repaint_jump", "repaint_resample"},
+        "fill": {"mask_blur", "mask_dilate", "repaint_jump", "repaint_resample", "hole_colour"},
+        "img2img": {"strength"},
+        "invert": {"refine"},
+        "interpolate": {"frames", "seeds"},
+        "denoise": {"noise_std"},
+    }[method] | {"steps", "guidance_scale", "guidance_rescale"}
+    if method != "invert":  # inversion is DDIM's deterministic path: no sampler, no noise
+        allowed |= {"sampler", "seed"}
+    unknown = sorted(set(o) - allowed)
+    if unknown:
+        raise ConfigError(f"{method} does not take {', '.join(unknown)}")
+    if "sampler" in o:
+        check_sampler(o["sampler"])
+    if "steps" in o:
+        check_steps("--steps", o["steps"], ldm.schedule.num_timesteps)
+    if "seed" in o:
+        check_seed("--seed", o["seed"])
+    check_guidance("--guidance", o.get("guidance_scale"))
+    check_float("--guidance-rescale", o.get("guidance_rescale", 0.0), 0, 1)
+    for key, lo, hi in (("mask_blur", 0, MAX_BLUR), ("mask_dilate", 0, MAX_BLUR),
+                        ("repaint_jump", 1, MAX_TIMESTEPS), ("repaint_resample", 1, 100),
+                        ("refine", 0, 100), ("frames", 2, MAX_FRAMES)):  # fmt: skip
+        if key in o:
+            check_count("--" + key.replace("_", "-"), o[key], lo, hi)
+    if "strength" in o:
+        check_float("--strength", o["strength"], 0, 1)
+        if o["strength"] <= 0:
+            raise ConfigError(f"--strength must be in (0, 1], got {o['strength']}")
+    if o.get("noise_std") is not None:
+        check_float("--noise-std", o["noise_std"], 0, 1)
+    if "seeds" in o:
+        seeds = list(o["seeds"])
+        if len(seeds) != 2:
+            raise ConfigError(f"--seeds takes two seeds (the two ends), got {len(seeds)}")
+        for s in seeds:
+            check_seed("--seeds", s)
+    if "hole_colour" in o:
+        colour = list(o["hole_colour"])
+        if len(colour) not in (1, 3) or not all(0 <= int(v) <= 255 for v in colour):
+            raise ConfigError(
+                f"--hole-colour takes 1 or 3 values in 0..255 (e.g. 255,255,255), got {colour}"
+            )
+
+
+def _input(name: str, path: str | os.PathLike) -> dict[str, str]:
+    from .data.images import file_sha256
+
+    check_path(name, path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{name} {path}: no such file")
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
+def edit(
+    method: str,
+    run: str | os.PathLike,
+    *,
+    image: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
+    image_b: str | os.PathLike | None = None,
+    resize: bool = False,
+    classes: str | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+    device: str | None = None,
+    ldm: Any = None,
+    **options: Any,
+) -> Edit:
+    """Edit an image file with a run's model (`ldmkit.editing`): method is one of
+    EDIT_METHODS. `image` (and `image_b`, the second end of an image interpolation) and `mask`
+    (white = regenerate; optional for fill, which then finds white holes) are files; `resize`
+    fits them to the model's size instead of refusing another size. `classes` ("star", or two
+    for an interpolation: "circle,star") or `prompt` (two for an interpolation) condition it.
+    `options` are the method's (see `_check_edit_options`); `ldm` reuses a loaded model."""
+    from . import editing
+    from .data.images import read_image, read_mask
+    from .pipeline import LatentDiffusion
+
+    if method not in EDIT_METHODS:
+        raise ConfigError(f"unknown edit {method!r}; choose one of {', '.join(EDIT_METHODS)}")
+    check_path("--run", run)
+    folder = RunFolder(run).require_trained()
+    ldm = ldm if ldm is not None else LatentDiffusion.from_run(run, device=check_device(device))
+    _check_edit_options(method, options, ldm)
+    inputs: dict[str, Any] = {}
+    needs_image = method != "interpolate" or image_b is not None or image is not None
+    if needs_image and image is None:
+        raise ConfigError(f"{method} needs --image FILE (the image to edit)")
+    if method == "inpaint" and mask is None:
+        raise ConfigError("inpaint needs --mask FILE (white = regenerate, black = keep)")
+    if mask is not None and method not in _MASKED:
+        raise ConfigError(f"{method} takes no --mask (inpaint and fill do)")
+    if (image is None) != (image_b is None) and method == "interpolate":
+        raise ConfigError("interpolating images needs two: --image A --image-b B")
+    for name, path in (("image", image), ("mask", mask), ("image_b", image_b)):
+        if path is not None:
+            inputs[name] = _input("--" + name.replace("_", "-"), path)
+    c, h, w = ldm.image_shape
+    notes: list[str] = []
+    tensors: dict[str, Any] = {}
+    for name in ("image", "image_b"):
+        if name in inputs:
+            tensors[name], more = read_image(
+                inputs[name]["path"], channels=c, size=(w, h), resize=resize
+            )
+            notes += more
+    if "mask" in inputs:
+        tensors["mask"], more = read_mask(inputs["mask"]["path"], size=(w, h), resize=resize)
+        notes += more
+    condition = _edit_condition(method, ldm, run, classes, prompt, negative_prompt, options)
+    call = {**options, **condition}
+    if "hole_colour" in call:
+        call["hole_colour"] = [int(v) / 127.5 - 1 for v in call["hole_colour"]]
+    if method == "interpolate":
+        if "image" in tensors:
+            call["images"] = _cat([tensors["image"], tensors["image_b"]])
+        elif "seeds" in call:
+            call["seeds"] = tuple(call["seeds"])
+        result = editing.interpolate(ldm, **call)
+    elif method in _MASKED:
+        fn = editing.inpaint if method == "inpaint" else editing.fill
+        result = fn(ldm, tensors["image"], tensors.get("mask"), **call)
+    else:
+        result = getattr(editing, method)(ldm, tensors["image"], **call)
+    params = {
+        "ldmkit": _version(), "method": method, "run": str(Path(run).resolve()),
+        "weights": folder.weights_hash(), "inputs": inputs,
+        "options": {"resize": resize, "classes": classes, "prompt": prompt,
+                    "negative_prompt": negative_prompt, **options},
+        "details": result.params,
+    }  # fmt: skip
+    extra = dict(result.extra)
+    return Edit(result.images, params, notes + result.notes, result.network_calls, extra)
+
+
+def _edit_condition(
+    method: str, ldm: Any, run: Any, classes: str | None, prompt: Any, negative: str | None,
+    options: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """class_labels / prompt / negative_prompt for editing.<method>, checked against the model.
+    Without any, a conditional model edits unconditionally. An interpolation without --seeds or
+    a second image takes two classes ("circle,star") or two prompts as its ends."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
+    if prompts or classes is not None or negative is not None:
+        _check_condition_args(ldm, run, classes, prompts, negative)
+    limit = 2 if method == "interpolate" else 1
+    out: dict[str, Any] = {"negative_prompt": negative} if negative else {}
+    if classes is not None:
+        labels = ldm.conditioner.parse(classes, len(classes.split(","))).tolist()
+        if len(labels) > limit:
+            raise ConfigError(
+                f"--class: give {'one or two classes' if limit == 2 else 'one class'}, got {classes!r}"
+            )
+        out["class_labels"] = labels
+    if prompts:
+        if len(prompts) > limit:
+            raise ConfigError(
+                f"--prompt: give {'one or two prompts' if limit == 2 else 'one prompt'}, got {len(prompts)}"
+            )
+        out["prompt"] = prompts if len(prompts) == 2 else prompts[0]
+    if "guidance_scale" not in options and (classes or prompts):
+        out["guidance_scale"] = ldm.default_guidance
+    return out
+
+
+def _cat(tensors: Sequence[Any]) -> Any:
+    import torch
+
+    return torch.cat(list(tensors))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
+    """Write an edit: one PNG per image carrying `result.params` (out.png, or out-1.png, ...
+    for several), and for an interpolation also the strip as an animated GIF beside it
+    (out.gif); for an inversion, the noise as out.noise.safetensors."""
+    from .checkpoint import save_tensors
+    from .data.images import write_png
+    from .data.transforms import to_uint8
+
+    out = check_output_file("--out", out, image=True)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(
+            f"--out {out}: edits are written as PNG (they carry their parameters); use .png"
+        )
+    images = result.images
+    written: list[Path] = []
+    if result.params["method"] == "interpolate":
+        strip = _cat([_cat(list(images.split(1))).permute(1, 2, 0, 3).flatten(2)[None]])
+        write_png(strip, out, result.params)
+        written.append(out)
+        from PIL import Image
+
+        frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+                  for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]  # fmt: skip
+        gif = out.with_suffix(".gif")
+        frames[0].save(gif, save_all=True, append_images=frames[1:] + frames[-2:0:-1],
+                       duration=120, loop=0)  # fmt: skip
+        written.append(gif)
+        return written
+    paths = (
+        [out]
+        if len(images) == 1
+        else [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(len(images))]
+    )
+    for img, path in zip(images.split(1), paths):
+        write_png(img, path, result.params)
+        written.append(path)
+    if "noise" in result.extra:
+        noise_path = out.with_suffix(".noise.safetensors")
+        save_tensors(noise_path, {"noise": result.extra["noise"].contiguous()})
+        written.append(noise_path)
+    return written
+
+
+def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = None) -> Edit:
+    """Run again the edit whose parameters a PNG carries (written by `save_edit`): the same run
+    (its weights unchanged), the same input files (unchanged), the same options. On the same
+    machine the result is bit for bit the same."""
+    from .data.images import file_sha256, read_png_params
+
+    check_path("--from-png", png)
+    params = read_png_params(png)
+    try:
+        method, run, inputs, options = (params["method"], params["run"], params["inputs"],
+                                        dict(params["options"]))  # fmt: skip
+    except (KeyError, TypeError) as e:
+        raise ConfigError(
+            f"--from-png {png}: its parameters lack {e}; it was not written by an ldmkit edit"
+        ) from e
+    folder = RunFolder(run).require_trained()
+    if folder.weights_hash() != params.get("weights"):
+        raise ConfigError(
+            f"--from-png {png}: the run {run} has other weights now than when the PNG was made "
+            "(retrained or replaced); the edit cannot be reproduced"
+        )
+    for name, entry in inputs.items():
+        if not Path(entry["path"]).is_file() or file_sha256(entry["path"]) != entry["sha256"]:
+            raise ConfigError(
+                f"--from-png {png}: its input {name} {entry['path']} is missing or changed since"
+            )
+    files = {name: entry["path"] for name, entry in inputs.items()}
+    return edit(method, run, device=device, ldm=ldm, **files, **options)

@@ -212,6 +212,140 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.out is None:
+        raise CLIError(f"give --out FILE.png for the {args.command} result")
+    api.check_output_file("--out", args.out, image=True)
+    if args.from_png is not None:
+        from .data.images import read_png_params
+
+        method = read_png_params(args.from_png).get("method")
+        if method != args.command:
+            raise CLIError(
+                f"--from-png {args.from_png} was written by `ldmkit {method}`; run `ldmkit "
+                f"{method} --from-png {args.from_png} --out ...`"
+            )
+        result = api.reproduce(args.from_png, device=args.device)
+    else:
+        if args.run is None:
+            raise CLIError(f"{args.command} needs --run RUN (or --from-png FILE to repeat an edit)")
+        options = {k: v for k, v in vars(args).items() if k in _EDIT_OPTIONS and v is not None}
+        if "hole_colour" in options:
+            options["hole_colour"] = _list(options["hole_colour"], _number)
+        if "seeds" in options:
+            options["seeds"] = _list(options["seeds"], _number)
+        result = api.edit(
+            args.command, args.run, image=args.image, mask=getattr(args, "mask", None),
+            image_b=getattr(args, "image_b", None), resize=args.resize, classes=args.cls,
+            prompt=args.prompt, negative_prompt=args.negative_prompt, device=args.device,
+            **options,
+        )  # fmt: skip
+    for note in result.notes:
+        print(f"note: {note}")
+    written = api.save_edit(result, args.out)
+    extra = result.extra
+    if "psnr" in extra:
+        print(
+            "inversion round trip: PSNR "
+            + ", ".join(f"{v:.2f}" for v in extra["psnr"])
+            + " dB (the autoencoder alone: "
+            + ", ".join(f"{v:.2f}" for v in extra["autoencoder_psnr"])
+            + " dB)"
+        )
+    print(f"wrote {', '.join(map(str, written))} ({result.network_calls} UNet calls)")
+    return 0
+
+
+# the options of `ldmkit <edit>` passed on to api.edit under the same names
+_EDIT_OPTIONS = ("sampler", "steps", "seed", "guidance_scale", "guidance_rescale", "mask_blur",
+                 "mask_dilate", "repaint_jump", "repaint_resample", "hole_colour", "strength",
+                 "refine", "frames", "seeds", "noise_std")  # fmt: skip
+
+
+def _add_edit_common(e: Any, sampler: str | None = "dpm++2m-sde", steps: int = 20) -> None:
+    """The flags every edit takes; `sampler` None: a deterministic edit (no sampler, no seed)."""
+    e.add_argument("--run", help="run folder written by `ldmkit train`")
+    e.add_argument("--out", help="PNG to write (it carries the edit's parameters)")
+    e.add_argument("--from-png", metavar="PNG", help="repeat the edit a PNG written by ldmkit "
+                   "records (same run, inputs and options: the same image, bit for bit)")  # fmt: skip
+    e.add_argument("--resize", action="store_true",
+                   help="resize inputs of another size to the model's (default: refuse them)")  # fmt: skip
+    if sampler is not None:
+        e.add_argument("--sampler", help=f"sampler (default {sampler})")
+        e.add_argument("--seed", type=_number, help="seed of the edit's noise (default 0)")
+    e.add_argument("--steps", type=_number, help=f"sampler steps (default {steps})")
+    e.add_argument("--class", dest="cls", help="class name or index of a class-conditional model")
+    e.add_argument("--prompt", action="append", help="text prompt of a text-conditional model")
+    e.add_argument("--negative-prompt", help='what guidance steers away from (instead of "")')
+    e.add_argument("--guidance", dest="guidance_scale", type=_number,
+                   help="classifier-free guidance scale (default: the run's, with a condition)")  # fmt: skip
+    e.add_argument("--guidance-rescale", type=_number)
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_edit)
+
+
+def _add_inpaint(sub: Any) -> None:
+    e = sub.add_parser("inpaint", help="regenerate the white part of a mask in an image")
+    e.add_argument("--image", help="the image to edit")
+    e.add_argument("--mask", help="black = keep, white = regenerate (same size as the image)")
+    _add_masked(e)
+    _add_edit_common(e)
+
+
+def _add_masked(e: Any) -> None:
+    e.add_argument("--mask-blur", type=_number,
+                   help="pixels of soft edge outside the mask when pasting back (default 0)")  # fmt: skip
+    e.add_argument("--mask-dilate", type=_number, help="grow the latent mask by N cells")
+    e.add_argument("--repaint-resample", type=_number,
+                   help="RePaint: resample each jump N times (1 = off; samplers ddpm, ddim)")  # fmt: skip
+    e.add_argument("--repaint-jump", type=_number, help="RePaint: jump length in steps (10)")
+
+
+def _add_fill(sub: Any) -> None:
+    e = sub.add_parser("fill", help="fill holes and scratches (a mask, or pixels of one colour)")
+    e.add_argument("--image", help="the damaged image")
+    e.add_argument("--mask", help="the holes in white (default: find pixels of --hole-colour)")
+    e.add_argument("--hole-colour", help="R,G,B (0..255) of the holes (default 255,255,255)")
+    _add_masked(e)
+    _add_edit_common(e)
+
+
+def _add_img2img(sub: Any) -> None:
+    e = sub.add_parser("img2img", help="redraw an image: noise it part of the way, denoise")
+    e.add_argument("--image", help="the image to start from")
+    e.add_argument("--strength", type=_number,
+                   help="0..1: share of the steps that run (1 = a fresh sample; default 0.6)")  # fmt: skip
+    _add_edit_common(e)
+
+
+def _add_invert(sub: Any) -> None:
+    e = sub.add_parser("invert", help="DDIM inversion: an image's noise, and the round trip")
+    e.add_argument("--image", help="the image to invert")
+    e.add_argument("--refine", type=_number,
+                   help="fixed-point iterations per step (exact inverse steps; default 0)")  # fmt: skip
+    _add_edit_common(e, None, 50)
+
+
+def _add_interpolate(sub: Any) -> None:
+    e = sub.add_parser("interpolate", help="frames between two seeds, images or conditions "
+                       "(a strip PNG and a GIF)")  # fmt: skip
+    e.add_argument("--seeds", help="two seeds, e.g. 1,2")
+    e.add_argument("--image", help="first image (with --image-b)")
+    e.add_argument("--image-b", help="second image")
+    e.add_argument("--frames", type=_number, help="number of frames, both ends included (8)")
+    _add_edit_common(e, "ddim")
+
+
+def _add_denoise(sub: Any) -> None:
+    e = sub.add_parser("denoise", help="remove Gaussian noise from an image")
+    e.add_argument("--image", help="the noisy image")
+    e.add_argument("--noise-std", type=_number,
+                   help="the noise's std on the 0..1 pixel scale (default: estimated)")  # fmt: skip
+    _add_edit_common(e)
+
+
 def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train the autoencoder and the diffusion UNet into a run folder"
@@ -344,7 +478,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for add in (_add_train, _add_sample, _add_convert, _add_eval, _add_report, _add_serve):
+    for add in (_add_train, _add_sample, _add_inpaint, _add_fill, _add_img2img, _add_invert,
+                _add_interpolate, _add_denoise, _add_convert, _add_eval, _add_report,
+                _add_serve):  # fmt: skip
         add(sub)
     return p
 

@@ -67,14 +67,37 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
         "convert": ["convert", "--to-diffusers", str(run), "--out", str(tmp / "diffusers")],
         "serve": ["serve", "--runs", str(run.parent)],  # every value tried for --port is refused
     }  # fmt: skip
+    if verb in EDIT_VERBS:
+        image, mask = edit_inputs(tmp)
+        extra = {"inpaint": ["--image", image, "--mask", mask], "fill": ["--image", image],
+                 "img2img": ["--image", image], "invert": ["--image", image],
+                 "interpolate": ["--seeds", "1,2", "--frames", "2"], "denoise": ["--image", image]}
+        commands[verb] = [verb, "--run", str(run), "--steps", "2", "--out", str(tmp / "e.png"),
+                          *extra[verb]]  # fmt: skip
     if verb not in commands:
         pytest.fail(f"a new verb {verb!r}: add a quick valid command of it here")
     return commands[verb]
 
 
+EDIT_VERBS = ("inpaint", "fill", "img2img", "invert", "interpolate", "denoise")
+
+
+def edit_inputs(tmp: Path) -> tuple[str, str]:
+    """A 16x16 image and a box mask for the editing verbs."""
+    image, mask = tmp / "in.png", tmp / "mask.png"
+    if not image.exists():
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(image)
+        m = Image.new("L", (16, 16), 0)
+        m.paste(255, (4, 4, 12, 12))
+        m.save(mask)
+    return str(image), str(mask)
+
+
 def legal(flag: str, value: str) -> bool:
     """The values of BAD that are legal for `flag` (everything else must be refused)."""
-    return (flag, value) in {("--seed", "0"), ("--guidance", "0"), ("--guidance-rescale", "0")} or (
+    zero_ok = {"--seed", "--guidance", "--guidance-rescale", "--mask-blur", "--mask-dilate",
+               "--refine", "--noise-std"}  # fmt: skip
+    return (flag in zero_ok and value == "0") or (
         flag == "--time-budget" and value == "99999999999999999999"  # 3e15 years: no limit
     )
 

@@ -1,0 +1,168 @@
+"""Single images in and out: reading an image or a mask a user gives (checked, one-line errors),
+and PNGs that carry the parameters that made them in a text chunk.
+
+    image, notes = read_image("in.png", channels=3)            # (1, C, H, W) in [-1, 1]
+    write_png(image, "out.png", {"method": "inpaint", ...})
+    read_png_params("out.png")                                  # -> the same dict
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from .masks import mask_from_array
+from .transforms import to_float, to_uint8
+
+PNG_KEY = "ldmkit"  # the PNG text chunk holding the JSON parameters
+
+
+class ImageFileError(ValueError):
+    """An image or mask file that cannot be used, with what to do about it."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open(source: str | os.PathLike | IO[bytes], what: str) -> Image.Image:
+    name = source if isinstance(source, (str, os.PathLike)) else f"the uploaded {what}"
+    try:
+        im = Image.open(source)
+        w, h = im.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and w * h > limit:
+            raise ImageFileError(
+                f"{name}: {w}x{h} pixels is over the decompression-bomb limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS); use a smaller image"
+            )
+        im.load()
+        return im
+    except ImageFileError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageFileError(f"{name}: no such file") from e
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(f"{name}: refused by the decompression-bomb limit ({e})") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageFileError(f"{name}: not an image file (PNG, JPEG, ... expected)") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageFileError(f"{name}: unreadable image ({e or type(e).__name__})") from e
+
+
+def _resized(
+    im: Image.Image, size: tuple[int, int] | None, resize: bool, what: str, resample: int
+) -> Image.Image:
+    if size is None or im.size == size:
+        return im
+    if not resize:
+        raise ImageFileError(
+            f"the {what} is {im.size[0]}x{im.size[1]} but {size[0]}x{size[1]} is needed; pass "
+            "--resize to resize it, or crop it"
+        )
+    return im.resize(size, resample)
+
+
+def read_image(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    channels: int | None = None,
+    size: tuple[int, int] | None = None,
+    resize: bool = False,
+) -> tuple[torch.Tensor, list[str]]:
+    """An image file -> ((1, C, H, W) float in [-1, 1], notes). Transparency is composited on
+    white; `channels` (1 or 3) converts with a note; `size` (W, H) is checked, or resized
+    (Lanczos) when `resize` is set."""
+    notes: list[str] = []
+    im = _open(source, "image")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        notes.append("the image has transparency; it was put on a white background")
+    gray = im.mode in ("L", "1", "I", "I;16", "F")
+    want = channels or (1 if gray else 3)
+    if channels is not None and (1 if gray else 3) != channels:
+        notes.append(
+            f"the image is {'greyscale' if gray else 'colour'}; it was converted to "
+            f"{'greyscale' if channels == 1 else 'RGB'} for the model"
+        )
+    im = im.convert("L" if want == 1 else "RGB")
+    if size is not None and im.size != size and resize:
+        notes.append(f"the image was resized from {im.size[0]}x{im.size[1]} to {size[0]}x{size[1]}")
+    im = _resized(im, size, resize, "image", Image.Resampling.LANCZOS)
+    arr = np.asarray(im)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1))[None], notes
+
+
+def read_mask(
+    source: str | os.PathLike | IO[bytes],
+    *,
+    size: tuple[int, int] | None = None,
+    resize: bool = False,
+) -> tuple[torch.Tensor, list[str]]:
+    """A mask file (white = regenerate) -> ((1, 1, H, W) in {0, 1}, notes); colour or grey
+    masks are converted with a note; `size` (W, H) is checked or resized (nearest)."""
+    im = _open(source, "mask")
+    if im.mode in ("RGBA", "LA"):
+        im = im.convert(im.mode[:-1])
+    if im.mode not in ("L", "RGB", "1"):
+        im = im.convert("RGB")
+    im = _resized(im, size, resize, "mask", Image.Resampling.NEAREST)
+    return mask_from_array(np.asarray(im))
+
+
+def write_png(
+    images: torch.Tensor,
+    target: str | os.PathLike | IO[bytes],
+    params: dict[str, Any] | None = None,
+) -> None:
+    """One image (1, C, H, W) or (C, H, W) in [-1, 1] -> PNG, with `params` as JSON in the text
+    chunk "ldmkit" (written atomically when `target` is a path)."""
+    x = images[0] if images.ndim == 4 else images
+    if images.ndim == 4 and images.shape[0] != 1:
+        raise ValueError(f"write_png writes one image, got a batch of {images.shape[0]}")
+    arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    if not isinstance(target, (str, os.PathLike)):
+        im.save(target, format="PNG", pnginfo=info)
+        return
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG", pnginfo=info)
+    path = Path(target)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def read_png_params(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
+    """The parameters ldmkit wrote into a PNG, or a one-line error when it has none."""
+    im = _open(source, "image")
+    text = getattr(im, "text", {}) or {}
+    if PNG_KEY not in text:
+        raise ImageFileError(
+            f"{source}: this PNG carries no ldmkit parameters (only PNGs written by ldmkit's "
+            "editing and sampling verbs do)"
+        )
+    try:
+        params = json.loads(text[PNG_KEY])
+    except json.JSONDecodeError as e:
+        raise ImageFileError(f"{source}: its ldmkit parameters are not valid JSON ({e})") from e
+    if not isinstance(params, dict):
+        raise ImageFileError(f"{source}: its ldmkit parameters are not a JSON object")
+    return params
