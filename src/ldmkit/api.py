@@ -555,7 +555,7 @@ class Edit:
     extra: dict[str, Any]
 
 
-def _check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
+def check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
     """Every option of `edit`, checked once, with the CLI's flag names in the messages."""
     allowed = {
         "inpaint": {"mask_blur", "mask_dilate", "repaint_jump", "repaint_resample"},
@@ -632,7 +632,7 @@ def edit(
     (white = regenerate; optional for fill, which then finds white holes) are files; `resize`
     fits them to the model's size instead of refusing another size. `classes` ("star", or two
     for an interpolation: "circle,star") or `prompt` (two for an interpolation) condition it.
-    `options` are the method's (see `_check_edit_options`); `ldm` reuses a loaded model."""
+    `options` are the method's (see `check_edit_options`); `ldm` reuses a loaded model."""
     from . import editing
     from .data.images import read_image, read_mask
     from .pipeline import LatentDiffusion
@@ -642,7 +642,7 @@ def edit(
     check_path("--run", run)
     folder = RunFolder(run).require_trained()
     ldm = ldm if ldm is not None else LatentDiffusion.from_run(run, device=check_device(device))
-    _check_edit_options(method, options, ldm)
+    check_edit_options(method, options, ldm)
     inputs: dict[str, Any] = {}
     needs_image = method != "interpolate" or image_b is not None or image is not None
     if needs_image and image is None:

@@ -15,8 +15,10 @@ pytest.importorskip(
     "starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'"
 )
 
+from ldmkit import api  # noqa: E402
+from ldmkit.data.images import read_png_params  # noqa: E402
+from ldmkit.pipeline import LatentDiffusion  # noqa: E402
 from ldmkit.runs import RunFolder  # noqa: E402
-from ldmkit.web import app as web  # noqa: E402
 from ldmkit.web import edits  # noqa: E402
 
 SIZE = 16  # the tiny run's images
@@ -61,26 +63,34 @@ def test_an_all_black_mask_returns_the_input_pixel_exact(client, image):
     assert "the input is returned as it is" in job["info"]["notes"][0]
 
 
-def test_inpaint_changes_only_the_masked_pixels_and_records_its_parameters(client, image, runs):
+def test_inpaint_changes_only_the_masked_pixels_and_from_png_repeats_it(
+    client, image, runs, tmp_path
+):
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[4:8, 2:12] = 255
-    params = {"steps": 3, "seed": 4, "sampler": "ddim", "classes": "star"}
+    params = {"steps": 3, "seed": 4, "sampler": "ddim", "classes": "star", "guidance": 2.0}
     job, out = finished(client, edit(client, "inpaint", params, image=png(image), mask=png(mask)))
     changed = (pixels(out) != image).any(-1)
     assert changed.any() and not changed[mask == 0].any()  # mask_blur 0: outside bit for bit
-    meta = web.read_png_params(out)
-    assert meta["method"] == "inpaint" and meta["run"] == "shapes"
-    assert (meta["seed"], meta["sampler"], meta["class_labels"]) == (4, "ddim", [3])
+    meta = read_png_params(io.BytesIO(out))
+    assert meta["method"] == "inpaint" and meta["run"] == str((runs / "shapes").resolve())
     assert meta["weights"] == RunFolder(runs / "shapes").weights_hash()
+    options = meta["options"]
+    assert (options["seed"], options["sampler"], options["classes"], options["guidance_scale"]) == (
+        4, "ddim", "star", 2.0)  # fmt: skip
     received = client.get("/api/job/input", params={"id": job["id"], "which": "mask"}).content
     assert np.array_equal(pixels(received), mask)
+    # the PNG names the stored uploads: the CLI's --from-png repeats the edit bit for bit
+    (tmp_path / "result.png").write_bytes(out)
+    again = api.reproduce(tmp_path / "result.png")
+    assert np.array_equal(LatentDiffusion.to_pil(again.images)[0], pixels(out))
 
 
 def test_a_mask_of_the_wrong_size_is_400_naming_both_sizes(client, image):
     r = edit(client, "inpaint", {}, image=png(image), mask=png(np.zeros((8, 8), np.uint8)))
     assert r.status_code == 400
     error = r.json()["error"]
-    assert "8x8" in error and f"{SIZE}x{SIZE}" in error, error
+    assert "8x8" in error and f"{SIZE}x{SIZE}" in error and "mask" in error, error
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(client, monkeypatch):
@@ -104,9 +114,9 @@ def test_an_upload_that_is_no_image_is_400(client):
 @pytest.mark.parametrize(
     "kind, params, error",
     [("inpaint", {}, "inpaint needs a mask"),
-     ("img2img", {"strength": 0}, "strength must be"),
-     ("img2img", {"steps": 0}, "--steps must be a whole number"),
-     ("img2img", {"colour": 1}, "unknown parameter 'colour'"),
+     ("img2img", {"strength": 0}, "--strength must be in (0, 1], got 0"),
+     ("img2img", {"steps": 0}, "--steps must be a whole number from 1 to 100, got 0"),
+     ("img2img", {"colour": 1}, "img2img does not take colour"),
      ("interpolate", {"between": "images"}, "needs a second image"),
      ("sharpen", {}, "unknown editing method 'sharpen'")],
 )  # fmt: skip
@@ -123,15 +133,15 @@ def test_bad_edit_requests_are_400_with_one_line(client, image, kind, params, er
 def test_every_method_gives_a_png_with_its_parameters(client, image, kind, params, width):
     job, out = finished(client, edit(client, kind, {"steps": 3, **params}, image=png(image)))
     assert pixels(out).shape == (SIZE, width, 3)
-    meta = web.read_png_params(out)
-    assert meta["method"] == kind and meta["steps"] == 3
+    meta = read_png_params(io.BytesIO(out))
+    assert meta["method"] == kind and meta["options"]["steps"] == 3
     assert job["info"]["frames"] == width // SIZE
 
 
 def test_interpolating_between_images_starts_and_ends_near_them(client, image):
     other = image[::-1].copy()
     r = edit(client, "interpolate", {"between": "images", "frames": 3, "steps": 4},
-             image=png(image), image2=png(other))  # fmt: skip
+             image=png(image), image_b=png(other))  # fmt: skip
     job, out = finished(client, r)
     strip = pixels(out)
     assert strip.shape == (SIZE, 3 * SIZE, 3)

@@ -22,6 +22,7 @@ pytest.importorskip(
 )
 
 from ldmkit import api  # noqa: E402
+from ldmkit.data.images import read_png_params  # noqa: E402
 from ldmkit.pipeline import LatentDiffusion  # noqa: E402
 from ldmkit.runs import RunFolder  # noqa: E402
 from ldmkit.web import app as web  # noqa: E402
@@ -60,15 +61,17 @@ def test_a_different_seed_gives_other_images(client):
     assert not np.array_equal(pixels(pa), pixels(pb))
 
 
-def test_png_parameters_round_trip(client):
+def test_png_parameters_round_trip(client, runs):
     params = dict(n=2, sampler="euler", steps=3, seed=5, classes="circle", guidance=2.0)
     job = sample(client, **params)
     png = client.get("/api/job/result", params={"id": job["id"], "download": 1})
     assert png.headers["content-disposition"].startswith("attachment")
-    meta = web.read_png_params(png.content)
-    assert meta == {"run": "shapes", "negative_prompt": None, "prompts": None, **params}
+    meta = read_png_params(io.BytesIO(png.content))
+    assert meta["method"] == "sample" and meta["run"] == str((runs / "shapes").resolve())
+    assert meta["weights"] == RunFolder(runs / "shapes").weights_hash()
+    assert meta["options"] == {"negative_prompt": None, "prompts": None, **params}
     image = client.get("/api/job/image", params={"id": job["id"], "i": 1}).content
-    assert web.read_png_params(image) == {**meta, "index": 1}
+    assert read_png_params(io.BytesIO(image)) == meta
 
 
 def test_progress_has_a_decoded_x0_preview(client):

@@ -13,12 +13,12 @@ checks an argument or names a run file by itself.
                           "prompts", "negative_prompt"}             -> a queued job
     GET  /api/job?id=ID                 state, step / total, place in the queue, error
     GET  /api/job/preview?id=ID         PNG: the x0 estimate at the current step
-    GET  /api/job/result?id=ID          PNG with its parameters in the PNG text ("ldmkit")
+    GET  /api/job/result?id=ID          PNG with its parameters in the PNG text, as the CLI's
     GET  /api/job/image?id=ID&i=K       the K-th image of its grid, the same way
     POST /api/job/cancel {"id"}
     POST /api/edit       multipart: run, kind (inpaint, img2img, interpolate, denoise, fill),
-                         params (JSON), image, mask, image2 (PNG uploads)  -> a queued job
-    GET  /api/job/input?id=ID&which=image|mask|image2   an upload as the server received it
+                         params (JSON), image, mask, image_b (uploads)  -> a queued job: api.edit
+    GET  /api/job/input?id=ID&which=image|mask|image_b   an upload as the server received it
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status (the library's ValueErrors: 400).
 Requests are bounded: a body limit, a pixel limit on images, run names that stay inside --runs,
@@ -54,8 +54,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import api
+from .. import __version__, api
 from ..config import ConfigError
+from ..data.images import PNG_KEY, write_png
 from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
@@ -71,7 +72,6 @@ MAX_WEB_IMAGES = 64  # images per job
 MAX_DEPTH = 3  # folder levels under --runs searched for runs
 MAX_LOG_ROWS = 2000  # loss rows per stage sent to the page (evenly thinned)
 PREVIEW_EVERY_S = 0.25  # at most this often a job's x0 estimate is decoded for the page
-PNG_KEY = "ldmkit"  # PNG text chunk holding a result's parameters (JSON)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'",
@@ -404,12 +404,16 @@ class Site:
             classes=p["classes"], prompts=p["prompts"], negative_prompt=p["negative_prompt"],
             guidance=p["guidance"], ldm=ldm, callback=progress,
         )  # fmt: skip
-        meta = {"run": job.run, **p}
+        meta = {"ldmkit": __version__, "method": "sample", "run": str(folder.path),
+                "weights": folder.weights_hash(), "options": p}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             grid = Image.open(api.save_grid(samples, Path(tmp) / "grid.png"))
             png = png_with_params(grid, meta)
-        images = [png_with_params(im, {**meta, "index": i})
-                  for i, im in enumerate(LatentDiffusion.to_pil(samples.images))]  # fmt: skip
+        images = []
+        for image in samples.images.split(1):
+            buf = io.BytesIO()
+            write_png(image, buf, meta)
+            images.append(buf.getvalue())
         return Result(png, {"description": samples.description, "images": len(images)}, images)
 
     async def edit(self, request: Request) -> Response:
@@ -423,34 +427,23 @@ class Site:
         if not isinstance(params, dict):
             raise WebError(400, "params must be a JSON object of the method's fields")
         uploads = {}
-        for name in ("image", "mask", "image2"):
+        for name in ("image", "mask", "image_b"):
             part = form.get(name)
             if part is not None and not isinstance(part, str):
                 uploads[name] = await part.read()
-        checked, tensors = await run_in_threadpool(
-            lambda: edits.prepare(self.model(folder), str(kind), params, uploads)
+        checked = await run_in_threadpool(
+            lambda: edits.prepare(self.model(folder), kind, params, uploads)
         )
         return self._submit(
-            str(run), str(kind), _jsonable(checked),
-            lambda job: self._edit(folder, job, checked, tensors), inputs=uploads,
+            str(run), checked.kind, checked.options, lambda job: self._edit(folder, job, checked),
+            inputs=checked.uploads,
         )  # fmt: skip
 
-    def _edit(self, folder: RunFolder, job: Job, params: dict[str, Any], tensors: Any) -> Result:
-        ldm = self.model(folder)
-        out = edits.run(ldm, job.kind, params, tensors)
-        meta = {"run": job.run, "weights": folder.weights_hash(), **_jsonable(out.params)}
-        pictures = LatentDiffusion.to_pil(out.images)
-        images = [png_with_params(im, {**meta, "index": i}) for i, im in enumerate(pictures)]
-        if len(pictures) == 1:
-            png = images[0]
-        else:  # an interpolation: one strip, frame after frame
-            from ..evaluation.grids import make_grid
-
-            strip = make_grid(out.images, nrow=len(pictures), padding=0)
-            png = png_with_params(
-                Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip), meta
-            )
-        info = {"notes": out.notes, "frames": len(pictures), "network_calls": out.network_calls}
+    def _edit(self, folder: RunFolder, job: Job, request: edits.Request) -> Result:
+        uploads = self.root / edits.UPLOADS
+        result, png, images = edits.run(self.model(folder), folder.path, uploads, request)
+        frames = len(images) if request.kind == "interpolate" else 1
+        info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
         return Result(png, info, images)
 
     def _submit(self, run: str, kind: str, params: dict[str, Any], work: Any,
@@ -533,11 +526,6 @@ async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
     return body
 
 
-def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters with tensors and tuples as lists (for JSON and PNG text)."""
-    return json.loads(json.dumps(params, default=lambda v: v.tolist()))
-
-
 def _check_texts(params: dict[str, Any]) -> None:
     """The text fields of a request: strings (prompts: a list of them); empty ones unset."""
     prompts = params["prompts"]
@@ -571,16 +559,10 @@ def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
 def png_with_params(image: Image.Image, params: dict[str, Any]) -> bytes:
     """`image` as PNG bytes with `params` (JSON) in its text chunk PNG_KEY."""
     info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))  # as data.images.write_png
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
-
-
-def read_png_params(data: bytes) -> dict[str, Any]:
-    """The parameters a result PNG carries (png_with_params)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return json.loads(im.text[PNG_KEY])  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------ serving

@@ -1,40 +1,53 @@
-"""The page's editing methods: inpaint, img2img, interpolate, denoise and fill, each a call of
-`ldmkit.editing` on uploaded PNGs; what the page shows of each (`methods`), the checks of a
-request (`prepare`, before it is queued), and the call itself (`run`, in the job).
+"""The page's editing methods, each a call of `api.edit` (as `ldmkit inpaint`, `img2img`, ...
+make it) on uploaded PNGs: what the page shows of each (`methods`), the checks of a request
+before it is queued (`prepare`), and the call itself in the job (`run`).
 
 Uploads are refused when they are no image, or larger than MAX_PIXELS (read from the header,
-before Pillow decodes anything: its own bomb guard only starts at 89 M pixels). A mask is read
-as grey levels, >= 128 meaning white = regenerate.
+before Pillow decodes anything: its own bomb guard starts at 89 M pixels). They are kept,
+named by their SHA-256, in a hidden folder of --runs (`UPLOADS`), so that a result's PNG
+parameters name input files that exist: `ldmkit inpaint --from-png result.png` repeats it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
 
-from .. import api, editing
-from ..config import ConfigError, check_float
-from ..data.transforms import to_float
-from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler
+from .. import api
+from ..config import ConfigError
+from ..data.images import read_image, read_mask, write_png
+from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ..pipeline import LatentDiffusion
 
 MAX_PIXELS = 4096 * 4096  # an uploaded image
-MAX_FRAMES = 64  # frames of an interpolation
+UPLOADS = ".ldmkit-serve/uploads"  # under --runs (hidden: never listed as a run)
 KINDS = ("inpaint", "img2img", "interpolate", "denoise", "fill")
+NAMES = {"guidance": "guidance_scale"}  # the page's field -> api.edit's option
 
 
 class UploadError(ConfigError):
-    """An upload the server will not read (HTTP status `status`)."""
+    """A request the server will not take (HTTP status `status`)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass
+class Request:
+    """A checked editing request: the method, api.edit's keywords, and the uploads by the
+    keyword they go to (image, mask, image_b)."""
+
+    kind: str
+    options: dict[str, Any]
+    uploads: dict[str, bytes]
 
 
 # ------------------------------------------------------------------------------ the page's form
@@ -44,178 +57,135 @@ def _num(name: str, label: str, value: Any, lo: float, hi: float | None = None,
             "type": kind}  # fmt: skip
 
 
-def methods(ldm_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each method's label, what it uploads and its fields, for the page to draw (ldm_info:
-    conditioning, class_names, guidance of the run)."""
-    sampling = [
-        {
-            "name": "sampler",
-            "label": "sampler",
-            "options": list(SAMPLERS),
-            "value": DEFAULT_SAMPLER,
-        },
-        _num("steps", "steps", 20, 1),
-        _num("seed", "seed", 0, 0),
-    ]
+def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's label, what it uploads and its fields, for the page to draw (`run`:
+    conditioning, class_names and guidance of the run)."""
+    sampler = {"name": "sampler", "label": "sampler", "options": list(SAMPLERS),
+               "value": DEFAULT_SAMPLER}  # fmt: skip
+    sampling = [sampler, _num("steps", "steps", 20, 1), _num("seed", "seed", 0, 0)]
     condition: list[dict[str, Any]] = []
-    if ldm_info["conditioning"] == "class":
-        condition = [{"name": "classes", "label": "class", "options": ["", *ldm_info["class_names"]],
+    if run["conditioning"] == "class":
+        condition = [{"name": "classes", "label": "class", "options": ["", *run["class_names"]],
                       "value": ""}]  # fmt: skip
-    elif ldm_info["conditioning"] == "text":
+    elif run["conditioning"] == "text":
         condition = [{"name": "prompt", "label": "prompt", "type": "text", "value": ""},
                      {"name": "negative_prompt", "label": "negative prompt", "type": "text",
                       "value": ""}]  # fmt: skip
     if condition:
-        condition.append(_num("guidance", "guidance", ldm_info["guidance"], 0, None, 0.5))
-    inpaint = [
-        _num("mask_blur", "mask blur (px)", 0, 0, 16),
-        _num("mask_dilate", "mask dilate (cells)", 0, 0, 8),
-        _num("repaint_resample", "RePaint resamples (1 = off; ddpm, ddim)", 1, 1, 20),
-        _num("repaint_jump", "RePaint jump (steps)", 10, 1, 100),
+        condition.append(_num("guidance", "guidance", run["guidance"], 0, None, 0.5))
+    resize = {"name": "resize", "label": "other sizes", "options": ["refuse", "resize"],
+              "value": "refuse"}  # fmt: skip
+    masked = [
+        _num("mask_blur", "mask blur (px)", 0, 0, api.MAX_BLUR),
+        _num("mask_dilate", "mask dilate (cells)", 0, 0, api.MAX_BLUR),
+        _num("repaint_resample", "RePaint resamples (1 = off; ddpm, ddim)", 1, 1, 100),
+        _num("repaint_jump", "RePaint jump (steps)", 10, 1),
     ]
     return {
-        "inpaint": {"label": "inpaint", "image": True, "mask": True, "fields": sampling + inpaint + condition},
+        "inpaint": {"label": "inpaint", "image": True, "mask": True,
+                    "fields": [*sampling, *masked, *condition, resize]},
         "img2img": {"label": "img2img", "image": True, "mask": False,
-                    "fields": [_num("strength", "strength", 0.6, 0.05, 1, 0.05, "range"), *sampling, *condition]},
+                    "fields": [_num("strength", "strength", 0.6, 0.05, 1, 0.05, "range"),
+                               *sampling, *condition, resize]},
         "interpolate": {"label": "interpolate", "image": False, "mask": False, "fields": [
             {"name": "between", "label": "between", "options": ["seeds", "images"], "value": "seeds"},
             _num("seed_a", "seed A", 0, 0), _num("seed_b", "seed B", 1, 0),
-            {"name": "image2", "label": "second image (between images)", "type": "file"},
-            _num("frames", "frames", 8, 2, MAX_FRAMES),
-            {**sampling[0], "value": "ddim"}, sampling[1], *condition]},
-        "denoise": {"label": "restore: denoise", "image": True, "mask": False,
-                    "fields": [_num("noise_std", "noise std (0..1; empty: estimate)", "", 0, 1, 0.01), *sampling, *condition]},
-        "fill": {"label": "restore: fill (mask, or white pixels)", "image": True, "mask": True,
-                 "fields": sampling + condition},
+            {"name": "image_b", "label": "second image (between images)", "type": "file"},
+            _num("frames", "frames", 8, 2, 64), {**sampler, "value": "ddim"},
+            _num("steps", "steps", 20, 1), *condition, resize]},
+        "denoise": {"label": "restore: denoise", "image": True, "mask": False, "fields": [
+            _num("noise_std", "noise std (0..1; empty: estimate)", "", 0, 1, 0.01),
+            *sampling, *condition, resize]},
+        "fill": {"label": "restore: fill (the mask, or white holes)", "image": True,
+                 "mask": True, "fields": [*sampling, *masked, *condition, resize]},
     }  # fmt: skip
 
 
-# ------------------------------------------------------------------------------ uploads
-def read_image(data: bytes, what: str = "image") -> Image.Image:
-    """An uploaded image, checked for size before it is decoded."""
+# ------------------------------------------------------------------------------ checks
+def check_upload(data: bytes, what: str) -> None:
+    """Refuse an upload that is no image or has too many pixels, before it is decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            w, h = image.size
-            if w * h > MAX_PIXELS:
-                raise UploadError(
-                    f"the {what} is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS}; "
-                    "send a smaller image",
-                    413,
-                )
-            image.load()
+            with Image.open(io.BytesIO(data)) as image:
+                w, h = image.size
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise UploadError(f"the {what} is refused by Pillow's bomb guard ({e})", 413) from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise UploadError(
                 f"the {what} is not an image Pillow can read ({e}); send a PNG"
             ) from None
-    return image
+    if w * h > MAX_PIXELS:
+        raise UploadError(
+            f"the {what} is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS}; send a "
+            "smaller image",
+            413,
+        )
 
 
-def image_tensor(image: Image.Image, channels: int) -> Tensor:
-    """(1, C, H, W) in [-1, 1], C = the model's channels (grey or RGB)."""
-    array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    x = torch.from_numpy(array.copy()).reshape(*array.shape[:2], -1).permute(2, 0, 1)
-    return to_float(x[None])
-
-
-def mask_tensor(image: Image.Image) -> Tensor:
-    """(1, 1, H, W) in {0, 1}: white (>= 128) = regenerate."""
-    array = np.asarray(image.convert("L")) >= 128
-    return torch.from_numpy(array).float()[None, None]
-
-
-# ------------------------------------------------------------------------------ checks and calls
-def prepare(ldm: LatentDiffusion, kind: str, params: dict[str, Any],
-            uploads: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, Tensor]]:  # fmt: skip
-    """The checked parameters (as `editing` takes them) and input tensors of a request; a
-    one-line ValueError for anything `editing` would refuse, before the job is queued."""
+def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any],
+            uploads: dict[str, bytes]) -> Request:  # fmt: skip
+    """The request as `api.edit` takes it, checked as far as it can be before the job runs:
+    the uploads (kind, pixels, size against the model's) and every option (api's checks, the
+    CLI's messages)."""
     if kind not in KINDS:
         raise UploadError(f"unknown editing method {kind!r}; use one of {', '.join(KINDS)}")
-    p = dict(params)
-    out: dict[str, Any] = {
-        "sampler": str(p.pop("sampler", "ddim" if kind == "interpolate" else DEFAULT_SAMPLER)),
-        "steps": api.check_steps("--steps", p.pop("steps", 20), ldm.schedule.num_timesteps),
-        "seed": api.check_seed("--seed", p.pop("seed", 0)),
-    }
-    check_sampler(out["sampler"])
-    out.update(_condition(ldm, p))
-    tensors: dict[str, Tensor] = {}
-    c = ldm.image_shape[0]
-    needs_image = kind != "interpolate" or p.get("between") == "images"
-    if needs_image:
-        if "image" not in uploads:
-            raise UploadError(f"{kind} needs an image: upload one or use a generated one")
-        tensors["image"], _ = editing.check_images(
-            ldm, image_tensor(read_image(uploads["image"]), c)
-        )
-    if kind in ("inpaint", "fill") and "mask" in uploads:
-        mask = mask_tensor(read_image(uploads["mask"], "mask"))
-        tensors["mask"] = editing.check_masks(ldm, mask, 1)
-    elif kind == "inpaint":
-        raise UploadError("inpaint needs a mask: draw on the image (white = regenerate)")
-    if kind == "inpaint":
-        out["mask_blur"] = api.check_count("mask_blur", p.pop("mask_blur", 0), 0, 64)
-        out["mask_dilate"] = api.check_count("mask_dilate", p.pop("mask_dilate", 0), 0, 16)
-        out["repaint_resample"] = api.check_count(
-            "repaint_resample", p.pop("repaint_resample", 1), 1, 50
-        )
-        out["repaint_jump"] = api.check_count("repaint_jump", p.pop("repaint_jump", 10), 1, 1000)
-    elif kind == "img2img":
-        out["strength"] = check_float("strength", p.pop("strength", 0.6), 0, 1, lo_open=True)
-    elif kind == "interpolate":
-        out["frames"] = api.check_count("frames", p.pop("frames", 8), 2, MAX_FRAMES)
-        if p.pop("between", "seeds") == "images":
-            if "image2" not in uploads:
-                raise UploadError("interpolating between images needs a second image: upload it")
-            second = image_tensor(read_image(uploads["image2"], "second image"), c)
-            second, _ = editing.check_images(ldm, second, "second image")
-            tensors["images"] = torch.cat([tensors.pop("image"), second])
-        else:
-            out["seeds"] = (api.check_seed("seed_a", p.pop("seed_a", 0)),
-                            api.check_seed("seed_b", p.pop("seed_b", 1)))  # fmt: skip
-        p.pop("seed_a", None), p.pop("seed_b", None)
-    elif kind == "denoise":
-        std = p.pop("noise_std", None)
-        out["noise_std"] = None if std is None else check_float("noise_std", std, 0, 1)
-    if p:
-        raise UploadError(f"unknown parameter {sorted(p)[0]!r} for {kind}")
-    return out, tensors
-
-
-def _condition(ldm: LatentDiffusion, p: dict[str, Any]) -> dict[str, Any]:
-    """classes / prompt / negative_prompt / guidance of a request -> editing's keywords."""
-    out: dict[str, Any] = {}
-    classes, prompt, negative = (
-        p.pop("classes", None),
-        p.pop("prompt", None),
-        p.pop("negative_prompt", None),
-    )
-    guidance = api.check_guidance("--guidance", p.pop("guidance", None))
-    if classes:
-        out["class_labels"] = ldm.conditioner.parse(str(classes), 1)
-    if prompt:
-        out["prompt"] = str(prompt)
-    if negative:
-        out["negative_prompt"] = str(negative)
-    if guidance is not None and out:
-        out["guidance_scale"] = guidance
-    return out
-
-
-def run(ldm: LatentDiffusion, kind: str, params: dict[str, Any],
-        tensors: dict[str, Tensor]) -> editing.EditResult:  # fmt: skip
-    """The editing call of a prepared request."""
-    if kind == "inpaint":
-        return editing.inpaint(ldm, tensors["image"], tensors["mask"], **params)
-    if kind == "img2img":
-        return editing.img2img(ldm, tensors["image"], **params)
+    p = {NAMES.get(k, k): v for k, v in params.items()}
+    resize = p.pop("resize", "refuse") == "resize"
+    keep = {k: p.pop(k) for k in ("classes", "prompt", "negative_prompt") if p.get(k)}
+    for k in ("classes", "prompt", "negative_prompt"):
+        p.pop(k, None)
+    files = dict(uploads)
     if kind == "interpolate":
-        return editing.interpolate(ldm, images=tensors.get("images"), **params)
-    if kind == "denoise":
-        return editing.denoise(ldm, tensors["image"], **params)
-    mask = tensors.get("mask")
-    return editing.fill(ldm, tensors["image"], mask if mask is not None and bool(mask.any()) else None,
-                        **params)  # fmt: skip
+        if p.pop("between", "seeds") == "images":
+            if "image_b" not in files:
+                raise UploadError("interpolating between images needs a second image: upload it")
+        else:
+            p["seeds"] = [p.pop("seed_a", 0), p.pop("seed_b", 1)]
+            files.pop("image", None), files.pop("image_b", None)
+        p.pop("seed_a", None), p.pop("seed_b", None)
+    elif kind not in ("inpaint", "fill"):
+        files.pop("mask", None)
+    if kind in ("inpaint", "fill", "img2img", "denoise") and "image" not in files:
+        raise UploadError(f"{kind} needs an image: upload one or use a generated one")
+    if kind == "inpaint" and "mask" not in files:
+        raise UploadError("inpaint needs a mask: draw on the image (white = regenerate)")
+    api.check_edit_options(kind, p, ldm)
+    c, h, w = ldm.image_shape
+    for name, data in files.items():
+        what = {"image_b": "second image"}.get(name, name)
+        check_upload(data, what)
+        if name == "mask":
+            read_mask(io.BytesIO(data), size=(w, h), resize=resize)
+        else:
+            read_image(io.BytesIO(data), channels=c, size=(w, h), resize=resize)
+    return Request(kind, {**p, **keep, "resize": resize}, files)
+
+
+# ------------------------------------------------------------------------------ the call
+def run(ldm: LatentDiffusion, run_dir: Path, uploads_dir: Path,
+        request: Request) -> tuple[api.Edit, bytes, list[bytes]]:  # fmt: skip
+    """`api.edit` on the stored uploads: (the edit, its PNG as `ldmkit` writes it (the strip of
+    an interpolation), one PNG per image)."""
+    paths = {name: store(data, uploads_dir) for name, data in request.uploads.items()}
+    result = api.edit(request.kind, run_dir, ldm=ldm, **paths, **request.options)
+    with tempfile.TemporaryDirectory() as tmp:
+        written = api.save_edit(result, Path(tmp) / "edit.png")
+        png = written[0].read_bytes()
+    images = []
+    for image in result.images.split(1):
+        buf = io.BytesIO()
+        write_png(image, buf, result.params)
+        images.append(buf.getvalue())
+    return result, png, images
+
+
+def store(data: bytes, folder: Path) -> Path:
+    """An upload, kept under its SHA-256 (the same bytes are stored once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / hashlib.sha256(data).hexdigest()[:32]
+    if not path.is_file():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
