@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import live_server
+from serve_helpers import live_server, tiny_settings
+
+from ldmkit.runs import RunFolder
 
 pytest.importorskip(
     "starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'"
@@ -151,3 +154,47 @@ def inpaint_a_stroke(page, url: str, tmp_path: Path) -> None:
     changed = (result != source).any(-1)
     assert not changed[~mask].any(), "pixels outside the mask changed"
     assert changed[mask].any()
+
+
+def test_the_training_tab_follows_a_training_and_stops_it(browser_page, runs):
+    import threading
+
+    import torch
+
+    from ldmkit import api
+
+    page, url, _, problems = browser_page
+    if os.environ.get("LDMKIT_SERVE_RUNS"):
+        pytest.skip("this test trains into the test's own runs folder")
+    steps, result = [], {}
+
+    def train():
+        torch.set_num_threads(1)
+        result["run"] = api.train(runs / "live", data="builtin:shapes?n=64",
+                                  sets=tiny_settings(100_000, 2), progress=steps.append)  # fmt: skip
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        for _ in range(3000):  # run.json is written before the first step
+            if steps or not thread.is_alive():
+                break
+            time.sleep(0.01)
+        page.goto(url + "/")
+        page.wait_for_selector("#run option[value='live']", state="attached")
+        page.select_option("#run", "live")
+        page.click("#tabs button[data-tab=train]")
+        page.wait_for_selector("#train-preview:not([hidden])", timeout=30_000)
+        assert page.inner_text("#train-state").startswith("training now")
+        assert not_blank(page.locator("#loss-chart").screenshot()) > 5
+        page.click("#stop")
+        page.wait_for_function(
+            "() => document.getElementById('train-state').textContent.startsWith('no training')",
+            timeout=60_000,
+        )
+    finally:
+        if thread.is_alive():
+            RunFolder(runs / "live").request_stop()
+        thread.join(60)
+    assert result["run"].stopped_because == "stop request"
+    assert problems == []

@@ -32,11 +32,10 @@ async function guarded(fn) {
 
 // ------------------------------------------------------------------ runs
 async function loadRuns() {
-  const data = await call("/api/runs");
-  const select = $("run");
-  select.replaceChildren(...data.runs.map((r) => new Option(r.name + (r.training ? " (training)" : ""), r.name)));
+  const data = await call("/api/runs"), select = $("run"), current = state.run;
+  select.replaceChildren(...data.runs.map((r) => new Option(r.name + (r.training ? " (training)" : ""), r.name, false, r.name === current)));
   if (!data.runs.length) { showError(`no runs in ${data.root}; train one with ldmkit train --out ${data.root}/NAME`); return; }
-  await pickRun(select.value);
+  if (select.value !== current) await pickRun(select.value);
 }
 
 async function pickRun(name) {
@@ -308,6 +307,7 @@ function showTab(name) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("run").addEventListener("change", (e) => guarded(() => pickRun(e.target.value)));
+  $("run").addEventListener("focus", () => guarded(loadRuns));  // runs started since the page opened
   $("sample-form").addEventListener("submit", generate);
   document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("stop").addEventListener("click", stopTraining);
