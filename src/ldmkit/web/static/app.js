@@ -307,7 +307,8 @@ function showTab(name) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("run").addEventListener("change", (e) => guarded(() => pickRun(e.target.value)));
-  $("run").addEventListener("focus", () => guarded(loadRuns));  // runs started since the page opened
+  // runs started since the page opened join the list (not while it is open)
+  setInterval(() => { if (document.activeElement !== $("run")) guarded(loadRuns); }, 10000);
   $("sample-form").addEventListener("submit", generate);
   document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("stop").addEventListener("click", stopTraining);
