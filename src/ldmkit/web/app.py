@@ -123,14 +123,14 @@ def create_app(runs: str | os.PathLike, *, device: str | None = None,
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        exception_handlers={WebError: _web_error, HTTPException: _http_error, ValueError: _value_error,
-                            FileNotFoundError: _not_found},
+        exception_handlers={WebError: _expected, ValueError: _expected, HTTPException: _http_error,
+                            FileNotFoundError: _not_found, Exception: _bug},
     )  # fmt: skip
-    app.state.site = site
     return Guard(app, hosts=hosts)
 
 
-async def _web_error(request: Request, e: Exception) -> Response:
+async def _expected(request: Request, e: Exception) -> Response:
+    """A WebError, or one of the library's ValueErrors (400 unless it names a status)."""
     return _error(getattr(e, "status", 400), str(e))
 
 
@@ -138,12 +138,13 @@ async def _http_error(request: Request, e: Exception) -> Response:
     return _error(getattr(e, "status_code", 400), getattr(e, "detail", "bad request"))
 
 
-async def _value_error(request: Request, e: Exception) -> Response:
-    return _error(getattr(e, "status", 400), str(e))  # edits.UploadError may say 413
-
-
 async def _not_found(request: Request, e: Exception) -> Response:
     return _error(404, str(e))
+
+
+async def _bug(request: Request, e: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    return _error(500, f"internal error (a bug in ldmkit, see the server's log): {e}")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -158,10 +159,6 @@ class Guard:
 
     def __init__(self, app: ASGIApp, *, hosts: tuple[str, ...] | None) -> None:
         self.app, self.hosts = app, hosts
-
-    @property
-    def state(self) -> Any:  # the app's, for tests
-        return self.app.state  # type: ignore[attr-defined]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
