@@ -137,13 +137,13 @@ def inpaint_a_stroke(page, url: str, tmp_path: Path) -> None:
     page.wait_for_function("() => document.getElementById('edit-result').naturalWidth > 0")
     assert not_blank(screenshot(page, "serve-inpaint.png", tmp_path)) > 10
 
-    def fetch(path: str) -> np.ndarray:
+    def fetch(path: str, mode: str = "RGB") -> np.ndarray:
         with urllib.request.urlopen(url + path) as r:
-            return np.asarray(Image.open(io.BytesIO(r.read())))
+            return np.asarray(Image.open(io.BytesIO(r.read())).convert(mode))
 
-    mask = fetch(f"/api/job/input?id={job}&which=mask")[..., 0] > 127
-    source = fetch(f"/api/job/input?id={job}&which=image")[..., :3]
-    result = fetch(f"/api/job/result?id={job}")[..., :3]
+    mask = fetch(f"/api/job/input?id={job}&which=mask", "L") > 127
+    source = fetch(f"/api/job/input?id={job}&which=image")
+    result = fetch(f"/api/job/result?id={job}")
     # the stroke in image pixels: a segment at mid height, brush 4 px (radius 2)
     scale = size / box["width"]
     ys, xs = np.mgrid[0:size, 0:size] + 0.5

@@ -155,11 +155,30 @@ def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any],
     for name, data in files.items():
         what = {"image_b": "second image"}.get(name, name)
         check_upload(data, what)
+        files[name] = data = _without_canvas_alpha(data, mask=name == "mask")
         if name == "mask":
             read_mask(io.BytesIO(data), size=(w, h), resize=resize)
         else:
             read_image(io.BytesIO(data), channels=c, size=(w, h), resize=resize)
     return Request(kind, {**p, **keep, "resize": resize}, files)
+
+
+def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
+    """A browser canvas saves RGBA: an opaque one is re-encoded without its alpha (and a grey
+    mask as one channel), so that api.edit does not note a transparency there is none of."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != "PNG" or image.mode not in ("RGBA", "LA"):
+            return data
+        if image.getchannel("A").getextrema() != (255, 255):
+            return data
+        opaque = image.convert("RGB" if image.mode == "RGBA" else "L")
+    if mask and opaque.mode == "RGB":
+        r, g, b = opaque.split()
+        if r.tobytes() == g.tobytes() == b.tobytes():
+            opaque = r
+    buf = io.BytesIO()
+    opaque.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------ the call
