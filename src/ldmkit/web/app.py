@@ -72,6 +72,8 @@ MAX_WEB_IMAGES = 64  # images per job
 MAX_DEPTH = 3  # folder levels under --runs searched for runs
 MAX_LOG_ROWS = 2000  # loss rows per stage sent to the page (evenly thinned)
 PREVIEW_EVERY_S = 0.25  # at most this often a job's x0 estimate is decoded for the page
+PREVIEW_SHARE = 10  # ... and at most every 10x the time one decoding takes
+PREVIEW_IMAGES = 16  # images of the batch decoded for a preview
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'",
@@ -387,13 +389,15 @@ class Site:
     def _sample(self, folder: RunFolder, job: Job) -> Result:
         ldm = self.model(folder)
         p = job.params
-        total, last = p["steps"], 0.0
+        total, next_preview = p["steps"], 0.0
 
         def progress(i: int, x: Any, sigma: Any, x0: Any) -> None:
-            nonlocal last
-            step, preview = min(job.step + 1, total), None
-            if step == total or time.perf_counter() - last > PREVIEW_EVERY_S:
-                preview, last = _preview_png(ldm, x0), time.perf_counter()
+            nonlocal next_preview
+            step, preview, now = min(job.step + 1, total), None, time.perf_counter()
+            if step == total or now >= next_preview:
+                preview = _preview_png(ldm, x0[:PREVIEW_IMAGES])
+                cost = time.perf_counter() - now  # previews take at most ~10 % of the time
+                next_preview = now + max(PREVIEW_EVERY_S, PREVIEW_SHARE * cost)
             job.report(step, total, preview)
 
         samples = api.sample(
