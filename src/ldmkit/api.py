@@ -627,6 +627,7 @@ def edit(
     `options` are the method's (see `_check_edit_options`); `ldm` reuses a loaded model."""
     from . import editing
     from .data.images import read_image, read_mask
+    from .data.masks import detect_holes
     from .pipeline import LatentDiffusion
 
     if method not in EDIT_METHODS:
@@ -651,14 +652,20 @@ def edit(
     c, h, w = ldm.image_shape
     notes: list[str] = []
     tensors: dict[str, Any] = {}
+    tiled = False
     for name in ("image", "image_b"):
         if name in inputs:
+            size = (w, h)
+            if method in _MASKED and not resize:  # a larger image is inpainted crop by crop
+                size = _larger_size(inputs[name]["path"], (w, h))
+                tiled = size != (w, h)
             tensors[name], more = read_image(
-                inputs[name]["path"], channels=c, size=(w, h), resize=resize
+                inputs[name]["path"], channels=c, size=size, resize=resize
             )
             notes += more
     if "mask" in inputs:
-        tensors["mask"], more = read_mask(inputs["mask"]["path"], size=(w, h), resize=resize)
+        size = tuple(tensors["image"].shape[-1:-3:-1])
+        tensors["mask"], more = read_mask(inputs["mask"]["path"], size=size, resize=resize)
         notes += more
     condition = _edit_condition(method, ldm, run, classes, prompt, negative_prompt, options)
     call = {**options, **condition}
@@ -670,6 +677,13 @@ def edit(
         elif "seeds" in call:
             call["seeds"] = tuple(call["seeds"])
         result = editing.interpolate(ldm, **call)
+    elif tiled:
+        mask = tensors.get("mask")
+        if mask is None:
+            colour = torch_tensor(call.pop("hole_colour", [1.0] * c))
+            colour = colour[:1] if c == 1 else colour.expand(c)
+            mask = detect_holes(tensors["image"], colour)
+        result = editing.inpaint_large(ldm, tensors["image"], mask, **call)
     elif method in _MASKED:
         fn = editing.inpaint if method == "inpaint" else editing.fill
         result = fn(ldm, tensors["image"], tensors.get("mask"), **call)
@@ -684,6 +698,25 @@ def edit(
     }  # fmt: skip
     extra = dict(result.extra)
     return Edit(result.images, params, notes + result.notes, result.network_calls, extra)
+
+
+def _larger_size(path: str, model: tuple[int, int]) -> tuple[int, int]:
+    """The size of an image file when it is at least the model's in both directions (it is then
+    inpainted crop by crop), else the model's size (which read_image then checks)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, ValueError):
+        return model  # read_image gives the one-line error
+    return size if size[0] >= model[0] and size[1] >= model[1] else model
+
+
+def torch_tensor(values: Sequence[float]) -> Any:
+    import torch
+
+    return torch.tensor(list(values), dtype=torch.float32)
 
 
 def _edit_condition(
