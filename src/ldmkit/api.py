@@ -633,8 +633,6 @@ def edit(
     fits them to the model's size instead of refusing another size. `classes` ("star", or two
     for an interpolation: "circle,star") or `prompt` (two for an interpolation) condition it.
     `options` are the method's (see `check_edit_options`); `ldm` reuses a loaded model."""
-    from . import editing
-    from .data.images import read_image, read_mask
     from .pipeline import LatentDiffusion
 
     if method not in EDIT_METHODS:
@@ -643,46 +641,10 @@ def edit(
     folder = RunFolder(run).require_trained()
     ldm = ldm if ldm is not None else LatentDiffusion.from_run(run, device=check_device(device))
     check_edit_options(method, options, ldm)
-    inputs: dict[str, Any] = {}
-    needs_image = method != "interpolate" or image_b is not None or image is not None
-    if needs_image and image is None:
-        raise ConfigError(f"{method} needs --image FILE (the image to edit)")
-    if method == "inpaint" and mask is None:
-        raise ConfigError("inpaint needs --mask FILE (white = regenerate, black = keep)")
-    if mask is not None and method not in _MASKED:
-        raise ConfigError(f"{method} takes no --mask (inpaint and fill do)")
-    if (image is None) != (image_b is None) and method == "interpolate":
-        raise ConfigError("interpolating images needs two: --image A --image-b B")
-    for name, path in (("image", image), ("mask", mask), ("image_b", image_b)):
-        if path is not None:
-            inputs[name] = _input("--" + name.replace("_", "-"), path)
-    c, h, w = ldm.image_shape
-    notes: list[str] = []
-    tensors: dict[str, Any] = {}
-    for name in ("image", "image_b"):
-        if name in inputs:
-            tensors[name], more = read_image(
-                inputs[name]["path"], channels=c, size=(w, h), resize=resize
-            )
-            notes += more
-    if "mask" in inputs:
-        tensors["mask"], more = read_mask(inputs["mask"]["path"], size=(w, h), resize=resize)
-        notes += more
+    files = {"image": image, "mask": mask, "image_b": image_b}
+    inputs, tensors, notes = edit_inputs(method, ldm, files, resize)
     condition = _edit_condition(method, ldm, run, classes, prompt, negative_prompt, options)
-    call = {**options, **condition}
-    if "hole_colour" in call:
-        call["hole_colour"] = [int(v) / 127.5 - 1 for v in call["hole_colour"]]
-    if method == "interpolate":
-        if "image" in tensors:
-            call["images"] = _cat([tensors["image"], tensors["image_b"]])
-        elif "seeds" in call:
-            call["seeds"] = tuple(call["seeds"])
-        result = editing.interpolate(ldm, **call)
-    elif method in _MASKED:
-        fn = editing.inpaint if method == "inpaint" else editing.fill
-        result = fn(ldm, tensors["image"], tensors.get("mask"), **call)
-    else:
-        result = getattr(editing, method)(ldm, tensors["image"], **call)
+    result = _run_edit(method, ldm, tensors, {**options, **condition})
     params = {
         "ldmkit": _version(), "method": method, "run": str(Path(run).resolve()),
         "weights": folder.weights_hash(), "inputs": inputs,
@@ -692,6 +654,91 @@ def edit(
     }  # fmt: skip
     extra = dict(result.extra)
     return Edit(result.images, params, notes + result.notes, result.network_calls, extra)
+
+
+def edit_inputs(
+    method: str, ldm: Any, files: dict[str, Any], resize: bool
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The input files of an edit, checked and read: ({name: path and SHA-256}, {name: tensor},
+    notes). An image larger than the model's in both directions is kept at its size for the
+    masked edits (inpainted crop by crop); "tiled" in the tensors says so."""
+    from .data.images import read_image, read_mask
+
+    image, mask, image_b = files["image"], files["mask"], files["image_b"]
+    if method != "interpolate" and image is None:
+        raise ConfigError(f"{method} needs --image FILE (the image to edit)")
+    if method == "inpaint" and mask is None:
+        raise ConfigError("inpaint needs --mask FILE (white = regenerate, black = keep)")
+    if mask is not None and method not in _MASKED:
+        raise ConfigError(f"{method} takes no --mask (inpaint and fill do)")
+    if (image is None) != (image_b is None) and method == "interpolate":
+        raise ConfigError("interpolating images needs two: --image A --image-b B")
+    inputs = {name: _input("--" + name.replace("_", "-"), path)
+              for name, path in files.items() if path is not None}  # fmt: skip
+    c, h, w = ldm.image_shape
+    notes: list[str] = []
+    tensors: dict[str, Any] = {"tiled": False}
+    for name in ("image", "image_b"):
+        if name in inputs:
+            size = (w, h)
+            if method in _MASKED and not resize:  # a larger image is inpainted crop by crop
+                size = _larger_size(inputs[name]["path"], (w, h))
+                tensors["tiled"] = size != (w, h)
+            tensors[name], more = read_image(
+                inputs[name]["path"], channels=c, size=size, resize=resize
+            )
+            notes += more
+    if "mask" in inputs:
+        size = tuple(tensors["image"].shape[-1:-3:-1])
+        tensors["mask"], more = read_mask(inputs["mask"]["path"], size=size, resize=resize)
+        notes += more
+    return inputs, tensors, notes
+
+
+def _run_edit(method: str, ldm: Any, tensors: dict[str, Any], call: dict[str, Any]) -> Any:
+    """editing.<method> on the read inputs with the checked options and condition."""
+    from . import editing
+    from .data.masks import detect_holes
+
+    c = ldm.image_shape[0]
+    if "hole_colour" in call:
+        call["hole_colour"] = [int(v) / 127.5 - 1 for v in call["hole_colour"]]
+    if method == "interpolate":
+        if "image" in tensors:
+            call["images"] = _cat([tensors["image"], tensors["image_b"]])
+        elif "seeds" in call:
+            call["seeds"] = tuple(call["seeds"])
+        return editing.interpolate(ldm, **call)
+    if tensors["tiled"]:
+        mask = tensors.get("mask")
+        if mask is None:
+            colour = torch_tensor(call.pop("hole_colour", [1.0] * c))
+            colour = colour[:1] if c == 1 else colour.expand(c)
+            mask = detect_holes(tensors["image"], colour)
+        return editing.inpaint_large(ldm, tensors["image"], mask, **call)
+    if method in _MASKED:
+        fn = editing.inpaint if method == "inpaint" else editing.fill
+        return fn(ldm, tensors["image"], tensors.get("mask"), **call)
+    return getattr(editing, method)(ldm, tensors["image"], **call)
+
+
+def _larger_size(path: str, model: tuple[int, int]) -> tuple[int, int]:
+    """The size of an image file when it is at least the model's in both directions (it is then
+    inpainted crop by crop), else the model's size (which read_image then checks)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, ValueError):
+        return model  # read_image gives the one-line error
+    return size if size[0] >= model[0] and size[1] >= model[1] else model
+
+
+def torch_tensor(values: Sequence[float]) -> Any:
+    import torch
+
+    return torch.tensor(list(values), dtype=torch.float32)
 
 
 def _edit_condition(

@@ -185,6 +185,7 @@ def inpaint(
     mask_dilate: int = 0,
     repaint_jump: int = 10,
     repaint_resample: int = 1,
+    blend: bool | None = None,
     **condition: Any,
 ) -> EditResult:
     """Regenerate the masked pixels (mask 1) of `images` with any trained model.
@@ -197,6 +198,8 @@ def inpaint(
     further than that from the mask is the input's, bit for bit (the autoencoder is lossy, so
     without it the kept region would drift). `repaint_resample` > 1 turns on RePaint's
     resampling (jumps of `repaint_jump` steps, that many times; samplers ddpm and ddim).
+    A model trained with task=inpaint is given the mask and the known latent as inputs; it
+    does not blend unless `blend` is set (None: blend with any other model).
     Condition (class_labels, prompt, negative_prompt, guidance_scale) as in `sample`.
     """
     check_sampler(sampler)
@@ -210,10 +213,11 @@ def inpaint(
             f"RePaint resampling runs its own steps, which sampler {sampler} cannot take part "
             f"in (it keeps a history); use --sampler {' or '.join(REPAINT_SAMPLERS)}"
         )
+    blend = not ldm.is_inpainting_model if blend is None else blend
     params = {
         "method": "inpaint", "sampler": sampler, "steps": steps, "seed": seed,
         "mask_blur": mask_blur, "mask_dilate": mask_dilate, "repaint_jump": repaint_jump,
-        "repaint_resample": repaint_resample, **_condition_params(condition),
+        "repaint_resample": repaint_resample, "blend": blend, **_condition_params(condition),
     }  # fmt: skip
     if not bool(masks.any()):
         notes.append(
@@ -222,14 +226,16 @@ def inpaint(
         return EditResult(images.clone(), params, notes, 0)
     if bool(masks.all()):
         notes.append("the mask is all white: the result is a fresh sample (nothing is kept)")
-    network = _Counted(ldm.unet)
-    denoise = _conditioned(ldm, b, dict(condition), network)
-    sigmas = ldm.sigmas(sampler, steps)
     known = ldm.encode(images)
     lat_mask = masklib.to_latent(masks, ldm.downsampling, mask_dilate).to(ldm.device)
+    network = _Counted(ldm.network(lat_mask, known))
+    denoise = _conditioned(ldm, b, dict(condition), network)
+    sigmas = ldm.sigmas(sampler, steps)
     noise = _ImageNoise(seed, b, ldm.latent_shape, ldm.device)
     z_T = noise()
-    x_T = lat_mask * z_T + (1 - lat_mask) * _start_state(z_T, known, float(sigmas[0]))
+    x_T = z_T
+    if blend:
+        x_T = lat_mask * z_T + (1 - lat_mask) * _start_state(z_T, known, float(sigmas[0]))
     if repaint_resample > 1:
         scale = 1.0 if torch.isinf(sigmas[0]) else math.sqrt(1 + float(sigmas[0]) ** 2)
         z = sample_repaint(
@@ -240,7 +246,8 @@ def inpaint(
     else:
         z = run_sampler(
             denoise, x_T, sigmas, sampler=sampler,
-            callback=blend_known(known, lat_mask, noise, None), **_sampler_noise(sampler, noise),
+            callback=blend_known(known, lat_mask, noise, None) if blend else None,
+            **_sampler_noise(sampler, noise),
         )  # fmt: skip
     decoded = ldm.decode(z).float().cpu()
     weight = masklib.feather(masks, mask_blur)
@@ -271,7 +278,7 @@ def img2img(
         "method": "img2img", "strength": strength, "sampler": sampler, "steps": steps,
         "seed": seed, **_condition_params(condition),
     }  # fmt: skip
-    network = _Counted(ldm.unet)
+    network = _Counted(ldm.network())
     denoise = _conditioned(ldm, b, dict(condition), network)
     sigmas = ldm.sigmas(sampler, steps)[start:]
     noise = _ImageNoise(seed, b, ldm.latent_shape, ldm.device)
@@ -315,7 +322,7 @@ def invert(
             "does not reproduce the image (use --guidance 1)"
         )
         log.warning(notes[-1])
-    network = _Counted(ldm.unet)
+    network = _Counted(ldm.network())
     denoise = _conditioned(ldm, b, dict(condition), network)
     sigmas = ldm.sigmas("ddim", steps)
     known = ldm.encode(images)
@@ -366,7 +373,7 @@ def interpolate(
         "seed": seed, **_condition_params(condition),
     }  # fmt: skip
     notes: list[str] = []
-    network = _Counted(ldm.unet)
+    network = _Counted(ldm.network())
     sigmas = ldm.sigmas(sampler, steps)
     shape = ldm.latent_shape
     if pair:
@@ -485,7 +492,7 @@ def denoise(
     else:
         top_up = math.sqrt(max(float(sigmas[0]) ** 2 - level**2, 0.0))
         x_T = (known + top_up * noise()) / math.sqrt(1 + float(sigmas[0]) ** 2)
-    network = _Counted(ldm.unet)
+    network = _Counted(ldm.network())
     den = _conditioned(ldm, b, dict(condition), network)
     z = run_sampler(den, x_T, sigmas, sampler=sampler, **_sampler_noise(sampler, noise))
     return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
@@ -512,3 +519,43 @@ def fill(
     result.params["method"] = "fill"
     result.notes = notes + result.notes
     return result
+
+
+def _starts(length: int, size: int) -> list[int]:
+    """Window starts covering 0..length with windows of `size`, half overlapping."""
+    stride = max(size // 2, 1)
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def inpaint_large(
+    ldm: LatentDiffusion, image: Tensor, mask: Tensor, *, seed: int = 0, **options: Any
+) -> EditResult:
+    """Inpaint an image larger than the model's (1, C, H, W) with H, W >= its size, crop by crop:
+    windows of the model's size, half overlapping, in reading order, are inpainted wherever they
+    hold masked pixels (window k with seed + k), and each result goes back into the image before
+    the next window is cut, so later windows see the earlier fills. Pixels outside the mask are
+    never changed. `options` as for `inpaint`."""
+    _, size, _ = ldm.image_shape
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError("inpaint_large takes one image (1, C, H, W)")
+    h, w = image.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"the image is {w}x{h}, smaller than the model's {size}x{size}")
+    out, notes, calls, k = image.clone(), [], 0, 0
+    for top in _starts(h, size):
+        for left in _starts(w, size):
+            window = (..., slice(top, top + size), slice(left, left + size))
+            crop_mask = mask[window]
+            if not bool(crop_mask.any()):
+                continue
+            result = inpaint(ldm, out[window], crop_mask, seed=seed + k, **options)
+            out[window] = result.images
+            calls += result.network_calls
+            k += 1
+    notes.append(f"the image is {w}x{h}: inpainted in {k} crops of {size}x{size}")
+    params = {"method": "inpaint", "tiled": True, "seed": seed, **options}
+    params = {key: (v.tolist() if isinstance(v, Tensor) else v) for key, v in params.items()}
+    return EditResult(out, params, notes, calls)

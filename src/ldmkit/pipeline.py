@@ -78,10 +78,12 @@ class LatentDiffusion:
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
         self.schedule = schedule
-        if self.unet.config.in_channels != self.vae.config.latent_channels:
+        latent = self.vae.config.latent_channels
+        c_in, c_out = self.unet.config.in_channels, self.unet.config.out_channels
+        if c_out != latent or c_in not in (latent, 2 * latent + 1):
             raise ValueError(
-                f"the UNet takes {self.unet.config.in_channels} channels but the autoencoder makes "
-                f"{self.vae.config.latent_channels}-channel latents; they are not from the same run"
+                f"the UNet maps {c_in} to {c_out} channels but the autoencoder makes "
+                f"{latent}-channel latents; they are not from the same run"
             )
         self.text_encoder = None
         self.conditioner: ClassConditioner | TextConditioner
@@ -133,7 +135,35 @@ class LatentDiffusion:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+        return (c.out_channels, c.sample_size, c.sample_size)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet also takes a mask and the masked latent (a run trained with
+        task=inpaint): 2 * latent + 1 input channels."""
+        return self.unet.config.in_channels != self.unet.config.out_channels
+
+    def network(
+        self, mask: Tensor | None = None, known: Tensor | None = None
+    ) -> Callable[..., Tensor]:
+        """The network function the denoiser calls, model(x_t, t, **cond): the UNet, or for an
+        inpainting model the UNet given the latent mask (B, 1, h, w; 1 = regenerate) and the
+        known latent outside it as extra inputs. Without a mask it regenerates everything
+        (what it learned from its fully masked training images). Guidance's doubled batch gets
+        the extra inputs repeated."""
+        if not self.is_inpainting_model:
+            return self.unet
+
+        def inpainting(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+            b, c, h, w = x.shape
+            if mask is None:
+                extra = torch.cat([x.new_ones(b, 1, h, w), x.new_zeros(b, c, h, w)], 1)
+            else:
+                extra = torch.cat([mask, known * (1 - mask)], 1).to(x)
+                extra = extra.repeat(b // extra.shape[0], 1, 1, 1)
+            return self.unet(torch.cat([x, extra], 1), t, **cond)
+
+        return inpainting
 
     @property
     def downsampling(self) -> int:
@@ -257,7 +287,7 @@ class LatentDiffusion:
                 conditions.cond, b, guidance, self.device
             )
         return make_denoiser(
-            network or self.unet, self.schedule, self.unet.config.prediction_type, cond=cond,
+            network or self.network(), self.schedule, self.unet.config.prediction_type, cond=cond,
             uncond=uncond, guidance_scale=guidance, guidance_rescale=guidance_rescale,
         )  # fmt: skip
 

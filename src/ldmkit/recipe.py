@@ -196,6 +196,12 @@ class RunConfig:
     # classifier-free guidance when a class-conditional model is sampled (previews, and the
     # default of `ldmkit sample` / `ldmkit eval`); 1 = none. Chosen by measurement (issue notes).
     guidance_scale: float = 5.0
+    # "inpaint": the UNet also takes the mask and the masked latent (2 * latent + 1 input
+    # channels) and trains on random masks (data/masks.py); `ldmkit inpaint` then uses them
+    task: Literal["generate", "inpaint"] = "generate"
+    # a trained run to start from (fine-tuning): its autoencoder is reused as it is and its
+    # UNet's weights start this one's (widened with zero weights for task=inpaint)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check_float("guidance_scale", self.guidance_scale, 0, MAX_GUIDANCE, hint=GUIDANCE_HINT)
@@ -265,7 +271,8 @@ def resolve_config(
         )
     unet = dataclasses.replace(
         cfg.unet,
-        in_channels=vae.latent_channels,
+        in_channels=vae.latent_channels * (2 if cfg.task == "inpaint" else 1)
+        + (cfg.task == "inpaint"),
         out_channels=vae.latent_channels,
         sample_size=cfg.image_size // f,
         num_classes=None if text else num_classes,

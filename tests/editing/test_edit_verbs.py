@@ -71,7 +71,9 @@ def test_from_png_refuses_changed_inputs_and_foreign_pngs(run_dir, files, capsys
     rc, _, err = run_cli(
         capsys, "img2img", "--from-png", str(files / "a.png"), "--out", str(files / "b.png")
     )
-    assert rc == 2 and "written by `ldmkit inpaint`; run `ldmkit inpaint --from-png" in error_line(err)
+    assert rc == 2 and "written by `ldmkit inpaint`; run `ldmkit inpaint --from-png" in error_line(
+        err
+    )
     Image.new("L", (16, 16), 255).save(files / "mask.png")
     rc, _, err = run_cli(
         capsys, "inpaint", "--from-png", str(files / "a.png"), "--out", str(files / "b.png")
@@ -108,6 +110,7 @@ def test_from_png_refuses_a_retrained_run(run_dir, files, capsys, tmp_path):
         (["inpaint", "--image", "in.png"], "inpaint needs --mask"),
         (["inpaint", "--image", "in.png", "--mask", "small.png"], "the mask is 8x8 but 16x16 is needed"),
         (["img2img", "--image", "big.png"], "the image is 20x16 but 16x16 is needed"),
+        (["inpaint", "--image", "tall.png", "--mask", "mask.png"], "the image is 8x20 but 16x16 is needed"),
         (["img2img", "--image", "in.png", "--strength", "0.01"], "leaves no step"),
         (["img2img", "--image", "in.png", "--strength", "0"], "--strength"),
         (["img2img", "--image", "nothere.png"], "no such file"),
@@ -129,6 +132,7 @@ def test_bad_edits_get_one_line(run_dir, files, capsys, monkeypatch, argv, messa
     monkeypatch.chdir(files)
     Image.new("L", (8, 8)).save("small.png")
     Image.new("RGB", (20, 16)).save("big.png")
+    Image.new("RGB", (8, 20)).save("tall.png")
     (files / "notimage.png").write_text("hello")
     out = [] if "--out" in argv else ["--out", "o.png"]
     rc, _, err = run_cli(capsys, argv[0], "--run", str(run_dir), "--steps", "2", *argv[1:], *out)
@@ -158,3 +162,24 @@ def test_png_params_round_trip_and_api_edit_equals_the_cli(run_dir, files, capsy
     rc, _, _ = run_cli(capsys, "img2img", "--run", str(run_dir), "--image", str(files / "in.png"),
                        "--strength", "0.5", "--steps", "2", "--seed", "1", "--out", str(files / "cli.png"))  # fmt: skip
     assert rc == 0 and (pixels(files / "api.png") == pixels(files / "cli.png")).all()
+
+
+def test_an_image_larger_than_the_model_is_inpainted_crop_by_crop(run_dir, tmp_path, capsys):
+    g = np.random.default_rng(1)
+    big = g.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    mask = np.zeros((24, 40), np.uint8)
+    mask[2:5, 3:37] = 255  # a long scratch across several crops
+    Image.fromarray(mask).save(tmp_path / "scratch.png")
+    rc, out, err = run_cli(capsys, "inpaint", "--run", str(run_dir), "--image", str(tmp_path / "big.png"),
+                           "--mask", str(tmp_path / "scratch.png"), "--steps", "2", "--out", str(tmp_path / "o.png"))  # fmt: skip
+    assert rc == 0, err
+    assert "the image is 40x24: inpainted in" in out
+    result = pixels(tmp_path / "o.png")
+    keep = mask == 0
+    assert result.shape == big.shape and (result[keep] == big[keep]).all()
+    assert not (result[~keep] == big[~keep]).all()
+    rc, _, err = run_cli(
+        capsys, "inpaint", "--from-png", str(tmp_path / "o.png"), "--out", str(tmp_path / "p.png")
+    )
+    assert rc == 0 and (tmp_path / "o.png").read_bytes() == (tmp_path / "p.png").read_bytes()

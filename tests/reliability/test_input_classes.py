@@ -69,9 +69,14 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
     }  # fmt: skip
     if verb in EDIT_VERBS:
         image, mask = edit_inputs(tmp)
-        extra = {"inpaint": ["--image", image, "--mask", mask], "fill": ["--image", image],
-                 "img2img": ["--image", image], "invert": ["--image", image],
-                 "interpolate": ["--seeds", "1,2", "--frames", "2"], "denoise": ["--image", image]}
+        extra = {
+            "inpaint": ["--image", image, "--mask", mask],
+            "fill": ["--image", image],
+            "img2img": ["--image", image],
+            "invert": ["--image", image],
+            "interpolate": ["--seeds", "1,2", "--frames", "2"],
+            "denoise": ["--image", image],
+        }
         commands[verb] = [verb, "--run", str(run), "--steps", "2", "--out", str(tmp / "e.png"),
                           *extra[verb]]  # fmt: skip
     if verb not in commands:

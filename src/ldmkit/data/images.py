@@ -157,7 +157,7 @@ def read_png_params(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
     if PNG_KEY not in text:
         raise ImageFileError(
             f"{source}: this PNG carries no ldmkit parameters (only PNGs written by ldmkit's "
-            "editing and sampling verbs do)"
+            "editing verbs do)"
         )
     try:
         params = json.loads(text[PNG_KEY])

@@ -104,9 +104,26 @@ def random_masks(
         if u[0] < full_share:
             out[i] = 1
             continue
-        kind = MASK_KINDS[min(int(u[1] * 3), 2)]
-        out[i, 0] = {"box": _box, "strokes": _strokes, "border": _border}[kind](size, g)
+        out[i, 0] = make_mask(MASK_KINDS[min(int(u[1] * 3), 2)], size, g)
     return out
+
+
+def make_mask(kind: str, size: int, generator: torch.Generator) -> Tensor:
+    """One random (size, size) mask of a kind: "box" (20-60 % of each side), "strokes" (1-3
+    brush strokes), "border" (one side or all four, 1/8 to 1/2 deep), "full", or "centre" (the
+    middle half of each side)."""
+    if kind == "full":
+        return torch.ones(size, size)
+    if kind == "centre":
+        m = torch.zeros(size, size)
+        m[size // 4 : size - size // 4, size // 4 : size - size // 4] = 1
+        return m
+    makers = {"box": _box, "strokes": _strokes, "border": _border}
+    if kind not in makers:
+        raise ValueError(
+            f"unknown mask kind {kind!r}; choose one of box, strokes, border, full, centre"
+        )
+    return makers[kind](size, generator)
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:

@@ -16,6 +16,7 @@ Shapes: x (B, in_channels, H, W), t (B,) or scalar, class_labels long (B,), cont
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,3 +500,23 @@ class UNet(nn.Module):
         model = load_model_folder(cls, UNetConfig, directory)
         logger.info("loaded %s from %s", model.summary(), directory)
         return model.to(device).eval()
+
+
+def widen_input(unet: UNet, extra: int) -> UNet:
+    """A copy of `unet` that takes `extra` more input channels (appended after the latent), with
+    zero weights on them: before any training it computes exactly what `unet` does, whatever
+    the extra channels hold. How a generation model becomes the start of an inpainting model
+    (the mask and the masked latent as extra inputs, Rombach et al. 2022 Sec. 4.5)."""
+    cfg = dataclasses.replace(
+        unet.config,
+        in_channels=unet.config.in_channels + extra,
+        out_channels=unet.config.out_channels,
+    )
+    wide = UNet(cfg).to(unet.conv_in.weight.device)
+    state = unet.state_dict()
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat(
+        [weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], dim=1
+    )
+    wide.load_state_dict(state)
+    return wide

@@ -33,7 +33,7 @@ from ..data.transforms import to_float
 from ..diffusion.samplers import NonFiniteSampleError
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.text import TextEncoder, TextEncoderConfig, Tokenizer
-from ..models.unet import UNet
+from ..models.unet import UNet, widen_input
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
 from ..runs import DataInfo, RunFolder, read_data
@@ -201,6 +201,8 @@ def _prepare(
             labels_from if labels_from == "the data set" else f"the sub-folder names of {cfg.data}",
         )  # fmt: skip
     if not resumed:
+        if cfg.init_from:
+            cfg = _from_base(cfg, num_classes, mode)
         cfg = resolve_config(cfg, ds.channels, num_classes, text=mode == "text")
     elif cfg.unet.num_classes != num_classes:  # the data changed since the run started
         raise ConfigError(
@@ -214,6 +216,8 @@ def _prepare(
             train_unet=stage in ("all", "unet"), resumed=resumed,
         )  # fmt: skip
         folder.write_config(cfg)
+        if cfg.init_from and not resumed:  # the base run's autoencoder, as it is: no stage 1
+            folder.save_vae(RunFolder(cfg.init_from).load_vae())
         folder.write_data_info(DataInfo(
             spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
             image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
@@ -236,6 +240,45 @@ def _prepare(
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
         RunLog(folder, tensorboard=world.is_main), progress, stop, world,
     )  # fmt: skip
+
+
+def _from_base(cfg: RunConfig, num_classes: int | None, mode: str) -> RunConfig:
+    """The config of a run that starts from the trained run `init_from`: its autoencoder,
+    UNet architecture, image size and schedule, with this run's task and training settings."""
+    base = RunFolder(cfg.init_from).require_trained()
+    b = base.config()
+    if mode == "text" or base.has_text():
+        raise ConfigError(
+            f"init_from {cfg.init_from}: starting from a text-conditional run, or a text run from "
+            "another, is not supported yet; train the text run from scratch"
+        )
+    if b.unet.num_classes != num_classes:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: that run has {b.unet.num_classes or 'no'} classes, this "
+            f"data {num_classes or 'none'}; start from a run trained on the same classes"
+        )
+    if b.task == "inpaint" and cfg.task != "inpaint":
+        raise ConfigError(
+            f"init_from {cfg.init_from} is an inpainting model; keep --set task=inpaint"
+        )
+    return dataclasses.replace(
+        cfg, image_size=b.image_size, vae=b.vae, unet=b.unet, diffusion=b.diffusion
+    )
+
+
+def _base_unet(cfg: RunConfig, device: torch.device) -> UNet:
+    """The UNet of the run `init_from`, widened with zero weights to take the mask and the
+    masked latent when this run learns inpainting (so it starts as exactly that model)."""
+    unet = RunFolder(cfg.init_from).load_unet(device)
+    extra = cfg.unet.in_channels - unet.config.in_channels
+    if extra:
+        unet = widen_input(unet, extra)
+    if unet.config != cfg.unet:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: its UNet differs from this run's ({unet.config} vs "
+            f"{cfg.unet}); do not --set unet.* together with init_from"
+        )
+    return unet.train()
 
 
 def _conditioning(cfg: RunConfig, ds: ImageDataset) -> str:
@@ -353,7 +396,7 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
     cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
-    unet = UNet(cfg.unet).to(device)
+    unet = UNet(cfg.unet).to(device) if not cfg.init_from else _base_unet(cfg, device)
     model: nn.Module = unet
     if run.tokenizer is not None:
         t = cfg.text
@@ -370,13 +413,14 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
     st = diffusion_stage(
         model, moments, conditioner, run.cond_data, vae.config.scaling_factor, cfg.diffusion,
         cfg.unet_train, device, wrap=world.wrap,
+        inpaint_factor=vae.config.downsample_factor if cfg.task == "inpaint" else None,
     )  # fmt: skip
     st.preview = _diffusion_preview(run, vae)
     # the loop's batches are no larger than the data
     mb = min(local_micro_batch(cfg.unet_train, world.size), len(run.images))
 
     def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
-        x = torch.randn(mb, *moments.shape[1:])[:, : cfg.unet.in_channels].to(device)
+        x = torch.randn(mb, cfg.unet.in_channels, *moments.shape[2:]).to(device)
         t = torch.randint(0, 1000, (mb,)).to(device)
         unet_copy, encoder = split_model(m)
         cond = {}

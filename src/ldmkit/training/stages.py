@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..data.masks import random_masks, to_latent
 from ..data.transforms import to_float
 from ..diffusion.losses import training_loss
 from ..models.conditioning import ClassConditioner, TextConditioner
@@ -131,10 +132,16 @@ def diffusion_stage(
     cfg: TrainConfig,
     device: torch.device,
     wrap: Wrap = _unwrapped,
+    inpaint_factor: int | None = None,
 ) -> Stage:
     """Stage 2: train the UNet (or a `TextUNet`) on latents drawn from cached posterior moments
     (N, 2*zc, h, w). `cond_data` holds each image's condition: class labels (N,) or caption
-    token ids (N, L); the conditioner drops a share of them to the null condition, per sample."""
+    token ids (N, L); the conditioner drops a share of them to the null condition, per sample.
+
+    With `inpaint_factor` (the autoencoder's downsampling factor) the UNet learns inpainting:
+    each sample draws a random mask at image resolution (`data.masks.random_masks`), brought to
+    the latent by max pooling as at inference, and the network sees [x_t, mask, z0 * (1 - mask)].
+    """
     schedule = diff.make_schedule()
     unet, _ = split_model(model)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -155,8 +162,17 @@ def diffusion_stage(
         cond = mb.per_sample(
             lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
         )
+        net_fn = network
+        if inpaint_factor is not None:
+            size = z0.shape[-1] * inpaint_factor
+            mask = to_latent(random_masks(len(mb), size, mb.generators), inpaint_factor)
+            extra = torch.cat([mask, z0 * (1 - mask)], 1).to(device)
+
+            def net_fn(x_t: Tensor, t: Tensor, **c: Tensor) -> Tensor:
+                return network(torch.cat([x_t, extra], 1), t, **c)
+
         value = training_loss(
-            network, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
+            net_fn, schedule, z0.to(device), prediction_type=unet.config.prediction_type,
             weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, t=t, eps=eps, cond=cond,
         )  # fmt: skip
         return value, {}

@@ -432,8 +432,9 @@ class Site:
             part = form.get(name)
             if part is not None and not isinstance(part, str):
                 uploads[name] = await part.read()
+        store = self.root / edits.UPLOADS
         checked = await run_in_threadpool(
-            lambda: edits.prepare(self.model(folder), kind, params, uploads)
+            lambda: edits.prepare(self.model(folder), kind, params, uploads, store)
         )
         return self._submit(
             str(run), checked.kind, checked.options, lambda job: self._edit(folder, job, checked),
@@ -441,8 +442,7 @@ class Site:
         )  # fmt: skip
 
     def _edit(self, folder: RunFolder, job: Job, request: edits.Request) -> Result:
-        uploads = self.root / edits.UPLOADS
-        result, png, images = edits.run(self.model(folder), folder.path, uploads, request)
+        result, png, images = edits.run(self.model(folder), folder.path, request)
         frames = len(images) if request.kind == "interpolate" else 1
         info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
         return Result(png, info, images)

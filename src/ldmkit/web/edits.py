@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import api
 from ..config import ConfigError
-from ..data.images import read_image, read_mask, write_png
+from ..data.images import write_png
 from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ..pipeline import LatentDiffusion
 
@@ -47,7 +47,8 @@ class Request:
 
     kind: str
     options: dict[str, Any]
-    uploads: dict[str, bytes]
+    uploads: dict[str, bytes]  # as received (canvas alpha dropped)
+    paths: dict[str, Path]  # where they are kept
 
 
 # ------------------------------------------------------------------------------ the page's form
@@ -123,11 +124,11 @@ def check_upload(data: bytes, what: str) -> None:
         )
 
 
-def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any],
-            uploads: dict[str, bytes]) -> Request:  # fmt: skip
-    """The request as `api.edit` takes it, checked as far as it can be before the job runs:
-    the uploads (kind, pixels, size against the model's) and every option (api's checks, the
-    CLI's messages)."""
+def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: dict[str, bytes],
+            folder: Path) -> Request:  # fmt: skip
+    """The request as `api.edit` takes it, checked before the job is queued with api's own
+    checks (`check_edit_options`, `edit_inputs`: the CLI's messages): its uploads are checked
+    for pixels, then stored in `folder` by SHA-256."""
     if kind not in KINDS:
         raise UploadError(f"unknown editing method {kind!r}; use one of {', '.join(KINDS)}")
     p = {NAMES.get(k, k): v for k, v in params.items()}
@@ -151,16 +152,12 @@ def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any],
     if kind == "inpaint" and "mask" not in files:
         raise UploadError("inpaint needs a mask: draw on the image (white = regenerate)")
     api.check_edit_options(kind, p, ldm)
-    c, h, w = ldm.image_shape
     for name, data in files.items():
-        what = {"image_b": "second image"}.get(name, name)
-        check_upload(data, what)
-        files[name] = data = _without_canvas_alpha(data, mask=name == "mask")
-        if name == "mask":
-            read_mask(io.BytesIO(data), size=(w, h), resize=resize)
-        else:
-            read_image(io.BytesIO(data), channels=c, size=(w, h), resize=resize)
-    return Request(kind, {**p, **keep, "resize": resize}, files)
+        check_upload(data, {"image_b": "second image"}.get(name, name))
+        files[name] = _without_canvas_alpha(data, mask=name == "mask")
+    paths = {name: store(data, folder) for name, data in files.items()}
+    api.edit_inputs(kind, ldm, {"image": None, "mask": None, "image_b": None, **paths}, resize)
+    return Request(kind, {**p, **keep, "resize": resize}, files, paths)
 
 
 def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
@@ -182,12 +179,11 @@ def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
 
 
 # ------------------------------------------------------------------------------ the call
-def run(ldm: LatentDiffusion, run_dir: Path, uploads_dir: Path,
+def run(ldm: LatentDiffusion, run_dir: Path,
         request: Request) -> tuple[api.Edit, bytes, list[bytes]]:  # fmt: skip
     """`api.edit` on the stored uploads: (the edit, its PNG as `ldmkit` writes it (the strip of
     an interpolation), one PNG per image)."""
-    paths = {name: store(data, uploads_dir) for name, data in request.uploads.items()}
-    result = api.edit(request.kind, run_dir, ldm=ldm, **paths, **request.options)
+    result = api.edit(request.kind, run_dir, ldm=ldm, **request.paths, **request.options)
     with tempfile.TemporaryDirectory() as tmp:
         written = api.save_edit(result, Path(tmp) / "edit.png")
         png = written[0].read_bytes()
