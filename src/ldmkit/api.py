@@ -625,6 +625,7 @@ def edit(
     negative_prompt: str | None = None,
     device: str | None = None,
     ldm: Any = None,
+    callback: Any = None,
     **options: Any,
 ) -> Edit:
     """Edit an image file with a run's model (`ldmkit.editing`): method is one of
@@ -632,7 +633,8 @@ def edit(
     (white = regenerate; optional for fill, which then finds white holes) are files; `resize`
     fits them to the model's size instead of refusing another size. `classes` ("star", or two
     for an interpolation: "circle,star") or `prompt` (two for an interpolation) condition it.
-    `options` are the method's (see `check_edit_options`); `ldm` reuses a loaded model."""
+    `options` are the method's (see `check_edit_options`); `ldm` reuses a loaded model;
+    `callback(i, x, sigma, x0)` follows the sampler's steps (not for invert)."""
     from .pipeline import LatentDiffusion
 
     if method not in EDIT_METHODS:
@@ -644,7 +646,8 @@ def edit(
     files = {"image": image, "mask": mask, "image_b": image_b}
     inputs, tensors, notes = edit_inputs(method, ldm, files, resize)
     condition = _edit_condition(method, ldm, run, classes, prompt, negative_prompt, options)
-    result = _run_edit(method, ldm, tensors, {**options, **condition})
+    progress = {"callback": callback} if callback is not None and method != "invert" else {}
+    result = _run_edit(method, ldm, tensors, {**options, **condition, **progress})
     params = {
         "ldmkit": _version(), "method": method, "run": str(Path(run).resolve()),
         "weights": folder.weights_hash(), "inputs": inputs,

@@ -10,7 +10,8 @@ Images are (B, C, H, W) float tensors in [-1, 1] at the model's size (`ldm.image
 channel count that differs is converted, with a note); masks (B or 1, 1, H, W) in {0, 1}. Image
 i of a batch draws all its noise from one generator seeded `seed + i`, so a batch of edits
 equals the same edits one by one. Every function returns an `EditResult` whose `params` hold
-what reproduces it (the front adds the run, its weights and the input files).
+what reproduces it (the front adds the run, its weights and the input files); the sampling ones
+take the samplers' `callback(i, x, sigma, x0)` for progress.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .diffusion.editing import (
     slerp,
     strength_start,
 )
-from .diffusion.samplers import SAMPLERS, check_sampler, run_sampler
+from .diffusion.samplers import SAMPLERS, Callback, check_sampler, run_sampler
 from .pipeline import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ def inpaint(
     repaint_jump: int = 10,
     repaint_resample: int = 1,
     blend: bool | None = None,
+    callback: Callback | None = None,
     **condition: Any,
 ) -> EditResult:
     """Regenerate the masked pixels (mask 1) of `images` with any trained model.
@@ -241,12 +243,12 @@ def inpaint(
         z = sample_repaint(
             denoise, x_T * scale, sigmas, known=known, mask=lat_mask, noise=noise,
             jump_length=repaint_jump, jump_n_sample=repaint_resample,
-            eta=1.0 if sampler == "ddpm" else 0.0,
+            eta=1.0 if sampler == "ddpm" else 0.0, callback=callback,
         )  # fmt: skip
     else:
         z = run_sampler(
             denoise, x_T, sigmas, sampler=sampler,
-            callback=blend_known(known, lat_mask, noise, None) if blend else None,
+            callback=blend_known(known, lat_mask, noise, callback) if blend else callback,
             **_sampler_noise(sampler, noise),
         )  # fmt: skip
     decoded = ldm.decode(z).float().cpu()
@@ -264,6 +266,7 @@ def img2img(
     sampler: str = "dpm++2m-sde",
     steps: int = 20,
     seed: int = 0,
+    callback: Callback | None = None,
     **condition: Any,
 ) -> EditResult:
     """SDEdit (Meng et al. 2022): noise the images' latents to the level of the last
@@ -284,7 +287,9 @@ def img2img(
     noise = _ImageNoise(seed, b, ldm.latent_shape, ldm.device)
     known = None if start == 0 else ldm.encode(images)
     x_T = _start_state(noise(), known, float(sigmas[0]))
-    z = run_sampler(denoise, x_T, sigmas, sampler=sampler, **_sampler_noise(sampler, noise))
+    z = run_sampler(
+        denoise, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, noise)
+    )
     notes.append(f"{steps - start} of {steps} steps ran ({network.calls} UNet calls)")
     return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
 
@@ -349,6 +354,7 @@ def interpolate(
     sampler: str = "ddim",
     steps: int = 20,
     seed: int = 0,
+    callback: Callback | None = None,
     **condition: Any,
 ) -> EditResult:
     """`frames` images along a path between two endpoints (both included):
@@ -407,7 +413,9 @@ def interpolate(
         denoise = _conditioned(ldm, frames, dict(condition), network)
     noise = _ImageNoise(seed, 1, shape, ldm.device)  # every frame sees the same noise
     same = _SameNoise(noise, frames)
-    z = run_sampler(denoise, x_T, sigmas, sampler=sampler, **_sampler_noise(sampler, same))
+    z = run_sampler(
+        denoise, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, same)
+    )
     return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
 
 
@@ -447,6 +455,7 @@ def denoise(
     sampler: str = "dpm++2m-sde",
     steps: int = 20,
     seed: int = 0,
+    callback: Callback | None = None,
     **condition: Any,
 ) -> EditResult:
     """Remove additive Gaussian noise: start the reverse process at the noise level that matches
@@ -494,7 +503,9 @@ def denoise(
         x_T = (known + top_up * noise()) / math.sqrt(1 + float(sigmas[0]) ** 2)
     network = _Counted(ldm.network())
     den = _conditioned(ldm, b, dict(condition), network)
-    z = run_sampler(den, x_T, sigmas, sampler=sampler, **_sampler_noise(sampler, noise))
+    z = run_sampler(
+        den, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, noise)
+    )
     return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
 
 

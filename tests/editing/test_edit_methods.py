@@ -221,3 +221,12 @@ def test_random_training_masks_cover_every_kind():
     assert (share == 1).any() and (share < 1).sum() > 40 and (share > 0).all()
     again = masklib.random_masks(64, 16, [torch.Generator().manual_seed(i) for i in range(64)])
     assert torch.equal(m, again)
+
+
+def test_edits_report_their_steps_to_a_callback(ldm):
+    seen = []
+    editing.inpaint(ldm, photos(1), box_mask(), steps=4, callback=lambda i, *_: seen.append(i))
+    assert seen == [0, 1, 2, 3]
+    seen.clear()
+    editing.img2img(ldm, photos(1), strength=0.5, steps=4, callback=lambda i, *_: seen.append(i))
+    assert seen == [0, 1]
