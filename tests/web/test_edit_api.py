@@ -147,3 +147,14 @@ def test_interpolating_between_images_starts_and_ends_near_them(client, image):
     assert strip.shape == (SIZE, 3 * SIZE, 3)
     first = client.get("/api/job/image", params={"id": job["id"], "i": 0}).content
     assert np.array_equal(pixels(first), strip[:, :SIZE])
+
+
+def test_an_edit_reports_its_steps_and_a_preview(client, image):
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[2:10, 2:10] = 255
+    job, _ = finished(
+        client, edit(client, "inpaint", {"steps": 4}, image=png(image), mask=png(mask))
+    )
+    assert (job["step"], job["total"]) == (4, 4)
+    preview = client.get("/api/job/preview", params={"id": job["id"]})
+    assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")

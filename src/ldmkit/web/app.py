@@ -389,17 +389,7 @@ class Site:
     def _sample(self, folder: RunFolder, job: Job) -> Result:
         ldm = self.model(folder)
         p = job.params
-        total, next_preview = p["steps"], 0.0
-
-        def progress(i: int, x: Any, sigma: Any, x0: Any) -> None:
-            nonlocal next_preview
-            step, preview, now = min(job.step + 1, total), None, time.perf_counter()
-            if step == total or now >= next_preview:
-                preview = _preview_png(ldm, x0[:PREVIEW_IMAGES])
-                cost = time.perf_counter() - now  # previews take at most ~10 % of the time
-                next_preview = now + max(PREVIEW_EVERY_S, PREVIEW_SHARE * cost)
-            job.report(step, total, preview)
-
+        progress = _progress(ldm, job, p["steps"])
         samples = api.sample(
             folder.path, n=p["n"], sampler=p["sampler"], steps=p["steps"], seed=p["seed"],
             classes=p["classes"], prompts=p["prompts"], negative_prompt=p["negative_prompt"],
@@ -442,7 +432,9 @@ class Site:
         )  # fmt: skip
 
     def _edit(self, folder: RunFolder, job: Job, request: edits.Request) -> Result:
-        result, png, images = edits.run(self.model(folder), folder.path, request)
+        ldm = self.model(folder)
+        steps = int(request.options.get("steps", 50 if request.kind == "invert" else 20))
+        result, png, images = edits.run(ldm, folder.path, request, _progress(ldm, job, steps))
         frames = len(images) if request.kind == "interpolate" else 1
         info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
         return Result(png, info, images)
@@ -541,6 +533,23 @@ def _check_texts(params: dict[str, Any]) -> None:
             raise WebError(400, f"{name} must be a string, got {value!r}")
         if value is not None and not value.strip():
             params[name] = None
+
+
+def _progress(ldm: Any, job: Job, total: int) -> Any:
+    """A sampler callback that reports a job's step (at most `total`) and, now and then, a
+    preview of its x0 estimate (previews take at most ~10 % of the time)."""
+    next_preview = 0.0
+
+    def progress(i: int, x: Any, sigma: Any, x0: Any) -> None:
+        nonlocal next_preview
+        step, preview, now = min(job.step + 1, total), None, time.perf_counter()
+        if step == total or now >= next_preview:
+            preview = _preview_png(ldm, x0[:PREVIEW_IMAGES])
+            cost = time.perf_counter() - now
+            next_preview = now + max(PREVIEW_EVERY_S, PREVIEW_SHARE * cost)
+        job.report(step, total, preview)
+
+    return progress
 
 
 def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:

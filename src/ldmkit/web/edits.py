@@ -179,11 +179,13 @@ def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
 
 
 # ------------------------------------------------------------------------------ the call
-def run(ldm: LatentDiffusion, run_dir: Path,
-        request: Request) -> tuple[api.Edit, bytes, list[bytes]]:  # fmt: skip
+def run(ldm: LatentDiffusion, run_dir: Path, request: Request,
+        callback: Any = None) -> tuple[api.Edit, bytes, list[bytes]]:  # fmt: skip
     """`api.edit` on the stored uploads: (the edit, its PNG as `ldmkit` writes it (the strip of
-    an interpolation), one PNG per image)."""
-    result = api.edit(request.kind, run_dir, ldm=ldm, **request.paths, **request.options)
+    an interpolation), one PNG per image); `callback` follows the sampler's steps."""
+    result = api.edit(
+        request.kind, run_dir, ldm=ldm, callback=callback, **request.paths, **request.options
+    )
     with tempfile.TemporaryDirectory() as tmp:
         written = api.save_edit(result, Path(tmp) / "edit.png")
         png = written[0].read_bytes()
