@@ -5,7 +5,8 @@
 
 Held-out built-in shapes (a seed the run never saw), fixed seeds; every picture says in its
 captions what each column is. Writes edit-inpaint.png, edit-img2img.png, edit-invert.png,
-edit-interpolate.png and (with a photo run) edit-restore.png.
+edit-interpolate.png, edit-restore-shapes.png and (with a photo run) edit-restore-fill.png and
+edit-restore-denoise.png.
 """
 
 from __future__ import annotations
@@ -97,6 +98,27 @@ def interpolate_figure(ldm, images, out: Path) -> None:
     save_grid(torch.cat(strips), out / "edit-interpolate.png", nrow=8, captions=captions)
 
 
+def restore_shapes_figure(ldm, images, labels, out: Path) -> None:
+    """Held-out shapes with holes and scratches painted magenta (a colour the data never has, so
+    `fill` finds them by colour), filled; with noise, denoised."""
+    cells, captions = [], []
+    g = torch.Generator().manual_seed(7)
+    for i in range(3):
+        x, y = images[14 - i : 15 - i], labels[14 - i : 15 - i]
+        holed = x.clone()
+        size = x.shape[-1]
+        magenta = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)
+        r, c = (int(v) for v in torch.randint(4, size - 10, (2,), generator=g))
+        holed[..., r : r + 7, c : c + 7] = magenta.expand(1, 3, 7, 7)  # a hole
+        holed[..., size // 2 + i : size // 2 + i + 1, 2:-2] = magenta  # and a 1-pixel scratch
+        filled = editing.fill(ldm, holed, hole_colour=(1.0, -1.0, 1.0), seed=i, class_labels=y)
+        noisy = (x + 0.1 * 2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+        den = editing.denoise(ldm, noisy, seed=i, class_labels=y)
+        cells += [x, holed, filled.images, noisy, den.images]
+        captions += ["original", "holes (magenta)", "fill", "noise std 0.1", "denoise"]
+    save_grid(torch.cat(cells), out / "edit-restore-shapes.png", nrow=5, captions=captions)
+
+
 def restore_figure(photo_ldm, photo: Path, out: Path) -> None:
     """A scratched photo larger than the model, filled crop by crop; a noisy crop, denoised."""
     big = to_float(
@@ -143,6 +165,7 @@ def main() -> None:
         img2img_figure(ldm, images, labels, args.out)
         invert_figure(ldm, images, args.out)
         interpolate_figure(ldm, images, args.out)
+        restore_shapes_figure(ldm, images, labels, args.out)
         if args.photo_run and args.photo:
             restore_figure(LatentDiffusion.from_run(args.photo_run), args.photo, args.out)
     print(f"wrote the figures to {args.out}")
