@@ -155,6 +155,11 @@ def img2img_rows(args, ldm, clf, real_u8, held_u8, labels, out_png: Path | None)
     cond = {"class_labels": labels} if ldm.conditioner.enabled else {}
     print(f"\nImage-to-image, n = {len(images)}, {args.steps[-1]} steps, conditioned on the class")
     print(f"{'strength':>8} {'FID-cnn':>8} {'pixel RMSE':>10} {'feature dist':>12} {'calls':>5}")
+    ae = ldm.decode(ldm.encode(images)).float().cpu()  # strength 0: the autoencoder alone
+    f = clf.features(ae)
+    print(f"{'0 (VAE)':>8} {fid_from_features(f, real_features):>8.2f} "
+          f"{((ae - images) / 2).pow(2).flatten(1).mean(1).sqrt().mean().item():>10.4f} "
+          f"{(f - in_features).norm(dim=1).mean().item():>12.3f} {0:>5}")  # fmt: skip
     rows = []
     for s in args.strengths:
         res = editing.img2img(ldm, images, strength=s, steps=args.steps[-1], seed=args.seed, **cond)
@@ -196,6 +201,7 @@ def main() -> None:
     p.add_argument("--n-invert", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="img2img_strength.png")
+    p.add_argument("--sections", default="inpaint,invert,img2img")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args()
     if args.quick:
