@@ -104,7 +104,7 @@ def test_report_renders_in_headless_chromium(evaluated_run, tmp_path):
 def test_eval_and_report_of_a_text_run(tmp_path, monkeypatch):
     """A text-conditional run is evaluated with the reference images' own captions as prompts,
     and its report draws one row per prompt."""
-    from conftest import make_tiny_run
+    from eval_helpers import make_tiny_run
 
     import ldmkit.pipeline as pipeline
     from ldmkit.data import load_dataset
