@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from eval_helpers import make_tiny_run  # noqa: E402
+from eval_helpers import make_tiny_run
 
 from ldmkit.data import load_dataset
 from ldmkit.evaluation.features import train_domain_classifier
