@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -116,8 +117,8 @@ def measure_guidance(
         return None
     t0 = time.perf_counter()
     ds = folder.load_data()
-    if ds.labels is None:
-        logger.info("guidance: not measured, because the data has no labels")
+    if ds.labels is None or (ldm.is_text_conditional and ds.captions is None):
+        logger.info("guidance: not measured, because the data has no labels or captions")
         return None
     # the run's cached classifier (`ldmkit eval`'s); else a quick one of DOMAIN_MIN_STEPS steps
     # (one epoch of MNIST: 1/5 of eval's), not cached, so that eval still trains its own
@@ -131,12 +132,9 @@ def measure_guidance(
     n = len(pick) // 2
     real, other = ds.images[pick[:n]], ds.images[pick[n : 2 * n]]
     labels = ds.labels[pick[:n]]
-    if ldm.is_text_conditional:
-        if ds.captions is None:
-            return None
+    condition: dict[str, Any] = {"class_labels": labels}
+    if ldm.is_text_conditional and ds.captions is not None:
         condition = {"prompt": [ds.captions[int(i)] for i in pick[:n]]}
-    else:
-        condition = {"class_labels": labels}
     with torch.no_grad():
         ref = FeatureStats().update(net.features(real).double())
         floor = _fid(FeatureStats().update(net.features(other).double()), ref)
