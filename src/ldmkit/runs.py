@@ -4,7 +4,8 @@
       run.json             the resolved RunConfig (ldmkit.recipe)        config(), write_config()
       data.json            data spec, name, fingerprint, channels, classes  data_info(), write_data_info()
       vae/  unet/          config.json + model.safetensors each             load_vae(), save_unet(), ...
-      text_encoder/        the same, for a text-conditional run             load_text_encoder(), ...
+      text_encoder/        the same, for a text-conditional run (for the    load_text_encoder(), ...
+                           frozen MiniLM: config.json, a reference + SHA-256)
       tokenizer.json       its tokenizer (kind, max length, vocabulary)     load_tokenizer(), ...
       latents.safetensors  cached posterior moments of the training data   cached_moments(), ...
       checkpoints/         resumable training states (ldmkit.training.state owns their format)
@@ -44,7 +45,7 @@ from .recipe import RunConfig
 
 if TYPE_CHECKING:
     from .data.dataset import ImageDataset
-    from .models.text import TextEncoder, Tokenizer
+    from .models.text import MiniLMEncoder, TextEncoder, Tokenizer
     from .models.unet import UNet
     from .models.vae import Autoencoder
 
@@ -284,9 +285,15 @@ class RunFolder:
         """Whether the run is text-conditional (it saved a tokenizer or a text encoder)."""
         return self.tokenizer_path.is_file() or self.text_encoder_dir.is_dir()
 
-    def load_text_encoder(self, device: str | torch.device | None = None) -> TextEncoder:
-        from .models.text import TextEncoder
+    def load_text_encoder(
+        self, device: str | torch.device | None = None
+    ) -> TextEncoder | MiniLMEncoder:
+        """The trained encoder, or the frozen pretrained one the run names (loaded from its
+        package: config.json holds a reference and the weights' SHA-256, not weights)."""
+        from .models.text import MiniLMEncoder, TextEncoder, is_pretrained_reference
 
+        if is_pretrained_reference(self.text_encoder_dir):
+            return MiniLMEncoder.from_pretrained(self.text_encoder_dir, device=device)
         if not self.has_model("text_encoder"):
             raise CheckpointError(
                 f"{self.path} is a text-conditional run without a trained text encoder "
@@ -295,7 +302,7 @@ class RunFolder:
             )
         return TextEncoder.from_pretrained(self.text_encoder_dir, device=device)
 
-    def save_text_encoder(self, encoder: TextEncoder) -> None:
+    def save_text_encoder(self, encoder: TextEncoder | MiniLMEncoder) -> None:
         encoder.save_pretrained(self.text_encoder_dir)
 
     def load_tokenizer(self) -> Tokenizer:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ldmkit.models.text import TextEncoder, Tokenizer
+    from ldmkit.models.text import AnyTextEncoder, Tokenizer
 
 Cond = dict[str, Tensor]  # keyword arguments of UNet.forward, e.g. {"class_labels": (B,)}
 
@@ -124,7 +124,9 @@ class TextConditioner:
     prompt) as the unconditional branch.
     """
 
-    def __init__(self, tokenizer: Tokenizer, encoder: TextEncoder, *, dropout: float = 0.0) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, encoder: AnyTextEncoder, *, dropout: float = 0.0
+    ) -> None:
         if not 0 <= dropout < 1:
             raise ValueError(f"caption dropout must be in [0, 1), got {dropout}")
         self.tokenizer, self.encoder, self.dropout = tokenizer, encoder, dropout

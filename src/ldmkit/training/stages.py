@@ -25,7 +25,7 @@ from ..diffusion.losses import training_loss
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.losses import autoencoder_loss, discriminator_loss, make_discriminator
-from ..models.text import TextEncoder
+from ..models.text import MiniLMEncoder, TextEncoder
 from ..models.unet import UNet
 from ..models.vae import Autoencoder
 from ..recipe import DiffusionConfig, TrainConfig
@@ -104,18 +104,24 @@ class TextUNet(nn.Module):
     one optimizer, one EMA and (under torchrun) one DistributedDataParallel cover both.
 
     forward(x_t, t, text_ids=(B, L)) encodes the token ids (padding masked out) and runs the UNet
-    on them; its state_dict keys are "unet.*" and "text_encoder.*".
+    on them; its state_dict keys are "unet.*" and "text_encoder.*". A frozen pretrained encoder
+    (`MiniLMEncoder`) is held aside, not as a sub-module: it is no part of the state, the
+    optimizer, the EMA or the checkpoints, and its states need no gradient.
     """
 
-    def __init__(self, unet: UNet, text_encoder: TextEncoder) -> None:
+    def __init__(self, unet: UNet, text_encoder: TextEncoder | MiniLMEncoder) -> None:
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet = unet
+        if isinstance(text_encoder, MiniLMEncoder):
+            object.__setattr__(self, "text_encoder", text_encoder)  # not registered
+        else:
+            self.text_encoder = text_encoder
 
     def forward(self, x_t: Tensor, t: Tensor, *, text_ids: Tensor) -> Tensor:
         return self.unet(x_t, t, **self.text_encoder.context(text_ids))
 
 
-def split_model(model: nn.Module) -> tuple[nn.Module, TextEncoder | None]:
+def split_model(model: nn.Module) -> tuple[nn.Module, TextEncoder | MiniLMEncoder | None]:
     """The UNet and text encoder of a diffusion stage's model (a UNet, or a `TextUNet`)."""
     if isinstance(model, TextUNet):
         return model.unet, model.text_encoder

@@ -299,7 +299,11 @@ class Site:
         preview = folder.newest_preview()
         conditioning = "text" if text else "class" if classes else "none"
         methods = edits.methods(
-            {"conditioning": conditioning, "class_names": classes, "guidance": cfg.guidance_scale}
+            {
+                "conditioning": conditioning,
+                "class_names": classes,
+                "guidance": cfg.sampling_guidance,
+            }
         )
         return JSONResponse({
             "name": name,
@@ -308,7 +312,7 @@ class Site:
             "stop_requested": folder.stop_requested(),
             "conditioning": conditioning,
             "class_names": classes,
-            "guidance": cfg.guidance_scale,
+            "guidance": cfg.sampling_guidance,
             "num_timesteps": cfg.diffusion.num_timesteps,
             "image_size": cfg.image_size,
             "data": {"name": data.name, "spec": data.spec or cfg.data,

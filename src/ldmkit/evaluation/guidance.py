@@ -1,0 +1,159 @@
+"""A run's guidance scale, chosen by a quick measurement at the end of its training.
+
+The best classifier-free guidance scale differs per data set (issue 19: on the built-in shapes
+both FID and class accuracy were best at 5, on MNIST FID was best at 1.5 and tripled at 5), so a
+conditional run measures it instead of taking one fixed default:
+
+    for each scale in GUIDANCE_SCALES: n images drawn for the conditions of n real training
+    images (their class labels, or their captions), QUICK_STEPS sampler steps, the same seed;
+    FID in the run's domain-classifier features against those n real images, and the share of
+    images the classifier reads as the real image's class (for a text run: the class named in
+    its caption, e.g. the shape).
+
+The pick (`pick_scale`): the lowest FID, where scales within FID_TIE (10 %) of the lowest count
+as tied; among those the most accurate, then the lowest scale. The FIDs are of small n and few
+steps, biased upward: they rank the scales of one run, they are no figure to quote.
+
+It needs the domain classifier (`feature_nets`: images of at most 64 px, data with labels); the
+classifier is cached in the run folder, where `ldmkit eval` reuses it. Without one nothing is
+measured (`measure_guidance` returns None) and the run keeps the default scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ldmkit.checkpoint import CONFIG_NAME, write_json
+from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+from ldmkit.pipeline import LatentDiffusion
+from ldmkit.runs import RunFolder
+
+from .feature_nets import default_feature_kind, domain_classifier_dir, get_feature_net
+from .metrics import FeatureStats, frechet_distance
+
+logger = logging.getLogger(__name__)
+
+GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0)
+QUICK_N = 64  # images per scale
+QUICK_STEPS = 8  # sampler steps of the default sampler
+FID_TIE = 0.10  # scales within this share of the lowest FID count as tied
+CLASSIFIER_BUDGET_S = 60.0  # longest the domain classifier trains, when it is not cached
+CHOICE_NAME = "guidance.json"  # in the run's eval/ folder
+
+
+@dataclass
+class GuidanceRow:
+    scale: float
+    fid: float
+    accuracy: float  # share drawn as the requested class (of the caption, for a text run)
+    seconds: float
+
+
+@dataclass
+class GuidanceChoice:
+    scale: float  # the pick
+    rows: list[GuidanceRow]
+    feature_name: str  # the domain classifier's name: the FIDs are FID-<name>
+    n: int
+    steps: int
+    floor: float  # FID of n real images against n others: the floor at this n
+    seconds: float  # the whole measurement, the classifier's training included
+
+    def table(self) -> str:
+        """The measurement as text lines, the pick marked."""
+        head = f"{'guidance':>8} {'FID-' + self.feature_name:>16} {'accuracy':>8} {'s':>5}"
+        lines = [head]
+        for r in self.rows:
+            mark = "  <- chosen" if r.scale == self.scale else ""
+            lines.append(f"{r.scale:8g} {r.fid:16.2f} {r.accuracy:8.3f} {r.seconds:5.1f}{mark}")
+        lines.append(
+            f"(n = {self.n} per scale, {self.steps} {DEFAULT_SAMPLER} steps, real-vs-real "
+            f"floor {self.floor:.2f}; {self.seconds:.0f} s in all)"
+        )
+        return "\n".join(lines)
+
+
+def pick_scale(rows: Sequence[GuidanceRow], tie: float = FID_TIE) -> float:
+    """The lowest FID; among scales within `tie` of it, the most accurate, then the lowest."""
+    best = min(r.fid for r in rows)
+    tied = [r for r in rows if r.fid <= best * (1 + tie)]
+    return min(tied, key=lambda r: (-r.accuracy, r.scale)).scale
+
+
+def can_measure(folder: RunFolder) -> str | None:
+    """Why the run's guidance cannot be measured quickly (None: it can)."""
+    data = folder.data_info()
+    if not data.class_names:
+        return "its data has no class labels to train the domain classifier on"
+    if default_feature_kind(folder.config().image_size) != "domain":
+        return "its images are larger than the domain classifier's 64 px (Inception is slow)"
+    return None
+
+
+def measure_guidance(
+    ldm: LatentDiffusion,
+    folder: RunFolder,
+    *,
+    scales: Sequence[float] | None = None,
+    n: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+) -> GuidanceChoice | None:
+    """Measure FID and accuracy at each guidance scale (see the module docstring) and pick one;
+    None when the run has no domain classifier to measure with (`can_measure`). Unset
+    arguments take GUIDANCE_SCALES, QUICK_N and QUICK_STEPS."""
+    scales = GUIDANCE_SCALES if scales is None else scales
+    n, steps = n or QUICK_N, steps or QUICK_STEPS
+    why = can_measure(folder)
+    if why is not None:
+        logger.info("guidance: not measured, because %s", why)
+        return None
+    t0 = time.perf_counter()
+    ds = folder.load_data()
+    if ds.labels is None or (ldm.is_text_conditional and ds.captions is None):
+        logger.info("guidance: not measured, because the data has no labels or captions")
+        return None
+    # the run's cached classifier (`ldmkit eval`'s); else a quick one of DOMAIN_MIN_STEPS steps
+    # (one epoch of MNIST: 1/5 of eval's), not cached, so that eval still trains its own
+    cached = (domain_classifier_dir(folder.path) / CONFIG_NAME).is_file()
+    net = get_feature_net(
+        "domain", dataset=ds, run_dir=folder.path if cached else None, epochs=5 if cached else 1,
+        seed=seed, time_budget_s=CLASSIFIER_BUDGET_S,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(ds.images), generator=gen)[: 2 * n]
+    n = len(pick) // 2
+    real, other = ds.images[pick[:n]], ds.images[pick[n : 2 * n]]
+    labels = ds.labels[pick[:n]]
+    condition: dict[str, Any] = {"class_labels": labels}
+    if ldm.is_text_conditional and ds.captions is not None:
+        condition = {"prompt": [ds.captions[int(i)] for i in pick[:n]]}
+    with torch.no_grad():
+        ref = FeatureStats().update(net.features(real).double())
+        floor = _fid(FeatureStats().update(net.features(other).double()), ref)
+        rows = []
+        for g in scales:
+            t1 = time.perf_counter()
+            x = ldm.sample(n, steps=steps, seed=seed, guidance_scale=g, **condition)
+            accuracy = float((net.logits(x).argmax(1) == labels).double().mean())
+            fid = _fid(FeatureStats().update(net.features(x).double()), ref)
+            rows.append(GuidanceRow(float(g), fid, accuracy, time.perf_counter() - t1))
+    return GuidanceChoice(
+        pick_scale(rows), rows, net.name, n, steps, floor, time.perf_counter() - t0
+    )
+
+
+def _fid(a: FeatureStats, b: FeatureStats) -> float:
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+def save_choice(folder: RunFolder, choice: GuidanceChoice) -> None:
+    """The measurement as eval/guidance.json in the run folder (the scale is in run.json)."""
+    write_json(folder.eval_dir / CHOICE_NAME, dataclasses.asdict(choice))

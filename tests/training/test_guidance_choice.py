@@ -1,0 +1,122 @@
+"""The per-run guidance choice at the end of training (evaluation/guidance.py)."""
+
+import json
+
+import pytest
+import torch
+
+import ldmkit.evaluation.guidance as guidance
+from ldmkit.cli import main
+from ldmkit.evaluation.guidance import GuidanceChoice, GuidanceRow, pick_scale
+from ldmkit.pipeline import LatentDiffusion
+from ldmkit.recipe import DEFAULT_GUIDANCE, run_config_from_dict
+from ldmkit.training import run as run_module
+from ldmkit.training.run import train_run
+
+TINY = {
+    "data": "builtin:shapes?n=96", "image_size": 16, "preview_steps": 2,
+    "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_groups": 4},
+    "unet": {"block_out_channels": [16, 32], "attention_resolutions": [8], "norm_num_groups": 8,
+             "head_dim": 8},
+    "vae_train": {"steps": 2, "batch_size": 8, "sample_every": 0},
+    "unet_train": {"steps": 2, "batch_size": 8, "sample_every": 0},
+}  # fmt: skip
+
+
+def tiny(**over):
+    return run_config_from_dict({**json.loads(json.dumps(TINY)), **over})
+
+
+def rows(*triples):
+    return [GuidanceRow(s, f, a, 0.0) for s, f, a in triples]
+
+
+def test_pick_lowest_fid_then_accuracy_within_the_tie():
+    assert pick_scale(rows((1, 9.1, 0.86), (1.5, 2.7, 0.97), (2, 3.5, 0.99), (5, 17.9, 1))) == 1.5
+    # 2.9 is within 10 % of 2.7: tied, and the more accurate wins
+    assert pick_scale(rows((1.5, 2.7, 0.97), (2, 2.9, 0.99), (3, 8.7, 1.0))) == 2
+    # tied on FID and accuracy: the lower scale
+    assert pick_scale(rows((3, 40.0, 0.7), (5, 40.0, 0.7))) == 3
+    assert pick_scale(rows((3, 53.2, 0.68), (5, 37.8, 0.70))) == 5
+
+
+def fake_choice(scale):
+    return GuidanceChoice(
+        scale, rows((1, 9.0, 0.5), (scale, 3.0, 0.9)), "shapes-cnn", 8, 2, 1.0, 0.1
+    )
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Count the measurements; each returns a choice of 2."""
+    calls = []
+    monkeypatch.setattr(run_module, "GUIDANCE_MIN_STEPS", 1)
+
+    def measure(ldm, folder, **kw):
+        calls.append(ldm)
+        return fake_choice(2.0)
+
+    monkeypatch.setattr(guidance, "measure_guidance", measure)
+    return calls
+
+
+def test_the_chosen_scale_is_stored_and_sampled_with(tmp_path, measured, capsys):
+    out = tmp_path / "r"
+    train_run(tiny(), out)
+    assert len(measured) == 1 and measured[0].conditioner.num_classes == 5
+    assert json.loads((out / "run.json").read_text())["guidance_scale"] == 2.0
+    saved = json.loads((out / "eval" / "guidance.json").read_text())
+    assert saved["scale"] == 2.0 and len(saved["rows"]) == 2
+    ldm = LatentDiffusion.from_run(out, device="cpu")
+    assert ldm.default_guidance == 2.0
+    kw = dict(sampler="ddim", steps=2, seed=1, class_labels=[0, 1])
+    assert torch.equal(ldm.sample(2, **kw), ldm.sample(2, guidance_scale=2.0, **kw))
+    assert not torch.equal(ldm.sample(2, **kw), ldm.sample(2, guidance_scale=5.0, **kw))
+    capsys.readouterr()
+    main(
+        ["sample", "--run", str(out), "--n", "4", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    )
+    assert "guidance 2," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setting, stored", [({"guidance_scale": 3.0}, 3.0), ({"choose_guidance": False}, None)]
+)
+def test_a_given_scale_or_choose_guidance_false_measures_nothing(
+    tmp_path, measured, setting, stored
+):
+    out = tmp_path / "r"
+    train_run(tiny(**setting), out)
+    assert measured == []
+    assert json.loads((out / "run.json").read_text())["guidance_scale"] == stored
+    expected = DEFAULT_GUIDANCE if stored is None else stored
+    assert LatentDiffusion.from_run(out, device="cpu").default_guidance == expected
+
+
+def test_short_budgets_and_unconditional_runs_measure_nothing(tmp_path, measured):
+    train_run(tiny(conditioning="none"), tmp_path / "a")
+    assert measured == []
+    run = run_module._Run.__new__(run_module._Run)
+    run.cfg, run.tokenizer, run.class_names, run.budget = tiny(), None, ["a", "b"], 120.0
+    assert not run_module._will_choose_guidance(run)  # a 2-minute budget
+    run.budget = 600.0
+    assert run_module._will_choose_guidance(run) and run_module._guidance_reserve(run) == 30.0
+
+
+def test_the_measurement_on_a_tiny_run(tmp_path, monkeypatch):
+    """The real measurement, small: a table of every scale, FIDs >= 0, a pick among them."""
+    import ldmkit.evaluation.feature_nets as feature_nets
+
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 20)
+    monkeypatch.setattr(guidance, "QUICK_N", 8)
+    monkeypatch.setattr(guidance, "QUICK_STEPS", 2)
+    monkeypatch.setattr(run_module, "GUIDANCE_MIN_STEPS", 1)
+    out = tmp_path / "r"
+    train_run(tiny(), out)
+    saved = json.loads((out / "eval" / "guidance.json").read_text())
+    assert [r["scale"] for r in saved["rows"]] == list(guidance.GUIDANCE_SCALES)
+    assert all(r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 for r in saved["rows"])
+    assert saved["n"] == 8 and saved["scale"] in guidance.GUIDANCE_SCALES
+    assert json.loads((out / "run.json").read_text())["guidance_scale"] == saved["scale"]
+    # the quick classifier is not cached: `ldmkit eval` trains its own
+    assert not (out / "eval" / "domain-classifier").exists()
