@@ -281,11 +281,14 @@ def sample(
     guidance_rescale: float = 0.0,
     batch_size: int = 64,
     device: str | None = None,
+    fast: bool = True,
+    compile: bool = False,
 ) -> Samples:
     """Draw n images from a run. A class-conditional model draws one row per class unless
     `classes` ("star", "3" or "circle,star") picks them; a text-conditional model draws one row
     per prompt (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance`
-    defaults to the run's."""
+    defaults to the run's. `fast`: bf16 autocast where the device runs it natively; `compile`:
+    torch.compile the UNet (see `LatentDiffusion`)."""
     from .pipeline import LatentDiffusion
 
     check_path("--run", run)
@@ -296,7 +299,7 @@ def sample(
     check_guidance("--guidance", guidance)
     check_float("--guidance-rescale", guidance_rescale, 0, 1)
     check_sampler(sampler)
-    ldm = LatentDiffusion.from_run(run, device=check_device(device))
+    ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast, compile=compile)
     check_steps("--steps", steps, ldm.schedule.num_timesteps)
     _check_condition_args(ldm, run, classes, prompts, negative_prompt)
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts
