@@ -7,6 +7,8 @@ CPU without native bf16 too (slowly there, but the model is tiny).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -20,9 +22,10 @@ from ldmkit.pipeline import LatentDiffusion
 
 @pytest.fixture
 def bf16_here(monkeypatch):
-    """Make the fast path bf16 on this CPU, whatever it has."""
+    """Make the fast path bf16 on this CPU, whatever it has, and for any batch."""
     for module in (runtime, pipeline):
         monkeypatch.setattr(module, "fast_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(pipeline, "FAST_MIN_GFLOP", 0.0)
 
 
 @torch.no_grad()
@@ -55,6 +58,20 @@ def test_fast_path_follows_the_device(monkeypatch):
     assert runtime.fast_dtype(torch.device("meta")) is None
     assert tiny_ldm().fast_dtype is torch.bfloat16
     assert tiny_ldm(fast=False).fast_dtype is None
+
+
+def test_fast_path_only_for_big_enough_calls(monkeypatch):
+    """Below FAST_MIN_GFLOP per network call the casts cost more than bf16 gains: float32."""
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    ldm = tiny_ldm()
+    assert not ldm.uses_fast_path(1)
+    per_image = ldm._gflop
+    assert 0 < per_image < pipeline.FAST_MIN_GFLOP
+    enough = math.ceil(pipeline.FAST_MIN_GFLOP / per_image)
+    assert ldm.uses_fast_path(enough) and not ldm.uses_fast_path(enough - 1)
+    assert not ldm.uses_fast_path(enough, fast=False) and not tiny_ldm(fast=False).uses_fast_path(
+        enough
+    )
 
 
 def test_fast_samples_are_close_to_float32(bf16_here):

@@ -30,6 +30,12 @@ from .runtime import compile_for_sampling, fast_autocast, fast_dtype, resolve_de
 
 log = logging.getLogger(__name__)
 
+# The fast path's bf16 autocast pays off only when a network call has enough arithmetic to hide
+# its casts: on a 2-core avx512_bf16 EPYC (bench/vs_diffusers.py --rows small, 1 thread, CPU
+# time) the default UNet (0.19 GFLOP/image) sampled 1 image 0.74-0.86x as fast in bf16 as in
+# float32 and 4 images 1.06x; the latent8 reference UNet (0.77 GFLOP/image) 1 image 1.2-1.4x.
+FAST_MIN_GFLOP = 0.5  # UNet GFLOP per call (batch x per image) from which autocast is used
+
 
 class LatentDiffusion:
     """Autoencoder + UNet + schedule. Images are (B, C, H, W) float tensors in [-1, 1]."""
@@ -53,6 +59,7 @@ class LatentDiffusion:
         float32. `compile`: run the UNet through `torch.compile` with frozen weights (a
         one-off compile of 30-90 s on a CPU; worth it for long or repeated sampling)."""
         self.fast = fast
+        self._gflop: float | None = None  # UNet forward per image, counted on first use
         self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
         self.device = resolve_device(device)
         self.vae = vae.to(self.device).eval()
@@ -132,9 +139,25 @@ class LatentDiffusion:
         """The dtype the fast path computes in here (None: float32 throughout)."""
         return fast_dtype(self.device) if self.fast else None
 
+    def uses_fast_path(self, batch: int, fast: bool | None = None) -> bool:
+        """Whether a batch of `batch` images samples under bf16 autocast: where the device has
+        fast bf16 and the call is big enough to gain from it (FAST_MIN_GFLOP). A function of
+        the model, the batch and the device only, so a seed gives the same images each time."""
+        if not (self.fast if fast is None else fast) or fast_dtype(self.device) is None:
+            return False
+        if self._gflop is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            x = torch.zeros(1, *self.latent_shape, device=self.device)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self.unet(x, torch.zeros(1, dtype=torch.long, device=self.device))
+            self._gflop = counter.get_total_flops() / 1e9
+        return batch * self._gflop >= FAST_MIN_GFLOP
+
     @torch.no_grad()
     def decode(self, latents: Tensor, *, fast: bool | None = None) -> Tensor:
-        """Scaled latents -> images clamped to [-1, 1] (float32)."""
+        """Scaled latents -> images clamped to [-1, 1] (float32); `fast` (None: `self.fast`):
+        under bf16 autocast where the device runs it natively."""
         z = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
         with fast_autocast(self.device, self.fast if fast is None else fast):
             x = self.vae.decode(z).float()
@@ -174,11 +197,10 @@ class LatentDiffusion:
         of ""); without them the model samples unconditionally. `guidance_scale`
         (classifier-free guidance; 1 = none) applies with a condition only; None takes the
         run's default (`default_guidance`). `fast` (None: `self.fast`) runs the UNet and the
-        decoder under bf16 autocast where that is fast (`fast_dtype`); False keeps float32.
+        decoder under bf16 autocast where that is fast (`uses_fast_path`); False keeps float32.
         """
         check_sampler(sampler)
         fast = self.fast if fast is None else fast
-        network = self._network(fast)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         cond_all, negative = self._check_conditions(n, class_labels, prompt, negative_prompt)
@@ -198,25 +220,28 @@ class LatentDiffusion:
                 cond, uncond = self.conditioner.sampling_kwargs(
                     part, b, guidance_scale, self.device
                 )
-            z = sample(
-                network, self.schedule, (b, *self.latent_shape), sampler=sampler, steps=steps,
-                prediction_type=self.unet.config.prediction_type, generator=gen,
-                callback=callback, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                guidance_rescale=guidance_rescale, device=self.device, **sampler_options,
-            )  # fmt: skip
-            out.append((z if return_latents else self.decode(z, fast=fast)).float().cpu())
+            # one autocast region for all steps: it casts each weight to bf16 once, not per call
+            fast_here = self.uses_fast_path(b, fast)
+            with fast_autocast(self.device, fast_here):
+                z = sample(
+                    self._network(fast_here), self.schedule, (b, *self.latent_shape), sampler=sampler, steps=steps,
+                    prediction_type=self.unet.config.prediction_type, generator=gen,
+                    callback=callback, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale, device=self.device, **sampler_options,
+                )  # fmt: skip
+            out.append((z if return_latents else self.decode(z, fast=fast_here)).float().cpu())
         return torch.cat(out)
 
     def _network(self, fast: bool) -> Callable[..., Tensor]:
-        """The UNet as the sampler calls it: compiled or not, under bf16 autocast or not; its
-        prediction is float32 either way, so the sampler's arithmetic stays float32."""
+        """The UNet as the sampler calls it (compiled or not). Under the fast path's autocast
+        its prediction is cast back to float32, so the sampler's arithmetic (elementwise ops,
+        which autocast leaves alone) stays float32."""
         net = self._compiled if self._compiled is not None else self.unet
-        if not fast or fast_dtype(self.device) is None:
+        if not fast:
             return net
 
         def network(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-            with fast_autocast(self.device):
-                return net(x, t, **cond).float()
+            return net(x, t, **cond).float()
 
         return network
 
