@@ -121,3 +121,21 @@ def test_compiled_sampling_matches_eager():
     eager = tiny_ldm().sample(2, **kw)
     compiled = tiny_ldm(compile=True).sample(2, **kw)
     assert (compiled - eager).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_training_runs(tmp_path):
+    """unet_train.compile = true (ldmkit train --compile) trains through torch.compile."""
+    from ldmkit.recipe import run_config_from_dict
+    from ldmkit.training.run import train_run
+
+    cfg = run_config_from_dict({
+        "data": "builtin:shapes?n=32", "image_size": 16,
+        "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_groups": 4},
+        "unet": {"block_out_channels": [16, 32], "attention_resolutions": [], "norm_num_groups": 8},
+        "vae_train": {"steps": 2, "batch_size": 8, "sample_every": 0},
+        "unet_train": {"steps": 3, "batch_size": 8, "sample_every": 0, "compile": True},
+    })  # fmt: skip
+    assert cfg.unet_train.compile is True
+    res = train_run(cfg, tmp_path / "run")
+    assert res.stopped_because == "finished" and res.unet_steps == 3
