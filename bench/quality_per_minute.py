@@ -56,6 +56,7 @@ class Baseline:
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 2  # example: 2
+    norm_num_groups: int = 32  # UNet2DModel's default
     batch_size: int = 16  # example: train_batch_size 16
     lr: float = 1e-4  # example: learning_rate 1e-4, adam_beta1/2 0.95/0.999, weight decay 1e-6
     warmup_steps: int = 500  # example: lr_warmup_steps 500, then cosine to 0
@@ -72,7 +73,7 @@ def train_baseline(images: torch.Tensor, seconds: float, cfg: Baseline, seed: in
     c, size = images.shape[1], images.shape[-1]
     unet = diffusers.UNet2DModel(
         sample_size=size, in_channels=c, out_channels=c, layers_per_block=cfg.layers_per_block,
-        block_out_channels=cfg.block_out_channels,
+        block_out_channels=cfg.block_out_channels, norm_num_groups=cfg.norm_num_groups,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     )  # fmt: skip
@@ -125,7 +126,7 @@ def run_contender(name: str, minutes: float, a: argparse.Namespace, images: torc
     """Train one contender for `minutes`; returns (samples, sampling seconds, note)."""
     out = Path(a.out) / f"{name}-{minutes:g}m"
     if name == "diffusers":
-        cfg = Baseline(block_out_channels=(16, 32, 32)) if a.quick else Baseline()
+        cfg = Baseline(block_out_channels=(16, 32, 32), norm_num_groups=8) if a.quick else Baseline()
         unet, steps = train_baseline(images, minutes * 60, cfg)
         t0 = time.perf_counter()
         samples = sample_baseline(unet, a.n, a.baseline_steps)

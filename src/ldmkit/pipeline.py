@@ -31,9 +31,10 @@ from .runtime import compile_for_sampling, fast_autocast, fast_dtype, resolve_de
 log = logging.getLogger(__name__)
 
 # The fast path's bf16 autocast pays off only when a network call has enough arithmetic to hide
-# its casts: on a 2-core avx512_bf16 EPYC (bench/vs_diffusers.py --rows small, 1 thread, CPU
-# time) the default UNet (0.19 GFLOP/image) sampled 1 image 0.74-0.86x as fast in bf16 as in
-# float32 and 4 images 1.06x; the latent8 reference UNet (0.77 GFLOP/image) 1 image 1.2-1.4x.
+# its casts: on a 2-core avx512_bf16 EPYC (bench/vs_diffusers.py, 1 thread, CPU time;
+# docs/performance.md) the default UNet (0.19 GFLOP/image) sampled 1 image 0.74x as fast in bf16
+# as in float32 and 4 images 0.96-1.06x; the latent8 reference UNet (0.77 GFLOP/image) 1 image
+# 1.43-1.68x, and every model at batch 16 and more 1.3-1.8x.
 FAST_MIN_GFLOP = 0.5  # UNet GFLOP per call (batch x per image) from which autocast is used
 
 
@@ -82,7 +83,7 @@ class LatentDiffusion:
         """`fast`: sample and decode under bf16 autocast where the device runs bf16 natively
         (`runtime.fast_dtype`: CPUs with avx512_bf16 or AMX, CUDA); the sampler's state stays
         float32. `compile`: run the UNet through `torch.compile` with frozen weights (a
-        one-off compile of 30-90 s on a CPU; worth it for long or repeated sampling)."""
+        one-off compile of 20-140 s measured on a loaded 2-core CPU, once per batch shape)."""
         self.fast = fast
         self._gflop: float | None = None  # UNet forward per image, counted on first use
         self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
@@ -176,10 +177,11 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def decode(self, latents: Tensor, *, fast: bool | None = None) -> Tensor:
-        """Scaled latents -> images clamped to [-1, 1] (float32); `fast` (None: `self.fast`):
-        under bf16 autocast where the device runs it natively."""
+        """Scaled latents -> images clamped to [-1, 1] (float32); under bf16 autocast when
+        `fast` (None: `uses_fast_path` for this batch) and the device runs bf16 natively."""
         z = latents.to(self.device, torch.float32) / self.vae.config.scaling_factor
-        with fast_autocast(self.device, self.fast if fast is None else fast):
+        fast = self.uses_fast_path(len(z)) if fast is None else fast
+        with fast_autocast(self.device, fast):
             x = self.vae.decode(z).float()
         if not bool(torch.isfinite(x).all()):  # never hand on garbage as images
             raise NonFiniteSampleError(
@@ -244,10 +246,11 @@ class LatentDiffusion:
             fast_here = self.uses_fast_path(b, fast)
             with fast_autocast(self.device, fast_here):
                 z = sample(
-                    self._network(fast_here), self.schedule, (b, *self.latent_shape), sampler=sampler, steps=steps,
-                    prediction_type=self.unet.config.prediction_type, generator=gen,
-                    callback=callback, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                    guidance_rescale=guidance_rescale, device=self.device, **sampler_options,
+                    self._network(fast_here), self.schedule, (b, *self.latent_shape),
+                    sampler=sampler, steps=steps, prediction_type=self.unet.config.prediction_type,
+                    generator=gen, callback=callback, cond=cond, uncond=uncond,
+                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                    device=self.device, **sampler_options,
                 )  # fmt: skip
             out.append((z if return_latents else self.decode(z, fast=fast_here)).float().cpu())
         return torch.cat(out)
