@@ -57,7 +57,9 @@ def fingerprint() -> dict:
             part: {k: float(v.double().sum()) for k, v in load_tensors(d / WEIGHTS_NAME).items()}
             for part, d in (("vae", folder.vae_dir), ("unet", folder.unet_dir))
         }
-        images = LatentDiffusion.from_run(tmp, device="cpu").sample(4, sampler="ddim", steps=4)
+        images = LatentDiffusion.from_run(tmp, device="cpu", fast=False).sample(
+            4, sampler="ddim", steps=4
+        )
     return {
         "losses": [[r["stage"], r["step"], r["loss"]] for r in rows],
         "sums": sums,

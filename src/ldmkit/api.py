@@ -284,11 +284,14 @@ def sample(
     device: str | None = None,
     ldm: LatentDiffusion | None = None,
     callback: Callable[..., Any] | None = None,
+    fast: bool = True,
+    compile: bool = False,
 ) -> Samples:
     """Draw n images from a run. A class-conditional model draws one row per class unless
     `classes` ("star", "3" or "circle,star") picks them; a text-conditional model draws one row
     per prompt (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance`
-    defaults to the run's.
+    defaults to the run's. `fast`: bf16 autocast where the device runs it natively; `compile`:
+    torch.compile the UNet (see `LatentDiffusion`).
 
     `ldm`: the run's model when the caller has it loaded already (a server's cache);
     `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""
@@ -303,7 +306,7 @@ def sample(
     check_float("--guidance-rescale", guidance_rescale, 0, 1)
     check_sampler(sampler)
     if ldm is None:
-        ldm = LatentDiffusion.from_run(run, device=check_device(device))
+        ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast, compile=compile)
     check_steps("--steps", steps, ldm.schedule.num_timesteps)
     _check_condition_args(ldm, run, classes, prompts, negative_prompt)
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts

@@ -6,12 +6,14 @@ image-to-image, inversion, interpolation and denoising.
     out = editing.inpaint(ldm, images, masks, steps=20, seed=0)     # masks: 1 = regenerate
     out.images, out.notes, out.network_calls, out.params
 
-Images are (B, C, H, W) float tensors in [-1, 1] at the model's size (`ldm.image_shape`; a
+Edits run in float32 (not the sampling fast path's bf16), so that a batch of edits is exactly the
+same edits one by one. Images are (B, C, H, W) float tensors in [-1, 1] at the model's size (`ldm.image_shape`; a
 channel count that differs is converted, with a note); masks (B or 1, 1, H, W) in {0, 1}. Image
 i of a batch draws all its noise from one generator seeded `seed + i`, so a batch of edits
 equals the same edits one by one. Every function returns an `EditResult` whose `params` hold
 what reproduces it (the front adds the run, its weights and the input files); the sampling ones
-take the samplers' `callback(i, x, sigma, x0)` for progress.
+take the samplers' `callback(i, x, sigma, x0)` for progress. Edits run in float32, not under the
+sampling fast path's bf16 (whose use depends on the batch size), so that this stays exact.
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ def inpaint(
             callback=blend_known(known, lat_mask, noise, callback) if blend else callback,
             **_sampler_noise(sampler, noise),
         )  # fmt: skip
-    decoded = ldm.decode(z).float().cpu()
+    decoded = ldm.decode(z, fast=False).float().cpu()
     weight = masklib.feather(masks, mask_blur)
     out = images * (1 - weight) + decoded * weight
     return EditResult(out, params, notes, network.calls)
@@ -291,7 +293,7 @@ def img2img(
         denoise, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, noise)
     )
     notes.append(f"{steps - start} of {steps} steps ran ({network.calls} UNet calls)")
-    return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
+    return EditResult(ldm.decode(z, fast=False).float().cpu(), params, notes, network.calls)
 
 
 # ---------------------------------------------------------------------------------- inversion
@@ -333,8 +335,8 @@ def invert(
     known = ldm.encode(images)
     x_T = invert_ddim(denoise, known, sigmas, refine=refine)
     z = run_sampler(denoise, x_T, sigmas, sampler="ddim")
-    recon = ldm.decode(z).float().cpu()
-    ceiling = ldm.decode(known).float().cpu()
+    recon = ldm.decode(z, fast=False).float().cpu()
+    ceiling = ldm.decode(known, fast=False).float().cpu()
     extra = {
         "noise": x_T.float().cpu(),
         "psnr": psnr(recon, images).tolist(),
@@ -416,7 +418,7 @@ def interpolate(
     z = run_sampler(
         denoise, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, same)
     )
-    return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
+    return EditResult(ldm.decode(z, fast=False).float().cpu(), params, notes, network.calls)
 
 
 def _is_pair(value: Any) -> bool:
@@ -506,7 +508,7 @@ def denoise(
     z = run_sampler(
         den, x_T, sigmas, sampler=sampler, callback=callback, **_sampler_noise(sampler, noise)
     )
-    return EditResult(ldm.decode(z).float().cpu(), params, notes, network.calls)
+    return EditResult(ldm.decode(z, fast=False).float().cpu(), params, notes, network.calls)
 
 
 def fill(

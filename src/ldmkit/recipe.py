@@ -66,6 +66,7 @@ class TrainConfig:
     sample_every: int = 500  # steps between preview grids (0 disables)
     log_every: int = 25  # steps between log lines / TensorBoard scalars
     bf16: bool = False  # bf16 autocast for the forward pass (about 1.6-2x on CPUs with avx512_bf16)
+    compile: bool = False  # torch.compile the forward (diffusion stage; a 1-2 min compile on a CPU)
     max_bad_steps: int = 5  # consecutive non-finite losses before the stage stops
 
     def __post_init__(self) -> None:

@@ -153,10 +153,11 @@ def diffusion_stage(
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     net = wrap(model)
+    forward = torch.compile(net) if cfg.compile else net  # Stage keeps `net` (EMA, no_sync)
 
     def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         with autocast(device, cfg.bf16):
-            return net(x_t, t, **cond)
+            return forward(x_t, t, **cond)
 
     def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         # each sample draws from its own generator: posterior noise, t, eps, condition dropout

@@ -1,0 +1,88 @@
+"""The benchmarks' --quick forms run and print well-formed tables, and the two libraries' models
+agree. Never a timed assertion: speed is printed, not tested."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def table(text: str, *columns: str) -> list[list[str]]:
+    """The rows of the printed table whose header starts with `columns`."""
+    lines = text.splitlines()
+    header = re.compile(r"\s+".join(map(re.escape, columns)) + r"\b")
+    start = next(i for i, ln in enumerate(lines) if header.match(ln))
+    rows = []
+    for ln in lines[start + 1 :]:
+        if not ln.strip():  # benchlib.print_table ends a table with a blank line
+            break
+        rows.append(ln.split())
+    return rows
+
+
+def test_vs_diffusers_quick(capsys):
+    pytest.importorskip("diffusers")
+    import vs_diffusers
+
+    # one thread, as every test (conftest.py): on a shared host two spin on tiny ops
+    vs_diffusers.main(
+        ["--quick", "--threads", "1", "--rows", "parity,forward,sample,small,overhead"]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"avx512_bf16=(yes|no) amx_bf16=(yes|no) avx512f=(yes|no) avx2=(yes|no)", out)
+    assert re.search(r"load avg \d+\.\d\d", out)
+    parity = table(out, "model", "part")
+    assert {r[1] for r in parity} >= {"unet", "vae"}
+    for r in parity:
+        assert float(r[-1]) < 1e-4, f"ldmkit and diffusers differ: {r}"
+    rows = table(out, "row", "model")
+    kinds = {r[0] for r in rows}
+    assert {"forward", "sample", "small"} <= kinds
+    for r in rows:
+        ratio = float(r[r.index("quick") + 4])  # batch, ldmkit, diffusers, ratio
+        assert ratio > 0 and all(
+            float(v) > 0 for v in r[r.index("quick") + 1 : r.index("quick") + 4]
+        )
+    for diff in re.findall(r"max \|diff\| (\S+)", out):
+        assert float(diff) < 1e-2, "a sampler and its diffusers scheduler disagree"
+    overhead = [ln for ln in out.splitlines() if ln.startswith(("ldmkit ", "diffusers "))]
+    assert len(overhead) == 6 and all(float(ln.split()[-1]) >= 0 for ln in overhead)
+
+
+def test_scaling_quick(capsys, tmp_path):
+    import scaling
+
+    scaling.main(["--quick", "--threads", "1", "--out", str(tmp_path / "s.png")])
+    out = capsys.readouterr().out
+    rows = table(out, "latent", "batch")
+    assert [(r[0], r[1]) for r in rows] == [("8", "1"), ("8", "2"), ("8", "4")]
+    assert re.search(r"knee at batch [124]\b", out)
+    if "matplotlib is not installed" not in out:
+        assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quality_per_minute_quick(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    import quality_per_minute
+
+    quality_per_minute.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = table(out, "contender", "budget")
+    assert [r[0] for r in rows] == ["ldmkit", "diffusers", "ldmkit-class"]
+    assert all(float(r[2]) >= 0 for r in rows)  # FID
+    assert len(list(tmp_path.glob("*.png"))) == 3
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
