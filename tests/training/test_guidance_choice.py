@@ -103,7 +103,8 @@ def test_short_budgets_and_unconditional_runs_measure_nothing(tmp_path, measured
     assert run_module._will_choose_guidance(run) and run_module._guidance_reserve(run) == 30.0
 
 
-def test_the_measurement_on_a_tiny_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_the_measurement_on_a_tiny_run(tmp_path, monkeypatch, conditioning):
     """The real measurement, small: a table of every scale, FIDs >= 0, a pick among them."""
     import ldmkit.evaluation.feature_nets as feature_nets
 
@@ -112,7 +113,7 @@ def test_the_measurement_on_a_tiny_run(tmp_path, monkeypatch):
     monkeypatch.setattr(guidance, "QUICK_STEPS", 2)
     monkeypatch.setattr(run_module, "GUIDANCE_MIN_STEPS", 1)
     out = tmp_path / "r"
-    train_run(tiny(), out)
+    train_run(tiny(conditioning=conditioning), out)
     saved = json.loads((out / "eval" / "guidance.json").read_text())
     assert [r["scale"] for r in saved["rows"]] == list(guidance.GUIDANCE_SCALES)
     assert all(r["fid"] >= 0 and 0 <= r["accuracy"] <= 1 for r in saved["rows"])

@@ -88,10 +88,8 @@ def pick_scale(rows: Sequence[GuidanceRow], tie: float = FID_TIE) -> float:
 
 
 def can_measure(folder: RunFolder) -> str | None:
-    """Why the run's guidance cannot be measured quickly (None: it can)."""
-    data = folder.data_info()
-    if not data.class_names:
-        return "its data has no class labels to train the domain classifier on"
+    """Why the run's guidance cannot be measured quickly (None: it may; the labels the domain
+    classifier needs are checked on the data, which a text run's data.json does not list)."""
     if default_feature_kind(folder.config().image_size) != "domain":
         return "its images are larger than the domain classifier's 64 px (Inception is slow)"
     return None
@@ -118,7 +116,10 @@ def measure_guidance(
     t0 = time.perf_counter()
     ds = folder.load_data()
     if ds.labels is None or (ldm.is_text_conditional and ds.captions is None):
-        logger.info("guidance: not measured, because the data has no labels or captions")
+        logger.info(
+            "guidance: not measured, because its data has no class labels to train the domain "
+            "classifier on (or no captions)"
+        )
         return None
     # the run's cached classifier (`ldmkit eval`'s); else a quick one of DOMAIN_MIN_STEPS steps
     # (one epoch of MNIST: 1/5 of eval's), not cached, so that eval still trains its own
