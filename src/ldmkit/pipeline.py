@@ -63,8 +63,8 @@ def _weight_gflop(unet: UNet, shape: tuple[int, ...], device: torch.device) -> f
     layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     hooks = [m.register_forward_hook(count) for m in layers]
     try:
-        with torch.no_grad():
-            unet(
+        with torch.no_grad():  # .forward, not a call: hooks on the UNet (an NFE counter) miss it
+            unet.forward(
                 torch.zeros(1, *shape, device=device),
                 torch.zeros(1, dtype=torch.long, device=device),
             )
