@@ -126,8 +126,6 @@ class LatentDiffusion:
                 f"the UNet maps {c_in} to {c_out} channels but the autoencoder makes "
                 f"{latent}-channel latents; they are not from the same run"
             )
-        if self.fast and fast_dtype(self.device) is not None:  # counted now: a probe forward
-            self._gflop = self._count_gflop()  # later would look like a sampler's UNet call
         self.text_encoder = None
         self.conditioner: ClassConditioner | TextConditioner
         if text_encoder is None:
@@ -249,12 +247,11 @@ class LatentDiffusion:
         if not (self.fast if fast is None else fast) or fast_dtype(self.device) is None:
             return False
         if self._gflop is None:
-            self._gflop = self._count_gflop()
+            c = self.unet.config  # the UNet's input: an inpainting model's has more channels
+            self._gflop = _weight_gflop(
+                self.unet, (c.in_channels, c.sample_size, c.sample_size), self.device
+            )
         return batch * self._gflop >= FAST_MIN_GFLOP
-
-    def _count_gflop(self) -> float:
-        c = self.unet.config  # the UNet's input: an inpainting model's has more channels
-        return _weight_gflop(self.unet, (c.in_channels, c.sample_size, c.sample_size), self.device)
 
     @torch.no_grad()
     def decode(self, latents: Tensor, *, fast: bool | None = None) -> Tensor:
