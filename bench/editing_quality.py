@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine_line
 
 from ldmkit import editing
 from ldmkit.data.masks import make_mask
@@ -43,15 +44,6 @@ from ldmkit.evaluation.features import train_domain_classifier
 from ldmkit.evaluation.metrics import fid_from_features
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
-
-
-def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "no avx2/avx512"
 
 
 def masks_of(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
@@ -216,7 +208,7 @@ def main() -> None:
         f"FID at n = {args.n} is biased upward: compare rows of this table only, never with "
         "published figures"
     )
-    print(f"CPU flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; run {args.run}")
+    print(f"{machine_line()}; run {args.run}")
     torch.manual_seed(args.seed)
     ldm = LatentDiffusion.from_run(args.run)
     trained = LatentDiffusion.from_run(args.inpaint_run) if args.inpaint_run else None

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from benchlib import machine_line
 
 from ldmkit.data.shapes import (
     COLOR_NAMES,
@@ -41,15 +42,6 @@ from ldmkit.evaluation.features import train_domain_classifier
 from ldmkit.evaluation.metrics import fid_from_features
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
-
-
-def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "no avx2/avx512"
 
 
 def classifier(images: torch.Tensor, labels: np.ndarray, seed: int, name: str):
@@ -177,7 +169,7 @@ def main() -> None:
     guidances = [float(g) for g in a.guidance.split(",")]
     folder = RunFolder(a.run).require_trained()
     ldm = LatentDiffusion.from_run(folder.path, device="cpu")
-    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; run {folder.path}")
+    print(f"{machine_line()}; run {folder.path}")
     print(f"command: python bench/guidance_table.py --run {a.run} --guidance {a.guidance} "
           f"--per-prompt {a.per_prompt} --per-class {a.per_class} --seed {a.seed}")  # fmt: skip
     if ldm.is_text_conditional:
