@@ -607,7 +607,7 @@ def check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
 
 
 def _input(name: str, path: str | os.PathLike) -> dict[str, str]:
-    from .data.images import file_sha256
+    from .utils import file_sha256
 
     check_path(name, path)
     if not Path(path).is_file():
@@ -836,7 +836,8 @@ def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = N
     """Run again the edit whose parameters a PNG carries (written by `save_edit`): the same run
     (its weights unchanged), the same input files (unchanged), the same options. On the same
     machine the result is bit for bit the same."""
-    from .data.images import file_sha256, read_png_params
+    from .data.images import read_png_params
+    from .utils import file_sha256
 
     check_path("--from-png", png)
     params = read_png_params(png)

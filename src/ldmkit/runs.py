@@ -42,6 +42,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, from_dict, to_dict
 from .recipe import RunConfig
+from .utils import hash_file
 
 if TYPE_CHECKING:
     from .data.dataset import ImageDataset
@@ -333,9 +334,7 @@ class RunFolder:
         if self.has_text():
             files += [self.text_encoder_dir / WEIGHTS_NAME, self.tokenizer_path]
         for path in files:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(digest, path)
         return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ latent cache

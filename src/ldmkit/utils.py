@@ -7,6 +7,7 @@ one harmless file name, so that nothing derived from it can point outside the ch
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
 
@@ -43,3 +44,17 @@ def format_seconds(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def hash_file(digest: hashlib._Hash, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to a hashlib digest, 1 MiB at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    hash_file(digest, path)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ and PNGs that carry the parameters that made them in a text chunk.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,14 +26,6 @@ PNG_KEY = "ldmkit"  # the PNG text chunk holding the JSON parameters
 
 class ImageFileError(ValueError):
     """An image or mask file that cannot be used, with what to do about it."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _open(source: str | os.PathLike | IO[bytes], what: str) -> Image.Image:

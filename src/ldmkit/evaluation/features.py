@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ldmkit.config import ConfigError, to_dict
 from ldmkit.data.transforms import to_float
+from ldmkit.utils import file_sha256
 
 from .metrics import tf32_off
 
@@ -56,11 +57,7 @@ class FeatureNetworkError(ValueError):
 
 def file_fingerprint(path: str | os.PathLike, length: int = 16) -> str:
     """Short hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
+    return file_sha256(path)[:length]
 
 
 def tensors_fingerprint(tensors: dict[str, Tensor], length: int = 16) -> str:

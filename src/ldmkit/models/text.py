@@ -25,7 +25,6 @@ Shapes: ids long (B, L), mask bool (B, L) (True for real tokens), states (B, L, 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -46,6 +45,7 @@ from ldmkit.checkpoint import (
 )
 from ldmkit.config import ConfigError, from_dict
 from ldmkit.models.layers import Attention, FeedForward
+from ldmkit.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +291,6 @@ def _minilm_wordpiece():  # -> tokenizers.Tokenizer
     return wp
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class PretrainedTextConfig:
     """What a run stores of a frozen pretrained encoder: a reference, not its weights."""
@@ -326,7 +318,7 @@ class MiniLMEncoder(nn.Module):
         from transformers import AutoModel
 
         folder = minilm_dir()
-        digest = _sha256(folder / "model.safetensors")
+        digest = file_sha256(folder / "model.safetensors")
         if config is not None and config.weights_sha256 not in ("", digest):
             raise CheckpointError(
                 f"the run was trained with other MiniLM weights (SHA-256 {config.weights_sha256[:12]}"
