@@ -16,7 +16,9 @@ fp32; "compiled" (--compile) adds torch.compile with frozen weights (sampling ro
 Rows: parity (output differences), forward (batch 1/16/64), train (fwd + bwd + AdamW, batch
 32/64), vae (encode/decode, batch 64), sample (64 images, dpm++2m 20 steps and ddim 50 steps +
 decode, against DPMSolverMultistepScheduler / DDIMScheduler loops), small (sampling 1 and 4
-images, latent8), overhead (the sampler without the network at batch 64). Models: latent8,
+images, latent8), overhead (the sampler without the network at batch 64), profile (where
+ldmkit's forward spends its time, by kind of op and by convolution shape, fp32 and fast, at
+--profile-batch: the cause of a share of peak). Models: latent8,
 latent16 (block channels (128, 256, 256)), default (ldmkit's recipe UNet + VAE), pixel (DDPM's
 CIFAR-10 layout at half width: 3x32x32, (64, 128, 128, 128)).
 """
@@ -52,7 +54,7 @@ from ldmkit.models import Autoencoder, AutoencoderConfig, UNet, UNetConfig
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runtime import compile_for_sampling, fast_autocast, fast_dtype, tune_allocator
 
-ROWS = ("parity", "forward", "train", "vae", "sample", "small", "overhead")
+ROWS = ("parity", "forward", "train", "vae", "sample", "small", "overhead", "profile")
 PIXEL = dict(UNET_REFERENCES[2][1], block_out_channels=(64, 128, 128, 128))
 # name: (UNetConfig kwargs, AutoencoderConfig kwargs or None for a pixel model)
 MODELS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
@@ -345,6 +347,79 @@ def overhead_rows(bench: Bench, m: Models, b: int, steps: int) -> None:
                                    1e3 * over, 1e3 * step, 100 * over / step))  # fmt: skip
 
 
+# the kinds of op a UNet forward spends its time in (torch.profiler names, self time)
+OP_KINDS = {
+    "convolution": ("conv", "mkldnn_convolution", "_slow_conv2d", "thnn_conv"),
+    "group norm": ("group_norm", "native_group_norm"),
+    "silu": ("silu",),
+    "attention": ("scaled_dot_product", "_flash_attention", "bmm", "softmax", "baddbmm"),
+    "linear": ("addmm", "mm", "linear"),
+    "casts / copies": ("copy_", "to", "_to_copy", "contiguous", "clone"),
+    "element-wise": ("add", "mul", "cat", "div", "sub", "upsample", "pad"),
+}
+
+
+def op_kind(name: str) -> str:
+    bare = name.removeprefix("aten::")
+    for kind, keys in OP_KINDS.items():
+        if any(bare == k or bare.startswith(k + "_") or bare.startswith("_" + k) for k in keys):
+            return kind
+    return "other"
+
+
+def profile_rows(m: Models, b: int, fast: bool, peaks: dict[str, float],
+                 repeats: int = 3) -> None:  # fmt: skip
+    """Print where one ldmkit forward at batch b spends its time: by kind of op (self time),
+    and by convolution shape, each with its GFLOP/s and share of the peak of its dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t = inputs(m, b)
+    cpu = torch.device("cpu")
+    with torch.inference_mode(), fast_autocast(cpu, fast):
+        m.unet(x, t)  # warm-up (oneDNN builds its kernels)
+        with profile(
+            activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True
+        ) as prof:
+            for _ in range(repeats):
+                m.unet(x, t)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + e.self_cpu_time_total
+    peak = peaks["bf16" if fast else "fp32"]
+    gfs = m.gflop * b * repeats / (total / 1e6)
+    what = "fast (bf16 autocast)" if fast else "fp32"
+    print(
+        f"\nprofile: {m.name} forward, batch {b}, {what}: {total / repeats / 1e3:.1f} ms per "
+        f"forward, {gfs:.0f} GFLOP/s = {100 * gfs / peak:.0f} % of the {what.split()[0]} peak"
+    )
+    print_table(["kind of op", "% of time", "ms per forward"],
+                [(k, 100 * v / total, v / repeats / 1e3)
+                 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])])  # fmt: skip
+    # convolutions by shape: aten::conv2d holds the FLOP count and the time of its kernels
+    convs = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::conv2d"]
+    conv_total = sum(e.cpu_time_total for e in convs)
+    rows = []
+    for e in sorted(convs, key=lambda e: -e.cpu_time_total)[:12]:
+        shapes = e.input_shapes
+        x_shape = "x".join(map(str, shapes[0][1:])) if shapes and shapes[0] else "?"
+        w_shape = "x".join(map(str, shapes[1][:2] + shapes[1][2:3])) if len(shapes) > 1 else "?"
+        g = e.flops / (e.cpu_time_total / 1e6) / 1e9 if e.cpu_time_total else 0.0
+        rows.append((f"{x_shape} * {w_shape}", e.count // repeats,
+                     100 * e.cpu_time_total / total, g, 100 * g / peak))  # fmt: skip
+    conv_g = sum(e.flops for e in convs) / max(conv_total / 1e6, 1e-9) / 1e9
+    print(
+        f"convolutions: {100 * conv_total / total:.0f} % of the time at {conv_g:.0f} GFLOP/s "
+        f"({100 * conv_g / peak:.0f} % of peak); the rest of the time does "
+        f"{100 * (1 - sum(e.flops for e in convs) / (m.gflop * 1e9 * b * repeats)):.0f} % "
+        "of the FLOPs"
+    )
+    print_table(
+        ["input CxHxW * weight OxIxK", "per fwd", "% of time", "GFLOP/s", "% of peak"], rows
+    )
+
+
 @dataclass
 class Plan:
     """Batch sizes and sampling runs of a benchmark run."""
@@ -387,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="time by process CPU time (robust to a loaded host; use with --threads 1)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny models, tiny batches: seconds")
+    p.add_argument("--profile-batch", type=int, default=16, help="batch of the profile rows")
     a = p.parse_args(argv)
     rows, names = a.rows.split(","), a.models.split(",")
     for what, asked, known in (("rows", rows, ROWS), ("models", names, MODELS)):
@@ -425,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
                 sample_rows(bench, m, n, plan.sampling[:1], what="small")
         if "overhead" in rows and m.vae is not None:
             overhead_rows(bench, m, plan.overhead, plan.sampling[0][1])
+        if "profile" in rows:
+            for fast in (False, True) if bench.fast else (False,):
+                profile_rows(m, 2 if a.quick else a.profile_batch, fast, peaks)
     end = {"fp32": peak_gflops(torch.float32, size), "bf16": peak_gflops(torch.bfloat16, size)}
     print()
     print(machine_line())

@@ -59,6 +59,31 @@ def test_vs_diffusers_quick(capsys):
     assert len(overhead) == 6 and all(float(ln.split()[-1]) >= 0 for ln in overhead)
 
 
+def test_vs_diffusers_profile_quick(capsys):
+    pytest.importorskip("diffusers")
+    import vs_diffusers
+
+    vs_diffusers.main(["--quick", "--threads", "1", "--rows", "profile"])
+    out = capsys.readouterr().out
+    kinds = table(out, "kind of op", "% of time")
+    shares = {" ".join(r[:-2]): float(r[-2]) for r in kinds}
+    assert "convolution" in shares, out
+    assert sum(shares.values()) == pytest.approx(100, abs=0.5)
+    convs = table(out, "input CxHxW * weight OxIxK")
+    assert convs and all(float(r[-2]) > 0 for r in convs)  # each shape's GFLOP/s
+
+
+def test_data_path_quick(capsys):
+    import data_path
+
+    data_path.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = {" ".join(r[:-2]): (float(r[-2]), float(r[-1])) for r in table(out, "part of a step")}
+    assert set(rows) == {"full", "no network", "batches"}
+    assert rows["full"][1] == pytest.approx(100)
+    assert all(ms > 0 for ms, _ in rows.values())
+
+
 def test_scaling_quick(capsys, tmp_path):
     import scaling
 

@@ -308,7 +308,7 @@ def sample(
     if ldm is None:
         ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast, compile=compile)
     check_steps("--steps", steps, ldm.schedule.num_timesteps)
-    _check_condition_args(ldm, run, classes, prompts, negative_prompt)
+    check_conditions(ldm, run, classes, prompts, negative_prompt)
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts
         from .utils import format_seconds
 
@@ -342,19 +342,23 @@ def sample(
     return Samples(images, per_row, row_labels, how)
 
 
-def _check_condition_args(
-    ldm: Any, run: Any, classes: str | None, prompts: Sequence[str] | None, negative: str | None
+def check_conditions(
+    model: Any, run: Any, classes: str | None, prompts: Sequence[str] | None, negative: str | None
 ) -> None:
-    """--class, --prompt and --negative-prompt against what the model was trained on."""
-    text = ldm.is_text_conditional
+    """--class, --prompt and --negative-prompt against what the model was trained on; `model`
+    is a loaded `LatentDiffusion` or a `RunFolder` (then nothing is loaded but run.json)."""
+    if isinstance(model, RunFolder):
+        text, has_classes = model.has_text(), bool(model.config().unet.num_classes)
+    else:
+        text, has_classes = model.is_text_conditional, model.conditioner.enabled
     if (prompts is not None or negative is not None) and not text:
         flag = "--prompt" if prompts is not None else "--negative-prompt"
-        how = " (pick a class with --class)" if ldm.conditioner.enabled else ""
+        how = " (pick a class with --class)" if has_classes else ""
         raise ConfigError(
             f"{flag}: the model in {run} has no text conditioning, so it cannot follow a "
             f"prompt; drop {flag}{how}"
         )
-    if classes is not None and not ldm.conditioner.enabled:
+    if classes is not None and not has_classes and not text:
         raise ConfigError(
             f"--class: the model in {run} was trained without class labels (unconditional); "
             "drop --class"
@@ -756,7 +760,7 @@ def _edit_condition(
     a second image takes two classes ("circle,star") or two prompts as its ends."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt else None
     if prompts or classes is not None or negative is not None:
-        _check_condition_args(ldm, run, classes, prompts, negative)
+        check_conditions(ldm, run, classes, prompts, negative)
     limit = 2 if method == "interpolate" else 1
     out: dict[str, Any] = {"negative_prompt": negative} if negative else {}
     if classes is not None:

@@ -320,20 +320,9 @@ def invert(
     an exact inverse of the sampler's step (one more UNet call each).
     """
     images, notes = check_images(ldm, images)
-    b = images.shape[0]
     params = {"method": "invert", "steps": steps, "refine": refine, **_condition_params(condition)}
-    guidance = condition.get("guidance_scale")
-    if guidance is not None and guidance > 1:
-        notes.append(
-            f"inversion is exact only without guidance; at guidance {guidance} the noise found "
-            "does not reproduce the image (use --guidance 1)"
-        )
-        log.warning(notes[-1])
     network = _Counted(ldm.network())
-    denoise = _conditioned(ldm, b, dict(condition), network)
-    sigmas = ldm.sigmas("ddim", steps)
-    known = ldm.encode(images)
-    x_T = invert_ddim(denoise, known, sigmas, refine=refine)
+    x_T, known, denoise, sigmas = _ddim_noise(ldm, images, steps, refine, condition, network, notes)
     z = run_sampler(denoise, x_T, sigmas, sampler="ddim")
     recon = ldm.decode(z, fast=False).float().cpu()
     ceiling = ldm.decode(known, fast=False).float().cpu()
@@ -344,6 +333,24 @@ def invert(
         "latent_rmse": (z - known).pow(2).flatten(1).mean(1).sqrt().tolist(),
     }
     return EditResult(recon, params, notes, network.calls, extra)
+
+
+def _ddim_noise(
+    ldm: LatentDiffusion, images: Tensor, steps: int, refine: int, condition: dict[str, Any],
+    network: _Counted, notes: list[str],
+) -> tuple[Tensor, Tensor, Callable[..., Tensor], Tensor]:  # fmt: skip
+    """The DDIM inversion of checked `images`: (x_T, their latents, the denoiser, sigmas)."""
+    guidance = condition.get("guidance_scale")
+    if guidance is not None and guidance > 1:
+        notes.append(
+            f"inversion is exact only without guidance; at guidance {guidance} the noise found "
+            "does not reproduce the image (use --guidance 1)"
+        )
+        log.warning(notes[-1])
+    denoise = _conditioned(ldm, images.shape[0], dict(condition), network)
+    sigmas = ldm.sigmas("ddim", steps)
+    known = ldm.encode(images)
+    return invert_ddim(denoise, known, sigmas, refine=refine), known, denoise, sigmas
 
 
 # ---------------------------------------------------------------------------------- interpolation
@@ -407,10 +414,10 @@ def interpolate(
             assert images is not None
             if images.shape[0] != 2:
                 raise ValueError(f"interpolating images needs 2 of them, got {images.shape[0]}")
-            inverted = invert(ldm, images, steps=steps)
-            notes += inverted.notes
-            ends_T = list(inverted.extra["noise"].to(ldm.device).split(1))
-            network.calls += inverted.network_calls
+            images, notes = check_images(ldm, images)
+            # the noises only (no reconstruction): the network calls count into `network`
+            x_ends = _ddim_noise(ldm, images, steps, 0, {}, network, notes)[0]
+            ends_T = list(x_ends.split(1))
         x_T = torch.cat([slerp(ends_T[0], ends_T[1], w) for w in weights])
         denoise = _conditioned(ldm, frames, dict(condition), network)
     noise = _ImageNoise(seed, 1, shape, ldm.device)  # every frame sees the same noise

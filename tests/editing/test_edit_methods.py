@@ -165,6 +165,11 @@ def test_interpolation_between_seeds_images_and_classes():
     assert not torch.equal(seeds.images[0], seeds.images[-1])
     imgs = editing.interpolate(ldm, images=photos(2), frames=3, steps=4)
     assert imgs.images.shape[0] == 3
+    # the ends are the images' DDIM inversions: frame 0 is image 0's round trip, and the
+    # inversion's 4 calls (no reconstruction, no decode) plus the frames' 4 are all it costs
+    roundtrip = editing.invert(ldm, photos(2), steps=4)
+    torch.testing.assert_close(imgs.images[0], roundtrip.images[0], atol=1e-4, rtol=0)
+    assert imgs.network_calls == 4 + 4
     classes = editing.interpolate(ldm, class_labels=(0, 2), frames=4, steps=4, seed=3)
     ends = [ldm.sample(1, sampler="ddim", steps=4, class_labels=[c]) for c in (0, 2)]
     assert classes.images.shape[0] == 4

@@ -105,10 +105,18 @@ def test_bad_sample_requests_get_400_with_the_clis_message(client, field, value,
     assert "\n" not in r.json()["error"]
 
 
-def test_a_condition_the_model_cannot_follow_fails_the_job_with_one_line(client):
-    job = sample(client, n=2, steps=2, prompts=["a red star"])
-    assert job["state"] == "failed"
-    assert job["error"].startswith("--prompt: the model in"), job["error"]
+def test_a_condition_the_model_cannot_follow_is_400_before_any_job(client, runs):
+    r = client.post("/api/sample", json={"run": "shapes", "prompts": ["a red star"]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("--prompt: the model in shapes has no text"), r.json()
+    # a text-conditional run (read from its files, nothing loaded) asked without a prompt
+    shutil.copytree(runs / "shapes", runs / "texty")
+    RunFolder(runs / "texty").tokenizer_path.write_text("{}")
+    r = client.post("/api/sample", json={"run": "texty", "n": 2})
+    assert r.status_code == 400, r.text
+    assert "follows text prompts: give --prompt" in r.json()["error"], r.json()
+    r = client.post("/api/sample", json={"run": "texty", "classes": "star"})
+    assert r.status_code == 400 and "not classes" in r.json()["error"], r.json()
 
 
 @pytest.mark.parametrize("name", ["../runs", "/etc", "shapes/../../x", "", "shapes/..", "C:/x"])

@@ -388,6 +388,8 @@ class Site:
         params["sampler"] = params["sampler"] or DEFAULT_SAMPLER
         check_sampler(params["sampler"])
         folder.require_trained()
+        api.check_conditions(folder, body["run"], params["classes"], params["prompts"],
+                             params["negative_prompt"])  # fmt: skip
         return self._submit(body["run"], "sample", params, lambda job: self._sample(folder, job))
 
     def _sample(self, folder: RunFolder, job: Job) -> Result:
