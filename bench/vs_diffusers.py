@@ -375,8 +375,9 @@ def profile_rows(m: Models, b: int, fast: bool, peaks: dict[str, float],
 
     x, t = inputs(m, b)
     cpu = torch.device("cpu")
+    # one autocast region, as `LatentDiffusion.sample` runs its steps: weights cast once
     with torch.inference_mode(), fast_autocast(cpu, fast):
-        m.unet(x, t)  # warm-up (oneDNN builds its kernels)
+        m.unet(x, t)  # warm-up (oneDNN builds its kernels; autocast caches the bf16 weights)
         with profile(
             activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True
         ) as prof:
@@ -397,23 +398,33 @@ def profile_rows(m: Models, b: int, fast: bool, peaks: dict[str, float],
     print_table(["kind of op", "% of time", "ms per forward"],
                 [(k, 100 * v / total, v / repeats / 1e3)
                  for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])])  # fmt: skip
-    # convolutions by shape: aten::conv2d holds the FLOP count and the time of its kernels
-    convs = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::conv2d"]
-    conv_total = sum(e.cpu_time_total for e in convs)
-    rows = []
-    for e in sorted(convs, key=lambda e: -e.cpu_time_total)[:12]:
+    # convolutions by shape: the outermost aten::conv2d of each call holds the FLOP count and
+    # the time of its kernels (and, under autocast, of its casts and of a nested conv2d)
+    convs: dict[tuple[str, str], list[float]] = {}  # shape -> [calls, microseconds, flop]
+    for e in prof.events():
+        parent = e.cpu_parent
+        if e.name != "aten::conv2d" or (parent is not None and parent.name == "aten::conv2d"):
+            continue
         shapes = e.input_shapes
         x_shape = "x".join(map(str, shapes[0][1:])) if shapes and shapes[0] else "?"
-        w_shape = "x".join(map(str, shapes[1][:2] + shapes[1][2:3])) if len(shapes) > 1 else "?"
-        g = e.flops / (e.cpu_time_total / 1e6) / 1e9 if e.cpu_time_total else 0.0
-        rows.append((f"{x_shape} * {w_shape}", e.count // repeats,
-                     100 * e.cpu_time_total / total, g, 100 * g / peak))  # fmt: skip
-    conv_g = sum(e.flops for e in convs) / max(conv_total / 1e6, 1e-9) / 1e9
+        w_shape = "x".join(map(str, shapes[1][:3])) if len(shapes) > 1 and shapes[1] else "?"
+        acc = convs.setdefault((x_shape, w_shape), [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] += e.cpu_time_total
+        acc[2] += e.flops
+    conv_us = sum(v[1] for v in convs.values())
+    conv_flop = sum(v[2] for v in convs.values())
+    rows = []
+    for (x_shape, w_shape), (calls, us, flop) in sorted(convs.items(), key=lambda kv: -kv[1][1]):
+        g = flop / (us / 1e6) / 1e9 if us else 0.0
+        rows.append((f"{x_shape} * {w_shape}", calls // repeats, 100 * us / total, g,
+                     100 * g / peak))  # fmt: skip
+    rows = rows[:12]
+    conv_g = conv_flop / max(conv_us / 1e6, 1e-9) / 1e9
     print(
-        f"convolutions: {100 * conv_total / total:.0f} % of the time at {conv_g:.0f} GFLOP/s "
+        f"convolutions: {100 * conv_us / total:.0f} % of the time at {conv_g:.0f} GFLOP/s "
         f"({100 * conv_g / peak:.0f} % of peak); the rest of the time does "
-        f"{100 * (1 - sum(e.flops for e in convs) / (m.gflop * 1e9 * b * repeats)):.0f} % "
-        "of the FLOPs"
+        f"{max(0.0, 100 * (1 - conv_flop / (m.gflop * 1e9 * b * repeats))):.0f} % of the FLOPs"
     )
     print_table(
         ["input CxHxW * weight OxIxK", "per fwd", "% of time", "GFLOP/s", "% of peak"], rows
@@ -463,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="time by process CPU time (robust to a loaded host; use with --threads 1)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny models, tiny batches: seconds")
     p.add_argument("--profile-batch", type=int, default=16, help="batch of the profile rows")
+    p.add_argument("--sampling", default="dpm++2m:20,ddim:50",
+                   help="sampler:steps runs of the sample rows (the first also for small rows)")  # fmt: skip
     a = p.parse_args(argv)
     rows, names = a.rows.split(","), a.models.split(",")
     for what, asked, known in (("rows", rows, ROWS), ("models", names, MODELS)):
@@ -476,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
         a.repeats = a.sample_repeats = 1
         plan, models = QUICK, {"quick": QUICK_MODEL}
     else:
-        plan = Plan(small=tuple(int(n) for n in a.small.split(",")))
+        runs = tuple((k, int(v)) for k, v in (r.split(":") for r in a.sampling.split(",")))
+        plan = Plan(small=tuple(int(n) for n in a.small.split(",")), sampling=runs)
         models = {k: MODELS[k] for k in names}
     print(machine_line())
     size = 512 if a.quick else 2048

@@ -1,5 +1,5 @@
-"""The fast sampling path: bf16 autocast chosen by the device, off on request, and samples that
-stay close to float32 ones.
+"""The fast sampling path: bf16 autocast chosen by the device, off on request, following the
+weights when they change, and samples (unconditional, class, text) that stay close to float32.
 
 The closeness tests force bf16 on (monkeypatched `fast_dtype`), so they run, and can fail, on a
 CPU without native bf16 too (slowly there, but the model is tiny).
@@ -8,6 +8,8 @@ CPU without native bf16 too (slowly there, but the model is tiny).
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from ldmkit.diffusion.schedules import make_schedule
 from ldmkit.models.unet import UNet, UNetConfig
 from ldmkit.models.vae import Autoencoder, AutoencoderConfig
 from ldmkit.pipeline import LatentDiffusion
+from ldmkit.runs import RunFolder
 
 
 @pytest.fixture
@@ -86,9 +89,47 @@ def test_fast_samples_are_close_to_float32(bf16_here):
     other_seed = ldm.sample(8, fast=False, **{**kw, "seed": 4})
     assert fast.dtype == exact.dtype == torch.float32
     drift = (fast - exact).abs().mean().item()
-    assert drift > 0, "bf16 autocast did not run: fast and float32 samples are identical"
+    assert drift > 0, "the bf16 path did not run: fast and float32 samples are identical"
     assert drift < 0.1 * (other_seed - exact).abs().mean().item()
     assert (fast - exact).abs().max().item() < 0.1  # images in [-1, 1]
+
+
+def test_the_fast_path_follows_weights_changed_in_place(bf16_here):
+    ldm = tiny_ldm()
+    kw = dict(sampler="ddim", steps=3, seed=0)
+    before = ldm.sample(2, **kw)
+    assert ldm.sample(2, **kw).equal(before)  # the cached copy: the same images again
+    with torch.no_grad():  # what EMA or load_state_dict do
+        for p in ldm.unet.parameters():
+            p.mul_(0.9)
+        ldm.vae.decoder.conv_out.weight.mul_(0.9)
+    after = ldm.sample(2, **kw)
+    assert not after.equal(before)
+    fresh = LatentDiffusion(ldm.vae, ldm.unet, ldm.schedule, device="cpu").sample(2, **kw)
+    assert after.equal(fresh), "stale bf16 weights were used after the weights changed"
+
+
+def test_conditioned_fast_samples_are_close(bf16_here, tmp_path):
+    """With guidance's doubled batch: class labels, and a text encoder's context."""
+    ldm = tiny_ldm()
+    unet = UNet(UNetConfig(sample_size=8, block_out_channels=(16, 32), attention_resolutions=(4,),
+                           norm_num_groups=8, head_dim=8, num_classes=3))  # fmt: skip
+    classes = LatentDiffusion(ldm.vae, _perturbed(unet), ldm.schedule, device="cpu")
+    kw = dict(sampler="ddim", steps=3, seed=0, class_labels=[0, 2], guidance_scale=3.0)
+    exact, fast = classes.sample(2, fast=False, **kw), classes.sample(2, **kw)
+    assert 0 < (fast - exact).abs().mean().item() < 0.05
+
+    sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+    from reliability_helpers import make_text_run
+
+    run = make_text_run(tmp_path / "text")
+    for name in ("vae", "unet"):  # zero-initialised output layers would hide any difference
+        model = getattr(RunFolder(run), f"load_{name}")()
+        getattr(RunFolder(run), f"save_{name}")(_perturbed(model))
+    text = LatentDiffusion.from_run(run, device="cpu")
+    kw = dict(sampler="ddim", steps=3, seed=0, prompt="a red square", guidance_scale=2.0)
+    exact, fast = text.sample(2, fast=False, **kw), text.sample(2, **kw)
+    assert 0 < (fast - exact).abs().mean().item() < 0.05
 
 
 def test_fast_off_is_float32_exactly(bf16_here):
