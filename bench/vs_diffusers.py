@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from benchlib import (
+    clock_name,
     interleaved,
     load_line,
     machine_line,
@@ -369,65 +371,68 @@ def op_kind(name: str) -> str:
 
 def profile_rows(m: Models, b: int, fast: bool, peaks: dict[str, float],
                  repeats: int = 3) -> None:  # fmt: skip
-    """Print where one ldmkit forward at batch b spends its time: by kind of op (self time),
-    and by convolution shape, each with its GFLOP/s and share of the peak of its dtype."""
+    """Print where one ldmkit forward at batch b spends its time, in one autocast region as
+    sampling runs it: (1) by kind of op, as shares of torch.profiler's self time; (2) each
+    convolution shape of the model timed alone on the bench's clock (CPU time with --cpu-time,
+    so a loaded host does not skew it), with its GFLOP/s, share of the dtype's peak, and share
+    of a whole forward timed on the same clock: what is left is the other ops' time."""
     from torch.profiler import ProfilerActivity, profile
 
     x, t = inputs(m, b)
     cpu = torch.device("cpu")
-    # one autocast region, as `LatentDiffusion.sample` runs its steps: weights cast once
+    calls: dict[tuple[Any, ...], int] = {}  # (x shape, weight shape, stride, padding) -> calls
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+        key = (tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding)
+        calls[key] = calls.get(key, 0) + 1
+
+    hooks = [mod.register_forward_hook(record) for mod in m.unet.modules()
+             if isinstance(mod, nn.Conv2d)]  # fmt: skip
     with torch.inference_mode(), fast_autocast(cpu, fast):
         m.unet(x, t)  # warm-up (oneDNN builds its kernels; autocast caches the bf16 weights)
-        with profile(
-            activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True
-        ) as prof:
+        for h in hooks:
+            h.remove()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(repeats):
                 m.unet(x, t)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+        forward_s = interleaved({"f": lambda: m.unet(x, t)}, repeats)["f"]
     kinds: dict[str, float] = {}
-    for e in events:
+    for e in prof.key_averages():
         kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + e.self_cpu_time_total
+    total = sum(kinds.values())
+    dtype = fast_dtype(cpu) if fast else torch.float32
     peak = peaks["bf16" if fast else "fp32"]
-    gfs = m.gflop * b * repeats / (total / 1e6)
-    what = "fast (bf16 autocast)" if fast else "fp32"
+    gfs = m.gflop * b / forward_s / 1e9
+    what = f"fast ({dtype} autocast)" if fast else "fp32"
     print(
-        f"\nprofile: {m.name} forward, batch {b}, {what}: {total / repeats / 1e3:.1f} ms per "
-        f"forward, {gfs:.0f} GFLOP/s = {100 * gfs / peak:.0f} % of the {what.split()[0]} peak"
+        f"\nprofile: {m.name} forward, batch {b}, {what}: {1e3 * forward_s:.1f} ms per forward "
+        f"({clock_name()}), {gfs:.0f} GFLOP/s = {100 * gfs / peak:.0f} % of the "
+        f"{'bf16' if fast else 'fp32'} peak"
     )
-    print_table(["kind of op", "% of time", "ms per forward"],
-                [(k, 100 * v / total, v / repeats / 1e3)
-                 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])])  # fmt: skip
-    # convolutions by shape: the outermost aten::conv2d of each call holds the FLOP count and
-    # the time of its kernels (and, under autocast, of its casts and of a nested conv2d)
-    convs: dict[tuple[str, str], list[float]] = {}  # shape -> [calls, microseconds, flop]
-    for e in prof.events():
-        parent = e.cpu_parent
-        if e.name != "aten::conv2d" or (parent is not None and parent.name == "aten::conv2d"):
-            continue
-        shapes = e.input_shapes
-        x_shape = "x".join(map(str, shapes[0][1:])) if shapes and shapes[0] else "?"
-        w_shape = "x".join(map(str, shapes[1][:3])) if len(shapes) > 1 and shapes[1] else "?"
-        acc = convs.setdefault((x_shape, w_shape), [0, 0.0, 0.0])
-        acc[0] += 1
-        acc[1] += e.cpu_time_total
-        acc[2] += e.flops
-    conv_us = sum(v[1] for v in convs.values())
-    conv_flop = sum(v[2] for v in convs.values())
-    rows = []
-    for (x_shape, w_shape), (calls, us, flop) in sorted(convs.items(), key=lambda kv: -kv[1][1]):
-        g = flop / (us / 1e6) / 1e9 if us else 0.0
-        rows.append((f"{x_shape} * {w_shape}", calls // repeats, 100 * us / total, g,
-                     100 * g / peak))  # fmt: skip
-    rows = rows[:12]
-    conv_g = conv_flop / max(conv_us / 1e6, 1e-9) / 1e9
+    print_table(["kind of op", "% of time"],
+                [(k, 100 * v / total) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])])  # fmt: skip
+    rows, conv_s, conv_flop = [], 0.0, 0.0
+    with torch.inference_mode():
+        for (xs, ws, stride, pad), n in calls.items():
+            xi, wi = torch.randn(xs, dtype=dtype), torch.randn(ws, dtype=dtype)
+            bias = torch.randn(ws[0], dtype=dtype)
+            sec = interleaved({"c": lambda: F.conv2d(xi, wi, bias, stride, pad)}, 5)["c"]
+            out = F.conv2d(xi, wi, bias, stride, pad)
+            flop = 2 * out.numel() * ws[1] * ws[2] * ws[3]
+            conv_s, conv_flop = conv_s + n * sec, conv_flop + n * flop
+            g = flop / sec / 1e9
+            name = f"{'x'.join(map(str, xs[1:]))} * {'x'.join(map(str, ws[:3]))}"
+            name += f" /{stride[0]}" if stride[0] != 1 else ""
+            rows.append((name, n, 100 * n * sec / forward_s, g, 100 * g / peak))
+    rows.sort(key=lambda r: -r[2])
     print(
-        f"convolutions: {100 * conv_us / total:.0f} % of the time at {conv_g:.0f} GFLOP/s "
-        f"({100 * conv_g / peak:.0f} % of peak); the rest of the time does "
-        f"{max(0.0, 100 * (1 - conv_flop / (m.gflop * 1e9 * b * repeats))):.0f} % of the FLOPs"
+        f"convolutions alone: {100 * conv_s / forward_s:.0f} % of a forward's time at "
+        f"{conv_flop / conv_s / 1e9:.0f} GFLOP/s ({100 * conv_flop / conv_s / 1e9 / peak:.0f} % of "
+        f"peak); the other ops take the remaining {max(0.0, 100 * (1 - conv_s / forward_s)):.0f} %"
+        f" and do {max(0.0, 100 * (1 - conv_flop / (m.gflop * 1e9 * b))):.0f} % of the FLOPs"
     )
     print_table(
-        ["input CxHxW * weight OxIxK", "per fwd", "% of time", "GFLOP/s", "% of peak"], rows
+        ["input CxHxW * weight OxIxK", "per fwd", "% of fwd", "GFLOP/s", "% of peak"], rows[:12]
     )
 
 

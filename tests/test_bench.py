@@ -66,11 +66,12 @@ def test_vs_diffusers_profile_quick(capsys):
     vs_diffusers.main(["--quick", "--threads", "1", "--rows", "profile"])
     out = capsys.readouterr().out
     kinds = table(out, "kind of op", "% of time")
-    shares = {" ".join(r[:-2]): float(r[-2]) for r in kinds}
+    shares = {" ".join(r[:-1]): float(r[-1]) for r in kinds}
     assert "convolution" in shares, out
     assert sum(shares.values()) == pytest.approx(100, abs=0.5)
     convs = table(out, "input CxHxW * weight OxIxK")
     assert convs and all(float(r[-2]) > 0 for r in convs)  # each shape's GFLOP/s
+    assert re.search(r"convolutions alone: \d+ % of a forward's time", out)
 
 
 def test_data_path_quick(capsys):
