@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="time by process CPU time (robust to a loaded host; use with --threads 1)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny models, tiny batches: seconds")
     p.add_argument("--profile-batch", type=int, default=16, help="batch of the profile rows")
+    p.add_argument("--sample-n", type=int, default=64, help="images of the sample rows")
     p.add_argument("--sampling", default="dpm++2m:20,ddim:50",
                    help="sampler:steps runs of the sample rows (the first also for small rows)")  # fmt: skip
     a = p.parse_args(argv)
@@ -495,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         plan, models = QUICK, {"quick": QUICK_MODEL}
     else:
         runs = tuple((k, int(v)) for k, v in (r.split(":") for r in a.sampling.split(",")))
-        plan = Plan(small=tuple(int(n) for n in a.small.split(",")), sampling=runs)
+        plan = Plan(small=tuple(int(n) for n in a.small.split(",")), sampling=runs,
+                    sample_n=a.sample_n)  # fmt: skip
         models = {k: MODELS[k] for k in names}
     print(machine_line())
     size = 512 if a.quick else 2048
