@@ -311,6 +311,7 @@ class LatentDiffusion:
             b = min(batch_size, n - start)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
             # one autocast region for all steps: it casts each weight to bf16 once, not per call
+            # (under no_grad: in inference_mode autocast's weight cache is off)
             fast_here = self.uses_fast_path(b, fast)
             denoise = self.denoiser(
                 conditions.part(start, b), guidance_rescale=guidance_rescale, fast=fast_here
