@@ -53,6 +53,7 @@ def fingerprint() -> dict:
         train_run(run_config_from_dict(RUN), tmp)
         folder = RunFolder(tmp)
         rows = [json.loads(line) for line in folder.log_path.read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r]  # not the autoencoder's quality rows
         sums = {
             part: {k: float(v.double().sum()) for k, v in load_tensors(d / WEIGHTS_NAME).items()}
             for part, d in (("vae", folder.vae_dir), ("unet", folder.unet_dir))

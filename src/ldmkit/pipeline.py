@@ -152,6 +152,8 @@ class LatentDiffusion:
         """Load a trained run folder (as written by `ldmkit train`); `fast`, `compile`: see
         `__init__`."""
         folder = RunFolder(run_dir).require_trained()
+        for problem in folder.warnings():  # a failed or cut-short stage: say so at every use
+            log.warning("%s: %s", folder.path, problem)
         cfg = folder.config()
         dev = resolve_device(device)
         text = {}

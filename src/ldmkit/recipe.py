@@ -44,6 +44,7 @@ MAX_GUIDANCE = 100.0  # classifier-free guidance scale; samplers diverge well be
 GUIDANCE_HINT = " (1 = no guidance)"
 # the guidance of a conditional run whose scale was neither set nor measured (choose_guidance)
 DEFAULT_GUIDANCE = 5.0
+WSD_DECAY = 0.2  # share of a wsd schedule's steps over which the LR decays to 0
 
 
 @dataclass
@@ -55,9 +56,11 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-4  # peak learning rate of AdamW
     warmup_steps: int = 100  # linear LR warm-up from 0
-    lr_schedule: Literal["constant", "cosine"] = (
-        "constant"  # after warm-up; cosine decays to 10 % at `steps`
-    )
+    # after warm-up: constant; cosine (decays to 10 % at `steps`); wsd (warm-up, stable,
+    # decay: constant, then linear to 0 over the last WSD_DECAY of the steps; Hu et al. 2024,
+    # Haegele et al. 2024). wsd suits a stage whose length is decided while it runs (a time
+    # budget's plan, a quality target): until the last WSD_DECAY the LR does not depend on it
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.999  # 0 disables EMA
@@ -100,6 +103,10 @@ class TrainConfig:
             span = max(1, (total or self.steps) - self.warmup_steps)
             progress = min(1.0, (step - self.warmup_steps) / span)
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.lr_schedule == "wsd":
+            end = total or self.steps
+            decay = max(1.0, WSD_DECAY * end)
+            return min(1.0, max(0.0, (end - step) / decay))
         return 1.0
 
 
@@ -175,8 +182,13 @@ class RunConfig:
     # auto: class labels when the data has them, else text when it has captions, else none
     conditioning: Literal["auto", "none", "class", "text"] = "auto"
     seed: int = 0
-    time_budget: str | None = None  # e.g. "10m": split between the stages by budget_split
-    budget_split: float = 0.15  # share of the time budget for the autoencoder
+    time_budget: str | None = None  # e.g. "10m": the autoencoder's share first, the rest the UNet's
+    # the most of a time budget the autoencoder may take: it ends sooner once its target is
+    # reached (vae_target), and the UNet gets the rest
+    budget_split: float = 0.4
+    # with a time budget the autoencoder ends once this share of its reconstructions keeps its
+    # class (labelled data; else once its PSNR plateaus); 0: it always takes budget_split
+    vae_target: float = 0.97
     device: str = "auto"  # auto: cuda, then mps, then cpu
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -224,6 +236,7 @@ class RunConfig:
         if not self.data.strip():
             raise ConfigError(f"data must be a data spec or a folder, got {self.data!r}")
         check_float("budget_split", self.budget_split, 0, 1, lo_open=True, hi_open=True)
+        check_float("vae_target", self.vae_target, 0, 1)
         check_sampler(self.preview_sampler)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
@@ -236,7 +249,7 @@ class RunConfig:
 
 # training settings that a resumed run may change; everything else comes from its run.json
 CHANGEABLE_ON_RESUME = (
-    "time_budget", "budget_split", "device", "vae_train", "unet_train", "preview_sampler",
+    "time_budget", "budget_split", "vae_target", "device", "vae_train", "unet_train", "preview_sampler",
     "preview_steps", "guidance_scale", "choose_guidance",
 )  # fmt: skip
 

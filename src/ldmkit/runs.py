@@ -3,6 +3,9 @@
     RUN/
       run.json             the resolved RunConfig (ldmkit.recipe)        config(), write_config()
       data.json            data spec, name, fingerprint, channels, classes  data_info(), write_data_info()
+      training.json        how each stage went: steps planned and run, why   stage_report(), ...
+                           it ended, the autoencoder's measured quality,
+                           and the problems a user must hear of             warnings()
       vae/  unet/          config.json + model.safetensors each             load_vae(), save_unet(), ...
       text_encoder/        the same, for a text-conditional run (for the    load_text_encoder(), ...
                            frozen MiniLM: config.json, a reference + SHA-256)
@@ -162,6 +165,10 @@ class RunFolder:
         return self.path / "report.html"
 
     @property
+    def training_report_path(self) -> Path:
+        return self.path / "training.json"
+
+    @property
     def stop_path(self) -> Path:
         return self.path / "stop"
 
@@ -225,6 +232,32 @@ class RunFolder:
                     "missing); finish or resume the training with `ldmkit train --resume`"
                 )
         return self
+
+    # ------------------------------------------------------------------ training.json
+    # {"autoencoder": {...}, "diffusion": {...}}: each stage's steps, planned steps, seconds,
+    # why it ended, measurements (the autoencoder's), and "problems": one-line findings that
+    # every command using the run repeats (`warnings`)
+    def stage_report(self) -> dict[str, Any]:
+        """training.json as saved ({} when absent or unreadable: runs trained before it)."""
+        try:
+            data = read_json(self.training_report_path)
+        except (CheckpointError, OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_stage_report(self, stage: str, record: dict[str, Any]) -> None:
+        """Set one stage's record (the others are kept)."""
+        report = self.stage_report()
+        report[stage] = record
+        write_json(self.training_report_path, report)
+
+    def warnings(self) -> list[str]:
+        """The problems its training found (a failed or cut-short stage), one line each."""
+        out = []
+        for stage, record in self.stage_report().items():
+            if isinstance(record, dict):
+                out += [f"{stage}: {p}" for p in record.get("problems") or [] if isinstance(p, str)]
+        return out
 
     # ------------------------------------------------------------------ run.json, data.json
     def config_dict(self) -> dict[str, Any]:

@@ -108,7 +108,9 @@ def train_here(run: Path, config: Path, *args: str) -> None:
 
 
 def log_rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    """The loss rows of log.jsonl (not the autoencoder's quality rows)."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
 
 
 def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str):

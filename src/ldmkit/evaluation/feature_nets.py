@@ -166,6 +166,7 @@ def _fit_domain_classifier(
         dataset.images, labels, epochs=epochs, batch_size=DOMAIN_BATCH_SIZE, seed=seed,
         time_budget_s=budget, held_out_fraction=DOMAIN_HELD_OUT, config=config,
     )  # fmt: skip
+    model.held_out_accuracy = accuracy  # for callers that judge with it (training's judge)
     logger.info(
         "trained the domain classifier %s on %d images in %.1f s: held-out accuracy %.3f",
         model.name, len(dataset), time.perf_counter() - t0, accuracy,

@@ -35,7 +35,12 @@ from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
 
-from .feature_nets import default_feature_kind, domain_classifier_dir, get_feature_net
+from .feature_nets import (
+    FeatureNet,
+    default_feature_kind,
+    domain_classifier_dir,
+    get_feature_net,
+)
 from .metrics import FeatureStats, frechet_distance
 
 logger = logging.getLogger(__name__)
@@ -103,10 +108,12 @@ def measure_guidance(
     n: int | None = None,
     steps: int | None = None,
     seed: int = 0,
+    net: FeatureNet | None = None,
 ) -> GuidanceChoice | None:
     """Measure FID and accuracy at each guidance scale (see the module docstring) and pick one;
     None when the run has no domain classifier to measure with (`can_measure`). Unset
-    arguments take GUIDANCE_SCALES, QUICK_N and QUICK_STEPS."""
+    arguments take GUIDANCE_SCALES, QUICK_N and QUICK_STEPS; `net` is a domain classifier
+    already trained on the run's data (training's judge), else one is trained or reused."""
     scales = GUIDANCE_SCALES if scales is None else scales
     n, steps = n or QUICK_N, steps or QUICK_STEPS
     why = can_measure(folder)
@@ -124,10 +131,11 @@ def measure_guidance(
     # the run's cached classifier (`ldmkit eval`'s); else a quick one of DOMAIN_MIN_STEPS steps
     # (one epoch of MNIST: 1/5 of eval's), not cached, so that eval still trains its own
     cached = (domain_classifier_dir(folder.path) / CONFIG_NAME).is_file()
-    net = get_feature_net(
-        "domain", dataset=ds, run_dir=folder.path if cached else None, epochs=5 if cached else 1,
-        seed=seed, time_budget_s=CLASSIFIER_BUDGET_S,
-    )  # fmt: skip
+    if cached or net is None:
+        net = get_feature_net(
+            "domain", dataset=ds, run_dir=folder.path if cached else None,
+            epochs=5 if cached else 1, seed=seed, time_budget_s=CLASSIFIER_BUDGET_S,
+        )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(ds.images), generator=gen)[: 2 * n]
     n = len(pick) // 2

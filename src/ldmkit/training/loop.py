@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
-from ..recipe import TrainConfig
+from ..recipe import WSD_DECAY, TrainConfig
 from ..runs import RunFolder
 from .distributed import World, local_micro_batch
 from .ema import EMA
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 PLAN_SKIP = 5  # first steps of a session not timed (allocator and kernel warm-up)
 PLAN_OVER = 20  # the plan is revised every PLAN_OVER steps
 PLAN_MARGIN = 0.95  # share of the remaining budget planned for (previews, checkpoints, noise)
+PLAN_WINDOWS = 3  # windows of PLAN_OVER steps whose speed the plan uses
 
 StopRequest = threading.Event | Callable[[], bool]
 
@@ -89,6 +91,8 @@ class StageResult:
     seconds: float
     ema: EMA | None
     checkpoint: Path | None
+    planned: int | None = None  # the steps the stage planned at its end
+    threads: list[tuple[int, int]] = field(default_factory=list)  # (step, threads) changes
 
 
 class DataOrder:
@@ -222,43 +226,164 @@ class BudgetPlan:
     """How many steps a time budget allows, so that a decaying LR ends when the budget does.
 
     After PLAN_SKIP warm-up steps the loop times itself and, every PLAN_OVER steps, sets the
-    stage's length to what fits PLAN_MARGIN of the remaining budget at the mean speed so far
-    (previews and checkpoints included). The plan is saved in checkpoints, so a resumed stage
-    keeps its schedule.
+    stage's length to what fits PLAN_MARGIN of the remaining budget at the recent speed (the
+    last PLAN_WINDOWS windows of PLAN_OVER steps, previews and checkpoints included), so a
+    stage re-plans as the machine gets busier or quieter. A quality gate may end the stage
+    sooner (`finish_at`); the plan is then fixed, and time can only shorten it further. The
+    plan is saved in checkpoints, so a resumed stage keeps its schedule.
     """
 
     def __init__(self, name: str, cfg: TrainConfig, deadline: float | None, start_step: int,
-                 planned: int | None) -> None:  # fmt: skip
+                 planned: int | None, fixed: bool = False) -> None:  # fmt: skip
         self.name, self.cfg, self.deadline = name, cfg, deadline
         self.active = deadline is not None and cfg.lr_schedule != "constant"
         self.start = start_step + PLAN_SKIP
         self.t0 = 0.0
         self.planned = planned  # None until the first plan (or the saved plan of a resume)
+        self.fixed = fixed  # a quality gate has set the end
+        self.windows: list[tuple[int, float]] = []  # (step, time) at each window's start
+        self.per_step: float | None = None  # the recent seconds per step
 
     @property
     def total(self) -> int:
         return self.planned or self.cfg.steps
 
     def observe(self, step: int) -> bool:
-        """Call before each step; returns True when the plan changed."""
-        if not self.active:
+        """Call before each step; returns True when a window closed (`per_step` is new)."""
+        if self.deadline is None:
             return False
         if step == self.start:
             self.t0 = time.perf_counter()
+            self.windows = [(step, self.t0)]
         elif step > self.start and (step - self.start) % PLAN_OVER == 0:
             now = time.perf_counter()
-            per_step = (now - self.t0) / (step - self.start)
-            assert self.deadline is not None
+            self.windows = [*self.windows[-PLAN_WINDOWS:], (step, now)]
+            first_step, first_t = self.windows[0]
+            self.per_step = (now - first_t) / (step - first_step)
+            if not self.active:
+                return True
             first = self.planned is None
-            remaining = int(PLAN_MARGIN * (self.deadline - now) / per_step)
-            self.planned = min(self.cfg.steps, step + remaining)
+            remaining = int(PLAN_MARGIN * (self.deadline - now) / self.per_step)
+            planned = min(self.cfg.steps, step + remaining)
+            self.planned = min(planned, self.planned) if self.fixed and self.planned else planned
             if first:
                 log.info(
                     "%s: %.3f s/step, so the time budget allows about %d steps; the LR "
-                    "decays over those", self.name, per_step, self.planned,
+                    "decays over those", self.name, self.per_step, self.planned,
                 )  # fmt: skip
             return True
         return False
+
+    def finish_at(self, step: int) -> int:
+        """End the stage soon after `step` (its target is reached): at once with a constant or
+        cosine LR, after the decay with a wsd one (which then starts now). Returns the end."""
+        end = step
+        if self.cfg.lr_schedule == "wsd":
+            end = math.ceil(step / (1 - WSD_DECAY))
+        self.planned = min(end, self.planned or end, self.cfg.steps)
+        self.fixed = True
+        return self.planned
+
+
+class ThreadGovernor:
+    """Fewer threads when the machine is busy: with all cores' threads in one process, a thread
+    descheduled by another program stalls the rest at every parallel region (issue 16 measured
+    16-20 img/s for 2 threads against 79-83 for 1 under load).
+
+    Fed the recent seconds per step once a plan window, it drops to 1 thread when the speed
+    falls below 1/CONTENTION of the best seen at the full count, keeps 1 thread while that is
+    faster, and tries the full count again every RETRY_WINDOWS windows. Thread counts change
+    float rounding, so a stage whose threads changed resumes close to, not bit-identical with,
+    an uninterrupted one.
+    """
+
+    CONTENTION = 2.5
+    RETRY_WINDOWS = 10
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.full = torch.get_num_threads()
+        self.best: dict[int, float] = {}  # threads -> best s/step seen
+        self.last: dict[int, float] = {}  # threads -> the latest s/step
+        self.windows_at_one = 0
+        self.changes: list[tuple[int, int]] = []  # (step, threads)
+
+    def _set(self, step: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.changes.append((step, threads))
+
+    def observe(self, step: int, per_step: float) -> None:
+        n = torch.get_num_threads()
+        self.last[n] = per_step
+        self.best[n] = min(per_step, self.best.get(n, math.inf))
+        if self.full <= 1:
+            return
+        if n == self.full:
+            if per_step > self.CONTENTION * self.best[n] and self.last.get(1, 0.0) < per_step:
+                log.warning(
+                    "%s: steps slowed from %.3f to %.3f s: another program is using the CPU; "
+                    "training on 1 thread instead of %d while it does", self.name,
+                    self.best[n], per_step, self.full,
+                )  # fmt: skip
+                self._set(step, 1)
+                self.windows_at_one = 0
+        else:
+            self.windows_at_one += 1
+            if self.last.get(self.full, 0.0) < per_step:  # the full count was faster: back
+                self._set(step, self.full)
+            elif self.windows_at_one % self.RETRY_WINDOWS == 0:  # has the machine quietened?
+                self._set(step, self.full)
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.full:
+            torch.set_num_threads(self.full)
+
+
+@dataclass
+class QualityGate:
+    """A stage's measurement while it trains, and its target (see training/run.py).
+
+    `measure(model)` returns a row of figures (logged as {"kind": "quality", ...}); with
+    `stop_on_target` (a time budget) the stage ends, through its LR decay, once
+    `target_reached(rows)` names a reason. Measurements take at most `max_share` of the
+    stage's time and come at least `min_steps` apart.
+    """
+
+    measure: Callable[[nn.Module], dict[str, float]]
+    target_reached: Callable[[list[dict[str, float]]], str | None]
+    stop_on_target: bool = False
+    min_steps: int = 25
+    max_share: float = 0.05
+    rows: list[dict[str, float]] = field(default_factory=list)
+    reason: str | None = None  # why the target counts as reached
+    next_step: int = 0
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    spent: float = 0.0  # seconds of measurement so far
+    spent_cpu: float = 0.0
+
+    def run(self, step: int, model: nn.Module, per_step: float | None, *, since: float,
+            since_cpu: float) -> dict[str, float]:  # fmt: skip
+        """Measure after `step`; the row's seconds / cpu_s are the stage's since its start
+        (perf_counter `since`, process_time `since_cpu`), less the measurements'."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = {"step": step, **self.measure(model)}
+        cost, cost_cpu = time.perf_counter() - t0, time.process_time() - c0
+        row["seconds"] = t0 - since - self.spent
+        row["cpu_s"] = c0 - since_cpu - self.spent_cpu
+        row["measure_s"] = cost
+        self.spent += cost
+        self.spent_cpu += cost_cpu
+        self.rows.append(row)
+        gap = self.min_steps
+        if per_step:  # the measurement's cost at most max_share of the time
+            gap = max(gap, math.ceil(cost / (self.max_share * per_step)))
+        self.next_step = step + gap
+        if self.reason is None:
+            self.reason = self.target_reached(self.rows)
+        return row
 
 
 class _Meter:
@@ -294,11 +419,15 @@ def train_stage(
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     world: World | None = None,
+    gate: QualityGate | None = None,
 ) -> StageResult:
     """Train one stage for cfg.steps optimizer steps (or until the budget), with checkpoints.
 
     With several processes (`world`) every rank calls this at once; rank 0 alone writes, logs
-    and reports progress.
+    and reports progress. A `gate` measures the model as it trains (log rows of kind
+    "quality") and, when its stop_on_target is set, ends the stage once its target is reached
+    ("quality target"). With a time budget in one process, the thread count follows the
+    machine's load (`ThreadGovernor`).
     """
     world = world or World(torch.device("cpu"))
     local_micro_batch(cfg, world.size, stage.name)  # a batch that does not split: one error
@@ -311,19 +440,23 @@ def train_stage(
     if ema is not None:
         modules["ema"] = ema.model
     order = DataOrder(num_items, cfg.batch_size, cfg.grad_accum, seed, key=f"{stage.name}/{seed}")
-    step, planned, saved = 0, None, None  # saved: the step of the newest checkpoint
+    step, saved, state = 0, None, {}  # saved: the step of the newest checkpoint
     if resume:
         with world.together():  # every rank reads the same checkpoint
-            step, planned, saved = _resume(stage, folder, modules, ema)
+            step, saved, state = _resume(stage, folder, modules, ema)
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     plan = BudgetPlan(stage.name, cfg, start + time_budget_s if time_budget_s else None, step,
-                      planned)  # fmt: skip
+                      state.get("planned_steps"), bool(state.get("plan_fixed")))  # fmt: skip
+    if plan.fixed and gate is not None:
+        gate.reason = state.get("quality_reason") or "quality target"
+    governor = ThreadGovernor(stage.name) if time_budget_s and world.size == 1 else None
 
     def checkpoint(metric: float) -> int:
         state = {"ema_updates": ema.num_updates if ema else 0, "metric": metric,
-                 "planned_steps": plan.planned, "batch_size": cfg.batch_size,
-                 "processes": world.size}  # fmt: skip
+                 "planned_steps": plan.planned, "plan_fixed": plan.fixed,
+                 "quality_reason": gate.reason if gate is not None else None,
+                 "batch_size": cfg.batch_size, "processes": world.size}  # fmt: skip
         with world.together():  # rank 0 writes; the others wait, and stop too if it fails
             if world.is_main:
                 save_checkpoint(
@@ -362,18 +495,44 @@ def train_stage(
                         progress, world, ema)  # fmt: skip
                 if step % cfg.checkpoint_every == 0 and step < plan.total:
                     saved = checkpoint(last_loss)
+                if gate is not None and gate.due(step) and step < plan.total:
+                    _measure(stage, step, gate, plan, run_log, world, ema, start, start_cpu)
+            if world.is_main and plan.observe(step) and governor is not None:
+                governor.observe(step, plan.per_step or 0.0)
             why = _end_reason(stage.name, step, plan, flag, world)
             if why is not None:
                 stopped = why
                 break
+    if governor is not None:
+        governor.restore()
     if world.is_main and progress is not None:
         progress(Progress(stage.name, step, plan.total, done=True))
-    if stopped == "finished" and plan.planned is not None and plan.planned < cfg.steps:
+    if stopped == "finished" and plan.fixed:
+        stopped = "quality target"  # the gate ended it (its reason: gate.reason)
+    elif stopped == "finished" and plan.planned is not None and plan.planned < cfg.steps:
         stopped = "time budget"  # the planned steps ran out with it
     if stopped != "bad loss" and saved != step:
         saved = checkpoint(last_loss)
     path = checkpoint_dir(folder.path, stage.name, saved) if saved is not None else None
-    return StageResult(step, stopped, last_loss, time.perf_counter() - start, ema, path)
+    return StageResult(
+        step, stopped, last_loss, time.perf_counter() - start, ema, path,
+        planned=plan.total, threads=governor.changes if governor else [],
+    )  # fmt: skip
+
+
+def _measure(stage: Stage, step: int, gate: QualityGate, plan: BudgetPlan, run_log: RunLog,
+             world: World, ema: EMA | None, start: float, start_cpu: float) -> None:  # fmt: skip
+    """Rank 0 measures the (EMA) model and logs the row; a target reached with stop_on_target
+    fixes the plan's end (shared with the other ranks by `_end_reason`). Only rank 0 has a
+    gate: the others wait for it at the next step's collective."""
+    if world.is_main:
+        row = gate.run(step, ema.model if ema else stage.model, plan.per_step,
+                       since=start, since_cpu=start_cpu)  # fmt: skip
+        run_log.write({"stage": stage.name, "kind": "quality", **row})
+        if gate.stop_on_target and gate.reason and not plan.fixed:
+            end = plan.finish_at(step)
+            log.info("%s: %s reached at step %d; the stage ends at step %d%s", stage.name,
+                     gate.reason, step, end, " after its LR decay" if end > step else "")  # fmt: skip
 
 
 def _report(
@@ -402,13 +561,14 @@ def _end_reason(name: str, step: int, plan: BudgetPlan, flag: StopFlag, world: W
     """Whether the stage ends after `step`, decided once for every rank: a signal or a stop
     request that reached any of them ("signal", "stop request"), rank 0's deadline ("time
     budget"); rank 0's plan is shared on the way (the others pass -1)."""
-    late, mine = False, -1
-    if world.is_main:
-        plan.observe(step)  # (before step `step`)
+    late, mine, fixed = False, -1, False
+    if world.is_main:  # (its plan observed step `step` just before)
         late = plan.deadline is not None and time.perf_counter() >= plan.deadline
-        mine = plan.planned or -1
-    signum, requested, late, planned = world.agree([flag.signal or 0, flag.requested(), late, mine])
-    plan.planned = planned if planned > 0 else None
+        mine, fixed = plan.planned or -1, plan.fixed
+    signum, requested, late, planned, fixed = world.agree(
+        [flag.signal or 0, flag.requested(), late, mine, fixed]
+    )
+    plan.planned, plan.fixed = (planned if planned > 0 else None), bool(fixed)
     if signum or requested:
         what = signal.Signals(signum).name if signum else "a stop request"
         log.warning(
@@ -421,15 +581,16 @@ def _end_reason(name: str, step: int, plan: BudgetPlan, flag: StopFlag, world: W
 
 def _resume(
     stage: Stage, folder: RunFolder, modules: dict[str, nn.Module], ema: EMA | None
-) -> tuple[int, int | None, int | None]:
-    """Restore the newest checkpoint of the stage: (step, planned steps, its step or None).
+) -> tuple[int, int | None, dict[str, Any]]:
+    """Restore the newest checkpoint of the stage: (step, its step or None, its saved state:
+    "planned_steps", "plan_fixed", ...).
 
     A checkpoint saved by N processes resumes with any number: everything it holds is global
     (the step, the unwrapped weights, the optimizer state, the plan).
     """
     ckpts = list_checkpoints(folder.path, stage.name)
     if not ckpts:
-        return 0, None, None
+        return 0, None, {}
     try:
         state = load_checkpoint(
             ckpts[-1].path, modules=modules, optimizers=stage.optimizers,
@@ -444,4 +605,4 @@ def _resume(
         ema.num_updates = int(state.get("ema_updates", step))
     log.info("resumed %s from %s (step %d)", stage.name, ckpts[-1].path.name, step)
     # the step is returned so that a stage resumed at its end does not re-save it
-    return step, state.get("planned_steps"), step
+    return step, step, state

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,12 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.transforms import to_float
 from ..diffusion.samplers import NonFiniteSampleError
+from ..evaluation.reconstruction import (
+    QualityVerdict,
+    ReconstructionProbe,
+    describe,
+    probe_split,
+)
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.text import MiniLMEncoder, TextEncoder, TextEncoderConfig, Tokenizer, minilm_dir
 from ..models.unet import UNet, widen_input
@@ -44,7 +50,7 @@ from .distributed import World, local_micro_batch
 if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
     from ..pipeline import LatentDiffusion
-from .loop import ProgressFn, RunLog, StopRequest, train_stage
+from .loop import ProgressFn, QualityGate, RunLog, StageResult, StopRequest, train_stage
 from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
 
@@ -58,6 +64,10 @@ FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
 GUIDANCE_MIN_STEPS = 200
+JUDGE_BUDGET_S = 60.0  # longest the run's quick domain classifier trains
+JUDGE_MIN_ACCURACY = 0.8  # held-out accuracy below which it does not judge readability
+# a stage that ran fewer than this share of its planned steps says so
+MIN_STAGE_SHARE = 0.5
 
 
 @dataclass
@@ -89,6 +99,10 @@ class _Run:
     progress: ProgressFn | None
     stop: StopRequest | None
     world: World  # this process among the training's processes (one by default)
+    dataset: ImageDataset | None = None  # the data as read (its labels train the judge)
+    # the run's quick domain classifier (labelled data of at most 64 px): it reads the
+    # autoencoder's reconstructions while it trains and the guidance choice's samples
+    judge: Any | None = None
 
     def result(self, vae_steps: int, unet_steps: int, why: str) -> RunResult:
         return RunResult(
@@ -246,7 +260,7 @@ def _prepare(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
-        RunLog(folder, tensorboard=world.is_main), progress, stop, world,
+        RunLog(folder, tensorboard=world.is_main), progress, stop, world, ds,
     )  # fmt: skip
 
 
@@ -328,7 +342,12 @@ def _prepare_text(
 
 
 def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
-    """Stage 1, unless the autoencoder is saved already: (the saved VAE, steps, stop reason)."""
+    """Stage 1, unless the autoencoder is saved already: (the saved VAE, steps, stop reason).
+
+    The stage measures itself on a fixed batch (evaluation/reconstruction.py); with a time
+    budget it ends once its target is reached, and at the latest after budget_split of the
+    budget. Its figures, steps and end go to training.json; an autoencoder below the usable
+    level is reported loudly there and by every command that uses the run."""
     cfg, images, device, folder, world = run.cfg, run.images, run.device, run.folder, run.world
     torch.manual_seed(cfg.seed)  # each model's init depends on the seed alone (exact resume)
     vae = Autoencoder(cfg.vae).to(device)
@@ -340,21 +359,39 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
             "in one process only; train the autoencoder without torchrun (--stage vae), then "
             "resume the run with torchrun"
         )
-    st = autoencoder_stage(vae, images, cfg.vae_train, device, wrap=world.wrap)
+    probe_idx, train_idx = probe_split(len(images), cfg.seed)
+    train_images = images if train_idx is None else images[train_idx]
+    st = autoencoder_stage(vae, train_images, cfg.vae_train, device, wrap=world.wrap)
     _vae_round_trip_check(vae, images, device)
     st.preview = lambda step, model: _save_reconstructions(
         model, images, folder.preview_path(step, prefix="vae-"), device
     )
+    budget = run.budget * cfg.budget_split if run.budget else None
+    gate = None
     if world.is_main:
         mb = local_micro_batch(cfg.vae_train, world.size)
         per_step = estimate_step_time(
             vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
         )
         _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
+        run.judge = _judge(run)
+        probe = ReconstructionProbe(images[probe_idx], _reader(run.judge),
+                                    held_out=train_idx is not None)  # fmt: skip
+        verdict = QualityVerdict(target_readability=cfg.vae_target)
+        gate = QualityGate(probe.measure, verdict.target_reached,
+                           stop_on_target=budget is not None and cfg.vae_target > 0)  # fmt: skip
+        if budget is not None:
+            log.info(
+                "autoencoder: trains until %s (measured on %d %simages), at most %s (%.0f %% "
+                "of the budget)", f"{cfg.vae_target:.0%} of its reconstructions keep their class"
+                if probe.classifier is not None else "its reconstruction PSNR plateaus",
+                len(probe_idx), "held-out " if train_idx is not None else "", format_seconds(budget),
+                100 * cfg.budget_split,
+            )  # fmt: skip
     res = train_stage(
-        st, cfg.vae_train, folder=folder, num_items=len(images), seed=cfg.seed,
-        resume=run.resume, time_budget_s=run.budget * cfg.budget_split if run.budget else None,
-        run_log=run.run_log, progress=run.progress, stop=run.stop, world=world,
+        st, cfg.vae_train, folder=folder, num_items=len(train_images), seed=cfg.seed,
+        resume=run.resume, time_budget_s=budget, run_log=run.run_log, progress=run.progress,
+        stop=run.stop, world=world, gate=gate,
     )  # fmt: skip
     if res.stopped_because in STOPPED_EARLY:
         return vae, res.steps_done, res.stopped_because
@@ -369,7 +406,64 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
             folder.save_vae(final)
             log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)  # fmt: skip
             _save_reconstructions(final, images, folder.reconstructions_path, device)
+            assert gate is not None
+            _report_autoencoder(run, res, gate, probe, final, budget)
     return folder.load_vae(device).eval(), res.steps_done, res.stopped_because
+
+
+def _judge(run: _Run) -> Any | None:
+    """The run's quick domain classifier (as `measure_guidance` trains when nothing is cached),
+    or None for data without labels or larger than the classifier's 64 px."""
+    from ..evaluation.feature_nets import default_feature_kind, get_feature_net
+
+    ds = run.dataset
+    if ds is None or ds.labels is None or default_feature_kind(run.cfg.image_size) != "domain":
+        return None
+    with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
+        return get_feature_net("domain", dataset=ds, epochs=1, seed=run.cfg.seed,
+                               time_budget_s=JUDGE_BUDGET_S)  # fmt: skip
+
+
+def _reader(judge: Any | None) -> Any | None:
+    """The judge, when it reads the data well enough for readability to mean something."""
+    accuracy = getattr(judge, "held_out_accuracy", None)
+    if judge is None or accuracy is None or accuracy >= JUDGE_MIN_ACCURACY:
+        return judge
+    log.info(
+        "autoencoder: readability not measured: the run's classifier reads only %.0f %% of "
+        "held-out images right (too few images to learn the classes); PSNR judges it",
+        100 * accuracy,
+    )  # fmt: skip
+    return None
+
+
+def _report_autoencoder(run: _Run, res: StageResult, gate: QualityGate,
+                        probe: ReconstructionProbe, vae: Autoencoder,
+                        budget: float | None) -> None:  # fmt: skip
+    """Measure the saved autoencoder, write its record to training.json, and say loudly when it
+    is not usable, with its numbers and what to do."""
+    final = probe.measure(vae)
+    problems = QualityVerdict.problems(final)
+    planned = run.cfg.vae_train.steps
+    record = {
+        "steps": res.steps_done, "planned_steps": res.planned, "configured_steps": planned,
+        "seconds": round(res.seconds, 1), "stopped_because": res.stopped_because,
+        "target": gate.reason, "budget_s": budget, "final": final,
+        "measured_on": f"{len(probe.images)} {'held-out' if probe.held_out else 'training'} images",
+        "history": gate.rows, "thread_changes": res.threads, "problems": problems,
+    }  # fmt: skip
+    run.folder.write_stage_report("autoencoder", record)
+    why = res.stopped_because + (f" ({gate.reason})" if res.stopped_because == "quality target" else "")
+    log.info("autoencoder after %d steps (%s, %.0f s): %s", res.steps_done, why, res.seconds,
+             describe(final))  # fmt: skip
+    if problems:
+        log.warning(
+            "THE AUTOENCODER IS NOT USABLE: %s after %d steps (%s). Every sample of this run "
+            "will be poor. Resume with a longer budget (ldmkit train --out %s --resume "
+            "--time-budget ...), or train the autoencoder for a set number of steps (--set "
+            "vae_train.steps=%d with no --time-budget); the UNet trains anyway",
+            "; ".join(problems), res.steps_done, why, run.folder.path, max(planned, 1000),
+        )  # fmt: skip
 
 
 def _latents(run: _Run, vae: Autoencoder) -> Tensor:
@@ -441,9 +535,11 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
             cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
         return unet_copy(x, t, **cond).square().mean()
 
+    per_step = None
     if world.is_main:
-        per_step = estimate_step_time(model, probe, device)
-        _announce("diffusion", model, per_step, cfg.unet_train, len(run.images))
+        per_step = estimate_step_time(model, probe, device) * cfg.unet_train.grad_accum
+        _announce("diffusion", model, per_step / cfg.unet_train.grad_accum, cfg.unet_train,
+                  len(run.images))  # fmt: skip
     budget = None
     if run.budget:  # what the autoencoder left, less margins for the final grid and guidance
         keep = FINAL_GRID_S + (_guidance_reserve(run) if _will_choose_guidance(run) else 0.0)
@@ -461,7 +557,43 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
             if encoder_final is not None:
                 folder.save_text_encoder(encoder_final)
             folder.save_unet(unet_final)
+            if res.stopped_because not in STOPPED_EARLY:
+                _report_diffusion(run, res, budget, per_step)
     return final, res.steps_done, res.stopped_because
+
+
+def _report_diffusion(
+    run: _Run, res: StageResult, budget: float | None, per_step: float | None
+) -> None:
+    """The UNet stage's record in training.json; a stage that got far fewer steps than its
+    start promised (a machine busier than at the probe), or too few to draw anything, says so."""
+    expected = None
+    if budget is not None and per_step:  # what the budget promised at the probe's speed
+        expected = min(run.cfg.unet_train.steps, int(budget / per_step))
+    elif budget is None:
+        expected = run.cfg.unet_train.steps
+    problems = []
+    if budget is None:  # the configured steps ran: the user chose them
+        pass
+    elif res.steps_done < GUIDANCE_MIN_STEPS:
+        problems.append(
+            f"only {res.steps_done} UNet steps: its samples will be mostly noise; resume with "
+            "a longer --time-budget"
+        )
+    elif expected and res.steps_done < MIN_STAGE_SHARE * expected:
+        problems.append(
+            f"the UNet got {res.steps_done} steps where its start promised about {expected} "
+            "(the machine was busier than when the speed was measured); resume with a longer "
+            "--time-budget for a better model"
+        )
+    run.folder.write_stage_report("diffusion", {
+        "steps": res.steps_done, "planned_steps": res.planned, "expected_steps": expected,
+        "configured_steps": run.cfg.unet_train.steps, "seconds": round(res.seconds, 1),
+        "stopped_because": res.stopped_because, "budget_s": budget,
+        "thread_changes": res.threads, "problems": problems,
+    })  # fmt: skip
+    for p in problems:
+        log.warning("diffusion: %s", p)
 
 
 def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str) -> None:
@@ -504,7 +636,9 @@ def _choose_guidance(run: _Run, vae: Autoencoder, model: nn.Module, steps: int) 
         log.info("guidance: not measured after %d UNet steps (fewer than %d); the run samples "
                  "at %g", steps, GUIDANCE_MIN_STEPS, run.cfg.sampling_guidance)  # fmt: skip
         return
-    choice = measure_guidance(_pipeline(run, vae, model), run.folder, seed=run.cfg.seed)
+    choice = measure_guidance(
+        _pipeline(run, vae, model), run.folder, seed=run.cfg.seed, net=run.judge
+    )
     if choice is None:
         log.info("guidance: the run samples at the default %g", run.cfg.sampling_guidance)
         return

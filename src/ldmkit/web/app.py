@@ -325,6 +325,7 @@ class Site:
             },
             "samplers": list(SAMPLERS), "default_sampler": DEFAULT_SAMPLER,
             "max_images": MAX_WEB_IMAGES, "editing": methods,
+            "warnings": folder.warnings(),  # a failed or cut-short stage (training.json)
         })  # fmt: skip
 
     async def run_log(self, request: Request) -> Response:

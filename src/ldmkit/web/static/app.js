@@ -47,6 +47,9 @@ async function pickRun(name) {
     ["condition", info.conditioning === "class" ? info.class_names.join(", ") : info.conditioning === "text" ? "text prompts" : "none"],
     ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)]];
   $("facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
+  const warnings = info.warnings || [];
+  $("run-warnings").replaceChildren(...warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
+  $("run-warnings").hidden = warnings.length === 0;
   showRunImage("samples", info.images.samples);
   showRunImage("loss", info.images.loss);
   fillSampleForm(info);

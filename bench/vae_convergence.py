@@ -1,0 +1,150 @@
+"""Seconds to a readable autoencoder: each recipe variant of the first stage trained alone, on
+the same machine in one go, until its reconstructions reach a readability target.
+
+    python bench/vae_convergence.py [--data builtin:shapes] [--target 0.95] [--cap 300]
+        [--variants today,wsd,...] [--threads 1]
+    python bench/vae_convergence.py --quick          # seconds: checks the plumbing
+
+Each variant is `train_run(..., stage="vae")` with no time budget (the variant's step count and
+LR schedule, so "today" is the recipe as a 10-minute main job ran it: cosine over 700 steps),
+stopped by a stop request once a measurement reaches the target or the cap. The stage measures itself as it trains
+(evaluation/reconstruction.py: PSNR, SSIM, and readability = the share of held-out
+reconstructions that the run's domain classifier reads as their original's class); this script
+reads those rows from the run's training.json and prints the first training CPU-second (and
+step) at which readability >= --target, the best readability and PSNR within --cap CPU-seconds,
+and the ratio to the first variant. CPU-seconds are the process's CPU time less the time spent
+measuring: with one thread they are the wall time on a quiet core, and they stay within a few
+per cent on a busy host, where wall time does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from benchlib import load_line, machine_line, print_table
+
+# name -> --set overrides of the autoencoder's recipe (the other settings are the defaults)
+VARIANTS: dict[str, dict[str, object]] = {
+    "today": {"vae_train.lr_schedule": "cosine", "vae_train.steps": 700, "vae_train.lr": 2e-3,
+              "vae_train.ema_decay": 0.995, "vae_train.batch_size": 32},
+    "today-3000": {"vae_train.lr_schedule": "cosine", "vae_train.steps": 3000,
+                   "vae_train.lr": 2e-3, "vae_train.ema_decay": 0.995},
+    "wsd": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000},
+    "wsd-ema.98": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+                   "vae_train.ema_decay": 0.98},
+    "wsd-noema": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+                  "vae_train.ema_decay": 0.0},
+    "lr4e-3": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.lr": 4e-3,
+               "vae_train.ema_decay": 0.98},
+    "lr1e-3": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.lr": 1e-3,
+               "vae_train.ema_decay": 0.98},
+    "b16": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.batch_size": 16,
+            "vae_train.ema_decay": 0.98},
+    "b64": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.batch_size": 64,
+            "vae_train.ema_decay": 0.98},
+    "wide": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+             "vae_train.ema_decay": 0.98, "vae.block_out_channels": [32, 64]},
+    "thin": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+             "vae_train.ema_decay": 0.98, "vae.block_out_channels": [8, 16], "vae.norm_groups": 4},
+    "no-attn": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+                "vae_train.ema_decay": 0.98, "vae.mid_attention": False},
+    "ssim0.5": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+                "vae_train.ema_decay": 0.98, "vae.perceptual_weight": 0.5},
+    "l2": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+           "vae_train.ema_decay": 0.98, "vae.reconstruction": "l2"},
+    "z8": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
+           "vae_train.ema_decay": 0.98, "vae.latent_channels": 8},
+}
+QUICK = {"vae_train.steps": 30, "vae_train.batch_size": 8}
+
+
+def quality_rows(out: Path) -> list[dict]:
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return []
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == "quality"]
+
+
+def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tmp: Path) -> dict:
+    """Train the variant's autoencoder until a measurement reaches the target or passes the
+    CPU-second cap (a stop request the loop checks every step)."""
+    from ldmkit.recipe import run_config_from_dict, settings_dict
+    from ldmkit.training.run import train_run
+
+    out = tmp / name
+    items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+             for k, v in {**sets, **(QUICK if args.quick else {})}.items()]  # fmt: skip
+    cfg = run_config_from_dict(settings_dict(None, items, {"data": args.data, "seed": args.seed}))
+    state = {"n": 0, "stop": False}
+
+    def stop() -> bool:  # read the log only when a new measurement may be there
+        state["n"] += 1
+        if state["n"] % 5 == 0:
+            rows = quality_rows(out)
+            if rows and (rows[-1].get("readability", 0) >= args.target or rows[-1]["cpu_s"] > args.cap):
+                state["stop"] = True
+        return state["stop"]
+
+    train_run(cfg, out, stage="vae", stop=stop)
+    rows = quality_rows(out)
+    hit = next((r for r in rows if r.get("readability", 0) >= args.target), None)
+    within = [r for r in rows if r["cpu_s"] <= args.cap] or rows[:1]
+    last = rows[-1]
+    return {
+        "name": name, "hit_s": hit["cpu_s"] if hit else None, "hit_step": hit["step"] if hit else None,
+        "best": max(r.get("readability", 0) for r in within),
+        "best_psnr": max(r["psnr"] for r in within), "last_ssim": last["ssim"],
+        "s_per_step": last["cpu_s"] / max(last["step"], 1),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="builtin:shapes")
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--cap", type=float, default=300.0, help="CPU-seconds per variant at most")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    if args.quick:
+        names, args.data = names[:2], "builtin:shapes?n=1200"
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    print(machine_line())
+    print(f"{args.data}, target readability {args.target:.0%}, cap {args.cap:g} CPU-s, "
+          f"{args.threads} thread(s), seed {args.seed}")  # fmt: skip
+    print(load_line())
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            r = run_variant(name, VARIANTS[name], args, Path(tmp))
+            results.append(r)
+            print(f"  {name}: {r}", flush=True)
+    base = results[0]["hit_s"]
+    rows = []
+    for r in results:
+        ratio = f"{r['hit_s'] / base:.2f}" if r["hit_s"] and base else "-"
+        rows.append([
+            r["name"], f"{r['hit_s']:.0f}" if r["hit_s"] else f"> {args.cap:g}",
+            r["hit_step"] or "-", ratio, f"{r['best']:.3f}" if r["best"] is not None else "-",
+            f"{r['best_psnr']:.1f}", f"{r['s_per_step']:.3f}",
+        ])  # fmt: skip
+    print_table(["variant", f"CPU-s to {args.target:.0%}", "step", "vs first", "best readability",
+                 "best PSNR", "CPU-s/step"], rows)  # fmt: skip
+    print(load_line())
+
+
+if __name__ == "__main__":
+    main()
