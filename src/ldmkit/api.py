@@ -734,14 +734,11 @@ def _run_edit(method: str, ldm: Any, tensors: dict[str, Any], call: dict[str, An
 
 def _larger_size(path: str, model: tuple[int, int]) -> tuple[int, int]:
     """The size of an image file when it is at least the model's in both directions (it is then
-    inpainted crop by crop), else the model's size (which read_image then checks)."""
-    from PIL import Image
+    inpainted crop by crop), else the model's size (which read_image then checks). The header is
+    read by `data.images.image_size`, with its one-line errors (a decompression bomb, ...)."""
+    from .data.images import image_size
 
-    try:
-        with Image.open(path) as im:
-            size = im.size
-    except (OSError, ValueError):
-        return model  # read_image gives the one-line error
+    size = image_size(path, "image")
     return size if size[0] >= model[0] and size[1] >= model[1] else model
 
 
