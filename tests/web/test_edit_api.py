@@ -115,7 +115,7 @@ def test_an_upload_that_is_no_image_is_400(client):
 @pytest.mark.parametrize(
     "kind, params, error",
     [("inpaint", {}, "inpaint needs a mask"),
-     ("img2img", {"strength": 0}, "--strength must be in (0, 1], got 0"),
+     ("img2img", {"strength": 0}, "--strength must be a finite number in (0, 1], got 0"),
      ("img2img", {"steps": 0}, "--steps must be a whole number from 1 to 100, got 0"),
      ("img2img", {"colour": 1}, "img2img does not take colour"),
      ("interpolate", {"between": "images"}, "needs a second image"),
