@@ -90,10 +90,40 @@ def check_device(value: str | None) -> Any:
     return resolve_device(value)
 
 
+NAME_MAX = 255  # bytes of one file or folder name (Linux, macOS; Windows: 255 characters)
+PATH_MAX = 4096  # bytes of a whole path (Linux)
+
+
 def check_path(name: str, value: str | os.PathLike | None) -> None:
-    """A path a user gave: not empty (an empty --out would mean the current folder)."""
-    if value is not None and not str(value).strip():
-        raise ConfigError(f"{name} must be a path, got {str(value)!r}; give a file or folder name")
+    """A path a user gave: not empty (an empty --out would mean the current folder), no NUL
+    character, and names the file system can hold (each part at most NAME_MAX bytes, the whole
+    at most PATH_MAX), so that no later file operation fails on the name itself."""
+    if value is None:
+        return
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if not text.strip():
+        raise ConfigError(f"{name} must be a path, got {text!r}; give a file or folder name")
+    if "\0" in text:
+        raise ConfigError(
+            f"{name} {shorten(text)} holds a NUL character; give a file or folder name"
+        )
+    if len(os.fsencode(text)) > PATH_MAX:
+        raise ConfigError(
+            f"{name} {shorten(text)} is longer than the file system's limit of {PATH_MAX} bytes "
+            "for a path; choose a shorter one"
+        )
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(
+                f"{name}: the name {shorten(part)} is longer than the file system's limit of "
+                f"{NAME_MAX} bytes for a file or folder name; choose a shorter one"
+            )
+
+
+def shorten(text: str, keep: int = 40) -> str:
+    """A name as a message shows it (repr): a short one whole, a long one cut, with its length
+    (a name of thousands of characters would make a message nobody reads)."""
+    return repr(text) if len(text) <= keep else f"{text[:keep]!r}... ({len(text)} characters)"
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -113,9 +143,13 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def check_output_file(name: str, path: str | os.PathLike, *, image: bool = False) -> Path:
+def check_output_file(
+    name: str, path: str | os.PathLike, *, image: bool = False,
+    inputs: Sequence[tuple[str, Any]] = (),
+) -> Path:  # fmt: skip
     """A file to write (a grid, a report): not a folder, in a writable place, and for an image
-    a suffix Pillow can write (.png, .jpg, .webp, ...)."""
+    a suffix Pillow can write (.png, .jpg, .webp, ...); not one of `inputs` ((flag, path) of
+    the files and folders the verb reads: `check_apart`)."""
     check_path(name, path)
     path = Path(path)
     if path.is_dir():
@@ -131,33 +165,81 @@ def check_output_file(name: str, path: str | os.PathLike, *, image: bool = False
                 f"{name} {path} does not end in an image suffix Pillow can write; use .png "
                 "(or .jpg, .webp)"
             )
+    for in_name, source in inputs:
+        check_apart(name, path, in_name, source, spec=False)
     check_writable(path.parent)
     return path
 
 
-def check_apart(out_name: str, out: str | os.PathLike, in_name: str, source: Any) -> None:
-    """Refuse an output folder equal to, inside, or containing an input folder (a data spec
-    such as DIR or mnist:DIR, or a folder path), so that nothing is written into what is read."""
-    from .data import parse_spec
-
+def check_apart(
+    out_name: str, out: str | os.PathLike, in_name: str, source: Any, *, spec: bool = True
+) -> None:
+    """Refuse an output that is one of the inputs, so that nothing is written over or into what
+    is read: an output equal to an input file, or equal to, inside or containing an input
+    folder. Paths are compared resolved (symbolic links, `..`, relative and absolute spellings)
+    and as files (a hard link is the same file). `source` is a data spec (DIR or mnist:DIR;
+    a built-in has no path) or, with `spec=False`, a path."""
     if source is None:
         return
-    kind, path, _ = parse_spec(str(source))
-    if kind.startswith("builtin:"):
-        return
-    src, dst = Path(path).expanduser().resolve(), Path(out).expanduser().resolve()
-    if dst == src:
-        how = "is"
-    elif src in dst.parents:
-        how = "is inside"
-    elif dst in src.parents:
-        how = "contains"
+    if spec:
+        from .data import parse_spec
+
+        kind, path, _ = parse_spec(str(source))
+        if kind.startswith("builtin:"):
+            return
     else:
+        path = os.fspath(source)
+    how = overlap(out, path)
+    if how is None:
         return
+    if how == "is" and not Path(path).is_dir():
+        raise ConfigError(
+            f"{out_name} {out} is the {in_name} file {path}; ldmkit would overwrite what it "
+            f"reads: choose another {out_name} file"
+        )
+    noun = "folder" if Path(path).is_dir() else "file"
     raise ConfigError(
-        f"{out_name} {out} {how} the {in_name} folder {path}; ldmkit would write into what it "
-        f"reads: choose an {out_name} folder outside it"
+        f"{out_name} {out} {how} the {in_name} {noun} {path}; ldmkit would write into what it "
+        f"reads: choose an {out_name} outside it"
     )
+
+
+def overlap(out: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How an output path lies to an input path: "is" (the same file or folder: resolved, or
+    a hard link), "is inside", "contains", or None (apart)."""
+    src, dst = _resolved(source), _resolved(out)
+    if dst == src or _same_file(src, dst):
+        return "is"
+    if src in dst.parents:
+        return "is inside"
+    if dst in src.parents:
+        return "contains"
+    return None
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop, an unreadable folder
+        return Path(os.path.abspath(path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one of them does not exist
+        return False
+
+
+def run_inputs(run: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """(--run, path) of the files and folders of a run that sampling, editing and reports read
+    (its config, data description, tokenizer, models and checkpoints): an output must not be
+    one of them (`check_apart`)."""
+    if run is None:
+        return []
+    f = RunFolder(run)
+    return [("--run", p) for p in (f.config_path, f.data_path, f.tokenizer_path, f.vae_dir,
+                                   f.unet_dir, f.text_encoder_dir, f.checkpoints_dir)]  # fmt: skip
 
 
 def run_config(
@@ -207,6 +289,7 @@ def train(
 
     check_path("--out", out)
     check_path("--data", data)
+    check_path("--config", config_file)
     check_duration("--time-budget", time_budget)
     if seed is not None:
         check_seed("--seed", seed)
@@ -509,7 +592,7 @@ def report(
     check_device(device)
     check_path("--run", run)
     if out is not None:
-        check_output_file("--out", out)
+        check_output_file("--out", out, inputs=run_inputs(run))
     folder = RunFolder(run).require_run()
     check_steps("--steps", steps, folder.config().diffusion.num_timesteps)
     return build_report(run, out_path=out, sampler=sampler, steps=steps, seed=seed, device=device)
@@ -523,10 +606,11 @@ def convert_from_diffusers(
     """A diffusers pipeline folder (or UNet folder) -> an ldmkit run folder."""
     from .interop import convert_from_diffusers as convert
 
-    for flag, folder in (("--from-diffusers", source), ("--vae", vae), ("--scheduler", scheduler)):
+    given = (("--from-diffusers", source), ("--vae", vae), ("--scheduler", scheduler))
+    for flag, folder in (*given, ("--out", out)):
         check_path(flag, folder)
+    for flag, folder in given:
         check_apart("--out", out, flag, folder)
-    check_path("--out", out)
     check_writable(out)
     return Path(convert(source, out, vae_dir=vae, scheduler_dir=scheduler))
 
@@ -590,10 +674,8 @@ def check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
                         ("refine", 0, 100), ("frames", 2, MAX_FRAMES)):  # fmt: skip
         if key in o:
             check_count("--" + key.replace("_", "-"), o[key], lo, hi)
-    if "strength" in o:
-        check_float("--strength", o["strength"], 0, 1)
-        if o["strength"] <= 0:
-            raise ConfigError(f"--strength must be in (0, 1], got {o['strength']}")
+    if "strength" in o:  # 0 would run no step: one range, (0, 1], in every message
+        check_float("--strength", o["strength"], 0, 1, lo_open=True)
     if o.get("noise_std") is not None:
         check_float("--noise-std", o["noise_std"], 0, 1)
     if "seeds" in o:
@@ -603,17 +685,33 @@ def check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
         for s in seeds:
             check_seed("--seeds", s)
     if "hole_colour" in o:
-        colour = list(o["hole_colour"])
-        if len(colour) not in (1, 3) or not all(0 <= int(v) <= 255 for v in colour):
-            raise ConfigError(
-                f"--hole-colour takes 1 or 3 values in 0..255 (e.g. 255,255,255), got {colour}"
-            )
+        o["hole_colour"] = check_colour("--hole-colour", o["hole_colour"])
+
+
+def check_colour(name: str, value: Any) -> list[int]:
+    """A colour: 1 or 3 whole numbers in 0..255, as a list or as text ("255,255,255")."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        colour = [int(v) if isinstance(v, str) and v.strip().isdecimal() else v for v in items]
+    except TypeError:  # not a sequence
+        colour = [value]
+    ok = len(colour) in (1, 3) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in colour
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name} takes 1 or 3 whole numbers in 0..255 (e.g. 255,255,255 for white), got "
+            f"{value if isinstance(value, str) else list(colour)!r}"
+        )
+    return colour
 
 
 def _input(name: str, path: str | os.PathLike) -> dict[str, str]:
     from .utils import file_sha256
 
     check_path(name, path)
+    if Path(path).is_dir():
+        raise ConfigError(f"{name} {path} is a folder; give an image file")
     if not Path(path).is_file():
         raise ConfigError(f"{name} {path}: no such file")
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
@@ -734,14 +832,11 @@ def _run_edit(method: str, ldm: Any, tensors: dict[str, Any], call: dict[str, An
 
 def _larger_size(path: str, model: tuple[int, int]) -> tuple[int, int]:
     """The size of an image file when it is at least the model's in both directions (it is then
-    inpainted crop by crop), else the model's size (which read_image then checks)."""
-    from PIL import Image
+    inpainted crop by crop), else the model's size (which read_image then checks). The header is
+    read by `data.images.image_size`, with its one-line errors (a decompression bomb, ...)."""
+    from .data.images import image_size
 
-    try:
-        with Image.open(path) as im:
-            size = im.size
-    except (OSError, ValueError):
-        return model  # read_image gives the one-line error
+    size = image_size(path, "image")
     return size if size[0] >= model[0] and size[1] >= model[1] else model
 
 
@@ -793,22 +888,69 @@ def _version() -> str:
     return __version__
 
 
+def edit_outputs(out: Path, method: str, count: int = 1) -> list[Path]:
+    """The files `save_edit` writes for --out: out.png (out-1.png, ... for several images), and
+    out.gif for an interpolation, out.noise.safetensors for an inversion."""
+    if method == "interpolate":
+        return [out, out.with_suffix(".gif")]
+    paths = (
+        [out] if count == 1 else [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(count)]
+    )
+    if method == "invert":
+        paths.append(out.with_suffix(".noise.safetensors"))
+    return paths
+
+
+def check_edit_output(
+    out: str | os.PathLike, method: str | None, inputs: dict[str, Any],
+    run: str | os.PathLike | None = None, count: int = 1,
+) -> Path:  # fmt: skip
+    """--out of an edit, before anything runs and again when it is written: a PNG path in a
+    writable place none of whose files (`edit_outputs`) is an input: `inputs` ({flag: path}:
+    --image, --mask, --image-b, --from-png) or the run's files (`run_inputs`)."""
+    path = check_output_file("--out", out, image=True)
+    if path.suffix.lower() != ".png":
+        raise ConfigError(
+            f"--out {path}: edits are written as PNG (they carry their parameters); use .png"
+        )
+    # an input given as a folder is refused as such when it is read (`edit_inputs`)
+    given = [(flag, p) for flag, p in inputs.items() if p is not None and not Path(p).is_dir()]
+    sources = [*given, *run_inputs(run)]
+    for written in edit_outputs(path, str(method), count):
+        for flag, source in sources:
+            if written != path and overlap(written, source) is not None:
+                raise ConfigError(
+                    f"--out {path} also writes {written.name}, over the {flag} "
+                    f"{'folder' if Path(source).is_dir() else 'file'} {source}; ldmkit would "
+                    "overwrite what it reads: choose another --out file"
+                )
+            check_apart("--out", written, flag, source, spec=False)
+    return path
+
+
+def recorded_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """{--image: path, ...}: the input files an edit's PNG parameters record."""
+    inputs = params.get("inputs")
+    if not isinstance(inputs, dict):
+        return {}
+    return {"--" + str(k).replace("_", "-"): e["path"] for k, e in inputs.items()
+            if isinstance(e, dict) and isinstance(e.get("path"), str)}  # fmt: skip
+
+
 def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
     """Write an edit: one PNG per image carrying `result.params` (out.png, or out-1.png, ...
     for several), and for an interpolation also the strip as an animated GIF beside it
     (out.gif); for an inversion, the noise as out.noise.safetensors."""
-    from .checkpoint import save_tensors
+    from .checkpoint import atomic_write, save_tensors
     from .data.images import write_png
     from .data.transforms import to_uint8
 
-    out = check_output_file("--out", out, image=True)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(
-            f"--out {out}: edits are written as PNG (they carry their parameters); use .png"
-        )
+    params = result.params
     images = result.images
+    out = check_edit_output(out, params["method"], recorded_inputs(params), params.get("run"),
+                            count=len(images))  # fmt: skip
     written: list[Path] = []
-    if result.params["method"] == "interpolate":
+    if params["method"] == "interpolate":
         strip = _cat([_cat(list(images.split(1))).permute(1, 2, 0, 3).flatten(2)[None]])
         write_png(strip, out, result.params)
         written.append(out)
@@ -817,15 +959,12 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
         frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
                   for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]  # fmt: skip
         gif = out.with_suffix(".gif")
-        frames[0].save(gif, save_all=True, append_images=frames[1:] + frames[-2:0:-1],
-                       duration=120, loop=0)  # fmt: skip
+        atomic_write(gif, lambda tmp: frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:] + frames[-2:0:-1],
+            duration=120, loop=0))  # fmt: skip
         written.append(gif)
         return written
-    paths = (
-        [out]
-        if len(images) == 1
-        else [out.with_name(f"{out.stem}-{i + 1}.png") for i in range(len(images))]
-    )
+    paths = edit_outputs(out, params["method"], len(images))
     for img, path in zip(images.split(1), paths):
         write_png(img, path, result.params)
         written.append(path)

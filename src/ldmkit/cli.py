@@ -76,8 +76,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.out is None and args.outdir is None:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
-    if args.out is not None:
-        api.check_output_file("--out", args.out, image=True)
+    if args.out is not None:  # not over a file it reads: --prompts, the run's files
+        api.check_path("--run", args.run)
+        inputs = [("--prompts", args.prompts), *api.run_inputs(args.run)]
+        api.check_output_file("--out", args.out, image=True, inputs=inputs)
     if args.outdir is not None:
         api.check_path("--outdir", args.outdir)
         api.check_writable(args.outdir)
@@ -100,13 +102,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _prompts(args: argparse.Namespace) -> list[str] | None:
     """--prompt (repeatable) and --prompts FILE (one prompt per line) as one list."""
+    from . import api
+
     prompts = list(args.prompt or [])
     if args.prompts:
+        api.check_path("--prompts", args.prompts)
         try:
             text = Path(args.prompts).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else str(e)
             raise CLIError(
-                f"--prompts: cannot read {args.prompts} ({e}); give a UTF-8 text file"
+                f"--prompts: cannot read {args.prompts} ({why}); give a UTF-8 text file"
             ) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
@@ -218,23 +224,31 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise CLIError(f"give --out FILE.png for the {args.command} result")
-    api.check_output_file("--out", args.out, image=True)
+    files = {"--image": args.image, "--mask": getattr(args, "mask", None),
+             "--image-b": getattr(args, "image_b", None)}  # fmt: skip
     if args.from_png is not None:
         from .data.images import read_png_params
 
-        method = read_png_params(args.from_png).get("method")
+        api.check_path("--from-png", args.from_png)
+        params = read_png_params(args.from_png)
+        method = params.get("method")
         if method != args.command:
             raise CLIError(
                 f"--from-png {args.from_png} was written by `ldmkit {method}`; run `ldmkit "
                 f"{method} --from-png {args.from_png} --out ...`"
             )
+        # --out is checked against the PNG and the inputs it names before the edit runs
+        files = {"--from-png": args.from_png, **api.recorded_inputs(params)}
+        run = params.get("run")
+        api.check_edit_output(args.out, method, files, run if isinstance(run, str) else None)
         result = api.reproduce(args.from_png, device=args.device)
     else:
         if args.run is None:
             raise CLIError(f"{args.command} needs --run RUN (or --from-png FILE to repeat an edit)")
+        for flag, path in (("--run", args.run), *files.items()):
+            api.check_path(flag, path)
+        api.check_edit_output(args.out, args.command, files, args.run)
         options = {k: v for k, v in vars(args).items() if k in _EDIT_OPTIONS and v is not None}
-        if "hole_colour" in options:
-            options["hole_colour"] = _list(options["hole_colour"], _number)
         if "seeds" in options:
             options["seeds"] = _list(options["seeds"], _number)
         result = api.edit(
@@ -544,14 +558,14 @@ def _main(argv: list[str] | None) -> int:
     except expected as e:
         if args.verbose:
             raise
-        print(
-            f"ldmkit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-            file=sys.stderr,
-        )
+        print(f"ldmkit: error: {_message(e)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        if e.errno != errno.ENOSPC or args.verbose:
-            raise
+        if args.verbose or (e.errno != errno.ENOSPC and e.filename is None):
+            raise  # not about a file: a bug
+        if e.errno != errno.ENOSPC:  # the file system refused a file: one line, in words
+            print(f"ldmkit: error: {_message(e)}", file=sys.stderr)
+            return EXIT_USAGE
         # every file ldmkit writes is written atomically, so the old version is still intact
         print(f"ldmkit: error: the disk is full: could not write {e.filename or 'a file'}; the files "
               "already there are intact. Free some space and run again (a training continues "
@@ -560,6 +574,15 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("ldmkit: interrupted", file=sys.stderr)
         return 130
+
+
+def _message(e: BaseException) -> str:
+    """The first line of an expected error; a file system error in words ("cannot use FILE:
+    permission denied"), not Python's "[Errno 13] Permission denied: 'FILE'"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"cannot use {e.filename}: {e.strerror.lower()}; check the path and try again"
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 if __name__ == "__main__":

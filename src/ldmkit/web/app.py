@@ -38,6 +38,7 @@ import socket
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ def create_app(runs: str | os.PathLike, *, device: str | None = None,
     app = Starlette(
         routes=routes, lifespan=lifespan,
         exception_handlers={WebError: _expected, ValueError: _expected, HTTPException: _http_error,
-                            FileNotFoundError: _not_found, Exception: _bug},
+                            FileNotFoundError: _not_found, OSError: _os_error,
+                            Exception: _bug},
     )  # fmt: skip
     return Guard(app, hosts=hosts)
 
@@ -141,7 +143,24 @@ async def _http_error(request: Request, e: Exception) -> Response:
 
 
 async def _not_found(request: Request, e: Exception) -> Response:
+    if getattr(e, "filename", None) is not None:  # the file system's, not the library's
+        return await _os_error(request, e)
     return _error(404, str(e))
+
+
+async def _os_error(request: Request, e: Exception) -> Response:
+    """The file system refused a file a request needs: 4xx with the reason in words (a missing
+    file 404, no permission 403, a name too long 400), never Python's "[Errno N] ..."."""
+    import errno
+
+    code = getattr(e, "errno", None)
+    status = {errno.EACCES: 403, errno.EPERM: 403, errno.ENAMETOOLONG: 400,
+              errno.ENOENT: 404, errno.ENOTDIR: 404}.get(code, 500)  # fmt: skip
+    what = getattr(e, "filename", None) or "a file"
+    why = (getattr(e, "strerror", None) or str(e) or type(e).__name__).lower()
+    if status == 500:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    return _error(status, f"the server cannot use {what}: {why}")
 
 
 async def _bug(request: Request, e: Exception) -> Response:
@@ -226,9 +245,14 @@ class Site:
 
     # -------------------------------------------------------------- runs
     def folder(self, name: Any) -> RunFolder:
-        """The run called `name` (a relative path under --runs), or a 4xx WebError."""
+        """The run called `name` (a relative path under --runs), or a 4xx WebError. Every
+        request names its run through here: the name is checked (characters, length, depth)
+        before it touches the file system, and the file system's errors become 4xx too."""
         if not isinstance(name, str) or not name:
             raise WebError(400, "give a run: ?run=NAME, one of /api/runs")
+        shown = api.shorten(name)
+        if any(unicodedata.category(c) == "Cc" for c in name):  # NUL, newline, ...
+            raise WebError(400, f"run {shown} holds a control character; pick a run of /api/runs")
         parts = name.replace("\\", "/").split("/")
         if (
             name.startswith(("/", "\\"))
@@ -236,16 +260,33 @@ class Site:
             or any(p in ("", ".", "..") for p in parts)
         ):
             raise WebError(
-                400, f"run {name!r} is not a folder name under --runs; pick one of /api/runs"
+                400, f"run {shown} is not a folder name under --runs; pick one of /api/runs"
             )
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root):  # a symbolic link out of --runs
+        if any(len(os.fsencode(p)) > api.NAME_MAX for p in parts):
             raise WebError(
-                403, f"run {name!r} leads outside --runs; only runs inside it are served"
-            )
-        if not RunFolder.holds_run(path):
+                400, f"run {shown} has a folder name longer than the file system's limit of "
+                f"{api.NAME_MAX} bytes; pick one of /api/runs",
+            )  # fmt: skip
+        if len(parts) > MAX_DEPTH:
             raise WebError(
-                404, f"no run {name!r} in --runs (no run.json there); pick one of /api/runs"
+                400, f"run {shown} is {len(parts)} folders deep; runs are looked for at most "
+                f"{MAX_DEPTH} deep under --runs: pick one of /api/runs",
+            )  # fmt: skip
+        try:
+            path = (self.root / name).resolve()
+            if not path.is_relative_to(self.root):  # a symbolic link out of --runs
+                raise WebError(
+                    403, f"run {shown} leads outside --runs; only runs inside it are served"
+                )
+            found = RunFolder.holds_run(path)
+        except OSError as e:  # a folder the server may not read, a link loop, ...
+            raise WebError(
+                403, f"run {shown} cannot be read ({(e.strerror or str(e)).lower()}); pick "
+                "another of /api/runs",
+            ) from None  # fmt: skip
+        if not found:
+            raise WebError(
+                404, f"no run {shown} in --runs (no run.json there); pick one of /api/runs"
             )
         return RunFolder(path)
 
@@ -253,12 +294,20 @@ class Site:
         found: list[str] = []
 
         def walk(folder: Path, depth: int) -> None:
-            for child in sorted(folder.iterdir()):
-                if not child.is_dir() or child.name.startswith("."):
+            try:
+                children = sorted(folder.iterdir())
+            except OSError:  # a folder the server may not read: not listed
+                return
+            for child in children:
+                try:
+                    if not child.is_dir() or child.name.startswith("."):
+                        continue
+                    if not child.resolve().is_relative_to(self.root):
+                        continue
+                    run = RunFolder.holds_run(child)
+                except (OSError, RuntimeError):  # unreadable, a link loop: not listed
                     continue
-                if not child.resolve().is_relative_to(self.root):
-                    continue
-                if RunFolder.holds_run(child):
+                if run:
                     found.append(child.relative_to(self.root).as_posix())
                 elif depth < MAX_DEPTH:
                     walk(child, depth + 1)
@@ -487,7 +536,7 @@ class Site:
         job = self._job(request)
         images = job.result.images if job.result else []
         i = request.query_params.get("i", "0")
-        if not i.isdigit() or int(i) >= len(images):
+        if not (i.isascii() and i.isdecimal()) or int(i) >= len(images):
             raise WebError(
                 404, f"job {job.id} has no image {i!r} ({len(images)} images, {job.state})"
             )

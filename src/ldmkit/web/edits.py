@@ -13,16 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .. import api
 from ..config import ConfigError
-from ..data.images import write_png
+from ..data.images import ImageFileError, ImageTooLargeError, load_image, write_png
 from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ..pipeline import LatentDiffusion
 
@@ -104,24 +103,16 @@ def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ checks
 def check_upload(data: bytes, what: str) -> None:
-    """Refuse an upload that is no image or has too many pixels, before it is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                w, h = image.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise UploadError(f"the {what} is refused by Pillow's bomb guard ({e})", 413) from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise UploadError(
-                f"the {what} is not an image Pillow can read ({e}); send a PNG"
-            ) from None
-    if w * h > MAX_PIXELS:
-        raise UploadError(
-            f"the {what} is {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS}; send a "
-            "smaller image",
-            413,
-        )
+    """Refuse an upload that is no image, has too many pixels (MAX_PIXELS, or Pillow's limit
+    if lower: from its header, before it is decoded) or is damaged: `data.images.load_image`,
+    the reader of the command line's files, with its messages (413 for too many pixels, else
+    400)."""
+    try:
+        load_image(io.BytesIO(data), what, limit=MAX_PIXELS).close()
+    except ImageTooLargeError as e:
+        raise UploadError(str(e), 413) from None
+    except ImageFileError as e:
+        raise UploadError(str(e)) from None
 
 
 def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: dict[str, bytes],
@@ -134,6 +125,9 @@ def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: di
     p = {NAMES.get(k, k): v for k, v in params.items()}
     resize = p.pop("resize", "refuse") == "resize"
     keep = {k: p.pop(k) for k in ("classes", "prompt", "negative_prompt") if p.get(k)}
+    for k, v in keep.items():
+        if not isinstance(v, str):
+            raise UploadError(f"{k} must be a string, got {v!r}")
     for k in ("classes", "prompt", "negative_prompt"):
         p.pop(k, None)
     files = dict(uploads)
@@ -163,12 +157,15 @@ def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: di
 def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
     """A browser canvas saves RGBA: an opaque one is re-encoded without its alpha (and a grey
     mask as one channel), so that api.edit does not note a transparency there is none of."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format != "PNG" or image.mode not in ("RGBA", "LA"):
-            return data
-        if image.getchannel("A").getextrema() != (255, 255):
-            return data
-        opaque = image.convert("RGB" if image.mode == "RGBA" else "L")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG" or image.mode not in ("RGBA", "LA"):
+                return data
+            if image.getchannel("A").getextrema() != (255, 255):
+                return data
+            opaque = image.convert("RGB" if image.mode == "RGBA" else "L")
+    except (OSError, SyntaxError, ValueError, EOFError):  # truncated: api.edit says so in one line
+        return data
     if mask and opaque.mode == "RGB":
         r, g, b = opaque.split()
         if r.tobytes() == g.tobytes() == b.tobytes():
