@@ -30,7 +30,11 @@ PIXEL_ATOL = 2e-4  # images in [-1, 1]
 
 RUN = {
     "data": "builtin:shapes?n=64", "image_size": 16, "seed": 0,
-    "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_groups": 4},
+    # feature_weight 0: the feature-matching term needs the run's classifier, whose 300 training
+    # steps amplify the float rounding of thread counts and CPUs past these tolerances (seen:
+    # 3e-5 relative between 1 and 2 threads); its own tests are in tests/models
+    "vae": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_groups": 4,
+            "feature_weight": 0.0},
     "unet": {"block_out_channels": [16, 32], "attention_resolutions": [8], "norm_num_groups": 8,
              "head_dim": 8},
     "vae_train": {"steps": 8, "batch_size": 8, "log_every": 1, "checkpoint_every": 100,

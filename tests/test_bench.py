@@ -112,3 +112,27 @@ def test_quality_per_minute_quick(capsys, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_vae_convergence_quick(capsys):
+    import vae_convergence
+
+    vae_convergence.main(["--quick", "--variants", "feat0.3-b16"])
+    out = capsys.readouterr().out
+    assert re.search(r"avx512_bf16=(yes|no)", out) and "target readability 95%" in out
+    rows = table(out, "variant", "CPU-s")
+    assert [r[0] for r in rows] == ["feat0.3-b16"]
+    # 30 steps reach no target: "> 300", then the step column's "-"
+    assert rows[0][1:4] == [">", "300", "-"]
+    assert 0.0 <= float(rows[0][-1]) <= 1.0  # the independent reader's share
+
+
+@pytest.mark.slow
+def test_busy_machine_quick(capsys, tmp_path):
+    import busy_machine
+
+    busy_machine.main(["--quick", "--hog", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = table(out, "run", "AE", "steps")
+    assert len(rows) == 1 and rows[0][0] == "shapes-hog1"
+    assert rows[0][-1] in ("yes", "no") and 0 <= float(rows[0][6]) <= 1

@@ -532,7 +532,7 @@ UNET2D_CONDITION = {
 NOT_IN_DIFFUSERS = {
     "UNetConfig": {"zero_init_residual"},
     "AutoencoderConfig": {
-        "reconstruction", "kl_weight", "perceptual_weight", "disc_weight", "disc_start",
+        "reconstruction", "kl_weight", "perceptual_weight", "feature_weight", "disc_weight", "disc_start",
         "disc_layers", "disc_channels",
     },
 }  # fmt: skip

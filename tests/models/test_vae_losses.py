@@ -252,3 +252,46 @@ def test_discriminator_loss_is_hinge_after_start_and_zero_before():
     dead = [n for n, p in disc.named_parameters() if p.grad is None]
     assert not dead, f"no gradient reaches {dead}"
     assert all(p.grad.abs().sum() > 0 for n, p in disc.named_parameters() if "weight" in n)
+
+
+# ------------------------------------------------------------------ feature matching
+def two_layer_activations():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, 2, 1), nn.ReLU())
+    net.requires_grad_(False)
+    return lambda x: [net[:2](x), net(x)]
+
+
+def test_feature_matching_loss_is_lpips_form_by_hand():
+    from ldmkit.models.losses import feature_matching_loss
+
+    act = two_layer_activations()
+    x, y = pair(4)
+    got = feature_matching_loss(act, x, y)
+    want = torch.zeros(2)
+    for a, b in zip(act(y), act(x)):  # by hand: unit-normalise channels, squared distance
+        a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-5)
+        b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-5)
+        want += ((a - b) ** 2).sum(1).mean((1, 2))
+    assert got.shape == (2,) and torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(feature_matching_loss(act, x, x), torch.zeros(2), atol=1e-6)
+
+
+def test_feature_matching_term_joins_the_loss_and_trains_only_the_reconstruction():
+    from ldmkit.models.losses import feature_matching_loss
+
+    act = two_layer_activations()
+    x, y = pair(5)
+    recon = y.clone().requires_grad_(True)
+    post = DiagonalGaussian(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
+    off, logs_off = autoencoder_loss(x, recon, post, tiny_config(feature_weight=0.0), activations=act)
+    on, logs_on = autoencoder_loss(x, recon, post, tiny_config(feature_weight=2.0), activations=act)
+    assert "features" not in logs_off
+    fm = feature_matching_loss(act, x, y)
+    # added to every pixel's error, like the perceptual term: weight * fm * pixels, per image
+    assert float((on - off).detach()) == pytest.approx(float(2.0 * fm.sum() * 3 * 16 * 16 / 2), rel=1e-4)
+    assert logs_on["features"] == pytest.approx(float(fm.mean()), rel=1e-5)
+    on.backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="feature_weight"):
+        tiny_config(feature_weight=-1.0)

@@ -309,6 +309,16 @@ class DomainClassifier(nn.Module):
         f = F.relu(self.feature(h))  # (B, feature_dim), non-negative like pool3
         return f, self.head(f)
 
+    def activations(self, images: Tensor) -> list[Tensor]:
+        """Each conv layer's output after its ReLU, (B, w_i, H_i, W_i), differentiable in the
+        images (float in [-1, 1]): what a feature-matching loss compares (eval mode first)."""
+        h, out = images, []
+        for layer in self.convs:
+            h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                out.append(h)
+        return out
+
     @torch.inference_mode()
     def features(self, images: Tensor, batch_size: int = 512) -> Tensor:
         """Penultimate-layer features (B, feature_dim) float64."""

@@ -42,6 +42,7 @@ The logs are floats, so each entry is a device sync (`.item()`); that is once pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -144,6 +145,23 @@ def perceptual_loss(x: Tensor, recon: Tensor) -> Tensor:
     return 1.0 - ms_ssim(x, recon, data_range=2.0)
 
 
+def feature_matching_loss(
+    activations: Callable[[Tensor], list[Tensor]], x: Tensor, recon: Tensor
+) -> Tensor:
+    """Per image (B,): the squared distance between the activations of x and of its
+    reconstruction in a frozen network, each layer's channels unit-normalised at every position
+    and the distances averaged over positions and summed over layers (LPIPS's form, Zhang et al.
+    2018, with equal channel weights). x's activations carry no gradient."""
+    with torch.no_grad():
+        targets = activations(x)
+    total = torch.zeros(x.shape[0], dtype=recon.dtype, device=recon.device)
+    for a, b in zip(activations(recon), targets):
+        a = a / (a.square().sum(1, keepdim=True) + 1e-10).sqrt()
+        b = b / (b.square().sum(1, keepdim=True) + 1e-10).sqrt()
+        total = total + (a - b).square().sum(1).mean((1, 2))
+    return total
+
+
 # ----------------------------------------------------------------------------------------------
 # Discriminator
 
@@ -227,8 +245,13 @@ def autoencoder_loss(
     step: int = 0,
     last_layer: Tensor | None = None,
     discriminator: nn.Module | None = None,
+    activations: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The autoencoder's loss for one batch: nll + kl_weight * KL (+ adaptive GAN term).
+
+    With `activations` (a frozen network's, e.g. the run's domain classifier) and
+    `config.feature_weight > 0`, the per-image `feature_matching_loss` joins the per-pixel
+    error as the perceptual term does.
 
     The GAN term is added only when `discriminator` is given, `config.disc_weight > 0` and
     `step >= config.disc_start` (without a discriminator `step` does nothing); it then needs `last_layer` (`Autoencoder.last_layer`). Under
@@ -250,6 +273,10 @@ def autoencoder_loss(
         logs["perceptual"] = p.detach().mean().item()
         # LDM adds the per-image perceptual loss to every pixel's error before summing.
         nll = nll + config.perceptual_weight * p[:, None, None, None]
+    if activations is not None and config.feature_weight > 0:
+        fm = feature_matching_loss(activations, x, recon)  # (B,)
+        logs["features"] = fm.detach().mean().item()
+        nll = nll + config.feature_weight * fm[:, None, None, None]
     nll = nll.sum() / B  # summed over pixels, averaged over the batch (LDM)
     kl = posterior.kl().sum() / B
     total = nll + config.kl_weight * kl

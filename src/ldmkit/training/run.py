@@ -65,6 +65,7 @@ FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
 GUIDANCE_MIN_STEPS = 200
 JUDGE_BUDGET_S = 60.0  # longest the run's quick domain classifier trains
+JUDGE_STEPS = 300  # its optimiser steps (at least; whole epochs)
 JUDGE_MIN_ACCURACY = 0.8  # held-out accuracy below which it does not judge readability
 # a stage that ran fewer than this share of its planned steps says so
 MIN_STAGE_SHARE = 0.5
@@ -361,7 +362,11 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
         )
     probe_idx, train_idx = probe_split(len(images), cfg.seed)
     train_images = images if train_idx is None else images[train_idx]
-    st = autoencoder_stage(vae, train_images, cfg.vae_train, device, wrap=world.wrap)
+    if world.is_main or cfg.vae.feature_weight > 0:  # every rank's loss needs the same judge
+        run.judge = _judge(run)
+    activations = _feature_net(run, device) if cfg.vae.feature_weight > 0 else None
+    st = autoencoder_stage(vae, train_images, cfg.vae_train, device, wrap=world.wrap,
+                           activations=activations)  # fmt: skip
     _vae_round_trip_check(vae, images, device)
     st.preview = lambda step, model: _save_reconstructions(
         model, images, folder.preview_path(step, prefix="vae-"), device
@@ -374,7 +379,6 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
             vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
         )
         _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
-        run.judge = _judge(run)
         probe = ReconstructionProbe(images[probe_idx], _reader(run.judge),
                                     held_out=train_idx is not None)  # fmt: skip
         verdict = QualityVerdict(target_readability=cfg.vae_target)
@@ -414,14 +418,32 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
 def _judge(run: _Run) -> Any | None:
     """The run's quick domain classifier (as `measure_guidance` trains when nothing is cached),
     or None for data without labels or larger than the classifier's 64 px."""
-    from ..evaluation.feature_nets import default_feature_kind, get_feature_net
+    import math
+
+    from ..evaluation import feature_nets as fn
 
     ds = run.dataset
-    if ds is None or ds.labels is None or default_feature_kind(run.cfg.image_size) != "domain":
+    if ds is None or ds.labels is None or fn.default_feature_kind(run.cfg.image_size) != "domain":
         return None
+    # JUDGE_STEPS optimiser steps at least (the module's DOMAIN_MIN_STEPS, which tests lower
+    # for speed, must not change what a run trains)
+    per_epoch = math.ceil(len(ds) * (1 - fn.DOMAIN_HELD_OUT) / fn.DOMAIN_BATCH_SIZE)
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
-        return get_feature_net("domain", dataset=ds, epochs=1, seed=run.cfg.seed,
-                               time_budget_s=JUDGE_BUDGET_S)  # fmt: skip
+        return fn.get_feature_net("domain", dataset=ds, epochs=math.ceil(JUDGE_STEPS / per_epoch),
+                                  seed=run.cfg.seed, time_budget_s=JUDGE_BUDGET_S)  # fmt: skip
+
+
+def _feature_net(run: _Run, device: torch.device) -> Any | None:
+    """The judge's activations for the feature-matching loss (a frozen copy on the device), or
+    None, with a note, where the run has no judge (no labels, or images over 64 px)."""
+    import copy
+
+    if run.judge is None:
+        log.info("vae.feature_weight: no domain classifier for this data (it needs class "
+                 "labels and images of at most 64 px); the autoencoder trains without it")  # fmt: skip
+        return None
+    net = copy.deepcopy(run.judge).to(device).eval().requires_grad_(False)
+    return net.activations
 
 
 def _reader(judge: Any | None) -> Any | None:

@@ -45,12 +45,14 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 def autoencoder_stage(
     vae: Autoencoder, images: Tensor, cfg: TrainConfig, device: torch.device,
-    wrap: Wrap = _unwrapped,
+    wrap: Wrap = _unwrapped, activations: Callable[[Tensor], list[Tensor]] | None = None,
 ) -> Stage:  # fmt: skip
     """Stage 1: train the autoencoder on uint8 images (N, C, H, W).
 
     With `vae.config.disc_weight > 0` a PatchGAN discriminator trains beside it from
-    `disc_start` on (hinge loss, adaptive weight; Esser et al. 2021).
+    `disc_start` on (hinge loss, adaptive weight; Esser et al. 2021). `activations`: a frozen
+    network's (the run's domain classifier), for the feature-matching term
+    (`vae.config.feature_weight`).
     """
     # GAN-style betas only when a discriminator trains beside it (Esser et al. 2021)
     betas = (0.5, 0.9) if vae.config.disc_weight > 0 else (0.9, 0.999)
@@ -67,7 +69,7 @@ def autoencoder_stage(
             recon, post = net(x, noise=noise)  # reparameterised z
         value, parts = autoencoder_loss(
             x, recon.float(), post, vae.config, step=step, discriminator=disc,
-            last_layer=vae.last_layer if disc is not None else None,
+            last_layer=vae.last_layer if disc is not None else None, activations=activations,
         )  # fmt: skip
         if disc is not None:
             pending[:] = [p for p in pending if p[0] == step]  # drop those of a skipped step
