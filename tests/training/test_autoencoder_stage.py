@@ -86,3 +86,32 @@ def test_a_healthy_record_gives_no_warning(tmp_path):
     assert folder.warnings() == ["diffusion: the UNet got 10 steps"]
     (tmp_path / "training.json").write_text("{not json")
     assert folder.warnings() == []  # unreadable: no crash at every use of the run
+
+
+def test_a_cut_short_unet_stage_says_so(tmp_path, caplog):
+    """A budgeted UNet stage that got under half the steps its start promised, or under 200,
+    is a problem in training.json (and so repeated at every use); a stage without a budget ran
+    the steps the user chose and is not."""
+    from types import SimpleNamespace
+
+    from ldmkit.recipe import RunConfig
+    from ldmkit.training.loop import StageResult
+    from ldmkit.training.run import _report_diffusion
+
+    run = SimpleNamespace(folder=RunFolder(tmp_path), cfg=RunConfig())
+
+    def result(steps):
+        return StageResult(steps, "time budget", 0.1, 400.0, None, None, planned=steps)
+
+    with caplog.at_level(logging.WARNING, logger="ldmkit"):
+        _report_diffusion(run, result(900), budget=400.0, per_step=0.1)  # promised 4000
+    assert "where its start promised about 4000" in RunFolder(tmp_path).warnings()[0]
+    assert any("busier" in r.getMessage() for r in caplog.records)
+    _report_diffusion(run, result(150), budget=400.0, per_step=0.1)
+    assert "only 150 UNet steps" in RunFolder(tmp_path).warnings()[0]
+    _report_diffusion(run, result(2500), budget=400.0, per_step=0.1)  # over half: fine
+    assert RunFolder(tmp_path).warnings() == []
+    _report_diffusion(run, result(50), budget=None, per_step=0.1)  # the user's own steps
+    assert RunFolder(tmp_path).warnings() == []
+    record = RunFolder(tmp_path).stage_report()["diffusion"]
+    assert record["steps"] == 50 and record["expected_steps"] == RunConfig().unet_train.steps

@@ -112,39 +112,56 @@ def test_plan_follows_the_recent_speed(monkeypatch):
     assert plan.planned == step + int(loop.PLAN_MARGIN * remaining / 1.0)
 
 
-def test_governor_drops_to_one_thread_under_contention_and_comes_back(monkeypatch):
-    threads = {"n": 2}
+def fake_threads(monkeypatch, n=2):
+    threads = {"n": n}
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__("n", n))
-    gov = ThreadGovernor("s")
-    gov.observe(20, 0.10)
-    gov.observe(40, 0.11)
-    assert threads["n"] == 2  # normal noise
-    gov.observe(60, 0.40)  # 4x slower: another program took a core
-    assert threads["n"] == 1 and gov.changes == [(60, 1)]
-    gov.observe(80, 0.15)  # 1 thread is faster than the contended 2
-    assert threads["n"] == 1
-    for i in range(ThreadGovernor.RETRY_WINDOWS - 1):
-        gov.observe(100 + 20 * i, 0.15)
-    assert threads["n"] == 2  # tries the full count again
-    gov.observe(400, 0.10)  # the machine is quiet again: 2 threads beat 1
-    assert threads["n"] == 2
-    gov.observe(420, 0.10)
-    assert gov.changes == [(60, 1), (260, 2)]
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: threads.__setitem__("n", k))
+    return threads
 
 
-def test_governor_goes_back_when_one_thread_is_slower(monkeypatch):
-    threads = {"n": 2}
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__("n", n))
+def test_governor_on_a_quiet_machine_tries_one_thread_rarely(monkeypatch):
+    threads = fake_threads(monkeypatch)
     gov = ThreadGovernor("s")
-    gov.observe(20, 0.1)
-    gov.observe(40, 0.5)
-    assert threads["n"] == 1
-    gov.observe(60, 0.8)  # one thread is even slower: back to two, and stay there
+    speed = {2: 0.10, 1: 0.16}  # a quiet 2-core machine: 2 threads are faster
+    trials, step = [], 0
+    for _ in range(200):
+        step += 20
+        n = threads["n"]
+        gov.observe(step, speed[n])
+        if threads["n"] == 1:
+            trials.append(step)
+    # after the first window it tries 1 thread, which loses; then after 20, 40, 80 windows
+    # (the wait doubles with each lost trial): 4 slow windows of 200
+    assert trials == [20, 420, 1220, 2820]
     assert threads["n"] == 2
-    gov.observe(80, 0.5)
+
+
+def test_governor_keeps_one_thread_on_a_machine_busy_from_the_start(monkeypatch, caplog):
+    threads = fake_threads(monkeypatch)
+    gov = ThreadGovernor("s")
+    speed = {2: 0.40, 1: 0.15}  # a hog on one core: 2 threads stall each other
+    for step in range(20, 400, 20):
+        gov.observe(step, speed[threads["n"]])
+    assert threads["n"] == 1 and gov.changes[:2] == [(20, 1)] + gov.changes[1:2]
+    assert gov.changes[0] == (20, 1) and gov.changes[1][1] == 2  # the trial back at 2 lost
+    assert "1 thread runs faster than 2" in caplog.text
+    gov.restore()
     assert threads["n"] == 2
+
+
+def test_governor_reacts_when_the_machine_becomes_busy_and_quiet_again(monkeypatch):
+    threads = fake_threads(monkeypatch)
+    gov = ThreadGovernor("s")
+    step, log_n = 0, []
+    for phase, windows in (({2: 0.10, 1: 0.16}, 5), ({2: 0.50, 1: 0.20}, 30),
+                           ({2: 0.10, 1: 0.16}, 60)):  # fmt: skip
+        for _ in range(windows):
+            step += 20
+            gov.observe(step, phase[threads["n"]])
+            log_n.append(threads["n"])
+    busy, quiet_again = log_n[5:35], log_n[35:]
+    assert busy.count(1) > 0.7 * len(busy)  # mostly one thread while the hog runs
+    assert quiet_again[-10:] == [2] * 10  # and back to two once it has gone
 
 
 def test_governor_acts_in_a_budgeted_stage(tmp_path, monkeypatch):

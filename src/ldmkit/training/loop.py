@@ -290,11 +290,13 @@ class ThreadGovernor:
     descheduled by another program stalls the rest at every parallel region (issue 16 measured
     16-20 img/s for 2 threads against 79-83 for 1 under load).
 
-    Fed the recent seconds per step once a plan window, it drops to 1 thread when the speed
-    falls below 1/CONTENTION of the best seen at the full count, keeps 1 thread while that is
-    faster, and tries the full count again every RETRY_WINDOWS windows. Thread counts change
-    float rounding, so a stage whose threads changed resumes close to, not bit-identical with,
-    an uninterrupted one.
+    Fed the seconds per step of each plan window, it tries the other thread count (1, or the
+    full count) for one window now and then and keeps whichever was faster: first on the second
+    window (a machine busy from the start), then whenever the full count slows to CONTENTION x
+    its best, and otherwise after RETRY_WINDOWS windows, a wait that doubles each time a trial
+    loses (so a quiet machine pays for few slow windows). Thread counts change float rounding,
+    so a stage whose threads changed resumes close to, not bit-identical with, an
+    uninterrupted one.
     """
 
     CONTENTION = 2.5
@@ -305,7 +307,9 @@ class ThreadGovernor:
         self.full = torch.get_num_threads()
         self.best: dict[int, float] = {}  # threads -> best s/step seen
         self.last: dict[int, float] = {}  # threads -> the latest s/step
-        self.windows_at_one = 0
+        self.trial = False  # the window just measured was a trial of the current count
+        self.wait = self.RETRY_WINDOWS  # windows between trials
+        self.since = 0  # windows since the last trial
         self.changes: list[tuple[int, int]] = []  # (step, threads)
 
     def _set(self, step: int, threads: int) -> None:
@@ -313,26 +317,31 @@ class ThreadGovernor:
         self.changes.append((step, threads))
 
     def observe(self, step: int, per_step: float) -> None:
-        n = torch.get_num_threads()
-        self.last[n] = per_step
-        self.best[n] = min(per_step, self.best.get(n, math.inf))
         if self.full <= 1:
             return
-        if n == self.full:
-            if per_step > self.CONTENTION * self.best[n] and self.last.get(1, 0.0) < per_step:
-                log.warning(
-                    "%s: steps slowed from %.3f to %.3f s: another program is using the CPU; "
-                    "training on 1 thread instead of %d while it does", self.name,
-                    self.best[n], per_step, self.full,
-                )  # fmt: skip
-                self._set(step, 1)
-                self.windows_at_one = 0
-        else:
-            self.windows_at_one += 1
-            if self.last.get(self.full, 0.0) < per_step:  # the full count was faster: back
-                self._set(step, self.full)
-            elif self.windows_at_one % self.RETRY_WINDOWS == 0:  # has the machine quietened?
-                self._set(step, self.full)
+        n = torch.get_num_threads()
+        other = 1 if n == self.full else self.full
+        self.last[n] = per_step
+        self.best[n] = min(per_step, self.best.get(n, math.inf))
+        self.since += 1
+        if self.trial:  # this window tried `n`: keep it if it beat the other count
+            self.trial = False
+            if per_step >= self.last[other]:
+                self._set(step, other)
+                self.wait *= 2
+            else:
+                self.wait = self.RETRY_WINDOWS
+                if n == 1:
+                    log.warning(
+                        "%s: 1 thread runs faster than %d (%.3f against %.3f s/step): another "
+                        "program is using the CPU; training on 1 thread while it does",
+                        self.name, self.full, per_step, self.last[other],
+                    )  # fmt: skip
+            return
+        contended = n == self.full and per_step > self.CONTENTION * self.best[n]
+        if other not in self.last or contended or self.since >= self.wait:
+            self._set(step, other)
+            self.trial, self.since = True, 0
 
     def restore(self) -> None:
         if torch.get_num_threads() != self.full:
