@@ -15,8 +15,10 @@ and the others read what it wrote (run.json, the tokenizer, the autoencoder, the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
+import math
 import shutil
 import threading
 import time
@@ -418,8 +420,6 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
 def _judge(run: _Run) -> Any | None:
     """The run's quick domain classifier (as `measure_guidance` trains when nothing is cached),
     or None for data without labels or larger than the classifier's 64 px."""
-    import math
-
     from ..evaluation import feature_nets as fn
 
     ds = run.dataset
@@ -436,8 +436,6 @@ def _judge(run: _Run) -> Any | None:
 def _feature_net(run: _Run, device: torch.device) -> Any | None:
     """The judge's activations for the feature-matching loss (a frozen copy on the device), or
     None, with a note, where the run has no judge (no labels, or images over 64 px)."""
-    import copy
-
     if run.judge is None:
         log.info("vae.feature_weight: no domain classifier for this data (it needs class "
                  "labels and images of at most 64 px); the autoencoder trains without it")  # fmt: skip
@@ -854,8 +852,6 @@ def estimate_step_time(
     model: torch.nn.Module, make_batch, device: torch.device, repeats: int = 2
 ) -> float:
     """Seconds per training micro-batch, measured on a throw-away copy of the model."""
-    import copy
-
     probe = copy.deepcopy(model).train()
     opt = torch.optim.SGD(probe.parameters(), lr=0.0)
     times = []
