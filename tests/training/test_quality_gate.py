@@ -189,3 +189,19 @@ def _slowing_stage(after):
 
     s.loss = loss
     return s, calls
+
+
+def test_the_governor_reads_the_last_window_alone(monkeypatch):
+    """The plan's speed spans three windows; a thread trial must be judged on its own window."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["t"])
+    plan = BudgetPlan("s", TrainConfig(steps=10_000, lr_schedule="cosine"), deadline=1e6,
+                      start_step=0, planned=None)  # fmt: skip
+    step = 0
+    for per_step in [0.1] * (loop.PLAN_SKIP + 2 * loop.PLAN_OVER) + [1.0] * loop.PLAN_OVER:
+        plan.observe(step)
+        clock["t"] += per_step
+        step += 1
+    plan.observe(step)
+    assert plan.last_window == pytest.approx(1.0)
+    assert plan.per_step == pytest.approx((0.1 * 2 + 1.0) / 3)

@@ -238,11 +238,11 @@ class BudgetPlan:
         self.name, self.cfg, self.deadline = name, cfg, deadline
         self.active = deadline is not None and cfg.lr_schedule != "constant"
         self.start = start_step + PLAN_SKIP
-        self.t0 = 0.0
         self.planned = planned  # None until the first plan (or the saved plan of a resume)
         self.fixed = fixed  # a quality gate has set the end
         self.windows: list[tuple[int, float]] = []  # (step, time) at each window's start
         self.per_step: float | None = None  # the recent seconds per step
+        self.last_window: float | None = None  # seconds per step of the last window alone
 
     @property
     def total(self) -> int:
@@ -253,13 +253,13 @@ class BudgetPlan:
         if self.deadline is None:
             return False
         if step == self.start:
-            self.t0 = time.perf_counter()
-            self.windows = [(step, self.t0)]
+            self.windows = [(step, time.perf_counter())]
         elif step > self.start and (step - self.start) % PLAN_OVER == 0:
             now = time.perf_counter()
             self.windows = [*self.windows[-PLAN_WINDOWS:], (step, now)]
             first_step, first_t = self.windows[0]
             self.per_step = (now - first_t) / (step - first_step)
+            self.last_window = (now - self.windows[-2][1]) / (step - self.windows[-2][0])
             if not self.active:
                 return True
             first = self.planned is None
@@ -507,7 +507,8 @@ def train_stage(
                 if gate is not None and gate.due(step) and step < plan.total:
                     _measure(stage, step, gate, plan, run_log, world, ema, start, start_cpu)
             if world.is_main and plan.observe(step) and governor is not None:
-                governor.observe(step, plan.per_step or 0.0)
+                # the last window alone: a trial window ran at one thread count only
+                governor.observe(step, plan.last_window or 0.0)
             why = _end_reason(stage.name, step, plan, flag, world)
             if why is not None:
                 stopped = why
