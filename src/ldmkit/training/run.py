@@ -587,20 +587,17 @@ def _report_diffusion(
 ) -> None:
     """The UNet stage's record in training.json; a stage that got far fewer steps than its
     start promised (a machine busier than at the probe), or too few to draw anything, says so."""
-    expected = None
-    if budget is not None and per_step:  # what the budget promised at the probe's speed
-        expected = min(run.cfg.unet_train.steps, int(budget / per_step))
-    elif budget is None:
-        expected = run.cfg.unet_train.steps
+    # without a budget the configured steps ran (the user chose them): nothing to report
+    expected = run.cfg.unet_train.steps
+    if budget is not None:  # what the budget promised at the probe's speed
+        expected = min(expected, int(budget / per_step)) if per_step else None
     problems = []
-    if budget is None:  # the configured steps ran: the user chose them
-        pass
-    elif res.steps_done < GUIDANCE_MIN_STEPS:
+    if budget is not None and res.steps_done < GUIDANCE_MIN_STEPS:
         problems.append(
             f"only {res.steps_done} UNet steps: its samples will be mostly noise; resume with "
             "a longer --time-budget"
         )
-    elif expected and res.steps_done < MIN_STAGE_SHARE * expected:
+    elif budget is not None and expected and res.steps_done < MIN_STAGE_SHARE * expected:
         problems.append(
             f"the UNet got {res.steps_done} steps where its start promised about {expected} "
             "(the machine was busier than when the speed was measured); resume with a longer "
