@@ -136,3 +136,17 @@ def test_busy_machine_quick(capsys, tmp_path):
     rows = table(out, "run", "AE", "steps")
     assert len(rows) == 1 and rows[0][0] == "shapes-hog1"
     assert rows[0][-1] in ("yes", "no") and 0 <= float(rows[0][6]) <= 1
+
+
+def test_sizes_quick(capsys):
+    import sizes
+
+    sizes.main(["--sizes", "32", "64", "--threads", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"avx512_bf16=(yes|no) amx_bf16=(yes|no) avx512f=(yes|no) avx2=(yes|no)", out)
+    rows = [ln.strip("|").split("|") for ln in out.splitlines() if re.match(r"\| \d+ \|", ln)]
+    assert [int(r[0]) for r in rows] == [32, 64]
+    assert [int(r[1]) for r in rows] == [2, 4]  # the downsampling factor follows the size
+    assert [r[2].strip() for r in rows] == ["4x16x16", "4x16x16"]
+    for r in rows:
+        assert all(float(v) > 0 for v in r[6:10]), r

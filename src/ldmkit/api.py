@@ -296,6 +296,10 @@ def train(
     if image_size is not None:
         check_count("--image-size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     check_device(device)
+    size = None
+    if image_size is None and not (resume and RunFolder(out).exists()):
+        size = _choose_size(config_file, sets, data=data, time_budget=time_budget, device=device)
+        image_size = size.size if size else None
     cfg = run_config(
         out, resume=resume, config_file=config_file, sets=sets, data=data,
         time_budget=time_budget, seed=seed, device=device, image_size=image_size,
@@ -309,7 +313,20 @@ def train(
             "train it first (--stage vae, or all)"
         )
     return train_run(cfg, out, resume=resume, stage=stage, progress=progress, stop=stop,
-                     backend=dist_backend)  # fmt: skip
+                     backend=dist_backend, size=size)  # fmt: skip
+
+
+def _choose_size(config_file: str | None, sets: Sequence[str], **flags: Any) -> Any:
+    """The data's own image size, or the largest this device trains in the time given
+    (training/sizing.py), unless the user's settings name an image size or a run to start from
+    (whose size it keeps): then None."""
+    from .runtime import resolve_device
+    from .training.sizing import choose_size
+
+    given = settings_dict(config_file, sets, flags)
+    if given.get("image_size") is not None or given.get("init_from"):
+        return None
+    return choose_size(given, resolve_device(given.get("device")))
 
 
 def tqdm_progress() -> ProgressFn:

@@ -376,7 +376,9 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
     t.add_argument("--time-budget", help="wall-clock budget for both stages, e.g. 10m")
     t.add_argument("--seed", type=_number)
-    t.add_argument("--image-size", type=_number)
+    t.add_argument("--image-size", type=_number,
+                   help="side of the square training images in px (default: the data's own, "
+                   "or the largest this device trains in the time given; the log says which)")  # fmt: skip
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--compile", action="store_true",

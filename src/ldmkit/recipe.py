@@ -260,8 +260,9 @@ CHANGEABLE_ON_RESUME = (
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a (file or command line) dict, deriving the linked fields first.
 
-    The UNet's sample_size and channels follow from the image size and the autoencoder, so they
-    are filled in before validation: a user who sets attention_resolutions does so for the latent
+    The models' sizes follow from the image size (`size_settings`, under the user's own), and the
+    UNet's sample_size and channels from the image size and the autoencoder, so they are filled
+    in before validation: a user who sets attention_resolutions does so for the latent
     size their autoencoder gives.
     """
     user = json.loads(json.dumps(data))  # a deep copy
@@ -270,6 +271,16 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     data["vae"].pop("image_size")
     for k in ("sample_size", "in_channels", "out_channels"):
         data["unet"].pop(k)
+    size, vae_given = user.get("image_size"), user.get("vae")
+    if (
+        isinstance(size, int)
+        and not isinstance(size, bool)
+        and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+    ):
+        # the models follow the size; the UNet the latent size the user's autoencoder gives
+        given = vae_given.get("block_out_channels") if isinstance(vae_given, dict) else None
+        factor = 2 ** (len(given) - 1) if isinstance(given, list) and given else None
+        deep_update(data, size_settings(size, factor))
     deep_update(data, user)
     vae, unet = data["vae"], data["unet"]
     if not isinstance(vae, dict) or not isinstance(unet, dict):
@@ -339,6 +350,70 @@ def parse_duration(text: str, name: str = "time_budget") -> float:
             "out to train the configured number of steps"
         )
     return seconds
+
+
+# ------------------------------------------------------------------------- sizes
+# The models follow the image size. Up to 32 px the defaults above are the recipe (f2, 16x16x4
+# latents at 32 px). Above it the autoencoder downsamples more (LDM's f = 4-8 from 64 px up) so
+# that the latent stays small: about 16x16 up to 255 px, the size the default UNet was tuned on
+# for quality per CPU-minute, and 32x32-64x64 from 256 px, for a wider UNet (a GPU's sizes). The
+# UNet's attention sits at its lowest level (latent / 4) and, from 32x32 latents, one above.
+# Batches shrink as images grow so that an autoencoder step costs about the same on a CPU.
+# docs/sizes.md tabulates what each size gets (bench/sizes.py measures it).
+MIN_AUTO_SIZE = 32  # smaller data trains at 32 px: the smallest size the recipe is tuned for
+MAX_AUTO_SIZE = 512  # larger data is brought down to this (a GPU's size; see training/sizing.py)
+
+
+def size_factor(size: int) -> int:
+    """The autoencoder's downsampling factor at `size` px."""
+    return 2 if size < 64 else 4 if size < 128 else 8
+
+
+def _unet_levels(size: int) -> int:
+    return 4 if size // size_factor(size) >= 64 else 3
+
+
+def size_step(size: int) -> int:
+    """What an image size must be a multiple of at `size` px: the downsampling factor times the
+    UNet's own halvings (2 ** (levels - 1))."""
+    return size_factor(size) * 2 ** (_unet_levels(size) - 1)
+
+
+def round_size(side: int) -> int:
+    """The training size for images of `side` px: within [MIN_AUTO_SIZE, MAX_AUTO_SIZE], rounded
+    down to a multiple of `size_step` (never up: no image is enlarged by the rounding)."""
+    s = min(max(side, MIN_AUTO_SIZE), MAX_AUTO_SIZE)
+    step = size_step(s)
+    return max(MIN_AUTO_SIZE, s // step * step)
+
+
+def size_settings(size: int, factor: int | None = None) -> dict[str, Any]:
+    """The settings that follow from the image size (a layer under the user's own: explicit
+    settings always win), for an autoencoder of downsampling `factor` (None: the size's own).
+    Empty up to 32 px, where the field defaults are the recipe."""
+    if size <= 32:
+        return {}
+    own = size_factor(size)
+    latent = size // (factor or own)
+    vae_channels = {2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 128]}[own]
+    if size >= 256:
+        vae_channels = [32, 64, 128, 128]
+    if latent < 32:  # the default UNet, attention at its lowest level
+        unet = {"block_out_channels": [32, 64, 128], "attention_resolutions": [max(1, latent // 4)]}
+    elif latent < 64:
+        unet = {"block_out_channels": [64, 128, 256],
+                "attention_resolutions": [latent // 4, latent // 2]}  # fmt: skip
+    else:
+        unet = {"block_out_channels": [64, 128, 256, 256],
+                "attention_resolutions": [latent // 8, latent // 4]}  # fmt: skip
+    vae_batch = 16 if size < 128 else 8 if size < 256 else 4 if size < 512 else 2
+    unet_batch = 32 if latent < 32 else 16 if latent < 64 else 8
+    return {
+        "vae": {"block_out_channels": vae_channels},
+        "unet": unet,
+        "vae_train": {"batch_size": vae_batch},
+        "unet_train": {"batch_size": unet_batch},
+    }
 
 
 # ------------------------------------------------------------------------- layering

@@ -68,6 +68,8 @@ class DataInfo:
     class_names: list[str] | None = None  # index = class label
     fingerprint: str | None = None  # ImageDataset.fingerprint() of the images trained on
     labels_from: str | None = None  # where the class labels came from, e.g. "sub-folder names"
+    native_size: int | None = None  # the short side the data's images came in (most common)
+    size_note: str | None = None  # how image_size was chosen (training/sizing.py)
 
 
 def read_data(

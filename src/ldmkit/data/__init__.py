@@ -6,7 +6,7 @@ or a folder of images, and returns an `ImageDataset`. See `dataset.py` for the s
 """
 
 from .builtin import cache_dir
-from .dataset import DEFAULT_SPEC, ImageDataset, load_dataset, parse_spec
+from .dataset import DEFAULT_SPEC, ImageDataset, NativeSize, load_dataset, native_size, parse_spec
 from .errors import DataError
 from .folder import IMAGE_EXTENSIONS
 from .formats import read_cifar, read_idx, write_cifar_bin, write_idx
@@ -19,11 +19,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "ImageDataset",
+    "NativeSize",
     "augment",
     "cache_dir",
     "generate_shapes",
     "load_dataset",
     "load_numpy_pickle",
+    "native_size",
     "parse_spec",
     "read_cifar",
     "read_idx",

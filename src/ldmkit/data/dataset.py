@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -36,7 +37,7 @@ import torch
 from . import formats
 from .builtin import MNIST_CLASSES, load_digits_builtin, load_mnist_builtin
 from .errors import DataError
-from .folder import load_folder
+from .folder import load_folder, survey_sides
 from .shapes import generate_shapes, parse_holdout
 from .transforms import augment, convert_channels, resize_array, to_float
 
@@ -215,6 +216,38 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
             f"unknown option(s) {', '.join(sorted(unknown))} in {spec!r}; allowed: {allowed}"
         )
     return kind, rest, options
+
+
+class NativeSize(NamedTuple):
+    """The size a data set's images come in: `side` px on their short side, and how that was
+    found (`how`, for the log)."""
+
+    side: int
+    how: str
+
+
+# built-in and array sources come in one size: 28x28 digits are framed to 32 (see above), the
+# scikit-learn digits are 8x8, shapes are drawn at any size (32 unless asked)
+_ARRAY_SIDES = {"builtin:shapes": 32, "builtin:mnist": 32, "builtin:digits": 8, "mnist": 32,
+                "fashion-mnist": 32, "cifar10": 32, "cifar100": 32}  # fmt: skip
+
+
+def native_size(spec: str, skip_folder: Callable[[Path], bool] | None = None) -> NativeSize | None:
+    """The size the images of `spec` come in, read cheaply (folders: the headers of up to 256
+    files spread over it), without loading the data: the most common short side (the larger
+    one on a tie). None when it cannot be told (no readable image: the loader says why)."""
+    kind, path, _ = parse_spec(spec)
+    if kind in _ARRAY_SIDES:
+        return NativeSize(_ARRAY_SIDES[kind], f"the size of {kind} images")
+    sides, total = survey_sides(Path(path).expanduser(), skip_folder)
+    if not sides:
+        return None
+    counts = Counter(sides)
+    side = max(counts, key=lambda s: (counts[s], s))
+    n = len(sides)
+    share = f"all {n}" if counts[side] == n else f"{counts[side]} of {n}"
+    sampled = f" (a sample of the {total} in the folder)" if n < total else ""
+    return NativeSize(side, f"the short side of {share} images{sampled}")
 
 
 def _pad_28_to_32(images: np.ndarray) -> np.ndarray:

@@ -82,6 +82,30 @@ def scan_folder(
     return sorted(images, key=key), sorted(others, key=key)
 
 
+def survey_sides(
+    root: Path, skip_folder: Callable[[Path], bool] | None = None, sample: int = 256
+) -> tuple[list[int], int]:
+    """(the short sides of up to `sample` images spread evenly over the folder, read from their
+    headers only; the number of image files). Unreadable files are left out (the loader reports
+    them); a missing or empty folder gives ([], 0) (the loader reports that too)."""
+    if not root.is_dir():
+        return [], 0
+    files, _ = scan_folder(root, skip_folder)
+    if not files:
+        return [], 0
+    picks = sorted({round(i * (len(files) - 1) / max(1, sample - 1)) for i in range(sample)})
+    sides = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for path in (files[i] for i in picks if i < len(files)):
+            try:
+                with Image.open(path) as im:
+                    sides.append(min(im.size))
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+                continue
+    return sides, len(files)
+
+
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer / float grayscale -> 8-bit "L", scaling rather than clipping.
 

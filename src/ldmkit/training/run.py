@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
     from ..pipeline import LatentDiffusion
 from .loop import ProgressFn, QualityGate, RunLog, StageResult, StopRequest, train_stage
+from .sizing import SizeChoice, estimate_step_time, plan_lines, unet_step_time, vae_step_time
 from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
 
@@ -122,6 +123,7 @@ def train_run(
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     backend: str = "auto",
+    size: SizeChoice | None = None,
 ) -> RunResult:
     """Train both stages into `out_dir` (layout: ldmkit.runs), in this process or, launched by
     torchrun, in all of its processes together (training/distributed.py).
@@ -136,6 +138,7 @@ def train_run(
             (`RunFolder.request_stop`, e.g. a web page's stop button) does the same.
         backend: under torchrun, the process group's: "auto" (nccl on CUDA, gloo on the CPU),
             "gloo" or "nccl".
+        size: how the image size was chosen (training/sizing.py), for data.json.
     """
     folder = RunFolder(out_dir)
     stop = _or_stop_file(stop, folder)
@@ -150,7 +153,7 @@ def train_run(
                     lock.enter_context(RunLock(folder.path))
                     folder.clear_stop_request()  # one left by an earlier training
                     lock.callback(folder.clear_stop_request)  # answered: gone, lock still held
-                return _prepare(folder, cfg, resume, progress, stop, world, stage)
+                return _prepare(folder, cfg, resume, progress, stop, world, stage, size)
 
             run = world.main_first(prepare)
             try:
@@ -189,7 +192,7 @@ def _check_can_start(folder: RunFolder, resume: bool) -> None:
 
 def _prepare(
     folder: RunFolder, cfg: RunConfig, resume: bool, progress: ProgressFn | None,
-    stop: StopRequest | None, world: World, stage: str = "all",
+    stop: StopRequest | None, world: World, stage: str = "all", size: SizeChoice | None = None,
 ) -> _Run:  # fmt: skip
     """Settle the config, load the data, check the time plan, write run.json and data.json
     (rank 0; the other ranks take the config from the run.json it wrote, so every process
@@ -235,6 +238,9 @@ def _prepare(
             f"trained with {cfg.unet.num_classes or 'no'}; resume with the same data, or train "
             "into a new --out folder"
         )
+    if world.is_main and not resumed:
+        for line in plan_lines(cfg, size):
+            log.info("plan: %s", line)
     if world.is_main:
         _check_time_plan(
             cfg, ds.images, device, train_vae=stage in ("all", "vae") and not folder.has_model("vae"),
@@ -247,6 +253,7 @@ def _prepare(
             spec=cfg.data, name=ds.name, num_images=len(ds.images), channels=ds.channels,
             image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
             fingerprint=ds.fingerprint(), labels_from=labels_from if num_classes else None,
+            native_size=size.native if size else None, size_note=size.note if size else None,
         ))  # fmt: skip
     _sanity_check(ds.images, cfg)
     if world.is_main and len(ds.images) < 1000:
@@ -473,7 +480,9 @@ def _report_autoencoder(run: _Run, res: StageResult, gate: QualityGate,
         "history": gate.rows, "thread_changes": res.threads, "problems": problems,
     }  # fmt: skip
     run.folder.write_stage_report("autoencoder", record)
-    why = res.stopped_because + (f" ({gate.reason})" if res.stopped_because == "quality target" else "")
+    why = res.stopped_because + (
+        f" ({gate.reason})" if res.stopped_because == "quality target" else ""
+    )
     log.info("autoencoder after %d steps (%s, %.0f s): %s", res.steps_done, why, res.seconds,
              describe(final))  # fmt: skip
     if problems:
@@ -791,10 +800,10 @@ def _check_time_plan(
     stages = []  # (name, config, seconds per optimizer step)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if train_vae:
-            t = _vae_step_time(cfg, images, device) * cfg.vae_train.grad_accum
+            t = vae_step_time(cfg, images, device) * cfg.vae_train.grad_accum
             stages.append(("autoencoder", cfg.vae_train, t))
         if train_unet:
-            t = _unet_step_time(cfg, len(images), device) * cfg.unet_train.grad_accum
+            t = unet_step_time(cfg, len(images), device) * cfg.unet_train.grad_accum
             stages.append(("diffusion", cfg.unet_train, t))
     if not stages:
         return
@@ -825,44 +834,6 @@ def _check_time_plan(
             "a longer --time-budget, or drop it to train the configured steps",
             cfg.time_budget, first, speeds, format_seconds(need),
         )  # fmt: skip
-
-
-def _vae_step_time(cfg: RunConfig, images: Tensor, device: torch.device) -> float:
-    mb = min(cfg.vae_train.micro_batch, len(images))
-    x = to_float(images[:mb]).to(device)
-    return estimate_step_time(
-        Autoencoder(cfg.vae).to(device), lambda m: m(x)[0].square().mean(), device, repeats=1
-    )
-
-
-def _unet_step_time(cfg: RunConfig, num_images: int, device: torch.device) -> float:
-    c, mb = cfg.unet, min(cfg.unet_train.micro_batch, num_images)
-    z = torch.randn(mb, c.in_channels, c.sample_size, c.sample_size, device=device)
-    t = torch.randint(0, cfg.diffusion.num_timesteps, (mb,), device=device)
-    y = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)} if c.num_classes else {}
-    return estimate_step_time(
-        UNet(c).to(device), lambda m: m(z, t, **y).square().mean(), device, repeats=1
-    )
-
-
-def estimate_step_time(
-    model: torch.nn.Module, make_batch, device: torch.device, repeats: int = 2
-) -> float:
-    """Seconds per training micro-batch, measured on a throw-away copy of the model."""
-    probe = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(probe.parameters(), lr=0.0)
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        loss = make_batch(probe)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    del probe, opt
-    return min(times[1:])
 
 
 def _model_memory_mb(model: torch.nn.Module) -> float:
