@@ -68,7 +68,12 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept per stage (plus the best by loss)
     sample_every: int = 500  # steps between preview grids (0 disables)
     log_every: int = 25  # steps between log lines / TensorBoard scalars
-    bf16: bool = False  # bf16 autocast for the forward pass (about 1.6-2x on CPUs with avx512_bf16)
+    # bf16 autocast of the forward pass. None (auto): on CUDA GPUs that run bf16 (Ampere and
+    # later), off on CPUs and other GPUs; True on a CPU: about 1.6-2x with avx512_bf16 / AMX
+    bf16: bool | None = None
+    # recompute each residual block's activations in the backward pass instead of keeping them:
+    # far less memory for large images and batches, for about a third more compute
+    gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the forward (diffusion stage; a 1-2 min compile on a CPU)
     max_bad_steps: int = 5  # consecutive non-finite losses before the stage stops
 

@@ -246,8 +246,8 @@ def native_size(spec: str, skip_folder: Callable[[Path], bool] | None = None) ->
     side = max(counts, key=lambda s: (counts[s], s))
     n = len(sides)
     share = f"all {n}" if counts[side] == n else f"{counts[side]} of {n}"
-    sampled = f" (a sample of the {total} in the folder)" if n < total else ""
-    return NativeSize(side, f"the short side of {share} images{sampled}")
+    sampled = f", a sample of the {total} in the folder" if n < total else ""
+    return NativeSize(side, f"the short side of {share} images read{sampled}")
 
 
 def _pad_28_to_32(images: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ldmkit.checkpoint import load_model_folder, save_model_folder
 from ldmkit.config import ConfigError, check_int
@@ -71,7 +72,7 @@ class AutoencoderConfig:
     kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); 1e-6 in LDM's KL-f4/f8 models
     perceptual_weight: float = 0.0  # weight of the MS-SSIM loss (losses.perceptual_loss); 0 = off
     # weight of the feature-matching loss in the run's domain classifier's activations
-    # (losses.feature_matching_loss; labelled data of at most 64 px, else it is off); 0 = off.
+    # (losses.feature_matching_loss; labelled data, else it is off); 0 = off.
     # 0.3: on the built-in shapes 1.0 read a little better and 0.3 kept 1.5 dB more PSNR
     feature_weight: float = 0.3
     disc_weight: float = 0.0  # weight of the PatchGAN hinge loss (Esser et al. 2021); 0 = off
@@ -175,7 +176,14 @@ class ResnetBlock(nn.Module):
             nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         )
 
+    checkpointing = False  # layers.set_gradient_checkpointing: recompute in the backward pass
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)

@@ -213,6 +213,7 @@ def _prepare(
         )
     device = world.device
     cfg = _check_bf16(cfg, device)
+    _cuda_speedups(device)
     torch.manual_seed(cfg.seed)
     ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
                    conditioning=cfg.conditioning)  # fmt: skip
@@ -426,11 +427,13 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
 
 def _judge(run: _Run) -> Any | None:
     """The run's quick domain classifier (as `measure_guidance` trains when nothing is cached),
-    or None for data without labels or larger than the classifier's 64 px."""
+    or None for data without labels. It is fully convolutional, so it reads any size: at
+    more than 64 px (where evaluation may use Inception instead) it still gives the
+    autoencoder its feature-matching term and its readability."""
     from ..evaluation import feature_nets as fn
 
     ds = run.dataset
-    if ds is None or ds.labels is None or fn.default_feature_kind(run.cfg.image_size) != "domain":
+    if ds is None or ds.labels is None:
         return None
     # JUDGE_STEPS optimiser steps at least (the module's DOMAIN_MIN_STEPS, which tests lower
     # for speed, must not change what a run trains)
@@ -442,10 +445,10 @@ def _judge(run: _Run) -> Any | None:
 
 def _feature_net(run: _Run, device: torch.device) -> Any | None:
     """The judge's activations for the feature-matching loss (a frozen copy on the device), or
-    None, with a note, where the run has no judge (no labels, or images over 64 px)."""
+    None, with a note, where the run has no judge (data without labels)."""
     if run.judge is None:
         log.info("vae.feature_weight: no domain classifier for this data (it needs class "
-                 "labels and images of at most 64 px); the autoencoder trains without it")  # fmt: skip
+                 "labels); the autoencoder trains without it")  # fmt: skip
         return None
     net = copy.deepcopy(run.judge).to(device).eval().requires_grad_(False)
     return net.activations
@@ -842,19 +845,41 @@ def _model_memory_mb(model: torch.nn.Module) -> float:
 
 
 def _check_bf16(cfg: RunConfig, device: torch.device) -> RunConfig:
-    """Turn bf16 off, with a warning, on a CPU that would run it far slower than fp32."""
+    """Settle each stage's bf16 setting for this device: auto (None) means bf16 on a CUDA GPU
+    that runs it, else fp32; an explicit bf16 is turned off, with a warning, where it would be
+    far slower (a CPU without native bf16) or is not supported (an older GPU)."""
     from ..runtime import cpu_has_fast_bf16
 
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        why = "this GPU does not run bf16 (Ampere or later does); training in fp32 (TF32)"
+    else:
+        supported = device.type == "cpu" and cpu_has_fast_bf16()
+        why = ("this CPU has no native bf16 (avx512_bf16 or AMX), where bf16 runs about 15x "
+               "slower than fp32; training in fp32 instead")  # fmt: skip
     wants = [name for name in ("vae_train", "unet_train") if getattr(cfg, name).bf16]
-    if not wants or device.type != "cpu" or cpu_has_fast_bf16():
-        return cfg
-    log.warning(
-        "%s.bf16: this CPU has no native bf16 (avx512_bf16 or AMX), where bf16 runs about 15x "
-        "slower than fp32; training in fp32 instead", "/".join(wants),
-    )  # fmt: skip
+    if wants and not supported:
+        log.warning("%s.bf16: %s", "/".join(wants), why)
+    auto = device.type == "cuda" and supported
+
+    def settle(tc: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(
+            tc, bf16=bool(auto if tc.bf16 is None else tc.bf16) and supported
+        )
+
     return dataclasses.replace(
-        cfg, **{name: dataclasses.replace(getattr(cfg, name), bf16=False) for name in wants}
+        cfg, vae_train=settle(cfg.vae_train), unet_train=settle(cfg.unet_train)
     )
+
+
+def _cuda_speedups(device: torch.device) -> None:
+    """TF32 matmuls and convolutions, and cuDNN's autotuner, on a CUDA device (training only:
+    evaluation keeps full fp32, evaluation/metrics.py)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def _summary(model: torch.nn.Module) -> str:
