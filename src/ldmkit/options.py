@@ -464,6 +464,7 @@ class InterpolateOptions(SampledEditOptions):
 
     verb: ClassVar[str] = "interpolate"
     sampler: str = like(SampledEditOptions, "sampler", "ddim")
+    seed: int = like(SampledEditOptions, "seed", 0, web=False)  # the page: seed A, seed B
     seeds: str | tuple[int, int] | None = option(
         None, "two seeds, e.g. 1,2", check=check_seeds, web=False
     )
