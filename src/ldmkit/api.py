@@ -375,13 +375,13 @@ def sample(
     compile: bool = False,
     options: SampleOptions | None = None,
 ) -> Samples:
-    """Draw n images from a run (the options: `options.SampleOptions`, checked once, given as
-    the keywords n ... batch_size or all at once as `options`). A
-    class-conditional model draws one row per class unless `classes` ("star", "3" or
-    "circle,star") picks them; a text-conditional model draws one row per prompt
-    (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance` (the scale)
-    defaults to the run's. `fast`: bf16 autocast where the device runs it natively; `compile`:
-    torch.compile the UNet (see `LatentDiffusion`).
+    """Draw n images from a run. Its options (`options.SampleOptions`, checked once) come as
+    the keywords n ... batch_size, or all at once as `options`. A class-conditional model draws
+    one row per class unless `classes` ("star", "3" or "circle,star") picks them; a
+    text-conditional model draws one row per prompt (`negative_prompt` replaces "" as
+    guidance's unconditional branch); `guidance` (the scale) defaults to the run's. `fast`:
+    bf16 autocast where the device runs it natively; `compile`: torch.compile the UNet (see
+    `LatentDiffusion`).
 
     `ldm`: the run's model when the caller has it loaded already (a server's cache);
     `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""

@@ -297,43 +297,27 @@ def _add_edit(sub: Any, verb: str, help: str, inputs: dict[str, str]) -> None:
     e.set_defaults(func=cmd_edit)
 
 
+# each edit: its help and its input files ({flag: help}); its options are declared in options.py
+_EDITS = {
+    "inpaint": ("regenerate the white part of a mask in an image", {
+        "--image": "the image to edit",
+        "--mask": "black = keep, white = regenerate (same size as the image)"}),
+    "fill": ("fill holes and scratches (a mask, or pixels of one colour)", {
+        "--image": "the damaged image",
+        "--mask": "the holes in white (default: find pixels of --hole-colour)"}),
+    "img2img": ("redraw an image: noise it part of the way, denoise", {
+        "--image": "the image to start from"}),
+    "invert": ("DDIM inversion: an image's noise, and the round trip", {
+        "--image": "the image to invert"}),
+    "interpolate": ("frames between two seeds, images or conditions (a strip PNG and a GIF)", {
+        "--image": "first image (with --image-b)", "--image-b": "second image"}),
+    "denoise": ("remove Gaussian noise from an image", {"--image": "the noisy image"}),
+}  # fmt: skip
+
+
 def _add_edits(sub: Any) -> None:
-    image = {"--image": "the image to edit"}
-    _add_edit(
-        sub,
-        "inpaint",
-        "regenerate the white part of a mask in an image",
-        {**image, "--mask": "black = keep, white = regenerate (same size as the image)"},
-    )
-    _add_edit(
-        sub,
-        "fill",
-        "fill holes and scratches (a mask, or pixels of one colour)",
-        {
-            "--image": "the damaged image",
-            "--mask": "the holes in white (default: find pixels of --hole-colour)",
-        },
-    )
-    _add_edit(
-        sub,
-        "img2img",
-        "redraw an image: noise it part of the way, denoise",
-        {"--image": "the image to start from"},
-    )
-    _add_edit(
-        sub,
-        "invert",
-        "DDIM inversion: an image's noise, and the round trip",
-        {"--image": "the image to invert"},
-    )
-    _add_edit(
-        sub,
-        "interpolate",
-        "frames between two seeds, images or conditions (a strip PNG and a GIF)",
-        {"--image": "first image (with --image-b)", "--image-b": "second image"},
-    )
-    _add_edit(sub, "denoise", "remove Gaussian noise from an image", {
-        "--image": "the noisy image"})  # fmt: skip
+    for verb, (help, inputs) in _EDITS.items():
+        _add_edit(sub, verb, help, inputs)
 
 
 def _add_train(sub: Any) -> None:
