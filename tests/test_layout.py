@@ -19,7 +19,7 @@ LAYERS = [
     ("core", ["ldmkit.diffusion", "ldmkit.models", "ldmkit.data"]),
     ("recipe", ["ldmkit.recipe", "ldmkit.runs", "ldmkit.pipeline"]),
     ("stages", ["ldmkit.training", "ldmkit.evaluation", "ldmkit.interop", "ldmkit.editing"]),
-    ("front", ["ldmkit.api", "ldmkit.cli", "ldmkit.__main__", "ldmkit.web"]),
+    ("front", ["ldmkit.options", "ldmkit.api", "ldmkit.cli", "ldmkit.__main__", "ldmkit.web"]),
 ]
 
 

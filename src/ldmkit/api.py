@@ -1,6 +1,7 @@
 """What a user can do with ldmkit, as plain Python functions: train, sample, evaluate, report,
-convert. The command line (`cli.py`) and a later web page only parse their input, call these
-and show the result; every check of a user's arguments happens here, once per kind of argument.
+convert. The command line (`cli.py`) and the web page only parse their input, call these
+and show the result; every check of a user's arguments happens here, once per kind of argument
+(the options of sample and the edits: their declarations in `ldmkit.options`, checked once).
 
     from ldmkit import api
     result = api.train(data="builtin:shapes", out="runs/shapes", time_budget="10m")
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ConfigError, check_float, check_int
-from .diffusion.samplers import DEFAULT_SAMPLER, check_sampler
+from .diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from .options import EDITS, MAX_BATCH, MAX_IMAGES, VERBS, SampleOptions, check_conditions
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
@@ -50,8 +52,7 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------ arguments
 # One helper per kind of argument, used by every verb (and by any later front, e.g. a web page).
 # Each raises a one-line ConfigError naming the argument, the value and the accepted range.
-MAX_IMAGES = 100_000  # images one call of sample / eval draws (all are held in memory)
-MAX_BATCH = 4096  # images per batch
+# (MAX_IMAGES, MAX_BATCH and the edits' limits are the options' own: ldmkit.options)
 MAX_NROW = 1000  # images per grid row
 ANNOUNCE_FROM = 10_000  # image-steps from which `sample` first logs how long it will take
 
@@ -368,116 +369,86 @@ class Samples:
     )
 
 
+_SAMPLE = SampleOptions()  # the defaults of `sample`'s keywords
+
+
 def sample(
     run: str | os.PathLike,
     *,
-    n: int = 64,
-    sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
-    seed: int = 0,
+    n: int = _SAMPLE.n,
+    sampler: str = _SAMPLE.sampler,
+    steps: int = _SAMPLE.steps,
+    seed: int = _SAMPLE.seed,
     classes: str | None = None,
     prompts: Sequence[str] | None = None,
     negative_prompt: str | None = None,
     guidance: float | None = None,
-    guidance_rescale: float = 0.0,
-    batch_size: int = 64,
+    guidance_rescale: float = _SAMPLE.guidance_rescale,
+    batch_size: int = _SAMPLE.batch_size,
     device: str | None = None,
     ldm: LatentDiffusion | None = None,
     callback: Callable[..., Any] | None = None,
     fast: bool = True,
     compile: bool = False,
+    options: SampleOptions | None = None,
 ) -> Samples:
-    """Draw n images from a run. A class-conditional model draws one row per class unless
-    `classes` ("star", "3" or "circle,star") picks them; a text-conditional model draws one row
-    per prompt (`negative_prompt` replaces "" as guidance's unconditional branch); `guidance`
-    defaults to the run's. `fast`: bf16 autocast where the device runs it natively; `compile`:
-    torch.compile the UNet (see `LatentDiffusion`).
+    """Draw n images from a run. Its options (`options.SampleOptions`, checked once) come as
+    the keywords n ... batch_size, or all at once as `options`. A class-conditional model draws
+    one row per class unless `classes` ("star", "3" or "circle,star") picks them; a
+    text-conditional model draws one row per prompt (`negative_prompt` replaces "" as
+    guidance's unconditional branch); `guidance` (the scale) defaults to the run's. `fast`:
+    bf16 autocast where the device runs it natively; `compile`: torch.compile the UNet (see
+    `LatentDiffusion`).
 
     `ldm`: the run's model when the caller has it loaded already (a server's cache);
     `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""
     from .pipeline import LatentDiffusion
 
     check_path("--run", run)
-    check_count("--n", n, 1, MAX_IMAGES)
-    check_steps("--steps", steps)
-    check_count("--batch-size", batch_size, 1, MAX_BATCH)
-    check_seed("--seed", seed)
-    check_guidance("--guidance", guidance)
-    check_float("--guidance-rescale", guidance_rescale, 0, 1)
-    check_sampler(sampler)
+    o = SampleOptions(
+        n=n, sampler=sampler, steps=steps, seed=seed, classes=classes, prompts=prompts,
+        negative_prompt=negative_prompt, guidance_scale=guidance,
+        guidance_rescale=guidance_rescale, batch_size=batch_size,
+    )  # fmt: skip
+    if options is not None:
+        if o != _SAMPLE:
+            raise TypeError("give sample's options as keywords or as `options`, not both")
+        o = options
+    o = o.check(RunFolder(run), shown=run)
     if ldm is None:
         ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast, compile=compile)
-    check_steps("--steps", steps, ldm.schedule.num_timesteps)
-    check_conditions(ldm, run, classes, prompts, negative_prompt)
+    n, steps, guidance, prompts = o.n, o.steps, o.guidance_scale, o.prompts
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts
         from .utils import format_seconds
 
         seconds = ldm.estimate_seconds(
-            n, sampler=sampler, steps=steps, batch_size=batch_size, guidance_scale=guidance
+            n, sampler=o.sampler, steps=steps, batch_size=o.batch_size, guidance_scale=guidance
         )
         log.info(
             "sampling %d images (%s, %d steps) will take about %s here (timed on one batch)",
-            n, sampler, steps, format_seconds(seconds),
+            n, o.sampler, steps, format_seconds(seconds),
         )  # fmt: skip
-    kwargs = dict(sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance,
-                  guidance_rescale=guidance_rescale, batch_size=batch_size,
+    kwargs = dict(sampler=o.sampler, steps=steps, seed=o.seed, guidance_scale=guidance,
+                  guidance_rescale=o.guidance_rescale, batch_size=o.batch_size,
                   callback=callback)  # fmt: skip
-    how = f"{n} images, {sampler}, {steps} steps, seed {seed}"
+    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner
     if prompts:
         per_row = -(-n // len(prompts))
         texts = [p for p in prompts for _ in range(per_row)][:n]
-        images = ldm.sample(n, prompt=texts, negative_prompt=negative_prompt, **kwargs)
+        images = ldm.sample(n, prompt=texts, negative_prompt=o.negative_prompt, **kwargs)
         rows = -(-n // per_row)
         return Samples(
             images, per_row, list(prompts[:rows]), how + f", guidance {g:g}, one prompt per row"
         )
-    if classes is not None:
-        images = ldm.sample(n, class_labels=cond.parse(classes, n), **kwargs)
+    if o.classes is not None:
+        images = ldm.sample(n, class_labels=cond.parse(o.classes, n), **kwargs)
         return Samples(images, None, None, how + f", guidance {g:g}")
     images, per_row, row_labels = ldm.sample_grid(n, **kwargs)
     if cond.enabled:
         how += f", guidance {g:g}, one class per row"
     return Samples(images, per_row, row_labels, how)
-
-
-def check_conditions(
-    model: Any, run: Any, classes: str | None, prompts: Sequence[str] | None, negative: str | None
-) -> None:
-    """--class, --prompt and --negative-prompt against what the model was trained on; `model`
-    is a loaded `LatentDiffusion` or a `RunFolder` (then nothing is loaded but run.json)."""
-    if isinstance(model, RunFolder):
-        text, has_classes = model.has_text(), bool(model.config().unet.num_classes)
-    else:
-        text, has_classes = model.is_text_conditional, model.conditioner.enabled
-    if (prompts is not None or negative is not None) and not text:
-        flag = "--prompt" if prompts is not None else "--negative-prompt"
-        how = " (pick a class with --class)" if has_classes else ""
-        raise ConfigError(
-            f"{flag}: the model in {run} has no text conditioning, so it cannot follow a "
-            f"prompt; drop {flag}{how}"
-        )
-    if classes is not None and not has_classes and not text:
-        raise ConfigError(
-            f"--class: the model in {run} was trained without class labels (unconditional); "
-            "drop --class"
-        )
-    if classes is not None and text:
-        raise ConfigError(
-            f"--class: the model in {run} follows text prompts, not classes; describe what to "
-            'draw with --prompt, e.g. --prompt "a large red star on a blue background"'
-        )
-    if text and not prompts:
-        raise ConfigError(
-            f"the model in {run} follows text prompts: give --prompt TEXT (repeat it for one "
-            "row per prompt) or --prompts FILE (one per line)"
-        )
-    for p in prompts or []:
-        if not p.strip():
-            raise ConfigError(
-                '--prompt is empty; describe the image, e.g. --prompt "a small blue circle"'
-            )
 
 
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:
@@ -596,7 +567,7 @@ def report(
     *,
     out: str | os.PathLike | None = None,
     sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     device: str | None = None,
 ) -> Path:
@@ -644,10 +615,8 @@ def export_to_diffusers(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------ edit
-EDIT_METHODS = ("inpaint", "fill", "img2img", "invert", "interpolate", "denoise")
+EDIT_METHODS = tuple(EDITS)  # inpaint, fill, img2img, invert, interpolate, denoise
 _MASKED = ("inpaint", "fill")
-MAX_FRAMES = 500
-MAX_BLUR = 64  # pixels of feathered edge / cells of mask dilation
 
 
 @dataclass
@@ -663,64 +632,13 @@ class Edit:
     extra: dict[str, Any]
 
 
-def check_edit_options(method: str, o: dict[str, Any], ldm: Any) -> None:
-    """Every option of `edit`, checked once, with the CLI's flag names in the messages."""
-    allowed = {
-        "inpaint": {"mask_blur", "mask_dilate", "repaint_jump", "repaint_resample"},
-        "fill": {"mask_blur", "mask_dilate", "repaint_jump", "repaint_resample", "hole_colour"},
-        "img2img": {"strength"},
-        "invert": {"refine"},
-        "interpolate": {"frames", "seeds"},
-        "denoise": {"noise_std"},
-    }[method] | {"steps", "guidance_scale", "guidance_rescale"}
-    if method != "invert":  # inversion is DDIM's deterministic path: no sampler, no noise
-        allowed |= {"sampler", "seed"}
-    unknown = sorted(set(o) - allowed)
-    if unknown:
-        raise ConfigError(f"{method} does not take {', '.join(unknown)}")
-    if "sampler" in o:
-        check_sampler(o["sampler"])
-    if "steps" in o:
-        check_steps("--steps", o["steps"], ldm.schedule.num_timesteps)
-    if "seed" in o:
-        check_seed("--seed", o["seed"])
-    check_guidance("--guidance", o.get("guidance_scale"))
-    check_float("--guidance-rescale", o.get("guidance_rescale", 0.0), 0, 1)
-    for key, lo, hi in (("mask_blur", 0, MAX_BLUR), ("mask_dilate", 0, MAX_BLUR),
-                        ("repaint_jump", 1, MAX_TIMESTEPS), ("repaint_resample", 1, 100),
-                        ("refine", 0, 100), ("frames", 2, MAX_FRAMES)):  # fmt: skip
-        if key in o:
-            check_count("--" + key.replace("_", "-"), o[key], lo, hi)
-    if "strength" in o:  # 0 would run no step: one range, (0, 1], in every message
-        check_float("--strength", o["strength"], 0, 1, lo_open=True)
-    if o.get("noise_std") is not None:
-        check_float("--noise-std", o["noise_std"], 0, 1)
-    if "seeds" in o:
-        seeds = list(o["seeds"])
-        if len(seeds) != 2:
-            raise ConfigError(f"--seeds takes two seeds (the two ends), got {len(seeds)}")
-        for s in seeds:
-            check_seed("--seeds", s)
-    if "hole_colour" in o:
-        o["hole_colour"] = check_colour("--hole-colour", o["hole_colour"])
-
-
-def check_colour(name: str, value: Any) -> list[int]:
-    """A colour: 1 or 3 whole numbers in 0..255, as a list or as text ("255,255,255")."""
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        colour = [int(v) if isinstance(v, str) and v.strip().isdecimal() else v for v in items]
-    except TypeError:  # not a sequence
-        colour = [value]
-    ok = len(colour) in (1, 3) and all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in colour
-    )
-    if not ok:
-        raise ConfigError(
-            f"{name} takes 1 or 3 whole numbers in 0..255 (e.g. 255,255,255 for white), got "
-            f"{value if isinstance(value, str) else list(colour)!r}"
-        )
-    return colour
+def check_edit_options(method: str, options: dict[str, Any], run: Any = None) -> Any:
+    """The options of an edit (`options.EDITS[method]`, e.g. `InpaintOptions`) with `options`
+    ({name: value}, the page's names too) over the defaults, checked once, with the CLI's flag
+    names in the messages; with the run (a `RunFolder`), also against it (steps up to its T)."""
+    if method not in EDIT_METHODS:
+        raise ConfigError(f"unknown edit {method!r}; choose one of {', '.join(EDIT_METHODS)}")
+    return VERBS[method].given(options).check(run)
 
 
 def _input(name: str, path: str | os.PathLike) -> dict[str, str]:
@@ -763,8 +681,14 @@ def edit(
         raise ConfigError(f"unknown edit {method!r}; choose one of {', '.join(EDIT_METHODS)}")
     check_path("--run", run)
     folder = RunFolder(run).require_trained()
+    condition = {"classes": classes, "prompt": prompt, "negative_prompt": negative_prompt}
+    given = {**options, **{k: v for k, v in condition.items() if v is not None}}
+    checked = check_edit_options(method, given, folder)
+    # the options as given (under their field names), checked: a colour as numbers, ...
+    options = {f.name: getattr(checked, f.name) for f in checked.fields()
+               if f.name in options or f.web_name in options}  # fmt: skip
+    classes, prompt, negative_prompt = (getattr(checked, k) for k in condition)
     ldm = ldm if ldm is not None else LatentDiffusion.from_run(run, device=check_device(device))
-    check_edit_options(method, options, ldm)
     files = {"image": image, "mask": mask, "image_b": image_b}
     inputs, tensors, notes = edit_inputs(method, ldm, files, resize)
     condition = _edit_condition(method, ldm, run, classes, prompt, negative_prompt, options)

@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import options as declared
+from .diffusion.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
+from .options import parse_number as _number  # a number as typed; other text goes on to the check
+
 EXIT_USAGE = 2
 
 
@@ -28,17 +32,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         first = message.splitlines()[0] if message else "bad arguments"
         self.exit(EXIT_USAGE, f"ldmkit: error: {first}; see `{self.prog} --help`\n")
-
-
-def _number(text: str) -> int | float | str:
-    """A number as typed (int if whole, else float); other text is passed on as it is, for
-    `api` to refuse with the argument's name and range."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -78,25 +71,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
     if args.out is not None:  # not over a file it reads: --prompts, the run's files
         api.check_path("--run", args.run)
-        inputs = [("--prompts", args.prompts), *api.run_inputs(args.run)]
+        inputs = [("--prompts", args.prompts_file), *api.run_inputs(args.run)]
         api.check_output_file("--out", args.out, image=True, inputs=inputs)
     if args.outdir is not None:
         api.check_path("--outdir", args.outdir)
         api.check_writable(args.outdir)
     if args.nrow is not None:  # before sampling, not after
         api.check_count("--nrow", args.nrow, 1, api.MAX_NROW)
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["sample"].fields()}
     samples = api.sample(
-        args.run, n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-        classes=args.cls, prompts=_prompts(args), negative_prompt=args.negative_prompt,
-        guidance=args.guidance, guidance_rescale=args.guidance_rescale,
-        batch_size=args.batch_size, device=args.device, fast=args.fast, compile=args.compile,
+        args.run, options=declared.VERBS["sample"](**{**given, "prompts": _prompts(args)}),
+        device=args.device, fast=args.fast, compile=args.compile,
     )  # fmt: skip
     if args.out:
         api.save_grid(samples, args.out, nrow=args.nrow)
         print(f"wrote {args.out} ({samples.description})")
     if args.outdir:
         api.save_images(samples, args.outdir)
-        print(f"wrote {args.n} images to {args.outdir}")
+        print(f"wrote {len(samples.images)} images to {args.outdir}")
     return 0
 
 
@@ -104,19 +96,20 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     """--prompt (repeatable) and --prompts FILE (one prompt per line) as one list."""
     from . import api
 
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        api.check_path("--prompts", args.prompts)
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        path = args.prompts_file
+        api.check_path("--prompts", path)
         try:
-            text = Path(args.prompts).read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else str(e)
             raise CLIError(
-                f"--prompts: cannot read {args.prompts} ({why}); give a UTF-8 text file"
+                f"--prompts: cannot read {path} ({why}); give a UTF-8 text file"
             ) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise CLIError(f"--prompts: {args.prompts} holds no prompt; write one per line")
+            raise CLIError(f"--prompts: {path} holds no prompt; write one per line")
         prompts += lines
     return prompts or None
 
@@ -248,14 +241,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         for flag, path in (("--run", args.run), *files.items()):
             api.check_path(flag, path)
         api.check_edit_output(args.out, args.command, files, args.run)
-        options = {k: v for k, v in vars(args).items() if k in _EDIT_OPTIONS and v is not None}
-        if "seeds" in options:
-            options["seeds"] = _list(options["seeds"], _number)
+        given = {f.name: getattr(args, f.name) for f in declared.VERBS[args.command].fields()}
         result = api.edit(
             args.command, args.run, image=args.image, mask=getattr(args, "mask", None),
-            image_b=getattr(args, "image_b", None), resize=args.resize, classes=args.cls,
-            prompt=args.prompt, negative_prompt=args.negative_prompt, device=args.device,
-            **options,
+            image_b=getattr(args, "image_b", None), resize=args.resize, device=args.device,
+            **{k: v for k, v in given.items() if v is not None},  # the PNG records these
         )  # fmt: skip
     for note in result.notes:
         print(f"note: {note}")
@@ -273,92 +263,61 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-# the options of `ldmkit <edit>` passed on to api.edit under the same names
-_EDIT_OPTIONS = ("sampler", "steps", "seed", "guidance_scale", "guidance_rescale", "mask_blur",
-                 "mask_dilate", "repaint_jump", "repaint_resample", "hole_colour", "strength",
-                 "refine", "frames", "seeds", "noise_std")  # fmt: skip
+def add_options(p: Any, verb: str, *, defaults: bool = True) -> None:
+    """One flag per option of `verb` (its declaration in `ldmkit.options`): the field's flag,
+    help and default; numbers read by `_number`, a repeatable flag as a list. `defaults` False
+    leaves a flag that is not given None (an edit records the options given)."""
+    for f in declared.VERBS[verb].fields():
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        more = f" (default {shown})" if f.default is not None else ""
+        kw: dict[str, Any] = {"dest": f.name, "help": f.spec.help + more,
+                              "metavar": f.flag.lstrip("-").replace("-", "_").upper(),
+                              "default": f.default if defaults else None}  # fmt: skip
+        if f.spec.repeat:
+            kw.update(action="append", default=None)
+        elif f.kind in ("int", "float"):
+            kw["type"] = _number
+        p.add_argument(f.flag, **kw)
 
 
-def _add_edit_common(e: Any, sampler: str | None = "dpm++2m-sde", steps: int = 20) -> None:
-    """The flags every edit takes; `sampler` None: a deterministic edit (no sampler, no seed)."""
+def _add_edit(sub: Any, verb: str, help: str, inputs: dict[str, str]) -> None:
+    """`ldmkit <verb>`: its input files (`inputs`: {flag: help}), its options, and the flags
+    every edit takes."""
+    e = sub.add_parser(verb, help=help)
     e.add_argument("--run", help="run folder written by `ldmkit train`")
+    for flag, text in inputs.items():
+        e.add_argument(flag, help=text)
+    add_options(e, verb, defaults=False)
     e.add_argument("--out", help="PNG to write (it carries the edit's parameters)")
     e.add_argument("--from-png", metavar="PNG", help="repeat the edit a PNG written by ldmkit "
                    "records (same run, inputs and options: the same image, bit for bit)")  # fmt: skip
     e.add_argument("--resize", action="store_true",
                    help="resize inputs of another size to the model's (default: refuse them)")  # fmt: skip
-    if sampler is not None:
-        e.add_argument("--sampler", help=f"sampler (default {sampler})")
-        e.add_argument("--seed", type=_number, help="seed of the edit's noise (default 0)")
-    e.add_argument("--steps", type=_number, help=f"sampler steps (default {steps})")
-    e.add_argument("--class", dest="cls", help="class name or index of a class-conditional model")
-    e.add_argument("--prompt", action="append", help="text prompt of a text-conditional model")
-    e.add_argument("--negative-prompt", help='what guidance steers away from (instead of "")')
-    e.add_argument("--guidance", dest="guidance_scale", type=_number,
-                   help="classifier-free guidance scale (default: the run's, with a condition)")  # fmt: skip
-    e.add_argument("--guidance-rescale", type=_number)
     e.add_argument("--device")
     e.set_defaults(func=cmd_edit)
 
 
-def _add_inpaint(sub: Any) -> None:
-    e = sub.add_parser("inpaint", help="regenerate the white part of a mask in an image")
-    e.add_argument("--image", help="the image to edit")
-    e.add_argument("--mask", help="black = keep, white = regenerate (same size as the image)")
-    _add_masked(e)
-    _add_edit_common(e)
+# each edit: its help and its input files ({flag: help}); its options are declared in options.py
+_EDITS = {
+    "inpaint": ("regenerate the white part of a mask in an image", {
+        "--image": "the image to edit",
+        "--mask": "black = keep, white = regenerate (same size as the image)"}),
+    "fill": ("fill holes and scratches (a mask, or pixels of one colour)", {
+        "--image": "the damaged image",
+        "--mask": "the holes in white (default: find pixels of --hole-colour)"}),
+    "img2img": ("redraw an image: noise it part of the way, denoise", {
+        "--image": "the image to start from"}),
+    "invert": ("DDIM inversion: an image's noise, and the round trip", {
+        "--image": "the image to invert"}),
+    "interpolate": ("frames between two seeds, images or conditions (a strip PNG and a GIF)", {
+        "--image": "first image (with --image-b)", "--image-b": "second image"}),
+    "denoise": ("remove Gaussian noise from an image", {"--image": "the noisy image"}),
+}  # fmt: skip
 
 
-def _add_masked(e: Any) -> None:
-    e.add_argument("--mask-blur", type=_number,
-                   help="pixels of soft edge outside the mask when pasting back (default 0)")  # fmt: skip
-    e.add_argument("--mask-dilate", type=_number, help="grow the latent mask by N cells")
-    e.add_argument("--repaint-resample", type=_number,
-                   help="RePaint: resample each jump N times (1 = off; samplers ddpm, ddim)")  # fmt: skip
-    e.add_argument("--repaint-jump", type=_number, help="RePaint: jump length in steps (10)")
-
-
-def _add_fill(sub: Any) -> None:
-    e = sub.add_parser("fill", help="fill holes and scratches (a mask, or pixels of one colour)")
-    e.add_argument("--image", help="the damaged image")
-    e.add_argument("--mask", help="the holes in white (default: find pixels of --hole-colour)")
-    e.add_argument("--hole-colour", help="R,G,B (0..255) of the holes (default 255,255,255)")
-    _add_masked(e)
-    _add_edit_common(e)
-
-
-def _add_img2img(sub: Any) -> None:
-    e = sub.add_parser("img2img", help="redraw an image: noise it part of the way, denoise")
-    e.add_argument("--image", help="the image to start from")
-    e.add_argument("--strength", type=_number,
-                   help="0..1: share of the steps that run (1 = a fresh sample; default 0.6)")  # fmt: skip
-    _add_edit_common(e)
-
-
-def _add_invert(sub: Any) -> None:
-    e = sub.add_parser("invert", help="DDIM inversion: an image's noise, and the round trip")
-    e.add_argument("--image", help="the image to invert")
-    e.add_argument("--refine", type=_number,
-                   help="fixed-point iterations per step (exact inverse steps; default 0)")  # fmt: skip
-    _add_edit_common(e, None, 50)
-
-
-def _add_interpolate(sub: Any) -> None:
-    e = sub.add_parser("interpolate", help="frames between two seeds, images or conditions "
-                       "(a strip PNG and a GIF)")  # fmt: skip
-    e.add_argument("--seeds", help="two seeds, e.g. 1,2")
-    e.add_argument("--image", help="first image (with --image-b)")
-    e.add_argument("--image-b", help="second image")
-    e.add_argument("--frames", type=_number, help="number of frames, both ends included (8)")
-    _add_edit_common(e, "ddim")
-
-
-def _add_denoise(sub: Any) -> None:
-    e = sub.add_parser("denoise", help="remove Gaussian noise from an image")
-    e.add_argument("--image", help="the noisy image")
-    e.add_argument("--noise-std", type=_number,
-                   help="the noise's std on the 0..1 pixel scale (default: estimated)")  # fmt: skip
-    _add_edit_common(e)
+def _add_edits(sub: Any) -> None:
+    for verb, (help, inputs) in _EDITS.items():
+        _add_edit(sub, verb, help, inputs)
 
 
 def _add_train(sub: Any) -> None:
@@ -392,29 +351,9 @@ def _add_train(sub: Any) -> None:
 def _add_sample(sub: Any) -> None:
     s = sub.add_parser("sample", help="sample images from a trained run")
     s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
-    s.add_argument("--n", type=_number, default=64)
-    s.add_argument(
-        "--sampler",
-        default="dpm++2m-sde",
-        help="dpm++2m-sde (default), dpm++2m, ddpm, ddim, euler, heun, langevin",
-    )
-    s.add_argument("--steps", type=_number, default=20)
-    s.add_argument("--seed", type=_number, default=0)
-    s.add_argument("--class", dest="cls", help="class name(s) or index(es), comma-separated")
-    s.add_argument("--prompt", action="append", help="text prompt of a text-conditional model; "
-                   "repeat it for one row per prompt")  # fmt: skip
-    s.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
-    s.add_argument("--negative-prompt", help='what guidance steers away from (instead of "")')
-    s.add_argument("--guidance-rescale", type=_number, default=0.0,
-                   help="0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)")  # fmt: skip
-    s.add_argument(
-        "--guidance",
-        type=_number,
-        default=None,
-        help="classifier-free guidance scale of a class-conditional model (1 = none; default: "
-        "the run's guidance_scale)",
-    )
-    s.add_argument("--batch-size", type=_number, default=64)
+    add_options(s, "sample")
+    s.add_argument("--prompts", dest="prompts_file", metavar="FILE",
+                   help="a text file of prompts, one per line")  # fmt: skip
     s.add_argument("--nrow", type=_number)
     s.add_argument("--out", help="grid PNG to write")
     s.add_argument("--outdir", help="folder for one PNG per image")
@@ -473,9 +412,9 @@ def _add_report(sub: Any) -> None:
     r.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     r.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
     r.add_argument(
-        "--sampler", default="dpm++2m-sde", help="sampler for the samples and trajectory"
+        "--sampler", default=DEFAULT_SAMPLER, help="sampler for the samples and trajectory"
     )
-    r.add_argument("--steps", type=_number, default=20)
+    r.add_argument("--steps", type=_number, default=DEFAULT_STEPS)
     r.add_argument("--seed", type=_number, default=0)
     r.add_argument("--device")
     r.set_defaults(func=cmd_report)
@@ -494,8 +433,8 @@ def _add_serve(sub: Any) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    # default samplers are spelled out (samplers.DEFAULT_SAMPLER; a test keeps them equal) so
-    # that building the parser imports no torch; eval's defaults are api.evaluate's
+    # building the parser imports no torch (the declarations and sampler_names import none);
+    # eval's defaults are api.evaluate's
     p = _Parser(
         prog="ldmkit",
         description="Train and sample latent diffusion models (KL-VAE + UNet) on your own images.",
@@ -503,8 +442,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for add in (_add_train, _add_sample, _add_inpaint, _add_fill, _add_img2img, _add_invert,
-                _add_interpolate, _add_denoise, _add_convert, _add_eval, _add_report,
+    for add in (_add_train, _add_sample, _add_edits, _add_convert, _add_eval, _add_report,
                 _add_serve):  # fmt: skip
         add(sub)
     return p

@@ -37,7 +37,14 @@ from .diffusion.editing import (
     slerp,
     strength_start,
 )
-from .diffusion.samplers import SAMPLERS, Callback, check_sampler, run_sampler
+from .diffusion.samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    Callback,
+    check_sampler,
+    run_sampler,
+)
 from .pipeline import LatentDiffusion
 
 log = logging.getLogger(__name__)
@@ -181,8 +188,8 @@ def inpaint(
     images: Tensor,
     masks: Tensor,
     *,
-    sampler: str = "dpm++2m-sde",
-    steps: int = 20,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     mask_blur: int = 0,
     mask_dilate: int = 0,
@@ -210,8 +217,7 @@ def inpaint(
     images, notes = check_images(ldm, images)
     b = images.shape[0]
     masks = check_masks(ldm, masks, b)
-    if mask_blur < 0 or mask_dilate < 0:
-        raise ValueError(f"mask_blur and mask_dilate must be >= 0, got {mask_blur}, {mask_dilate}")
+    assert mask_blur >= 0 and mask_dilate >= 0, (mask_blur, mask_dilate)  # ldmkit.options
     if repaint_resample > 1 and sampler not in REPAINT_SAMPLERS:
         raise ValueError(
             f"RePaint resampling runs its own steps, which sampler {sampler} cannot take part "
@@ -265,8 +271,8 @@ def img2img(
     images: Tensor,
     *,
     strength: float = 0.6,
-    sampler: str = "dpm++2m-sde",
-    steps: int = 20,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     callback: Callback | None = None,
     **condition: Any,
@@ -361,7 +367,7 @@ def interpolate(
     images: Tensor | None = None,
     frames: int = 8,
     sampler: str = "ddim",
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     callback: Callback | None = None,
     **condition: Any,
@@ -373,8 +379,7 @@ def interpolate(
       of each frame mixes the two conditions' predictions, (1 - w) D_p + w D_q.
     Sampled with an ODE sampler by default, so neighbouring frames differ smoothly."""
     check_sampler(sampler)
-    if frames < 2:
-        raise ValueError(f"frames must be >= 2 (the two ends), got {frames}")
+    assert frames >= 2, frames  # the two ends (ldmkit.options checks a user's)
     weights = [k / (frames - 1) for k in range(frames)]
     pair = [k for k in ("class_labels", "prompt") if _is_pair(condition.get(k))]
     given = [seeds is not None, images is not None, bool(pair)]
@@ -461,8 +466,8 @@ def denoise(
     images: Tensor,
     *,
     noise_std: float | None = None,
-    sampler: str = "dpm++2m-sde",
-    steps: int = 20,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     callback: Callback | None = None,
     **condition: Any,
@@ -484,8 +489,7 @@ def denoise(
             "estimated noise std (0..1 scale): " + ", ".join(f"{v:.3f}" for v in std.tolist())
         )
     else:
-        if not 0 <= noise_std <= 1:
-            raise ValueError(f"noise_std is on the 0..1 scale of pixel values; got {noise_std}")
+        assert 0 <= noise_std <= 1, noise_std  # the 0..1 pixel scale (ldmkit.options)
         std = torch.full((b,), float(noise_std), dtype=torch.float64)
     params = {
         "method": "denoise", "noise_std": noise_std, "sampler": sampler, "steps": steps,

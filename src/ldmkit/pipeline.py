@@ -24,6 +24,7 @@ from .diffusion.denoiser import Denoiser
 from .diffusion.samplers import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
+    DEFAULT_STEPS,
     NonFiniteSampleError,
     check_sampler,
     check_start,
@@ -277,7 +278,7 @@ class LatentDiffusion:
         n: int,
         *,
         sampler: str = DEFAULT_SAMPLER,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         seed: int | None = 0,
         class_labels: Sequence[int] | Tensor | None = None,
         prompt: str | Sequence[str] | None = None,
@@ -303,8 +304,7 @@ class LatentDiffusion:
         """
         check_sampler(sampler)
         fast = self.fast if fast is None else fast
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        assert n >= 1, n  # the fronts check it (ldmkit.options)
         conditions = self.conditions(n, class_labels, prompt, negative_prompt, guidance_scale)
         seed = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed
         sigmas = self.sigmas(sampler, steps, sampler_options.pop("spacing", None))
@@ -409,7 +409,7 @@ class LatentDiffusion:
         return self.sample(len(texts), prompt=texts, **sample_kwargs), per_row, list(prompts)
 
     def estimate_seconds(
-        self, n: int, *, sampler: str = DEFAULT_SAMPLER, steps: int | Sequence[int] = 20,
+        self, n: int, *, sampler: str = DEFAULT_SAMPLER, steps: int | Sequence[int] = DEFAULT_STEPS,
         batch_size: int = 64, guidance_scale: float | None = None, **sampler_options: Any,
     ) -> float:  # fmt: skip
         """Wall time `sample(n, ...)` will take here (summed over several step counts, as the rows

@@ -633,3 +633,11 @@ def test_cli_defaults_name_the_library_defaults():
                   (table.DEFAULT_N,), (table.FULL_N,)):  # fmt: skip
         assert ",".join(map(str, words)) in eval_help
     assert DEFAULT_SAMPLER in SAMPLERS and set(table.FULL_SAMPLERS) <= set(SAMPLERS)
+
+
+def test_the_torch_free_sampler_names_are_the_samplers():
+    """sampler_names.py lists the samplers for the command line's help without importing torch."""
+    from ldmkit.diffusion import sampler_names
+
+    assert sampler_names.SAMPLER_NAMES == tuple(SAMPLERS)
+    assert sampler_names.DEFAULT_SAMPLER in SAMPLERS

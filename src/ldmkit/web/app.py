@@ -5,12 +5,14 @@ which calls `ldmkit.api` and `LatentDiffusion` like the command line does: nothi
 checks an argument or names a run file by itself.
 
     GET  /api/runs                      runs under --runs: name, trained, training
-    GET  /api/run?run=NAME              its data, classes or text, guidance, which grids exist
+    GET  /api/run?run=NAME              its data, classes or text, guidance, which grids exist,
+                                        the fields of the sample and edit forms (web/forms.py)
     GET  /api/run/log?run=NAME          loss rows per stage (log.jsonl)
     GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview
     POST /api/run/stop   {"run"}        asks its training to stop with a checkpoint
-    POST /api/sample     {"run", "n", "sampler", "steps", "seed", "guidance", "classes",
-                          "prompts", "negative_prompt"}             -> a queued job
+    POST /api/sample     {"run", and options.SampleOptions' fields by their page names: "n",
+                          "sampler", "steps", "seed", "guidance", "classes", "prompts",
+                          "negative_prompt", ...}                   -> a queued job
     GET  /api/job?id=ID                 state, step / total, place in the queue, error
     GET  /api/job/preview?id=ID         PNG: the x0 estimate at the current step
     GET  /api/job/result?id=ID          PNG with its parameters in the PNG text, as the CLI's
@@ -29,6 +31,7 @@ one job at a time per run (web/jobs.py). Every response carries
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -58,11 +61,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__, api
 from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
-from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, check_sampler
+from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ..options import VERBS, adjusted
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from ..training.state import RunLock
-from . import edits
+from . import edits, forms
 from .jobs import Job, Jobs, QueueFull, Result
 
 log = logging.getLogger(__name__)
@@ -347,13 +351,9 @@ class Site:
         classes = None if text else data.class_names
         preview = folder.newest_preview()
         conditioning = "text" if text else "class" if classes else "none"
-        methods = edits.methods(
-            {
-                "conditioning": conditioning,
-                "class_names": classes,
-                "guidance": cfg.sampling_guidance,
-            }
-        )
+        run = {"conditioning": conditioning, "class_names": classes,
+               "guidance": cfg.sampling_guidance}  # fmt: skip
+        sampling = forms.fields(sample_options(), run, {"guidance_scale": cfg.sampling_guidance})
         return JSONResponse({
             "name": name,
             "trained": _trained(folder),
@@ -373,7 +373,7 @@ class Site:
                 "preview": preview.stem if preview else None,
             },
             "samplers": list(SAMPLERS), "default_sampler": DEFAULT_SAMPLER,
-            "max_images": MAX_WEB_IMAGES, "editing": methods,
+            "max_images": MAX_WEB_IMAGES, "sampling": sampling, "editing": edits.methods(run),
             "warnings": folder.warnings(),  # a failed or cut-short stage (training.json)
         })  # fmt: skip
 
@@ -421,36 +421,24 @@ class Site:
 
     # -------------------------------------------------------------- jobs
     async def sample(self, request: Request) -> Response:
-        fields = {"run", "n", "sampler", "steps", "seed", "guidance", "classes", "prompts",
-                  "negative_prompt"}  # fmt: skip
-        body = await _json_body(request, fields)
+        declared = sample_options()
+        body = await _json_body(request, {"run"} | forms.names(declared))
         folder = self.folder(body.get("run"))
-        params = {"n": 8, "sampler": DEFAULT_SAMPLER, "steps": 20, "seed": 0, "guidance": None,
-                  "classes": None, "prompts": None, "negative_prompt": None}  # fmt: skip
-        params.update({k: v for k, v in body.items() if k != "run"})
-        # the cheap checks now, so that the page hears of a bad number at once (the rest when
-        # the model is loaded, in the job); the same helpers and messages as the CLI's
-        api.check_count("--n", params["n"], 1, MAX_WEB_IMAGES)
-        api.check_steps("--steps", params["steps"])
-        api.check_seed("--seed", params["seed"])
-        api.check_guidance("--guidance", params["guidance"])
-        _check_texts(params)
-        params["sampler"] = params["sampler"] or DEFAULT_SAMPLER
-        check_sampler(params["sampler"])
-        folder.require_trained()
-        api.check_conditions(folder, body["run"], params["classes"], params["prompts"],
-                             params["negative_prompt"])  # fmt: skip
+        given = forms.given(declared, {k: v for k, v in body.items() if k != "run"})
+        # checked now, against the run's files (nothing loaded), so that the page hears of a bad
+        # number at once; the same check and messages as the CLI's (api.sample checks it again)
+        options = declared(**given).check(folder, shown=body["run"])
+        # the job's parameters (written into its PNGs): the page's fields, and any other given
+        params = {f.web_name: getattr(options, f.name) for f in options.fields()
+                  if f.spec.web or f.name in given}  # fmt: skip
         return self._submit(body["run"], "sample", params, lambda job: self._sample(folder, job))
 
     def _sample(self, folder: RunFolder, job: Job) -> Result:
         ldm = self.model(folder)
         p = job.params
-        progress = _progress(ldm, job, p["steps"])
-        samples = api.sample(
-            folder.path, n=p["n"], sampler=p["sampler"], steps=p["steps"], seed=p["seed"],
-            classes=p["classes"], prompts=p["prompts"], negative_prompt=p["negative_prompt"],
-            guidance=p["guidance"], ldm=ldm, callback=progress,
-        )  # fmt: skip
+        options = sample_options().given(p)  # checked again by api.sample
+        progress = _progress(ldm, job, options.steps)
+        samples = api.sample(folder.path, options=options, ldm=ldm, callback=progress)
         meta = {"ldmkit": __version__, "method": "sample", "run": str(folder.path),
                 "weights": folder.weights_hash(), "options": p}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
@@ -480,7 +468,7 @@ class Site:
                 uploads[name] = await part.read()
         store = self.root / edits.UPLOADS
         checked = await run_in_threadpool(
-            lambda: edits.prepare(self.model(folder), kind, params, uploads, store)
+            lambda: edits.prepare(self.model(folder), folder, kind, params, uploads, store)
         )
         return self._submit(
             str(run), checked.kind, checked.options, lambda job: self._edit(folder, job, checked),
@@ -489,7 +477,7 @@ class Site:
 
     def _edit(self, folder: RunFolder, job: Job, request: edits.Request) -> Result:
         ldm = self.model(folder)
-        steps = int(request.options.get("steps", 50 if request.kind == "invert" else 20))
+        steps = request.checked.steps
         result, png, images = edits.run(ldm, folder.path, request, _progress(ldm, job, steps))
         frames = len(images) if request.kind == "interpolate" else 1
         info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
@@ -557,6 +545,17 @@ class Site:
 
 
 # ------------------------------------------------------------------------------ helpers
+@functools.cache
+def _page_sample(declared: type) -> type:
+    return adjusted(declared, n={"default": 8, "hi": MAX_WEB_IMAGES})
+
+
+def sample_options() -> type:
+    """The sample verb's declaration as the page takes it: at most MAX_WEB_IMAGES images a job,
+    8 by default."""
+    return _page_sample(VERBS["sample"])
+
+
 def _trained(folder: RunFolder) -> bool:
     return folder.has_model("vae") and folder.has_model("unet")
 
@@ -573,22 +572,6 @@ async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
     if unknown:
         raise WebError(400, f"unknown field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
     return body
-
-
-def _check_texts(params: dict[str, Any]) -> None:
-    """The text fields of a request: strings (prompts: a list of them); empty ones unset."""
-    prompts = params["prompts"]
-    if prompts is not None and (
-        not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts)
-    ):
-        raise WebError(400, "prompts must be a list of strings, one per grid row")
-    params["prompts"] = prompts or None
-    for name in ("sampler", "negative_prompt", "classes"):
-        value = params[name]
-        if value is not None and not isinstance(value, str):
-            raise WebError(400, f"{name} must be a string, got {value!r}")
-        if value is not None and not value.strip():
-            params[name] = None
 
 
 def _progress(ldm: Any, job: Job, total: int) -> Any:

@@ -22,13 +22,15 @@ from PIL import Image
 from .. import api
 from ..config import ConfigError
 from ..data.images import ImageFileError, ImageTooLargeError, load_image, write_png
-from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ..options import VERBS
 from ..pipeline import LatentDiffusion
+from ..runs import RunFolder
+from . import forms
 
 MAX_PIXELS = 4096 * 4096  # an uploaded image
 UPLOADS = ".ldmkit-serve/uploads"  # under --runs (hidden: never listed as a run)
 KINDS = ("inpaint", "img2img", "interpolate", "denoise", "fill")
-NAMES = {"guidance": "guidance_scale"}  # the page's field -> api.edit's option
+LABELS = {"denoise": "restore: denoise", "fill": "restore: fill (the mask, or white holes)"}
 
 
 class UploadError(ConfigError):
@@ -48,57 +50,35 @@ class Request:
     options: dict[str, Any]
     uploads: dict[str, bytes]  # as received (canvas alpha dropped)
     paths: dict[str, Path]  # where they are kept
+    checked: Any  # all the method's options, checked (`ldmkit.options`)
 
 
 # ------------------------------------------------------------------------------ the page's form
-def _num(name: str, label: str, value: Any, lo: float, hi: float | None = None,
-         step: float = 1, kind: str = "number") -> dict[str, Any]:  # fmt: skip
-    return {"name": name, "label": label, "value": value, "min": lo, "max": hi, "step": step,
-            "type": kind}  # fmt: skip
-
-
 def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each method's label, what it uploads and its fields, for the page to draw (`run`:
-    conditioning, class_names and guidance of the run)."""
-    sampler = {"name": "sampler", "label": "sampler", "options": list(SAMPLERS),
-               "value": DEFAULT_SAMPLER}  # fmt: skip
-    sampling = [sampler, _num("steps", "steps", 20, 1), _num("seed", "seed", 0, 0)]
-    condition: list[dict[str, Any]] = []
-    if run["conditioning"] == "class":
-        condition = [{"name": "classes", "label": "class", "options": ["", *run["class_names"]],
-                      "value": ""}]  # fmt: skip
-    elif run["conditioning"] == "text":
-        condition = [{"name": "prompt", "label": "prompt", "type": "text", "value": ""},
-                     {"name": "negative_prompt", "label": "negative prompt", "type": "text",
-                      "value": ""}]  # fmt: skip
-    if condition:
-        condition.append(_num("guidance", "guidance", run["guidance"], 0, None, 0.5))
+    conditioning, class_names and guidance of the run): the fields of its declaration
+    (`ldmkit.options`), then the page's own (which images; other sizes)."""
     resize = {"name": "resize", "label": "other sizes", "options": ["refuse", "resize"],
               "value": "refuse"}  # fmt: skip
-    masked = [
-        _num("mask_blur", "mask blur (px)", 0, 0, api.MAX_BLUR),
-        _num("mask_dilate", "mask dilate (cells)", 0, 0, api.MAX_BLUR),
-        _num("repaint_resample", "RePaint resamples (1 = off; ddpm, ddim)", 1, 1, 100),
-        _num("repaint_jump", "RePaint jump (steps)", 10, 1),
-    ]
-    return {
-        "inpaint": {"label": "inpaint", "image": True, "mask": True,
-                    "fields": [*sampling, *masked, *condition, resize]},
-        "img2img": {"label": "img2img", "image": True, "mask": False,
-                    "fields": [_num("strength", "strength", 0.6, 0.05, 1, 0.05, "range"),
-                               *sampling, *condition, resize]},
-        "interpolate": {"label": "interpolate", "image": False, "mask": False, "fields": [
-            {"name": "between", "label": "between", "options": ["seeds", "images"], "value": "seeds"},
-            _num("seed_a", "seed A", 0, 0), _num("seed_b", "seed B", 1, 0),
-            {"name": "image_b", "label": "second image (between images)", "type": "file"},
-            _num("frames", "frames", 8, 2, 64), {**sampler, "value": "ddim"},
-            _num("steps", "steps", 20, 1), *condition, resize]},
-        "denoise": {"label": "restore: denoise", "image": True, "mask": False, "fields": [
-            _num("noise_std", "noise std (0..1; empty: estimate)", "", 0, 1, 0.01),
-            *sampling, *condition, resize]},
-        "fill": {"label": "restore: fill (the mask, or white holes)", "image": True,
-                 "mask": True, "fields": [*sampling, *masked, *condition, resize]},
-    }  # fmt: skip
+    out = {}
+    for kind in KINDS:
+        declared = VERBS[kind]
+        fields = forms.fields(declared, run, {"guidance_scale": run["guidance"]})
+        uploads = []
+        if kind == "interpolate":  # two seeds as two boxes, or a second image
+            uploads = [
+                {"name": "between", "label": "between", "options": ["seeds", "images"],
+                 "value": "seeds"},
+                {"name": "seed_a", "label": "seed A", "value": 0, "min": 0, "step": 1,
+                 "type": "number"},
+                {"name": "seed_b", "label": "seed B", "value": 1, "min": 0, "step": 1,
+                 "type": "number"},
+                {"name": "image_b", "label": "second image (between images)", "type": "file"},
+            ]  # fmt: skip
+        out[kind] = {"label": LABELS.get(kind, kind), "image": kind != "interpolate",
+                     "mask": kind in ("inpaint", "fill"),
+                     "fields": [*uploads, *fields, resize]}  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------ checks
@@ -115,21 +95,15 @@ def check_upload(data: bytes, what: str) -> None:
         raise UploadError(str(e)) from None
 
 
-def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: dict[str, bytes],
-            folder: Path) -> Request:  # fmt: skip
+def prepare(ldm: LatentDiffusion, run: RunFolder, kind: Any, params: dict[str, Any],
+            uploads: dict[str, bytes], folder: Path) -> Request:  # fmt: skip
     """The request as `api.edit` takes it, checked before the job is queued with api's own
     checks (`check_edit_options`, `edit_inputs`: the CLI's messages): its uploads are checked
     for pixels, then stored in `folder` by SHA-256."""
     if kind not in KINDS:
         raise UploadError(f"unknown editing method {kind!r}; use one of {', '.join(KINDS)}")
-    p = {NAMES.get(k, k): v for k, v in params.items()}
+    p = dict(params)
     resize = p.pop("resize", "refuse") == "resize"
-    keep = {k: p.pop(k) for k in ("classes", "prompt", "negative_prompt") if p.get(k)}
-    for k, v in keep.items():
-        if not isinstance(v, str):
-            raise UploadError(f"{k} must be a string, got {v!r}")
-    for k in ("classes", "prompt", "negative_prompt"):
-        p.pop(k, None)
     files = dict(uploads)
     if kind == "interpolate":
         if p.pop("between", "seeds") == "images":
@@ -145,13 +119,14 @@ def prepare(ldm: LatentDiffusion, kind: Any, params: dict[str, Any], uploads: di
         raise UploadError(f"{kind} needs an image: upload one or use a generated one")
     if kind == "inpaint" and "mask" not in files:
         raise UploadError("inpaint needs a mask: draw on the image (white = regenerate)")
-    api.check_edit_options(kind, p, ldm)
+    given = forms.given(VERBS[kind], p)  # the page's empty inputs: the defaults
+    checked = api.check_edit_options(kind, given, run)
     for name, data in files.items():
         check_upload(data, {"image_b": "second image"}.get(name, name))
         files[name] = _without_canvas_alpha(data, mask=name == "mask")
     paths = {name: store(data, folder) for name, data in files.items()}
     api.edit_inputs(kind, ldm, {"image": None, "mask": None, "image_b": None, **paths}, resize)
-    return Request(kind, {**p, **keep, "resize": resize}, files, paths)
+    return Request(kind, {**given, "resize": resize}, files, paths, checked)
 
 
 def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:

@@ -64,28 +64,60 @@ function showRunImage(which, present) {
   if (present) $(`${which}-img`).src = "/api/run/image?" + q({ run: state.run, which, t: Date.now() });
 }
 
+// ------------------------------------------------------------------ forms from the server
+// The fields of a verb's options come from the server (ldmkit/options.py via web/forms.py):
+// {name, label, value, and min / max / step / type, or options (empty: the label of "")}.
+// Drawn again (another run, another method), a field keeps what the user typed unless the
+// server's value for it changed (the run's guidance).
+function drawFields(container, fields, prefix) {
+  const before = {};
+  for (const input of container.querySelectorAll("[data-kind]")) before[input.name] = input;
+  container.replaceChildren(...fields.map((f) => {
+    const label = el("label", f.label);
+    let input, kind = "number";
+    if (f.options) {
+      input = document.createElement("select"); kind = "choice";
+      input.replaceChildren(...f.options.map((o) => new Option(o || f.empty || "(none)", o, false, o === f.value)));
+    } else if (f.type === "lines") {
+      input = document.createElement("textarea"); kind = "lines";
+      Object.assign(input, { rows: 2, value: Array.isArray(f.value) ? f.value.join("\n") : "" });
+      label.className = "wide-field";
+    } else {
+      input = document.createElement("input");
+      if (f.type === "file") { kind = "file"; Object.assign(input, { type: "file", accept: "image/png,image/jpeg,image/webp" }); }
+      else if (f.type === "text") { kind = "text"; Object.assign(input, { type: "text", value: f.value ?? "" }); }
+      else Object.assign(input, { type: f.type || "number", min: f.min ?? "", max: f.max ?? "", step: f.step ?? "any", value: f.value ?? "" });
+    }
+    input.name = f.name; input.id = prefix + f.name; input.dataset.kind = kind;
+    input.dataset.initial = JSON.stringify(f.value ?? null);
+    const old = before[f.name];
+    if (old && kind !== "file" && old.dataset.kind === kind && old.dataset.initial === input.dataset.initial
+        && (kind !== "choice" || f.options.includes(old.value))) input.value = old.value;
+    label.append(input);
+    return label;
+  }));
+}
+
+// The values of the drawn fields, by name; an empty one is left out (the server's default).
+function readFields(container) {
+  const params = {};
+  for (const input of container.querySelectorAll("input, select, textarea")) {
+    const kind = input.dataset.kind, value = kind === "choice" ? input.value : input.value.trim();
+    if (kind === "file" || value === "") continue;
+    params[input.name] = kind === "number" ? Number(value)
+      : kind === "lines" ? value.split("\n").map((s) => s.trim()).filter(Boolean) : value;
+  }
+  return params;
+}
+
 // ------------------------------------------------------------------ sample
 function fillSampleForm(info) {
-  $("sampler").replaceChildren(...info.samplers.map((s) => new Option(s, s, false, s === info.default_sampler)));
-  $("guidance").value = info.guidance;
-  $("n").max = info.max_images;
-  const isClass = info.conditioning === "class", isText = info.conditioning === "text";
-  document.querySelectorAll(".for-class").forEach((e) => { e.hidden = !isClass; });
-  document.querySelectorAll(".for-text").forEach((e) => { e.hidden = !isText; });
-  $("classes").replaceChildren(new Option("one row per class", ""), ...(info.class_names || []).map((c) => new Option(c, c)));
+  drawFields($("sample-params"), info.sampling || [], "");
   $("generate").disabled = !info.trained;
 }
 
 function sampleRequest() {
-  const num = (id) => Number($(id).value);
-  const body = { run: state.run, sampler: $("sampler").value, steps: num("steps"), seed: num("seed"), n: num("n") };
-  if ($("guidance").value !== "") body.guidance = num("guidance");
-  if (state.info.conditioning === "class" && $("classes").value) body.classes = $("classes").value;
-  if (state.info.conditioning === "text") {
-    body.prompts = $("prompts").value.split("\n").map((s) => s.trim()).filter(Boolean);
-    if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
-  }
-  return body;
+  return { run: state.run, ...readFields($("sample-params")) };
 }
 
 async function generate(event) {
@@ -191,24 +223,11 @@ function showEditParams() {
   if (!spec) return;
   $("mask-tools").hidden = !spec.mask;
   $("mask").hidden = !spec.mask;
-  $("edit-params").replaceChildren(...spec.fields.map((f) => {
-    const label = el("label", f.label), input = document.createElement(f.options ? "select" : "input");
-    if (f.options) input.replaceChildren(...f.options.map((o) => new Option(o || "(none)", o, false, o === f.value)));
-    else if (f.type === "file") Object.assign(input, { type: "file", accept: "image/png,image/jpeg,image/webp" });
-    else Object.assign(input, { type: f.type || "number", min: f.min ?? "", max: f.max ?? "", step: f.step ?? "any", value: f.value ?? "" });
-    input.name = f.name; input.id = `edit-${f.name}`; input.dataset.kind = f.type || (f.options ? "text" : "number");
-    label.append(input);
-    return label;
-  }));
+  drawFields($("edit-params"), spec.fields, "edit-");
 }
 
 function editParams() {
-  const params = {};
-  for (const input of $("edit-params").querySelectorAll("input, select")) {
-    if (input.value === "" || input.type === "file") continue;
-    params[input.name] = input.dataset.kind === "text" ? input.value : Number(input.value);
-  }
-  return params;
+  return readFields($("edit-params"));
 }
 
 async function runEdit() {

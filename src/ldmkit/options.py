@@ -1,0 +1,490 @@
+"""The options of the sampling and editing verbs, each declared once.
+
+One frozen dataclass per verb; every field carries its default, its range or choices and its
+help text (`option`). The command line derives its flags and help from them (`cli.add_options`),
+the web page its forms and the fields its requests may hold (`web/forms.py`), and `api.sample` /
+`api.edit` check a call with the declaration's `check`, once; the library below them (pipeline,
+editing) keeps only assertions about tensors. A new option is one field here; a new verb is one
+declaration and one api function.
+
+    @dataclass(frozen=True)
+    class Img2ImgOptions(SampledEditOptions):
+        verb: ClassVar[str] = "img2img"
+        strength: float = option(0.6, "0..1: share of the steps that run (1 = a fresh sample)",
+                                 lo=0, hi=1, lo_open=True, step=0.05, widget="range")
+
+This module imports no torch (`ldmkit --help` reads these declarations): limits that heavier
+modules own (recipe.py's MAX_SEED, a run's number of diffusion steps T) are read by small
+functions when a check runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .config import ConfigError, check_float, check_int
+from .diffusion.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
+
+if TYPE_CHECKING:
+    from .runs import RunFolder
+
+MAX_IMAGES = 100_000  # images one call of sample / eval draws (all are held in memory)
+MAX_BATCH = 4096  # images per batch
+MAX_FRAMES = 500  # frames of an interpolation
+MAX_BLUR = 64  # pixels of feathered edge / cells of mask dilation
+MAX_RESAMPLE = 100  # RePaint resamplings of a jump, fixed-point refinements of an inversion step
+
+# A bound is a number, or a function of the run (None: no run at hand) read when a check runs.
+Bound = int | float | Callable[["RunFolder | None"], float] | None
+
+
+# ------------------------------------------------------------------------------ limits owned elsewhere
+def max_seed(run: RunFolder | None = None) -> int:
+    from .recipe import MAX_SEED
+
+    return MAX_SEED
+
+
+def max_guidance(run: RunFolder | None = None) -> float:
+    from .recipe import MAX_GUIDANCE
+
+    return MAX_GUIDANCE
+
+
+def guidance_hint(run: RunFolder | None = None) -> str:
+    from .recipe import GUIDANCE_HINT
+
+    return GUIDANCE_HINT
+
+
+def max_timesteps(run: RunFolder | None = None) -> int:
+    from .recipe import MAX_TIMESTEPS
+
+    return MAX_TIMESTEPS
+
+
+def timesteps(run: RunFolder | None = None) -> int:
+    """Sampler steps go up to the run's T (its diffusion steps; MAX_TIMESTEPS without a run)."""
+    return max_timesteps() if run is None else run.config().diffusion.num_timesteps
+
+
+# ------------------------------------------------------------------------------ declaring a field
+@dataclass(frozen=True)
+class Spec:
+    """How the fronts show and check one option (a field's metadata["option"])."""
+
+    help: str
+    flag: str = ""  # the command line's spelling; "" is "--" + the field's name with dashes
+    lo: Bound = None  # the range; a number field is checked against it
+    hi: Bound = None
+    lo_open: bool = False  # lo itself is refused: (lo, hi]
+    hint: str | Callable[[RunFolder | None], str] = ""  # after a range message, e.g. " (1 = none)"
+    choices: tuple[str, ...] = ()  # the values a text field may take
+    check: Callable[[str, Any], Any] | None = None  # other values: (flag, value) -> checked value
+    repeat: bool = False  # the flag may be given several times (its values form a list)
+    web: bool = True  # on the page's form, and taken from its requests
+    web_name: str = ""  # the page's name of the field, where it differs from the field's name
+    label: str = ""  # the page's label; "" is the name with spaces
+    step: float | None = None  # the page's number step (None: 1 for whole numbers, else any)
+    widget: str = ""  # the page's input: "" (from the type), "range", "text", "lines"
+    when: str = ""  # "class", "text", "condition": on the page for a run with that conditioning
+    empty: str = ""  # the page's label of the empty choice of `choices` (e.g. "one row per class")
+
+
+def option(default: Any, help: str, **spec: Any) -> Any:
+    """A declaration's field: its default and how the fronts show and check it (`Spec`)."""
+    return field(default=default, metadata={"option": Spec(help=help, **spec)})
+
+
+def like(base: type, name: str, default: Any, **changes: Any) -> Any:
+    """A field of `base` declared again with another default (and `changes` to its Spec)."""
+    f = base.__dataclass_fields__[name]
+    spec = dataclasses.replace(f.metadata["option"], **changes)
+    return field(default=default, metadata={"option": spec})
+
+
+@dataclass(frozen=True)
+class Field:
+    """One option of a declaration as the fronts use it."""
+
+    name: str
+    default: Any
+    spec: Spec
+    kind: str  # "int", "float", "text", or "other" (a `spec.check` reads it)
+    optional: bool  # None is a value (it means: the default of the run, or none)
+
+    @property
+    def flag(self) -> str:
+        return self.spec.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def web_name(self) -> str:
+        return self.spec.web_name or self.name
+
+    def bound(self, which: str, run: RunFolder | None = None) -> Any:
+        value = getattr(self.spec, which)
+        return value(run) if callable(value) else value
+
+    def check(self, value: Any, run: RunFolder | None = None) -> Any:
+        """The value checked (a one-line ConfigError naming the flag), as the library takes it."""
+        if value is None and self.optional:
+            return None
+        if self.spec.check is not None:
+            return self.spec.check(self.flag, value)
+        lo, hi = self.bound("lo", run), self.bound("hi", run)
+        if self.kind == "int":
+            return check_int(self.flag, value, lo, hi)
+        if self.kind == "float":
+            hint = self.spec.hint(run) if callable(self.spec.hint) else self.spec.hint
+            return check_float(self.flag, value, lo, hi, lo_open=self.spec.lo_open, hint=hint)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.name} must be a string, got {value!r}")
+        if self.spec.choices and value not in self.spec.choices:
+            raise ConfigError(
+                f"unknown {self.name} {value!r}; choose one of {', '.join(self.spec.choices)}"
+            )
+        return value
+
+
+_UnionType = type(int | None)
+
+
+def _kind(tp: Any) -> tuple[str, bool]:
+    """(kind, optional) of a field's type: int, float (or int), str, or other."""
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, _UnionType) else {tp}
+    optional = type(None) in args
+    args.discard(type(None))
+    if args == {int}:
+        return "int", optional
+    if args and args <= {int, float}:
+        return "float", optional
+    if args == {str}:
+        return "text", optional
+    return "other", optional
+
+
+# ------------------------------------------------------------------------------ declarations
+@dataclass(frozen=True)
+class Options:
+    """The base of every declaration: its fields as the fronts use them, and their check."""
+
+    verb: ClassVar[str] = ""
+
+    @classmethod
+    def fields(cls) -> tuple[Field, ...]:
+        return _fields(cls)
+
+    @classmethod
+    def named(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` ({field or page name: value}) by field name; a name the declaration does not
+        have is refused in one line."""
+        names = {f.web_name: f.name for f in cls.fields()} | {f.name: f.name for f in cls.fields()}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.verb} does not take {', '.join(unknown)}")
+        return {names[k]: v for k, v in values.items()}
+
+    @classmethod
+    def given(cls, values: Mapping[str, Any]) -> Options:
+        """The declaration with `values` ({field or page name: value}) over its defaults."""
+        return cls(**cls.named(values))
+
+    def check(self, run: RunFolder | None = None, shown: Any = None) -> Any:
+        """Every field checked in declaration order, once; with the run, also what depends on it
+        (its models saved, first; steps up to its T; the conditions it follows: `check_run`;
+        `shown`: the run as the user named it, for messages). Returns the options as the library
+        takes them (e.g. a colour given as text as numbers)."""
+        if run is not None:
+            run.require_trained()
+        values = {f.name: f.check(getattr(self, f.name), run) for f in self.fields()}
+        if run is not None:
+            self.check_run(run, shown if shown is not None else run.path, values)
+        return dataclasses.replace(self, **values)
+
+    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        """What a verb checks against the run beyond the fields' ranges (none by default)."""
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[Field, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("option")
+        if spec is not None:
+            out.append(Field(f.name, f.default, spec, *_kind(hints[f.name])))
+    return tuple(out)
+
+
+def adjusted(cls: type, **changes: Mapping[str, Any]) -> type:
+    """`cls` with some fields declared again: {name: {"default": ..., Spec field: ...}}, e.g. a
+    front's own limit (the page draws at most 64 images a job)."""
+    redeclared = []
+    for name, change in changes.items():
+        change = dict(change)
+        default = change.pop("default", cls.__dataclass_fields__[name].default)
+        redeclared.append(
+            (name, cls.__dataclass_fields__[name].type, like(cls, name, default, **change))
+        )
+    return dataclasses.make_dataclass(cls.__name__, redeclared, bases=(cls,), frozen=True,
+                                      namespace={"__module__": cls.__module__})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ checks of other values
+def check_texts(name: str, value: Any) -> list[str]:
+    """Prompts: a list of strings (the command line's repeated --prompt, the page's lines)."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not all(isinstance(p, str) for p in value)
+    ):
+        raise ConfigError(f"prompts must be a list of strings, one per grid row, got {value!r}")
+    return list(value)
+
+
+def check_prompt(name: str, value: Any) -> str | list[str]:
+    """The prompt of an edit: one string, or a list of them (two for an interpolation)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise ConfigError(f"prompt must be a string (or a list of them), got {value!r}")
+
+
+def check_seeds(name: str, value: Any) -> list[int]:
+    """Two seeds, as a list or as text ("1,2")."""
+    if isinstance(value, str):
+        value = [parse_number(s.strip()) for s in value.split(",") if s.strip()]
+    seeds = list(value) if isinstance(value, Sequence) else [value]
+    if len(seeds) != 2:
+        raise ConfigError(f"{name} takes two seeds (the two ends), got {len(seeds)}")
+    return [check_int(name, s, 0, max_seed()) for s in seeds]
+
+
+def check_colour(name: str, value: Any) -> list[int]:
+    """A colour: 1 or 3 whole numbers in 0..255, as a list or as text ("255,255,255")."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        colour = [int(v) if isinstance(v, str) and v.strip().isdecimal() else v for v in items]
+    except TypeError:  # not a sequence
+        colour = [value]
+    ok = len(colour) in (1, 3) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in colour
+    )
+    if not ok:
+        raise ConfigError(
+            f"{name} takes 1 or 3 whole numbers in 0..255 (e.g. 255,255,255 for white), got "
+            f"{value if isinstance(value, str) else list(colour)!r}"
+        )
+    return colour
+
+
+def parse_number(text: str) -> int | float | str:
+    """A number as typed (int if whole, else float); other text is passed on as it is, for the
+    check to refuse with the option's name and range (the command line's reader of numbers)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def check_conditions(
+    model: Any, run: Any, classes: str | None, prompts: Sequence[str] | None, negative: str | None
+) -> None:
+    """--class, --prompt and --negative-prompt against what the model was trained on; `model`
+    is a loaded `LatentDiffusion` or a `RunFolder` (then nothing is loaded but run.json)."""
+    from .runs import RunFolder
+
+    if isinstance(model, RunFolder):
+        text, has_classes = model.has_text(), bool(model.config().unet.num_classes)
+    else:
+        text, has_classes = model.is_text_conditional, model.conditioner.enabled
+    if (prompts is not None or negative is not None) and not text:
+        flag = "--prompt" if prompts is not None else "--negative-prompt"
+        how = " (pick a class with --class)" if has_classes else ""
+        raise ConfigError(
+            f"{flag}: the model in {run} has no text conditioning, so it cannot follow a "
+            f"prompt; drop {flag}{how}"
+        )
+    if classes is not None and not has_classes and not text:
+        raise ConfigError(
+            f"--class: the model in {run} was trained without class labels (unconditional); "
+            "drop --class"
+        )
+    if classes is not None and text:
+        raise ConfigError(
+            f"--class: the model in {run} follows text prompts, not classes; describe what to "
+            'draw with --prompt, e.g. --prompt "a large red star on a blue background"'
+        )
+    if text and not prompts:
+        raise ConfigError(
+            f"the model in {run} follows text prompts: give --prompt TEXT (repeat it for one "
+            "row per prompt) or --prompts FILE (one per line)"
+        )
+    for p in prompts or []:
+        if not p.strip():
+            raise ConfigError(
+                '--prompt is empty; describe the image, e.g. --prompt "a small blue circle"'
+            )
+
+
+# ------------------------------------------------------------------------------ sample
+SAMPLER_HELP = f"sampler: {', '.join(SAMPLER_NAMES)}"
+GUIDANCE_HELP = "classifier-free guidance scale (1 = none; default: the run's, with a condition)"
+
+
+@dataclass(frozen=True)
+class SampleOptions(Options):
+    """`ldmkit sample`, `api.sample`, the page's Sample tab."""
+
+    verb: ClassVar[str] = "sample"
+    n: int = option(64, "images to draw", lo=1, hi=MAX_IMAGES, label="images")
+    sampler: str = option(DEFAULT_SAMPLER, SAMPLER_HELP, choices=SAMPLER_NAMES)
+    steps: int = option(DEFAULT_STEPS, "sampler steps", lo=1, hi=timesteps)
+    seed: int = option(0, "seed of the images' noise", lo=0, hi=max_seed)
+    classes: str | None = option(
+        None, "class name(s) or index(es), comma-separated", flag="--class", when="class",
+        label="class", empty="one row per class",
+    )  # fmt: skip
+    prompts: tuple[str, ...] | None = option(
+        None, "text prompt of a text-conditional model; repeat it for one row per prompt",
+        flag="--prompt", check=check_texts, repeat=True, when="text", widget="lines",
+        label="prompts, one per row",
+    )  # fmt: skip
+    negative_prompt: str | None = option(
+        None, 'what guidance steers away from (instead of "")', when="text", widget="text"
+    )
+    guidance_scale: float | None = option(
+        None, GUIDANCE_HELP, flag="--guidance", lo=0, hi=max_guidance, hint=guidance_hint,
+        web_name="guidance", label="guidance", step=0.5, when="condition",
+    )  # fmt: skip
+    guidance_rescale: float = option(
+        0.0, "0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)", lo=0, hi=1,
+        web=False,
+    )  # fmt: skip
+    batch_size: int = option(64, "images per batch", lo=1, hi=MAX_BATCH, web=False)
+
+    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        check_conditions(run, shown, values["classes"], values["prompts"],
+                         values["negative_prompt"])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ edits
+@dataclass(frozen=True)
+class EditOptions(Options):
+    """What every edit takes: steps and a condition (an inversion takes no sampler and no seed:
+    it runs DDIM's deterministic path)."""
+
+    steps: int = option(DEFAULT_STEPS, "sampler steps", lo=1, hi=timesteps)
+    classes: str | None = option(
+        None, "class name or index of a class-conditional model", flag="--class", when="class",
+        label="class", empty="(none)",
+    )  # fmt: skip
+    prompt: str | tuple[str, ...] | None = option(
+        None, "text prompt of a text-conditional model", check=check_prompt, repeat=True,
+        when="text", widget="text",
+    )  # fmt: skip
+    negative_prompt: str | None = option(
+        None, 'what guidance steers away from (instead of "")', when="text", widget="text"
+    )
+    guidance_scale: float | None = option(
+        None, GUIDANCE_HELP, flag="--guidance", lo=0, hi=max_guidance, hint=guidance_hint,
+        web_name="guidance", label="guidance", step=0.5, when="condition",
+    )  # fmt: skip
+    guidance_rescale: float = option(
+        0.0, "0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)", lo=0, hi=1,
+        web=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SampledEditOptions(EditOptions):
+    """An edit that runs a sampler from noise of its own."""
+
+    sampler: str = option(DEFAULT_SAMPLER, SAMPLER_HELP, choices=SAMPLER_NAMES)
+    seed: int = option(0, "seed of the edit's noise", lo=0, hi=max_seed)
+
+
+@dataclass(frozen=True)
+class InpaintOptions(SampledEditOptions):
+    """`ldmkit inpaint`: regenerate the white part of a mask."""
+
+    verb: ClassVar[str] = "inpaint"
+    mask_blur: int = option(0, "pixels of soft edge outside the mask when pasting back", lo=0,
+                            hi=MAX_BLUR, label="mask blur (px)")  # fmt: skip
+    mask_dilate: int = option(0, "grow the latent mask by N cells", lo=0, hi=MAX_BLUR,
+                              label="mask dilate (cells)")  # fmt: skip
+    repaint_resample: int = option(1, "RePaint: resample each jump N times (1 = off; samplers "
+                                   "ddpm, ddim)", lo=1, hi=MAX_RESAMPLE,
+                                   label="RePaint resamples (1 = off; ddpm, ddim)")  # fmt: skip
+    repaint_jump: int = option(10, "RePaint: jump length in steps", lo=1, hi=max_timesteps,
+                               label="RePaint jump (steps)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FillOptions(InpaintOptions):
+    """`ldmkit fill`: inpaint the mask, or the pixels of one colour."""
+
+    verb: ClassVar[str] = "fill"
+    hole_colour: str | tuple[int, ...] = option(
+        (255, 255, 255), "R,G,B (0..255) of the holes, without a mask", check=check_colour,
+        web=False,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Img2ImgOptions(SampledEditOptions):
+    """`ldmkit img2img`: noise an image part of the way, denoise it (SDEdit)."""
+
+    verb: ClassVar[str] = "img2img"
+    strength: float = option(0.6, "0..1: share of the steps that run (1 = a fresh sample)",
+                             lo=0, hi=1, lo_open=True, step=0.05, widget="range")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InvertOptions(EditOptions):
+    """`ldmkit invert`: DDIM inversion, an image's noise and the round trip."""
+
+    verb: ClassVar[str] = "invert"
+    steps: int = like(EditOptions, "steps", 50)
+    refine: int = option(0, "fixed-point iterations per step (exact inverse steps)", lo=0,
+                         hi=MAX_RESAMPLE)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InterpolateOptions(SampledEditOptions):
+    """`ldmkit interpolate`: frames between two seeds, images or conditions."""
+
+    verb: ClassVar[str] = "interpolate"
+    sampler: str = like(SampledEditOptions, "sampler", "ddim")
+    seed: int = like(SampledEditOptions, "seed", 0, web=False)  # the page: seed A, seed B
+    seeds: str | tuple[int, int] | None = option(
+        None, "two seeds, e.g. 1,2", check=check_seeds, web=False
+    )
+    frames: int = option(8, "number of frames, both ends included", lo=2, hi=MAX_FRAMES)
+
+
+@dataclass(frozen=True)
+class DenoiseOptions(SampledEditOptions):
+    """`ldmkit denoise`: remove Gaussian noise."""
+
+    verb: ClassVar[str] = "denoise"
+    noise_std: float | None = option(None, "the noise's std on the 0..1 pixel scale (default: "
+                                     "estimated)", lo=0, hi=1, step=0.01,
+                                     label="noise std (0..1; empty: estimate)")  # fmt: skip
+
+
+_EDIT_DECLARATIONS = (InpaintOptions, FillOptions, Img2ImgOptions, InvertOptions,
+                      InterpolateOptions, DenoiseOptions)  # fmt: skip
+EDITS: dict[str, type[EditOptions]] = {o.verb: o for o in _EDIT_DECLARATIONS}
+
+# Every verb's declaration by the verb's name: the fronts look them up here (so a test can
+# extend one and see it reach every front).
+VERBS: dict[str, type[Options]] = {"sample": SampleOptions, **EDITS}
