@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     for line in said:
         print("  said:", line[:300])
     print(load_line())
-    print("command: python bench/busy_machine.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(
+        "command: python bench/busy_machine.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ classifier, which measures readability and FID-cnn, tells the photos apart).
     python bench/photo_crops.py --out photos --holdout astronaut96.png
     # the 64 px benchmark: 11 photos x 4 scales x 250 crops, one class per photo
     python bench/photo_crops.py --out photos64 --size 64 --photos all --classes --per-scale 250
+    # held-out crops for `ldmkit eval --held-out` (the same photos, other places)
+    python bench/photo_crops.py --out photos64-test --size 64 --photos all --classes --per-scale 50 --seed 1
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--photos", choices=["five", "all"], default="five",
                    help=f"five: {', '.join(PHOTOS)}; all: also {', '.join(ALL_PHOTOS[5:])}")  # fmt: skip
     p.add_argument("--classes", action="store_true", help="one sub-folder (class) per photo")
+    p.add_argument("--seed", type=int, default=0, help="another seed: other crops (held-out data)")
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     k = 0
     names = PHOTOS if args.photos == "five" else ALL_PHOTOS
     # the five-photo 32 px set keeps its original scales (the README's restoration pictures)

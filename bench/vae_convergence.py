@@ -30,50 +30,130 @@ from benchlib import load_line, machine_line, print_table
 
 # name -> --set overrides of the autoencoder's recipe (the other settings are the defaults)
 VARIANTS: dict[str, dict[str, object]] = {
-    "today": {"vae_train.lr_schedule": "cosine", "vae_train.steps": 700, "vae_train.lr": 2e-3,
-              "vae_train.ema_decay": 0.995, "vae_train.batch_size": 32},
-    "today-3000": {"vae_train.lr_schedule": "cosine", "vae_train.steps": 3000,
-                   "vae_train.lr": 2e-3, "vae_train.ema_decay": 0.995},
+    "today": {
+        "vae_train.lr_schedule": "cosine",
+        "vae_train.steps": 700,
+        "vae_train.lr": 2e-3,
+        "vae_train.ema_decay": 0.995,
+        "vae_train.batch_size": 32,
+    },
+    "today-3000": {
+        "vae_train.lr_schedule": "cosine",
+        "vae_train.steps": 3000,
+        "vae_train.lr": 2e-3,
+        "vae_train.ema_decay": 0.995,
+    },
     "wsd": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000},
-    "wsd-ema.98": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                   "vae_train.ema_decay": 0.98},
-    "wsd-noema": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                  "vae_train.ema_decay": 0.0},
-    "lr4e-3": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.lr": 4e-3,
-               "vae_train.ema_decay": 0.98},
-    "lr1e-3": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.lr": 1e-3,
-               "vae_train.ema_decay": 0.98},
-    "b16": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.batch_size": 16,
-            "vae_train.ema_decay": 0.98},
-    "b64": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000, "vae_train.batch_size": 64,
-            "vae_train.ema_decay": 0.98},
-    "wide": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-             "vae_train.ema_decay": 0.98, "vae.block_out_channels": [32, 64]},
-    "thin": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-             "vae_train.ema_decay": 0.98, "vae.block_out_channels": [8, 16], "vae.norm_groups": 4},
-    "no-attn": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                "vae_train.ema_decay": 0.98, "vae.mid_attention": False},
-    "ssim0.5": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                "vae_train.ema_decay": 0.98, "vae.perceptual_weight": 0.5},
-    "l2": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-           "vae_train.ema_decay": 0.98, "vae.reconstruction": "l2"},
-    "feat1": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-              "vae_train.ema_decay": 0.98, "vae.feature_weight": 1.0},
-    "feat10": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-               "vae_train.ema_decay": 0.98, "vae.feature_weight": 10.0},
-    "feat100": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                "vae_train.ema_decay": 0.98, "vae.feature_weight": 100.0},
-    "feat1-b16": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                  "vae_train.ema_decay": 0.98, "vae.feature_weight": 1.0,
-                  "vae_train.batch_size": 16},
-    "feat1-b8": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                 "vae_train.ema_decay": 0.98, "vae.feature_weight": 1.0,
-                 "vae_train.batch_size": 8},
-    "feat0.3-b16": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-                    "vae_train.ema_decay": 0.98, "vae.feature_weight": 0.3,
-                    "vae_train.batch_size": 16},
-    "z8": {"vae_train.lr_schedule": "wsd", "vae_train.steps": 3000,
-           "vae_train.ema_decay": 0.98, "vae.latent_channels": 8},
+    "wsd-ema.98": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+    },
+    "wsd-noema": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.0,
+    },
+    "lr4e-3": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.lr": 4e-3,
+        "vae_train.ema_decay": 0.98,
+    },
+    "lr1e-3": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.lr": 1e-3,
+        "vae_train.ema_decay": 0.98,
+    },
+    "b16": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.batch_size": 16,
+        "vae_train.ema_decay": 0.98,
+    },
+    "b64": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.batch_size": 64,
+        "vae_train.ema_decay": 0.98,
+    },
+    "wide": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.block_out_channels": [32, 64],
+    },
+    "thin": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.block_out_channels": [8, 16],
+        "vae.norm_groups": 4,
+    },
+    "no-attn": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.mid_attention": False,
+    },
+    "ssim0.5": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.perceptual_weight": 0.5,
+    },
+    "l2": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.reconstruction": "l2",
+    },
+    "feat1": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 1.0,
+    },
+    "feat10": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 10.0,
+    },
+    "feat100": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 100.0,
+    },
+    "feat1-b16": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 1.0,
+        "vae_train.batch_size": 16,
+    },
+    "feat1-b8": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 1.0,
+        "vae_train.batch_size": 8,
+    },
+    "feat0.3-b16": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.feature_weight": 0.3,
+        "vae_train.batch_size": 16,
+    },
+    "z8": {
+        "vae_train.lr_schedule": "wsd",
+        "vae_train.steps": 3000,
+        "vae_train.ema_decay": 0.98,
+        "vae.latent_channels": 8,
+    },
 }
 QUICK = {"vae_train.steps": 30, "vae_train.batch_size": 8}
 
@@ -102,7 +182,9 @@ def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tm
         state["n"] += 1
         if state["n"] % 5 == 0:
             rows = quality_rows(out)
-            if rows and (rows[-1].get("readability", 0) >= args.target or rows[-1]["cpu_s"] > args.cap):
+            if rows and (
+                rows[-1].get("readability", 0) >= args.target or rows[-1]["cpu_s"] > args.cap
+            ):
                 state["stop"] = True
         return state["stop"]
 

@@ -298,7 +298,7 @@ def train(
         check_count("--image-size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     check_device(device)
     size = None
-    if image_size is None and not (resume and RunFolder(out).exists()):
+    if image_size is None and not RunFolder(out).exists():  # a run keeps its size
         size = _choose_size(config_file, sets, data=data, time_budget=time_budget, device=device)
         image_size = size.size if size else None
     cfg = run_config(

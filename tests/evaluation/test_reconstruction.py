@@ -43,7 +43,9 @@ def scipy_ssim(x, y, window, sigma=1.5, data_range=2.0):
             f = lambda m: gaussian_filter(m, sigma, truncate=r / sigma, mode="constant")[r:-r, r:-r]  # noqa: E731
             mu_a, mu_b = f(ca), f(cb)
             va, vb, cov = f(ca * ca) - mu_a**2, f(cb * cb) - mu_b**2, f(ca * cb) - mu_a * mu_b
-            s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+            s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+                (mu_a**2 + mu_b**2 + c1) * (va + vb + c2)
+            )
             vals.append(s)
         out.append(float(sum(v.mean() for v in vals) / len(vals)))
     return torch.tensor(out, dtype=torch.float64)

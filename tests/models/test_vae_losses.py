@@ -284,12 +284,16 @@ def test_feature_matching_term_joins_the_loss_and_trains_only_the_reconstruction
     x, y = pair(5)
     recon = y.clone().requires_grad_(True)
     post = DiagonalGaussian(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8))
-    off, logs_off = autoencoder_loss(x, recon, post, tiny_config(feature_weight=0.0), activations=act)
+    off, logs_off = autoencoder_loss(
+        x, recon, post, tiny_config(feature_weight=0.0), activations=act
+    )
     on, logs_on = autoencoder_loss(x, recon, post, tiny_config(feature_weight=2.0), activations=act)
     assert "features" not in logs_off
     fm = feature_matching_loss(act, x, y)
     # added to every pixel's error, like the perceptual term: weight * fm * pixels, per image
-    assert float((on - off).detach()) == pytest.approx(float(2.0 * fm.sum() * 3 * 16 * 16 / 2), rel=1e-4)
+    assert float((on - off).detach()) == pytest.approx(
+        float(2.0 * fm.sum() * 3 * 16 * 16 / 2), rel=1e-4
+    )
     assert logs_on["features"] == pytest.approx(float(fm.mean()), rel=1e-5)
     on.backward()
     assert recon.grad is not None and recon.grad.abs().sum() > 0

@@ -852,7 +852,7 @@ def _check_bf16(cfg: RunConfig, device: torch.device) -> RunConfig:
 
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
-        why = "this GPU does not run bf16 (Ampere or later does); training in fp32 (TF32)"
+        why = "this GPU does not run bf16 (Ampere or later does); training in fp32"
     else:
         supported = device.type == "cpu" and cpu_has_fast_bf16()
         why = ("this CPU has no native bf16 (avx512_bf16 or AMX), where bf16 runs about 15x "
