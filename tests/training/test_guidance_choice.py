@@ -121,3 +121,20 @@ def test_the_measurement_on_a_tiny_run(tmp_path, monkeypatch, conditioning):
     assert json.loads((out / "run.json").read_text())["guidance_scale"] == saved["scale"]
     # the quick classifier is not cached: `ldmkit eval` trains its own
     assert not (out / "eval" / "domain-classifier").exists()
+
+
+def test_the_runs_judge_measures_guidance_at_any_image_size(monkeypatch):
+    # over 64 px evaluation uses Inception (too slow for a quick measurement), but the run's own
+    # judge, a fully convolutional domain classifier, reads any size
+    monkeypatch.setattr(guidance, "default_feature_kind", lambda size: "inception")
+
+    class Run128:
+        def config(self):
+            return run_config_from_dict({"image_size": 128})
+
+        def load_data(self):
+            raise LookupError("the measurement went on to read the data")
+
+    assert guidance.measure_guidance(None, Run128()) is None  # no judge: not measured
+    with pytest.raises(LookupError, match="went on to read the data"):
+        guidance.measure_guidance(None, Run128(), net=object())

@@ -113,10 +113,11 @@ def measure_guidance(
     """Measure FID and accuracy at each guidance scale (see the module docstring) and pick one;
     None when the run has no domain classifier to measure with (`can_measure`). Unset
     arguments take GUIDANCE_SCALES, QUICK_N and QUICK_STEPS; `net` is a domain classifier
-    already trained on the run's data (training's judge), else one is trained or reused."""
+    already trained on the run's data (training's judge, which reads any image size), else one
+    is trained or reused (for images of at most 64 px, `can_measure`)."""
     scales = GUIDANCE_SCALES if scales is None else scales
     n, steps = n or QUICK_N, steps or QUICK_STEPS
-    why = can_measure(folder)
+    why = can_measure(folder) if net is None else None
     if why is not None:
         logger.info("guidance: not measured, because %s", why)
         return None
