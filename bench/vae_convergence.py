@@ -154,6 +154,12 @@ VARIANTS: dict[str, dict[str, object]] = {
         "vae_train.ema_decay": 0.98,
         "vae.latent_channels": 8,
     },
+    # at 128 px (--image-size 128): the size table's f8 autoencoder, with more latent channels,
+    # and an f4 one (issue 26)
+    "f8": {},
+    "f8-z8": {"vae.latent_channels": 8},
+    "f8-z16": {"vae.latent_channels": 16},
+    "f4": {"vae.block_out_channels": [16, 32, 64]},
 }
 QUICK = {"vae_train.steps": 30, "vae_train.batch_size": 8}
 
@@ -175,7 +181,8 @@ def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tm
     out = tmp / name
     items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
              for k, v in {**sets, **(QUICK if args.quick else {})}.items()]  # fmt: skip
-    cfg = run_config_from_dict(settings_dict(None, items, {"data": args.data, "seed": args.seed}))
+    flags = {"data": args.data, "seed": args.seed, "image_size": args.image_size}
+    cfg = run_config_from_dict(settings_dict(None, items, flags))
     state = {"n": 0, "stop": False}
 
     def stop() -> bool:  # read the log only when a new measurement may be there
@@ -239,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cap", type=float, default=300.0, help="CPU-seconds per variant at most")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=None, help="default: the recipe's 32 px; "
+                    "the models follow the size (recipe.size_settings)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     print(machine_line())
-    print(f"{args.data}, target readability {args.target:.0%}, cap {args.cap:g} CPU-s, "
+    print(f"{args.data} at {args.image_size or 32} px, target readability {args.target:.0%}, cap {args.cap:g} CPU-s, "
           f"{args.threads} thread(s), seed {args.seed}")  # fmt: skip
     print(load_line())
     logging.basicConfig(level=logging.WARNING)

@@ -359,19 +359,22 @@ def parse_duration(text: str, name: str = "time_budget") -> float:
 
 # ------------------------------------------------------------------------- sizes
 # The models follow the image size. Up to 32 px the defaults above are the recipe (f2, 16x16x4
-# latents at 32 px). Above it the autoencoder downsamples more (LDM's f = 4-8 from 64 px up) so
-# that the latent stays small: about 16x16 up to 255 px, the size the default UNet was tuned on
-# for quality per CPU-minute, and 32x32-64x64 from 256 px, for a wider UNet (a GPU's sizes). The
-# UNet's attention sits at its lowest level (latent / 4) and, from 32x32 latents, one above.
-# Batches shrink as images grow so that an autoencoder step costs about the same on a CPU.
-# docs/sizes.md tabulates what each size gets (bench/sizes.py measures it).
+# latents at 32 px). Above it the autoencoder downsamples more (LDM's f = 4-8 from 64 px up): f4
+# up to 255 px, f8 from 256. f4 rather than f8 at 128 px by measurement on 128 px photo crops
+# (bench/vae_convergence.py --image-size 128, issue 26): in the same 400 CPU-seconds the f4
+# autoencoder reached 18.9 dB and 69 % readability, f8 16.5 dB and 36 % (with 8 or 16 latent
+# channels no better), and a 30-minute run's f8 stage ended unusable. The UNet keeps the
+# default (tuned for quality per CPU-minute) on latents under 32x32, and widens from 32x32
+# (128 px and up: a GPU's sizes, which a CPU's time probe usually declines); its attention sits
+# at its lowest level (latent / 4) and, from 32x32 latents, one above. Batches shrink as images
+# grow. docs/performance.md tabulates what each size gets (bench/sizes.py measures it).
 MIN_AUTO_SIZE = 32  # smaller data trains at 32 px: the smallest size the recipe is tuned for
 MAX_AUTO_SIZE = 512  # larger data is brought down to this (a GPU's size; see training/sizing.py)
 
 
 def size_factor(size: int) -> int:
     """The autoencoder's downsampling factor at `size` px."""
-    return 2 if size < 64 else 4 if size < 128 else 8
+    return 2 if size < 64 else 4 if size < 256 else 8
 
 
 def _unet_levels(size: int) -> int:
@@ -400,9 +403,7 @@ def size_settings(size: int, factor: int | None = None) -> dict[str, Any]:
         return {}
     own = size_factor(size)
     latent = size // (factor or own)
-    vae_channels = {2: [16, 32], 4: [16, 32, 64], 8: [16, 32, 64, 128]}[own]
-    if size >= 256:
-        vae_channels = [32, 64, 128, 128]
+    vae_channels = {2: [16, 32], 4: [16, 32, 64], 8: [32, 64, 128, 128]}[own]
     if latent < 32:  # the default UNet, attention at its lowest level
         unet = {"block_out_channels": [32, 64, 128], "attention_resolutions": [max(1, latent // 4)]}
     elif latent < 64:
