@@ -1,9 +1,29 @@
-"""The package's layout, checked from the source: no import cycles, no upward imports, one owner
-of the run folder's file names, and every name the README shows importable."""
+"""The package's layout, checked from the source: docs/design.md's layout table (each module
+imports only what its row's "may import" cell allows; no module imports a higher layer), no import
+cycles, one owner of the run folder's file names, and every name the README shows importable.
+
+The rule of the table (docs/design.md says the same above it):
+- Every module of src/ldmkit belongs to one row: the row that names its file, else the row that
+  names its package (`data/`). A package's `__init__.py` that no row covers belongs to the layer
+  of its package's rows and may import its own package (re-exports).
+- A module may import the other modules of its row and what its row's "may import" cell names;
+  nothing else. Every import counts: at the top, inside functions (lazy) and under TYPE_CHECKING.
+  `from pkg import mod` imports the module `pkg.mod`; `from pkg import name` imports `pkg`.
+- The cell is a comma-separated list; text in parentheses is a note and is not read; `-` is
+  nothing. An entry is a layer (`base`, `core`, `recipe`, `stages`, `front`: every module of it),
+  `everything below` (every lower layer), `the above` (the rows above in the row's own package),
+  or a module or package (a package: all its modules; `ldmkit`: the top __init__.py alone),
+  dotted from ldmkit (`diffusion.process`, `data`) or bare, looked up in the row's own package
+  first, then at the top (`process` in a diffusion/ row, `runs`); `evaluation.grids/plots` names
+  evaluation.grids and evaluation.plots. A name that is no module fails the test, as does a
+  module in no row.
+- The layers are the table's layer column, lowest first, in the order they first appear.
+"""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import re
 from pathlib import Path
@@ -12,15 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "ldmkit"
-
-# Layers, lowest first: a module may import its own layer and those below, never one above.
-LAYERS = [
-    ("base", ["ldmkit.config", "ldmkit.checkpoint", "ldmkit.utils", "ldmkit.runtime"]),
-    ("core", ["ldmkit.diffusion", "ldmkit.models", "ldmkit.data"]),
-    ("recipe", ["ldmkit.recipe", "ldmkit.runs", "ldmkit.pipeline"]),
-    ("stages", ["ldmkit.training", "ldmkit.evaluation", "ldmkit.interop", "ldmkit.editing"]),
-    ("front", ["ldmkit.options", "ldmkit.api", "ldmkit.cli", "ldmkit.__main__", "ldmkit.web"]),
-]
+DESIGN = ROOT / "docs" / "design.md"
 
 
 def module_name(path: Path) -> str:
@@ -34,7 +46,8 @@ def modules() -> dict[str, Path]:
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """ldmkit modules that `name` imports anywhere in its source (also inside functions and
-    TYPE_CHECKING blocks: a cycle there is still a cycle for a reader)."""
+    TYPE_CHECKING blocks: a cycle there is still a cycle for a reader). `from pkg import mod`
+    counts as an import of `pkg.mod` only, `from pkg import name` as one of `pkg`."""
     is_pkg = path.name == "__init__.py"
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -48,7 +61,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
+            targets = subs + ([mod] if len(subs) < len(node.names) else [])
         for t in targets:
             while t and t not in known:
                 t = t.rpartition(".")[0]
@@ -62,28 +76,210 @@ def graph() -> dict[str, set[str]]:
     return {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
 
 
-def layer_of(name: str) -> int:
-    for i, (_, prefixes) in enumerate(LAYERS):
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            return i
-    raise AssertionError(f"{name} is in no layer of tests/test_layout.py: add it")
+# ------------------------------------------------------------------- docs/design.md's table
 
 
-def test_every_module_has_a_layer():
-    for m in modules():
-        if m != "ldmkit":
-            layer_of(m)
+@dataclasses.dataclass(frozen=True)
+class Row:
+    layer: str
+    files: tuple[str, ...]  # modules the row names by file, e.g. ldmkit.diffusion.process
+    packages: tuple[str, ...]  # packages it names as a whole (`data/`), e.g. ldmkit.data
+    may_import: str  # the cell as written
+    package: str  # the package its modules sit in ("ldmkit" at the top)
+
+
+@dataclasses.dataclass
+class Table:
+    rows: list[Row]
+    layers: list[str]  # lowest first
+    row_of: dict[str, int]  # module -> index of its row; -1: a package __init__ without a row
+    layer_of: dict[str, str]
+
+
+def parse_rows(text: str) -> list[Row]:
+    """The rows of the table headed | layer | module | owns | may import |."""
+    lines = text.splitlines()
+    head = re.compile(r"\|\s*layer\s*\|\s*module\s*\|\s*owns\s*\|\s*may import\s*\|\s*$")
+    start = next(i for i, ln in enumerate(lines) if head.match(ln))
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        layer, cell, may_import = cells[0], cells[1], cells[-1]  # `owns` may hold a "|"
+        files, packages, folder, package = [], [], "", ""
+        for entry in re.findall(r"`([^`]+)`", cell):  # a bare file name is in the folder before
+            if "/" in entry:
+                folder, _, entry = entry.rpartition("/")
+            parts = ["ldmkit", *folder.split("/")] if folder else ["ldmkit"]
+            if not entry:  # `data/`: the package
+                packages.append(".".join(parts))
+            elif entry == "__init__.py":
+                files.append(".".join(parts))
+            else:
+                files.append(".".join([*parts, entry.removesuffix(".py")]))
+            package = package or ".".join(parts)
+        rows.append(Row(layer, tuple(files), tuple(packages), may_import, package))
+    return rows
+
+
+def build_table(rows: list[Row], known: set[str]) -> Table:
+    """Each module's row and layer (see the rule at the top)."""
+    layers = list(dict.fromkeys(r.layer for r in rows))
+    row_of: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        for m in r.files:
+            assert m in known, f"docs/design.md's table names {m}, which is no module"
+            assert m not in row_of, f"docs/design.md's table names {m} twice"
+            row_of[m] = i
+    for i, r in enumerate(rows):
+        for p in r.packages:
+            inside = {m for m in known if m == p or m.startswith(p + ".")}
+            assert inside, f"docs/design.md's table names {p}, which is no package"
+            for m in inside:
+                row_of.setdefault(m, i)
+    layer_of = {m: rows[i].layer for m, i in row_of.items()}
+    for m in sorted(known - set(row_of)):  # a package __init__ without a row: its package's layer
+        below = {layer_of[k] for k in row_of if k.startswith(m + ".")}
+        assert len(below) == 1, f"{m} is in no row of docs/design.md's layout table: add it"
+        row_of[m], layer_of[m] = -1, below.pop()
+    return Table(rows, layers, row_of, layer_of)
+
+
+def resolve(name: str, package: str, known: set[str]) -> set[str]:
+    """The modules a name in a "may import" cell stands for (a package: all of its modules;
+    `ldmkit`: the top package's __init__ alone)."""
+    if name == "ldmkit":
+        return {"ldmkit"}
+    for full in dict.fromkeys([f"{package}.{name}", f"ldmkit.{name}"]):
+        inside = {m for m in known if m == full or m.startswith(full + ".")}
+        if inside:
+            return inside
+    raise AssertionError(f"docs/design.md's table: {name!r} (a {package} row) is no module")
+
+
+def allowed_imports(t: Table, i: int, known: set[str]) -> set[str]:
+    """What the modules of row i may import: its other modules and what its cell names."""
+    row = t.rows[i]
+    out = {m for m, j in t.row_of.items() if j == i}
+    cell = re.sub(r"\([^()]*\)", "", row.may_import).replace("`", "")
+    for entry in (e.strip() for e in cell.split(",")):
+        if entry == "-":
+            continue
+        elif entry in t.layers:
+            out |= {m for m, layer in t.layer_of.items() if layer == entry}
+        elif entry == "everything below":
+            out |= {
+                m for m, la in t.layer_of.items() if t.layers.index(la) < t.layers.index(row.layer)
+            }
+        elif entry == "the above":
+            out |= {
+                m for m, j in t.row_of.items() if 0 <= j < i and t.rows[j].package == row.package
+            }
+        else:
+            first, *more = entry.split("/")
+            prefix = first.rpartition(".")[0]
+            for name in [first, *(f"{prefix}.{n}" if prefix else n for n in more)]:
+                out |= resolve(name, row.package, known)
+    return out
+
+
+def table_violations(t: Table, g: dict[str, set[str]]) -> list[str]:
+    """Each import its row does not allow, as 'module -> module'."""
+    known = set(g)
+    allowed = {i: allowed_imports(t, i, known) for i in range(len(t.rows))}
+    out = []
+    for m, targets in g.items():
+        i = t.row_of[m]
+        ok = allowed[i] if i >= 0 else {k for k in known if k.startswith(m + ".")}
+        out += [f"{m} -> {x}" for x in sorted(targets - ok)]
+    return sorted(out)
+
+
+def upward_imports(t: Table, g: dict[str, set[str]]) -> list[str]:
+    rank = {m: t.layers.index(la) for m, la in t.layer_of.items()}
+    return sorted(
+        f"{m} ({t.layer_of[m]}) -> {x} ({t.layer_of[x]})"
+        for m, targets in g.items()
+        for x in targets
+        if rank[x] > rank[m]
+    )
+
+
+def design_table() -> Table:
+    return build_table(parse_rows(DESIGN.read_text()), set(modules()))
+
+
+def test_the_layout_table_parses():
+    t = design_table()
+    assert t.layers == ["base", "core", "recipe", "stages", "front"]
+    assert len(t.rows) >= 30 and all(r.files or r.packages for r in t.rows)
+
+
+def test_every_module_imports_only_what_its_row_allows():
+    bad = table_violations(design_table(), graph())
+    assert not bad, (
+        "imports that docs/design.md's layout table does not allow (fix the table or the "
+        "import):\n" + "\n".join(bad)
+    )
 
 
 def test_no_module_imports_a_higher_layer():
-    up = [
-        f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
-        for m, targets in graph().items()
-        if m != "ldmkit"
-        for t in targets
-        if t != "ldmkit" and layer_of(t) > layer_of(m)
+    up = upward_imports(design_table(), graph())
+    assert not up, "upward imports:\n" + "\n".join(up)
+
+
+FAKE_TABLE = """
+| layer | module | owns | may import |
+|---|---|---|---|
+| base | `config.py` | settings | - |
+| core | `diffusion/process.py`, `schedules.py` | the process | base (a note: `runs`, not read) |
+| core | `models/` | the networks | diffusion.process |
+| recipe | `runs.py` | the run folder | core |
+"""
+FAKE_MODULES = {"ldmkit.config", "ldmkit.diffusion", "ldmkit.diffusion.process",
+                "ldmkit.diffusion.schedules", "ldmkit.models", "ldmkit.models.unet", "ldmkit.runs"}  # fmt: skip
+
+
+def test_the_table_check_reports_what_a_row_does_not_allow():
+    t = build_table(parse_rows(FAKE_TABLE), FAKE_MODULES)
+    assert t.layer_of["ldmkit.diffusion"] == "core" and t.row_of["ldmkit.models.unet"] == 2
+    g = {m: set() for m in FAKE_MODULES}
+    g["ldmkit.diffusion.process"] = {"ldmkit.diffusion.schedules", "ldmkit.config"}  # peer, base
+    g["ldmkit.models"] = {"ldmkit.models.unet"}
+    g["ldmkit.models.unet"] = {"ldmkit.diffusion.process", "ldmkit.config"}  # config: not named
+    g["ldmkit.runs"] = {"ldmkit.models", "ldmkit.models.unet", "ldmkit.diffusion.process"}
+    g["ldmkit.diffusion"] = {"ldmkit.diffusion.process", "ldmkit.runs"}  # __init__: own package
+    g["ldmkit.config"] = {"ldmkit.runs"}  # `-`, and a higher layer
+    assert table_violations(t, g) == [
+        "ldmkit.config -> ldmkit.runs",
+        "ldmkit.diffusion -> ldmkit.runs",
+        "ldmkit.models.unet -> ldmkit.config",
     ]
-    assert not up, "upward imports:\n" + "\n".join(sorted(up))
+    assert upward_imports(t, g) == [
+        "ldmkit.config (base) -> ldmkit.runs (recipe)",
+        "ldmkit.diffusion (core) -> ldmkit.runs (recipe)",
+    ]
+    with pytest.raises(AssertionError, match="'nets'"):
+        bad = parse_rows(FAKE_TABLE.replace("| diffusion.process |", "| nets |"))
+        table_violations(build_table(bad, FAKE_MODULES), g)
+    with pytest.raises(AssertionError, match="ldmkit.runs is in no row"):
+        build_table(parse_rows(FAKE_TABLE)[:-1], FAKE_MODULES)
+
+
+def test_the_table_check_reports_a_new_import_in_the_source():
+    g = graph()
+    g["ldmkit.config"] = g["ldmkit.config"] | {"ldmkit.pipeline"}
+    g["ldmkit.diffusion.schedules"] = g["ldmkit.diffusion.schedules"] | {
+        "ldmkit.diffusion.samplers"
+    }
+    assert table_violations(design_table(), g) == [
+        "ldmkit.config -> ldmkit.pipeline",
+        "ldmkit.diffusion.schedules -> ldmkit.diffusion.samplers",
+    ]
+
+
+# ------------------------------------------------------------------------------ cycles
 
 
 def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
