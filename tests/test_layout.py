@@ -316,6 +316,14 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle(g) is not None
 
 
+def test_design_md_names_only_files_of_the_repository():
+    text = DESIGN.read_text()
+    outside = re.findall(r"(?:\.\./|~/|/work/|/home/|/tmp/)\S*", text)
+    assert not outside, f"docs/design.md names files outside the repository: {outside}"
+    named = re.findall(r"\b(?:tests|bench|docs|src)/[\w/.-]+\.(?:py|md|json|toml)\b", text)
+    assert len(named) >= 5 and not [p for p in named if not (ROOT / p).exists()], named
+
+
 # ------------------------------------------------------------------ the run folder's names
 
 
