@@ -340,6 +340,27 @@ SAMPLER_HELP = f"sampler: {', '.join(SAMPLER_NAMES)}"
 GUIDANCE_HELP = "classifier-free guidance scale (1 = none; default: the run's, with a condition)"
 
 
+# the guidance options that sampling and every sampled edit share (one field each, declared here)
+def negative_prompt_option() -> Any:
+    return option(
+        None, 'what guidance steers away from (instead of "")', when="text", widget="text"
+    )
+
+
+def guidance_scale_option() -> Any:
+    return option(
+        None, GUIDANCE_HELP, flag="--guidance", lo=0, hi=max_guidance, hint=guidance_hint,
+        web_name="guidance", label="guidance", step=0.5, when="condition",
+    )  # fmt: skip
+
+
+def guidance_rescale_option() -> Any:
+    return option(
+        0.0, "0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)", lo=0, hi=1,
+        web=False,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SampleOptions(Options):
     """`ldmkit sample`, `api.sample`, the page's Sample tab."""
@@ -358,17 +379,9 @@ class SampleOptions(Options):
         flag="--prompt", check=check_texts, repeat=True, when="text", widget="lines",
         label="prompts, one per row",
     )  # fmt: skip
-    negative_prompt: str | None = option(
-        None, 'what guidance steers away from (instead of "")', when="text", widget="text"
-    )
-    guidance_scale: float | None = option(
-        None, GUIDANCE_HELP, flag="--guidance", lo=0, hi=max_guidance, hint=guidance_hint,
-        web_name="guidance", label="guidance", step=0.5, when="condition",
-    )  # fmt: skip
-    guidance_rescale: float = option(
-        0.0, "0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)", lo=0, hi=1,
-        web=False,
-    )  # fmt: skip
+    negative_prompt: str | None = negative_prompt_option()
+    guidance_scale: float | None = guidance_scale_option()
+    guidance_rescale: float = guidance_rescale_option()
     batch_size: int = option(64, "images per batch", lo=1, hi=MAX_BATCH, web=False)
 
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
@@ -391,17 +404,9 @@ class EditOptions(Options):
         None, "text prompt of a text-conditional model", check=check_prompt, repeat=True,
         when="text", widget="text",
     )  # fmt: skip
-    negative_prompt: str | None = option(
-        None, 'what guidance steers away from (instead of "")', when="text", widget="text"
-    )
-    guidance_scale: float | None = option(
-        None, GUIDANCE_HELP, flag="--guidance", lo=0, hi=max_guidance, hint=guidance_hint,
-        web_name="guidance", label="guidance", step=0.5, when="condition",
-    )  # fmt: skip
-    guidance_rescale: float = option(
-        0.0, "0..1: pulls a high guidance scale's contrast back (Lin et al. 2024)", lo=0, hi=1,
-        web=False,
-    )  # fmt: skip
+    negative_prompt: str | None = negative_prompt_option()
+    guidance_scale: float | None = guidance_scale_option()
+    guidance_rescale: float = guidance_rescale_option()
 
 
 @dataclass(frozen=True)
