@@ -165,6 +165,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{mem['near_copy_share']:.3f} (feature space {mem['feature']['near_copy_share']:.3f}, "
             f"pixel space {mem['pixel']['near_copy_share']:.3f}; ratio < {mem['threshold']:.3g})"
         )
+        if mem["n_train"] < mem["n_train_total"]:
+            print(
+                f"  searched {mem['n_train']} of the {mem['n_train_total']} training images "
+                f"(the reference's) and {mem['n_held_out']} held-out ones"
+            )
     else:
         print(f"memorisation: not measured ({mem.get('note')})")
     print(f"wrote {out / 'sampler_table.csv'}, {out / 'sampler_table.png'}, {out / 'summary.json'}")

@@ -35,7 +35,7 @@ def test_cli_eval_prints_the_table_and_writes_its_files(evaluated_run):
                  "memorisation-feature.png", "memorisation-pixel.png"):  # fmt: skip
         assert (out / name).is_file(), name
     assert "FID-shapes-cnn" in printed and FLOOR_NAME in printed and "PSNR" in printed
-    assert "near-copy share" in printed
+    assert "near-copy share" in printed and "training images (the reference's)" in printed
     s = json.loads((out / "summary.json").read_text())
     assert s["n"] == 8 and s["floor"]["n"] == 8 and s["floor"]["FID"] >= 0
     assert s["feature_network"]["name"] == "shapes-cnn"
@@ -45,6 +45,12 @@ def test_cli_eval_prints_the_table_and_writes_its_files(evaluated_run):
         s["vae_reconstruction"]["on"] == "held-out images" and s["vae_reconstruction"]["psnr"] > 0
     )
     assert 0 <= s["memorisation"]["near_copy_share"] <= 1
+    # the check searches the reference's training images (their features are known) and as
+    # many held-out ones, and says how large the whole training set is
+    mem, ref = s["memorisation"], s["reference"]
+    assert ref["n_used"] < ref["num_images"]
+    assert mem["n_train"] == ref["n_used"] == mem["n_held_out"]
+    assert mem["n_train_total"] == ref["num_images"]
     assert (run / "eval" / "domain-classifier" / "model.safetensors").is_file()
     assert len(list((run / "eval" / "reference").glob("ref-*.safetensors"))) == 1
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ldmkit.data import load_dataset
@@ -26,3 +27,25 @@ def test_memorisation_check_finds_planted_copies(shapes, random_net, tmp_path):
     for space in ("feature", "pixel"):
         assert res.grids[space].read_bytes()[:4] == b"\x89PNG"
     json.dumps(d)  # JSON-ready
+
+
+def test_memorisation_check_takes_known_train_features(shapes, random_net):
+    """Features given for the training images are used as they are (not computed again), and
+    must match the images in number; the whole set's size is recorded beside the sample's."""
+    from ldmkit.evaluation.feature_nets import compute_features
+
+    held_out = load_dataset("builtin:shapes?n=32", image_size=16, seed=1)
+    gen = to_float(torch.cat([shapes.images[:4], held_out.images[:4]]))
+    part = shapes.images[:32]
+    feats = compute_features(random_net, part)
+    plain = memorisation_check(gen, part, held_out, random_net)
+    given = memorisation_check(gen, part, held_out, random_net, train_features=feats,
+                               n_train_total=96)  # fmt: skip
+    assert torch.equal(plain.feature.ratio, given.feature.ratio)
+    assert given.to_dict()["n_train"] == 32 and given.to_dict()["n_train_total"] == 96
+    # other features than the network's: the feature-space ratios change, the pixel ones do not
+    moved = memorisation_check(gen, part, held_out, random_net, train_features=feats + 1.0)
+    assert not torch.allclose(moved.feature.ratio, plain.feature.ratio)
+    assert torch.equal(moved.pixel.ratio, plain.pixel.ratio)
+    with pytest.raises(ValueError, match="31 train features for 32 train images"):
+        memorisation_check(gen, part, held_out, random_net, train_features=feats[:31])

@@ -34,6 +34,7 @@ class MemorisationResult:
     n_held_out: int
     feature_network: str
     feature_fingerprint: str
+    n_train_total: int = 0  # the training set's size; > n_train when a sample of it was searched
     grids: dict[str, Path] = field(default_factory=dict)  # space -> worst-case grid PNG
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +51,7 @@ class MemorisationResult:
             "threshold": self.feature.threshold,
             "n": self.feature.n,
             "n_train": self.n_train,
+            "n_train_total": max(self.n_train_total, self.n_train),
             "n_held_out": self.n_held_out,
             "feature_network": self.feature_network,
             "feature_fingerprint": self.feature_fingerprint,
@@ -68,6 +70,8 @@ def memorisation_check(
     out_dir: str | os.PathLike | None = None,
     threshold: float = 1 / 3,
     worst: int = 16,
+    train_features: Tensor | None = None,
+    n_train_total: int | None = None,
 ) -> MemorisationResult:
     """For each generated image, its nearest training image and the ratio of that distance to the
     distance to the nearest held-out image, in feature space and in pixel space
@@ -79,6 +83,10 @@ def memorisation_check(
             `held_out`. Give them similar sizes (a larger train set lowers every ratio a little).
         out_dir: when given, saves memorisation-feature.png and memorisation-pixel.png: the
             `worst` generated images each beside its nearest training image, with the ratio.
+        train_features: `feature_net`'s features of `train`, where they are known already (the
+            evaluation's reference features), so they are not computed again.
+        n_train_total: the size of the whole training set, when `train` is a sample of it
+            (recorded: a near-copy of a training image outside the sample is not found).
     """
     gen, tr, ho = _images_of(gen_images), _images_of(train), _images_of(held_out)
     if gen.shape[1:] != tr.shape[1:] or tr.shape[1:] != ho.shape[1:]:
@@ -86,9 +94,13 @@ def memorisation_check(
             f"generated {tuple(gen.shape[1:])}, train {tuple(tr.shape[1:])} and held-out "
             f"{tuple(ho.shape[1:])} images must have the same shape"
         )
+    if train_features is None:
+        train_features = compute_features(feature_net, tr)
+    elif len(train_features) != len(tr):
+        raise ValueError(f"{len(train_features)} train features for {len(tr)} train images")
     feat = memorisation_report(
-        compute_features(feature_net, gen), compute_features(feature_net, tr),
-        compute_features(feature_net, ho), threshold=threshold, worst=worst,
+        compute_features(feature_net, gen), train_features, compute_features(feature_net, ho),
+        threshold=threshold, worst=worst,
     )  # fmt: skip
     pix = memorisation_report(
         _pixels(gen), _pixels(tr), _pixels(ho), threshold=threshold, worst=worst
@@ -96,7 +108,7 @@ def memorisation_check(
     either = (feat.ratio < threshold) | (pix.ratio < threshold)
     result = MemorisationResult(
         float(either.to(torch.float64).mean()), feat, pix, len(tr), len(ho), feature_net.name,
-        feature_net.fingerprint,
+        feature_net.fingerprint, n_train_total=len(tr) if n_train_total is None else n_train_total,
     )  # fmt: skip
     if out_dir is not None:
         gen_u8, tr_u8 = as_uint8(gen), as_uint8(tr)
