@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.data.transforms import to_float
-from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+from ldmkit.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 from .grids import as_uint8, save_grid, to_uint8_hwc
 
@@ -153,7 +153,7 @@ def plot_samples(
     per_class: int = 8,
     n: int = 64,
     sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     guidance_scale: float = 1.0,
     prompts: list[str] | None = None,
@@ -182,7 +182,7 @@ def record_trajectory(
     ldm: Any,
     *,
     sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     n: int = 3,
     class_labels: Tensor | None = None,
@@ -219,7 +219,7 @@ def plot_denoising_trajectory(
     path: str | os.PathLike,
     *,
     sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     n: int = 3,
     frames: int = 8,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ldmkit.checkpoint import atomic_write
-from ldmkit.diffusion.samplers import DEFAULT_SAMPLER
+from ldmkit.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
 
@@ -183,7 +183,7 @@ def build_report(
     *,
     out_path: str | os.PathLike | None = None,
     sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     per_class: int = 8,
     device: str | None = None,
