@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import (
     CheckpointError,
-    _fsync_dir,
+    fsync_dir,
     load_state_dict_strict,
     load_tensors,
     read_json,
@@ -145,7 +145,7 @@ def save_checkpoint(
             old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=root))
             os.rename(final, old / final.name)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
