@@ -884,7 +884,7 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
     (out.gif); for an inversion, the noise as out.noise.safetensors."""
     from .checkpoint import atomic_write, save_tensors
     from .data.images import write_png
-    from .data.transforms import to_uint8
+    from .data.transforms import pil_image, to_uint8
 
     params = result.params
     images = result.images
@@ -895,10 +895,7 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
         strip = _cat([_cat(list(images.split(1))).permute(1, 2, 0, 3).flatten(2)[None]])
         write_png(strip, out, result.params)
         written.append(out)
-        from PIL import Image
-
-        frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-                  for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]  # fmt: skip
+        frames = [pil_image(a) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]
         gif = out.with_suffix(".gif")
         atomic_write(gif, lambda tmp: frames[0].save(
             tmp, format="GIF", save_all=True, append_images=frames[1:] + frames[-2:0:-1],

@@ -61,6 +61,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__, api
 from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
+from ..data.transforms import pil_image
 from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from ..options import VERBS, adjusted
 from ..pipeline import LatentDiffusion
@@ -601,7 +602,7 @@ def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
     except ValueError:
         return None
     buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    pil_image(grid).save(buf, format="PNG")
     return buf.getvalue()
 
 
