@@ -381,14 +381,12 @@ class Site:
     async def run_log(self, request: Request) -> Response:
         folder = self.folder(request.query_params.get("run"))
         stages: dict[str, list[list[float]]] = {}
-        if folder.log_path.is_file():
-            for line in folder.log_path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, TypeError):  # a row being written, a bad one
-                    row = json.loads(line)
-                    if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
-                        stages.setdefault(str(row["stage"]), []).append(
-                            [int(row["step"]), float(row["loss"])]
-                        )
+        for row in folder.read_log():
+            with contextlib.suppress(KeyError, ValueError, TypeError):  # a row of another kind
+                if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
+                    stages.setdefault(str(row["stage"]), []).append(
+                        [int(row["step"]), float(row["loss"])]
+                    )
         for stage, rows in stages.items():
             if len(rows) > MAX_LOG_ROWS:
                 keep = MAX_LOG_ROWS / len(rows)
