@@ -14,6 +14,7 @@ that say what is wrong and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from .runs import RunFolder
 if TYPE_CHECKING:  # the heavy modules are imported inside the functions that use them
     from torch import Tensor
 
+    from .editing import EditResult
     from .pipeline import LatentDiffusion
     from .training.loop import ProgressFn, StopRequest
     from .training.run import RunResult
@@ -619,19 +621,6 @@ EDIT_METHODS = tuple(EDITS)  # inpaint, fill, img2img, invert, interpolate, deno
 _MASKED = ("inpaint", "fill")
 
 
-@dataclass
-class Edit:
-    """The result of `edit`: images (B, C, H, W) in [-1, 1], the parameters written into every
-    output PNG (enough for `reproduce`), notes for the user, UNet calls, and method extras
-    (inversion's noise and PSNR)."""
-
-    images: Tensor
-    params: dict[str, Any]
-    notes: list[str]
-    network_calls: int
-    extra: dict[str, Any]
-
-
 def check_edit_options(method: str, options: dict[str, Any], run: Any = None) -> Any:
     """The options of an edit (`options.EDITS[method]`, e.g. `InpaintOptions`) with `options`
     ({name: value}, the page's names too) over the defaults, checked once, with the CLI's flag
@@ -667,7 +656,7 @@ def edit(
     ldm: Any = None,
     callback: Any = None,
     **options: Any,
-) -> Edit:
+) -> EditResult:
     """Edit an image file with a run's model (`ldmkit.editing`): method is one of
     EDIT_METHODS. `image` (and `image_b`, the second end of an image interpolation) and `mask`
     (white = regenerate; optional for fill, which then finds white holes) are files; `resize`
@@ -701,8 +690,7 @@ def edit(
                     "negative_prompt": negative_prompt, **options},
         "details": result.params,
     }  # fmt: skip
-    extra = dict(result.extra)
-    return Edit(result.images, params, notes + result.notes, result.network_calls, extra)
+    return dataclasses.replace(result, params=params, notes=notes + result.notes)
 
 
 def edit_inputs(
@@ -878,7 +866,7 @@ def recorded_inputs(params: dict[str, Any]) -> dict[str, Any]:
             if isinstance(e, dict) and isinstance(e.get("path"), str)}  # fmt: skip
 
 
-def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
+def save_edit(result: EditResult, out: str | os.PathLike) -> list[Path]:
     """Write an edit: one PNG per image carrying `result.params` (out.png, or out-1.png, ...
     for several), and for an interpolation also the strip as an animated GIF beside it
     (out.gif); for an inversion, the noise as out.noise.safetensors."""
@@ -913,7 +901,7 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
     return written
 
 
-def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = None) -> Edit:
+def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = None) -> EditResult:
     """Run again the edit whose parameters a PNG carries (written by `save_edit`): the same run
     (its weights unchanged), the same input files (unchanged), the same options. On the same
     machine the result is bit for bit the same."""
