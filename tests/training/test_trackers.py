@@ -37,8 +37,18 @@ def block_network(mp: pytest.MonkeyPatch) -> list:
             raise OSError("network is unreachable (test: outbound connections blocked)")
         return real_connect(self, address)
 
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_names_only(host, *args, **kwargs):  # a name lookup is a packet on the network too
+        if host not in (None, "127.0.0.1", "::1", "localhost"):
+            tried.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "test: name lookups blocked")
+        return real_getaddrinfo(host, *args, **kwargs)
+
     mp.setattr(socket.socket, "connect", loopback_only)
+    mp.setattr(socket, "getaddrinfo", local_names_only)
     mp.setenv("WANDB_SILENT", "true")
+    mp.delenv("WANDB_ERROR_REPORTING", raising=False)  # what ldmkit sets, not the test
     return tried
 
 
@@ -122,6 +132,57 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, caplog):
     assert keeper.seen == [("diffusion", 1, {"loss": 0.5}), ("diffusion", 2, {"loss": 0.5})]
     assert sum("broken failed (RuntimeError: disk full)" in r.message for r in caplog.records) == 1
 
+
+
+# a whole process, to its exit: W&B's telemetry would export at exit, after any test ends
+WHOLE_PROCESS = """
+import atexit, json, socket, sys
+tried = []
+atexit.register(lambda: open(sys.argv[2], "w").write(json.dumps(tried)))  # runs last
+real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+def connect(self, address):
+    host = address[0] if isinstance(address, tuple) else None
+    if self.family != socket.AF_UNIX and host not in ("127.0.0.1", "::1", "localhost"):
+        tried.append(str(address))
+        raise OSError("test: outbound connections blocked")
+    return real_connect(self, address)
+def getaddrinfo(host, *args, **kwargs):
+    if host not in (None, "127.0.0.1", "::1", "localhost"):
+        tried.append(str(host))
+        raise socket.gaierror(socket.EAI_NONAME, "test: name lookups blocked")
+    return real_getaddrinfo(host, *args, **kwargs)
+socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+
+from ldmkit.recipe import run_config_from_dict
+from ldmkit.runs import RunFolder
+from ldmkit.training.loop import RunLog
+from ldmkit.training.trackers import open_trackers
+
+cfg = run_config_from_dict({"log": {"trackers": sys.argv[3]}})
+folder = RunFolder(sys.argv[1])
+run_log = RunLog(folder, trackers=open_trackers(cfg, folder, resume=False))
+run_log.write({"stage": "diffusion", "step": 1, "loss": 0.5})
+run_log.close("finished")
+"""
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_tracked_process_reaches_no_network_up_to_its_exit(tmp_path, name):
+    """Offline W&B would still look up its server for its own telemetry when the process
+    exits (found with strace); ldmkit turns that off. Checked in a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} not installed (pip install 'ldmkit[{name}]')")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_ERROR_REPORTING"}
+    env["WANDB_SILENT"] = "true"
+    out = tmp_path / "tried.json"
+    subprocess.run([sys.executable, "-c", WHOLE_PROCESS, str(tmp_path / "r"), str(out), name],
+                   check=True, env=env, timeout=120)  # fmt: skip
+    assert json.loads(out.read_text()) == []
+    assert RunFolder(tmp_path / "r").tracker_ids()[name]
 
 # ------------------------------------------------------------------ W&B's offline files
 def wandb_records(path: Path):

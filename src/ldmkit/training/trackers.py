@@ -185,6 +185,11 @@ class WandbTracker(Tracker):
     name = "wandb"
 
     def __init__(self, folder: RunFolder, cfg: RunConfig, saved: dict[str, Any] | None) -> None:
+        if cfg.log.wandb_mode == "offline":
+            # offline, W&B would still probe its server for its own telemetry and start its
+            # service with error reports on; its documented switch turns both off (unless the
+            # user set it)
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
         self.wandb, self.folder = wandb, folder
