@@ -930,3 +930,28 @@ def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = N
             )
     files = {name: entry["path"] for name, entry in inputs.items()}
     return edit(method, run, device=device, ldm=ldm, **files, **options)
+
+
+# ------------------------------------------------------------------------------ training log
+def training_log(run: str | os.PathLike, stage: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's training log (log.jsonl), oldest first, for plotting or a table: one
+    per log step of each stage ({"stage", "step", "loss", "lr", "images_per_s", ...}) and the
+    autoencoder's quality measurements ({"stage", "kind": "quality", "step", "psnr", ...}).
+    `stage` ("autoencoder" or "diffusion") keeps that stage's rows only. A run that has logged
+    nothing yet gives []."""
+    from .evaluation.plots import read_log
+
+    check_path("--run", run)
+    folder = RunFolder(run)
+    if not folder.path.is_dir():
+        raise ConfigError(f"--run {run}: no such folder; give a run folder (ldmkit train --out)")
+    rows = read_log(folder.log_path) if folder.log_path.is_file() else []
+    return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def table_text(table: Any) -> str:
+    """The sampler table that `evaluate` returns, as aligned text (as `ldmkit eval` prints it:
+    the metric labels, n, the real-vs-real floor and any warning)."""
+    from .evaluation.table import format_table
+
+    return format_table(table)

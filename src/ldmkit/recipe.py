@@ -176,6 +176,47 @@ class TextConfig:
             raise ConfigError(f"text.max_length must be >= 3, got {self.max_length}")
 
 
+# the experiment trackers a training can feed (training/trackers.py); each but TensorBoard is an
+# optional extra: pip install 'ldmkit[wandb]', 'ldmkit[mlflow]'
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LogConfig:
+    """Where a training's progress goes besides log.jsonl: experiment trackers
+    (training/trackers.py). Nothing reaches the network unless asked: W&B runs offline (a
+    folder in the run that `wandb sync` uploads later), MLflow writes a file store in the run
+    unless `mlflow_uri` names a server."""
+
+    # any of TRACKERS, as a list or comma-separated ("tensorboard,wandb"); "none" or []: log.jsonl
+    # only. TensorBoard (the default) is skipped with a note when it is not installed; a named
+    # wandb or mlflow that is not installed is an error naming the pip command
+    trackers: list[str] | str = field(default_factory=lambda: ["tensorboard"])
+    project: str = "ldmkit"  # the W&B project and the MLflow experiment
+    run_name: str | None = None  # the tracked run's name; None: the run folder's name
+    # offline: W&B writes RUN/trackers/wandb/, uploaded later by `wandb sync`; online: uploads now
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_entity: str | None = None  # the W&B team or user (online); None: the account's default
+    # an MLflow tracking URI (http://..., sqlite:///...); None: a file store in RUN/trackers/mlruns
+    mlflow_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        given = self.trackers
+        names = given.split(",") if isinstance(given, str) else list(given)
+        names = [n.strip().lower() for n in names if n.strip()]
+        if names == ["none"]:
+            names = []
+        for n in names:
+            if n not in TRACKERS:
+                raise ConfigError(
+                    f"log.trackers: unknown tracker {n!r}; choose from {', '.join(TRACKERS)} "
+                    "(comma-separated, e.g. log.trackers=tensorboard,wandb), or none"
+                )
+        self.trackers = list(dict.fromkeys(names))  # duplicates once, in the order given
+        if not self.project.strip():
+            raise ConfigError("log.project must name a W&B project / MLflow experiment, got ''")
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as run.json."""
@@ -199,6 +240,7 @@ class RunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # experiment trackers (log.trackers=...)
     # the autoencoder: a high LR with warm-up, constant until the stage's end is known (its
     # quality target, or the budget's plan), then the wsd decay; small batches and a short EMA.
     # Chosen by seconds-to-readable on the built-in shapes (bench/vae_convergence.py, issue 25:
@@ -259,6 +301,7 @@ class RunConfig:
 CHANGEABLE_ON_RESUME = (
     "time_budget", "budget_split", "vae_target", "device", "vae_train", "unet_train", "preview_sampler",
     "preview_steps", "guidance_scale", "choose_guidance",
+    "log",  # trackers may be added or dropped on resume; a tracked run continues (trackers/)
 )  # fmt: skip
 
 

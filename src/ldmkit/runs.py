@@ -14,6 +14,10 @@
       checkpoints/         resumable training states (ldmkit.training.state owns their format)
       samples/             preview grids; samples.png, loss.png, reconstructions.png beside them
       log.jsonl, tb/       scalars (JSON lines; TensorBoard when installed)
+      trackers/            the experiment trackers of log.trackers (training/trackers.py):
+                           ids.json (the tracked runs' ids, so --resume continues them),
+                           wandb/ (W&B's offline runs, written by wandb), mlruns/ (MLflow's
+                           file store)                                   tracker_ids(), ...
       stop                 a stop request to the training running here  request_stop(), ...
       eval/                evaluation caches and tables (ldmkit.evaluation owns their format)
 
@@ -198,6 +202,25 @@ class RunFolder:
     def stop_path(self) -> Path:
         return self.path / "stop"
 
+    @property
+    def trackers_dir(self) -> Path:
+        """The experiment trackers' folder (W&B is given it and writes its wandb/ inside)."""
+        return self.path / "trackers"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's offline runs (offline-run-DATE-ID/), for `wandb sync`."""
+        return self.trackers_dir / "wandb"
+
+    @property
+    def mlflow_store(self) -> Path:
+        """MLflow's file store, when no tracking URI is given."""
+        return self.trackers_dir / "mlruns"
+
+    @property
+    def tracker_ids_path(self) -> Path:
+        return self.trackers_dir / "ids.json"
+
     def preview_path(self, step: int, prefix: str = "") -> Path:
         return self.samples_dir / f"{prefix}step-{step:08d}.png"
 
@@ -217,6 +240,18 @@ class RunFolder:
 
     def clear_stop_request(self) -> None:
         self.stop_path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ trackers
+    def tracker_ids(self) -> dict[str, Any]:
+        """{tracker: what continues its run} as saved ({} when absent or unreadable)."""
+        try:
+            data = read_json(self.tracker_ids_path)
+        except (CheckpointError, OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_tracker_ids(self, ids: dict[str, Any]) -> None:
+        write_json(self.tracker_ids_path, ids)
 
     # ------------------------------------------------------------------ state
     def exists(self) -> bool:

@@ -34,7 +34,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from .state import (
     save_checkpoint,
 )
 from .step import MicroBatch, Stage, optimizer_step
+from .trackers import TensorBoardTracker, Tracker, numbers
 
 log = logging.getLogger(__name__)
 
@@ -179,47 +180,50 @@ class StopFlag:
 
 
 class RunLog:
-    """Scalars of a run: one JSON line per log step in log.jsonl, and TensorBoard when installed."""
+    """Scalars of a run: one JSON line per log step in log.jsonl, and the events of the run
+    passed on to its experiment trackers (training/trackers.py: TensorBoard, W&B, MLflow).
 
-    def __init__(self, folder: RunFolder, tensorboard: bool = True) -> None:
+    `trackers` are the opened trackers (rank 0's; none on the other ranks); without them,
+    `tensorboard` opens TensorBoard alone when installed. A tracker that fails is reported once
+    and dropped: a tracker never stops a training."""
+
+    def __init__(self, folder: RunFolder, tensorboard: bool = True,
+                 trackers: Sequence[Tracker] | None = None) -> None:  # fmt: skip
         self.path = folder.log_path
-        self.writer = _tensorboard(folder.tensorboard_dir) if tensorboard else None
+        if trackers is None:
+            tb = TensorBoardTracker.open(folder) if tensorboard else None
+            trackers = [tb] if tb is not None else []
+        self.trackers = list(trackers)
+
+    def _each(self, what: str, *args: Any) -> None:
+        for t in list(self.trackers):
+            try:
+                getattr(t, what)(*args)
+            except Exception as e:  # a tracker is a convenience; never stop training for one
+                log.warning("%s failed (%s: %s); the training goes on without it", t.name,
+                            type(e).__name__, e)  # fmt: skip
+                self.trackers.remove(t)
 
     def write(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(f"{record['stage']}/{k}", v, record["step"])
+        values = numbers({k: v for k, v in record.items() if k != "step"})
+        if values and "step" in record:
+            self._each("scalars", record["stage"], record["step"], values)
 
     def add_image(self, tag: str, path: Path, step: int) -> None:
-        if self.writer is None:
-            return
-        try:
-            import numpy as np
-            from PIL import Image
+        self._each("image", tag, Path(path), step)
 
-            img = np.asarray(Image.open(path).convert("RGB"))
-            self.writer.add_image(tag, img, step, dataformats="HWC")
-        except Exception as e:  # previews are a convenience; never stop training for one
-            log.warning("could not add %s to TensorBoard: %s", path, e)
+    def add_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self._each("table", name, columns, rows)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def summary(self, values: dict[str, Any], files: Sequence[Path]) -> None:
+        self._each("summary", values, [Path(f) for f in files if Path(f).is_file()])
 
-
-def _tensorboard(folder: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        log.info(
-            "TensorBoard is not installed (pip install tensorboard): scalars go to log.jsonl only"
-        )
-        return None
-    return SummaryWriter(log_dir=str(folder))
+    def close(self, status: str = "finished") -> None:
+        self._each("close", status)
+        self.trackers = []
 
 
 class BudgetPlan:

@@ -156,18 +156,44 @@ def train_run(
                 return _prepare(folder, cfg, resume, progress, stop, world, stage, size)
 
             run = world.main_first(prepare)
+            status = "failed"  # what the trackers hear unless the story ends
             try:
                 vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
                 if why in STOPPED_EARLY or stage == "vae":
-                    return run.result(vae_steps, 0, why)
-                moments = _latents(run, vae)
-                model, unet_steps, why = _diffusion(run, vae, moments)
-                _finish(run, vae, model, unet_steps, why)
+                    result = run.result(vae_steps, 0, why)
+                else:
+                    moments = _latents(run, vae)
+                    model, unet_steps, why = _diffusion(run, vae, moments)
+                    _finish(run, vae, model, unet_steps, why)
+                    result = run.result(vae_steps, unet_steps, why)
+                if world.is_main:
+                    _track_summary(run, result)
+                status = ("failed" if why == "bad loss" else
+                          "stopped" if why in STOPPED_EARLY else "finished")  # fmt: skip
             finally:
-                run.run_log.close()
-            return run.result(vae_steps, unet_steps, why)
+                run.run_log.close(status)
+            return result
     finally:
         world.close()
+
+
+def _track_summary(run: _Run, result: RunResult) -> None:
+    """The run's final figures (training.json's numbers, flattened; steps, seconds, why it
+    ended, the guidance scale) and files (final grid, loss curves, reconstructions) to its
+    experiment trackers."""
+    from .trackers import flat, numbers
+
+    values: dict[str, Any] = {
+        "vae_steps": result.vae_steps, "unet_steps": result.unet_steps,
+        "seconds": round(result.seconds, 1), "stopped_because": result.stopped_because,
+    }  # fmt: skip
+    if run.cfg.guidance_scale is not None:
+        values["guidance_scale"] = run.cfg.guidance_scale
+    report = {k: v for k, v in flat(run.folder.stage_report()).items() if ".history" not in k}
+    values.update(numbers(report))
+    folder = run.folder
+    run.run_log.summary(values, [folder.final_grid_path, folder.loss_plot_path,
+                                 folder.reconstructions_path])  # fmt: skip
 
 
 def _or_stop_file(stop: StopRequest | None, folder: RunFolder) -> StopRequest:
@@ -243,6 +269,9 @@ def _prepare(
         for line in plan_lines(cfg, size):
             log.info("plan: %s", line)
     if world.is_main:
+        from .trackers import missing_packages
+
+        missing_packages(cfg.log)  # before anything is written
         _check_time_plan(
             cfg, ds.images, device, train_vae=stage in ("all", "vae") and not folder.has_model("vae"),
             train_unet=stage in ("all", "unet"), resumed=resumed,
@@ -271,8 +300,18 @@ def _prepare(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
-        RunLog(folder, tensorboard=world.is_main), progress, stop, world, ds,
+        _run_log(folder, cfg, resumed, world), progress, stop, world, ds,
     )  # fmt: skip
+
+
+def _run_log(folder: RunFolder, cfg: RunConfig, resumed: bool, world: World) -> RunLog:
+    """log.jsonl and, on rank 0, the experiment trackers of log.trackers (the others log
+    nothing: a tracked run has one writer)."""
+    from .trackers import open_trackers
+
+    if not world.is_main:
+        return RunLog(folder, trackers=[])
+    return RunLog(folder, trackers=open_trackers(cfg, folder, resume=resumed))
 
 
 def _from_base(cfg: RunConfig, num_classes: int | None, mode: str) -> RunConfig:
@@ -420,6 +459,8 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
             folder.save_vae(final)
             log.info("autoencoder done after %d steps; latent scaling factor %.4f", res.steps_done, scale)  # fmt: skip
             _save_reconstructions(final, images, folder.reconstructions_path, device)
+            run.run_log.add_image("autoencoder/reconstructions", folder.reconstructions_path,
+                                  res.steps_done)  # fmt: skip
             assert gate is not None
             _report_autoencoder(run, res, gate, probe, final, budget)
     return folder.load_vae(device).eval(), res.steps_done, res.stopped_because
@@ -638,6 +679,7 @@ def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str)
             grid = _diffusion_preview(run, vae, per_row=8)(steps, model.eval())
             if grid is not None:
                 shutil.copyfile(grid, run.folder.final_grid_path)
+                run.run_log.add_image("diffusion/final", run.folder.final_grid_path, steps)
         plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)
 
 
@@ -674,6 +716,10 @@ def _choose_guidance(run: _Run, vae: Autoencoder, model: nn.Module, steps: int) 
     run.cfg = dataclasses.replace(run.cfg, guidance_scale=choice.scale)
     run.folder.write_config(run.cfg)
     save_choice(run.folder, choice)
+    run.run_log.add_table(
+        "guidance", ["guidance", f"FID-{choice.feature_name}", "accuracy", "seconds", "chosen"],
+        [[r.scale, r.fid, r.accuracy, r.seconds, r.scale == choice.scale] for r in choice.rows],
+    )  # fmt: skip
     log.info("guidance scale %g chosen by measurement (set guidance_scale=X to fix one, or "
              "choose_guidance=false to skip this):\n%s", choice.scale, choice.table())  # fmt: skip
 
