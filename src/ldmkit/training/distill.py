@@ -5,7 +5,7 @@ Progressive distillation (Salimans & Ho 2022, Algorithm 2; the math in
 learns to take one deterministic DDIM step where the teacher takes two; then it becomes the
 teacher and the count halves again, N -> N/2 -> ... -> the target (default 64 -> 4).
 
-- Each halving is a stage of the shared loop (`loop.train_stage`, stage "distill-<N>to<N/2>"):
+- Each halving is a stage of the shared loop (`loop.train_stage`, stage "distill_<N>to<N/2>"):
   data order, per-sample randomness, the LR plan, checkpoints, resume, the time budget's plan,
   log rows, progress and stopping are the trainer's. Its data are the teacher's cached latents
   (posterior moments, encoded again when the cache is gone) and its conditions: class labels or
@@ -145,8 +145,11 @@ def _data(teacher: RunFolder, device: torch.device) -> _Data:
             raise ConfigError(f"the data of {teacher.path} ({cfg.data}) has no captions any more")
         cond_data, _ = teacher.load_tokenizer().encode(ds.captions)
     elif cfg.unet.num_classes:
-        if ds.labels is None:
-            raise ConfigError(f"the data of {teacher.path} ({cfg.data}) has no labels any more")
+        if ds.labels is None or int(ds.labels.max()) >= cfg.unet.num_classes:
+            raise ConfigError(
+                f"the data of {teacher.path} ({cfg.data}) no longer has the {cfg.unet.num_classes} "
+                "classes the run was trained on; distil it with the data it was trained on"
+            )
         cond_data = ds.labels
     return _Data(moments, cond_data, float(vae.config.scaling_factor))
 
@@ -295,7 +298,7 @@ def distill_run(
         run_log = RunLog(student, tensorboard=False)
         why = "finished"
         while n > steps:
-            name = f"distill-{n}to{n // 2}"
+            name = f"distill_{n}to{n // 2}"  # a checkpoint stage name: [a-z0-9_]
             left = int(math.log2(n // steps))
             budget = None
             if time_budget_s is not None:
