@@ -168,6 +168,14 @@ def test_refusals(teacher, student, tmp_path):
     cfg["unet"]["prediction_type"] = "eps"
     (eps / "run.json").write_text(json.dumps(cfg))
     refused("predicts eps: progressive distillation needs v-prediction", run=eps)
+    three = make_run(tmp_path / "three", num_classes=3)  # its data (the shapes) has 5 classes
+    refused("no longer has the 3 classes the run was trained on", run=three, steps=1,
+            teacher_steps=2)  # fmt: skip
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    refused("is not empty; choose a new --out folder", steps=1, teacher_steps=2, iterations=1)
+    with pytest.raises(ConfigError, match="is no distilled student"):
+        api.distill(teacher, three, steps=1, teacher_steps=2, resume=True)  # a run, no student
     assert set(WEIGHTINGS) == set(DISTILL_WEIGHTINGS)
 
 
@@ -180,6 +188,8 @@ def test_resume_refuses_a_teacher_whose_weights_changed(teacher, tmp_path):
     with torch.no_grad():
         next(unet.parameters()).add_(0.01)
     RunFolder(t2).save_unet(unet)
+    with pytest.raises(ConfigError, match="goes from 2 to 1 steps; resume it with"):
+        api.distill(teacher, out, steps=1, teacher_steps=4, iterations=2, resume=True)
     with pytest.raises(ConfigError, match="weights changed since this distillation started"):
         api.distill(t2, out, steps=1, teacher_steps=2, iterations=2, batch_size=4, resume=True)
 

@@ -288,10 +288,10 @@ def distill_run(
     dev = resolve_device(device)
     student = RunFolder(out)
     t0 = time.perf_counter()
+    data = _data(teacher, dev)  # before the student folder is made: the data may be refused
     with RunLock(student.path):
         record = _start(teacher, student, cfg, steps, teacher_steps, weighting, resume, teacher_dir)
         schedule = cfg.diffusion.make_schedule()
-        data = _data(teacher, dev)
         conditions = _Conditions(teacher, cfg, record["guidance_scale"], dev)
         current = (student if student.has_model("unet") else teacher).load_unet(dev)
         n = record["steps"] or teacher_steps
