@@ -215,3 +215,21 @@ def test_text_and_unconditional_runs_distil(tmp_path):
     res = api.distill(plain, tmp_path / "plain-fast", steps=2, teacher_steps=4, iterations=2,
                       batch_size=4)  # fmt: skip
     assert res.complete and [h["to"] for h in res.halvings] == [2]
+
+
+def test_the_readmes_distill_command_runs(teacher, tmp_path, capsys):
+    """The README's `ldmkit distill` line, on the tiny teacher with few iterations: four
+    halvings, 64 -> 4 steps, then its `ldmkit sample` line."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Few-step sampling")[1].split("\n## ")[0]
+    lines = [x.split("#")[0].split() for x in section.splitlines() if x.startswith("ldmkit ")]
+    distill, sample = lines[0], lines[1]
+    swap = {"runs/shapes": str(teacher), "runs/shapes-fast": str(tmp_path / "fast"),
+            "fast.png": str(tmp_path / "fast.png")}  # fmt: skip
+    argv = [swap.get(a, a) for a in distill[1:]] + ["--iterations", "3", "--batch-size", "8",
+                                                    "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    record = RunFolder(tmp_path / "fast").distill_record()
+    assert [h["from"] for h in record["halvings"]] == [64, 32, 16, 8] and record["steps"] == 4
+    assert main([swap.get(a, a) for a in sample[1:]] + ["--n", "5"]) == 0
+    assert "ddim, 4 steps" in capsys.readouterr().out
