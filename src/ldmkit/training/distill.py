@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,11 +277,14 @@ def distill_run(
     device: str | None = None,
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
+    on_halving: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
     """Distil the run in `teacher_dir` into a student run folder `out` (see the module's doc).
 
     `iterations`: optimizer steps per halving (a time budget may end one sooner: the budget is
-    split evenly over the halvings left). The caller checks the arguments' ranges (api)."""
+    split evenly over the halvings left). `on_halving(steps, unet)`: after each halving, with
+    the student of that many steps (a benchmark keeps each). The caller checks the arguments'
+    ranges (api)."""
     teacher = RunFolder(teacher_dir)
     cfg = check_teacher(teacher, teacher_dir, steps, teacher_steps)
     if weighting not in pd.WEIGHTINGS:
@@ -334,6 +338,8 @@ def distill_run(
             )  # fmt: skip
             student.save_unet(current)
             n //= 2
+            if on_halving is not None:
+                on_halving(n, current)
             record["halvings"].append(row)
             record.update(steps=n, complete=n == steps)
             student.write_distill_record(record)
