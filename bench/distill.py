@@ -28,8 +28,12 @@ from benchlib import machine_line, print_table
 from ldmkit import api
 from ldmkit.data import load_dataset
 from ldmkit.evaluation.feature_nets import get_feature_net
-from ldmkit.evaluation.reference import evaluate_samples, held_out_spec, real_vs_real_floor
-from ldmkit.evaluation.reference import reference_features
+from ldmkit.evaluation.reference import (
+    evaluate_samples,
+    held_out_spec,
+    real_vs_real_floor,
+    reference_features,
+)
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.recipe import parse_duration, run_config_from_dict
 from ldmkit.runs import RunFolder

@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ConfigError, check_float, check_int
 from .diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
-from .options import EDITS, MAX_BATCH, MAX_IMAGES, VERBS, SampleOptions, check_conditions
-from .options import DistillOptions
+from .options import (
+    DISTILL_ITERATIONS,
+    DISTILL_MAX_ITERATIONS,
+    EDITS,
+    MAX_BATCH,
+    MAX_IMAGES,
+    VERBS,
+    DistillOptions,
+    SampleOptions,
+    check_conditions,
+)
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
@@ -44,8 +53,8 @@ if TYPE_CHECKING:  # the heavy modules are imported inside the functions that us
     from torch import Tensor
 
     from .pipeline import LatentDiffusion
-    from .training.loop import ProgressFn, StopRequest
     from .training.distill import DistillResult
+    from .training.loop import ProgressFn, StopRequest
     from .training.run import RunResult
 
 
@@ -612,7 +621,8 @@ def distill(
     """Distil the run `run` into a few-step student run folder `out` (progressive distillation,
     ldmkit.training.distill). Its options (`options.DistillOptions`: steps, teacher_steps,
     iterations, time_budget, batch_size, lr, weighting, seed) come as keywords or all at once
-    as `options`. `ldmkit sample --run OUT` then samples with DDIM at the student's steps.
+    as `options`; without `iterations`, a halving runs DISTILL_ITERATIONS optimizer steps, or
+    with a time budget as many as its share of the budget allows. `ldmkit sample --run OUT` then samples with DDIM at the student's steps.
 
         api.distill("runs/shapes", "runs/shapes-fast", steps=4, time_budget="20m")
     """
@@ -630,8 +640,11 @@ def distill(
     for flag, source in (("--run", run), ("run's data", folder.config().data)):
         check_apart("--out", out, flag, source)
     check_writable(out)
+    iterations = o.iterations
+    if iterations is None:  # a time budget's plan ends each halving, else a fixed count
+        iterations = DISTILL_MAX_ITERATIONS if o.time_budget else DISTILL_ITERATIONS
     return distill_run(
-        run, out, steps=o.steps, teacher_steps=o.teacher_steps, iterations=o.iterations,
+        run, out, steps=o.steps, teacher_steps=o.teacher_steps, iterations=iterations,
         time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
         batch_size=o.batch_size, lr=o.lr, weighting=o.weighting, seed=o.seed, resume=resume,
         device=device, progress=progress, stop=stop,

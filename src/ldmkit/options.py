@@ -510,7 +510,9 @@ def check_duration_text(name: str, value: Any) -> str:
     return value
 
 
-DISTILL_WEIGHTINGS = ("truncated-snr", "snr+1")  # diffusion.distillation.WEIGHTINGS (a test)
+DISTILL_WEIGHTINGS = ("truncated-snr", "snr+1")
+DISTILL_ITERATIONS = 400  # optimizer steps per halving without a time budget
+DISTILL_MAX_ITERATIONS = 10_000_000  # ... with one: the budget's plan ends each halving  # diffusion.distillation.WEIGHTINGS (a test)
 
 
 @dataclass(frozen=True)
@@ -523,8 +525,9 @@ class DistillOptions(Options):
                         lo=1, hi=timesteps, web=False)  # fmt: skip
     teacher_steps: int = option(64, "the teacher's DDIM steps the first halving starts from (a "
                                 "power of two)", lo=2, hi=timesteps, web=False)  # fmt: skip
-    iterations: int = option(400, "optimizer steps per halving (a --time-budget may end one "
-                             "sooner)", lo=1, hi=10_000_000, web=False)  # fmt: skip
+    iterations: int | None = option(None, f"optimizer steps per halving (default "
+                                    f"{DISTILL_ITERATIONS}; with --time-budget: as many as it "
+                                    "allows)", lo=1, hi=DISTILL_MAX_ITERATIONS, web=False)  # fmt: skip
     time_budget: str | None = option(None, "the whole distillation's wall-clock time, e.g. 20m, "
                                      "split evenly over the halvings", check=check_duration_text,
                                      web=False)  # fmt: skip

@@ -233,3 +233,13 @@ def test_the_readmes_distill_command_runs(teacher, tmp_path, capsys):
     assert [h["from"] for h in record["halvings"]] == [64, 32, 16, 8] and record["steps"] == 4
     assert main([swap.get(a, a) for a in sample[1:]] + ["--n", "5"]) == 0
     assert "ddim, 4 steps" in capsys.readouterr().out
+
+
+def test_a_time_budget_without_iterations_sets_the_length(teacher, tmp_path):
+    """Without --iterations a --time-budget plans each halving (its share of the budget), and
+    the time is kept to within the loop's margin and the measurements."""
+    res = api.distill(teacher, tmp_path / "b", steps=1, teacher_steps=2, time_budget="4s",
+                      batch_size=8)  # fmt: skip
+    (h,) = res.halvings
+    assert h["ended"] == "time budget" and 20 < h["iterations"] < 100_000
+    assert h["seconds"] < 4 * 1.5, h

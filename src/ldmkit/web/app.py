@@ -61,7 +61,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__, api
 from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
-from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ..diffusion.samplers import SAMPLERS
 from ..options import VERBS, adjusted
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
