@@ -232,7 +232,10 @@ def independent_readability(out: Path, args: argparse.Namespace) -> float | None
         net, _ = train_domain_classifier(ds.images, ds.labels, epochs=5, seed=args.seed + 1)
         _INDEPENDENT[args.data] = net
     vae = Autoencoder(folder.config().vae)
-    weights = load_tensors(list_checkpoints(out, "autoencoder")[-1].path / "modules.safetensors")
+    weights = load_tensors(
+        list_checkpoints(RunFolder(out).checkpoints_dir, "autoencoder")[-1].path
+        / "modules.safetensors"
+    )
     prefix = "ema." if any(k.startswith("ema.") for k in weights) else "model."
     vae.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     idx, _ = probe_split(len(ds.images), args.seed)

@@ -401,9 +401,7 @@ ELSEWHERE = {
     ("training/loop.py", "samples"): "a TensorBoard tag (`autoencoder/samples`), not a path",
 }
 # (module, name): run folder paths built outside runs.py still (issue 24); drop each when fixed
-NOT_YET = {
-    ("training/state.py", "checkpoints"): "to come from RunFolder.checkpoints_dir",
-}
+NOT_YET: dict[tuple[str, str], str] = {}
 
 
 def run_folder_name_uses() -> set[tuple[str, str]]:

@@ -49,7 +49,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _test_pause(path: Path) -> None:
@@ -66,7 +66,8 @@ def _test_pause(path: Path) -> None:
             time.sleep(float(seconds))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the platform can."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not supported on every platform

@@ -90,7 +90,7 @@ def assert_lost_at_most_one_interval(run: Path, logged: tuple[str, int] | None, 
     stage, step = logged
     if stage == "autoencoder" and (run / "vae" / "config.json").is_file():
         return  # the stage finished and its result is saved
-    ckpts = list_checkpoints(run, stage)
+    ckpts = list_checkpoints(RunFolder(run).checkpoints_dir, stage)
     saved = ckpts[-1].step if ckpts else 0
     assert step - saved <= every, (
         f"{stage}: step {step} was done but the last checkpoint is {saved}"
@@ -226,7 +226,11 @@ def test_sigterm_and_sigint_save_and_resume(reference, tmp_path):
         assert f"{sig.name} received: saving a checkpoint of {stage} at step 2" in err
         assert err.rstrip().splitlines()[-1].startswith("ldmkit: interrupted: checkpoint saved")
         assert "Traceback" not in err
-        assert list_checkpoints(run, stage)[-1].step == last_logged(run)[1] == 2
+        assert (
+            list_checkpoints(RunFolder(run).checkpoints_dir, stage)[-1].step
+            == last_logged(run)[1]
+            == 2
+        )
         assert_every_checkpoint_loads(run)
     rc, _, err = finish(spawn_train(run, [*tiny(4, 2), "--resume"]))
     assert rc == 0, err
@@ -257,7 +261,9 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys, caplog, monkeypatch)
     skipped = [r for r in caplog.records if "update skipped" in r.getMessage()]
     assert len(skipped) == 3 and all(r.levelname == "WARNING" for r in skipped)
     assert "3 consecutive non-finite losses: stopping autoencoder" in caplog.text
-    assert [c.step for c in list_checkpoints(run)] == [2]  # nothing written after the bad steps
+    assert [c.step for c in list_checkpoints(RunFolder(run).checkpoints_dir)] == [
+        2
+    ]  # nothing written after the bad steps
     assert_every_checkpoint_loads(run)
     assert not (run / "vae" / "model.safetensors").exists()
 
@@ -291,7 +297,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, capsys, mo
         "ldmkit: error: the disk is full: could not write checkpoint autoencoder-00000004; the "
         "previous checkpoints are intact. Free some space and resume with --resume"
     )
-    assert [c.step for c in list_checkpoints(run)] == [2]
+    assert [c.step for c in list_checkpoints(RunFolder(run).checkpoints_dir)] == [2]
     assert not list((run / "checkpoints").glob(".*"))  # the partial write was cleaned up
     assert_every_checkpoint_loads(run)
 
@@ -306,7 +312,7 @@ def test_full_disk_while_saving_the_final_weights(tmp_path, capsys, monkeypatch)
                         r".*\.tmp; the files already there are intact\. Free some space and run again "
                         r"\(a training continues with --resume\)", error_line(err))  # fmt: skip
     assert not list((run / "vae").glob(".*"))  # the temporary file was removed
-    assert [c.step for c in list_checkpoints(run)] == [2]
+    assert [c.step for c in list_checkpoints(RunFolder(run).checkpoints_dir)] == [2]
     assert_every_checkpoint_loads(run)
 
 

@@ -36,6 +36,7 @@ from ldmkit import cli
 from ldmkit.checkpoint import load_tensors
 from ldmkit.config import ConfigError
 from ldmkit.recipe import TrainConfig
+from ldmkit.runs import RunFolder
 from ldmkit.training.distributed import local_micro_batch
 from ldmkit.training.state import CKPT_RE, list_checkpoints
 
@@ -239,7 +240,7 @@ def test_sigterm_to_torchrun_leaves_a_consistent_checkpoint(one_process, config,
     assert rc != 0  # torchrun reports the signal
     assert "SIGTERM received: saving a checkpoint of diffusion at step 2" in err
     assert (tmp_path / "writes" / "rank1.txt").read_text() == ""
-    assert [c.step for c in list_checkpoints(run, "diffusion")] == [2]
+    assert [c.step for c in list_checkpoints(RunFolder(run).checkpoints_dir, "diffusion")] == [2]
     for p in (run / "checkpoints").iterdir():
         if not p.name.startswith("."):
             assert CKPT_RE.match(p.name)

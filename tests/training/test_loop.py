@@ -82,7 +82,7 @@ def test_without_resume_weights_differ(tmp_path):
 def test_checkpoint_rotation_and_log(tmp_path):
     s = make_stage()
     train(s, cfg(17), tmp_path, num_items=40, seed=0)
-    steps = [c.step for c in list_checkpoints(tmp_path, "toy")]
+    steps = [c.step for c in list_checkpoints(RunFolder(tmp_path).checkpoints_dir, "toy")]
     assert steps[-2:] == [16, 17] and len(steps) <= 3  # last 2 + possibly the best
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 2 and "images_per_s" in lines[0]
@@ -92,7 +92,7 @@ def test_time_budget_stops_with_checkpoint(tmp_path):
     s = make_stage()
     r = train(s, cfg(10_000), tmp_path, num_items=40, seed=0, time_budget_s=0.2)
     assert r.stopped_because == "time budget"
-    assert list_checkpoints(tmp_path, "toy")[-1].step == r.steps_done
+    assert list_checkpoints(RunFolder(tmp_path).checkpoints_dir, "toy")[-1].step == r.steps_done
 
 
 def slow_stage(delay):
@@ -119,7 +119,11 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
     assert 40 <= r.steps_done <= 100  # sleep dominates; at most 1 s / 10 ms steps
     assert lrs[-1] <= 0.12 * c.lr  # the decay had (nearly) reached its floor when time ran out
     assert max(lrs) == pytest.approx(c.lr)
-    state = json.loads((list_checkpoints(tmp_path, "toy")[-1].path / "state.json").read_text())
+    state = json.loads(
+        (
+            list_checkpoints(RunFolder(tmp_path).checkpoints_dir, "toy")[-1].path / "state.json"
+        ).read_text()
+    )
     assert r.steps_done <= state["planned_steps"] <= r.steps_done + 5
     # a constant LR is not planned: the deadline stops it
     s2, _ = slow_stage(0.01)
@@ -128,7 +132,10 @@ def test_time_budget_plans_the_lr_decay(tmp_path):
     )  # fmt: skip
     assert r2.stopped_because == "time budget"
     state2 = json.loads(
-        (list_checkpoints(tmp_path / "c", "toy")[-1].path / "state.json").read_text()
+        (
+            list_checkpoints(RunFolder(tmp_path / "c").checkpoints_dir, "toy")[-1].path
+            / "state.json"
+        ).read_text()
     )
     assert state2["planned_steps"] is None
 
@@ -203,7 +210,7 @@ def test_a_stop_request_ends_the_stage_with_a_checkpoint(tmp_path):
     s = make_stage()
     r = train(s, cfg(12), tmp_path / "b", progress=progress, stop=stop)
     assert (r.stopped_because, r.steps_done) == ("stop request", 6)
-    assert list_checkpoints(tmp_path / "b", "toy")[-1].step == 6
+    assert list_checkpoints(RunFolder(tmp_path / "b").checkpoints_dir, "toy")[-1].step == 6
     assert [e.step for e in events if not e.done] == [1, 2, 3, 4, 5, 6] and events[-1].done
     assert [e.step for e in events if e.loss is not None] == [2, 4, 6]  # the log_every rows
     c = make_stage()

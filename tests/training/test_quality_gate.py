@@ -8,6 +8,7 @@ import torch
 from test_loop import cfg, make_stage, train
 
 from ldmkit.recipe import WSD_DECAY, TrainConfig
+from ldmkit.runs import RunFolder
 from ldmkit.training import loop
 from ldmkit.training.loop import BudgetPlan, QualityGate, ThreadGovernor
 from ldmkit.training.state import list_checkpoints
@@ -70,7 +71,11 @@ def test_a_fixed_plan_survives_resume(tmp_path):
     # stopped by a request right after the target fixed the end (step 2 of ceil(1 / 0.8) = 2)
     r = train(make_stage(), c, tmp_path, time_budget_s=600.0, gate=gate)
     assert r.steps_done == 2 and r.stopped_because == "quality target"
-    state = json.loads((list_checkpoints(tmp_path, "toy")[-1].path / "state.json").read_text())
+    state = json.loads(
+        (
+            list_checkpoints(RunFolder(tmp_path).checkpoints_dir, "toy")[-1].path / "state.json"
+        ).read_text()
+    )
     assert state["plan_fixed"] is True and state["planned_steps"] == 2
     assert state["quality_reason"] == "readability target"
     gate2 = QualityGate(readability_rising([0.1]), target, stop_on_target=True)

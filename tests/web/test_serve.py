@@ -343,7 +343,7 @@ def test_stop_asks_a_running_training_to_stop_with_a_checkpoint(client, runs):
             RunFolder(runs / "live").request_stop()
             thread.join(60)
     assert result["run"].stopped_because == "stop request"
-    assert list_checkpoints(runs / "live")  # saved on the way out
+    assert list_checkpoints(RunFolder(runs / "live").checkpoints_dir)  # saved on the way out
     assert not RunFolder(runs / "live").stop_requested()  # answered: the request is gone
     assert not client.get("/api/run", params={"run": "live"}).json()["training"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser
-from .samplers import Callback, _check_sigmas, _ddim_step
+from .samplers import Callback, check_sigmas, ddim_step
 
 Noise = Callable[[], Tensor]  # a fresh unit-Gaussian draw shaped like the state
 
@@ -73,7 +73,7 @@ def invert_ddim(
     eps(x_next, sigma_next) make the step an exact inverse of the sampler's (each costs a call).
     Returns VP x_T: the state divided by sqrt(1 + sigmas[0]^2), or eps itself when sigmas[0] = inf.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     up = sigmas.flip(0).tolist()  # 0, sigma_1, ..., sigma_max
@@ -160,7 +160,7 @@ def sample_repaint(
     with `eta` (1 = DDPM's ancestral steps, as in the paper). `x` is the VE start at sigmas[0];
     `callback(i, x, sigma, x0)` runs after each downward step (i = the step's position on the
     path). Returns x0-space samples."""
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     if math.isinf(float(sigmas[0])) and jump_n_sample > 1:
         raise ValueError(
             "RePaint cannot jump back to sigma = inf (zero terminal SNR); use jump_n_sample = 1"
@@ -171,7 +171,7 @@ def sample_repaint(
     for i, (p, q) in enumerate(zip(path, path[1:], strict=False)):
         if q == p + 1:
             x0 = denoise(x, sigmas[p])
-            x = _ddim_step(x, x0, s[p], s[q], eta, lambda p=p, q=q: noise(sigmas[p], sigmas[q]))
+            x = ddim_step(x, x0, s[p], s[q], eta, lambda p=p, q=q: noise(sigmas[p], sigmas[q]))
             x = blend(i, x, sigmas[q], x0)
         else:
             x = x + math.sqrt(s[q] ** 2 - s[p] ** 2) * noise(sigmas[p], sigmas[q])

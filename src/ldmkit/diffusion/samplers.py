@@ -104,7 +104,9 @@ def get_sigmas(
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _check_sigmas(sigmas: Tensor) -> None:
+def check_sigmas(sigmas: Tensor) -> None:
+    """Raise ValueError unless `sigmas` is a sampler's noise levels: 1-D, strictly descending,
+    ending in 0, with only the first allowed to be inf (the samplers and editing check it)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(
             f"sigmas must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}; "
@@ -145,7 +147,7 @@ def _after_step(callback, i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tenso
     return x if out is None else out
 
 
-def _ddim_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, eta: float, noise) -> Tensor:
+def ddim_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float, eta: float, noise) -> Tensor:
     """DDIM eq. 12 in VE terms: x0 + sqrt(sigma_next^2 - std^2) eps + std z.
 
     std = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) is DDIM eq. 16 divided by
@@ -204,7 +206,7 @@ def sample_ddpm(
     """
     if variance not in ("small", "large"):
         raise ValueError(f"unknown variance {variance!r}; choose 'small' or 'large'")
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
@@ -242,13 +244,13 @@ def sample_ddim(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM), got {eta}")
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         x0 = denoise(x, sigmas[i])
         step_noise = functools.partial(noise, sigmas[i], sigmas[i + 1])
-        x_next = _ddim_step(x, x0, s[i], s[i + 1], eta, step_noise)
+        x_next = ddim_step(x, x0, s[i], s[i + 1], eta, step_noise)
         x = _after_step(callback, i, x_next, sigmas[i + 1], x0)
     return x
 
@@ -272,7 +274,7 @@ def sample_euler(
     Karras et al. 2022 Alg. 2 without the second-order correction; s_churn > 0 adds the
     stochastic "churn" of Alg. 2 (lines 4-6) before each step, s_churn = 0 is Alg. 1's Euler.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     n = len(s) - 1
@@ -316,7 +318,7 @@ def sample_heun(
     20 steps, turned samples into noise of std 12). 2n - 1 denoiser calls for n steps, fewer
     when such Euler steps occur.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     n = len(s) - 1
@@ -365,7 +367,7 @@ def sample_dpmpp_2m(
     r = h_{i-1} / h_i. The first and the last step (to sigma = 0) are first order, as in
     diffusers (final_sigmas_type="zero"). Deterministic: `generator` is accepted and unused.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     s = sigmas.tolist()
     lam = [-math.log(v) if v > 0 else math.inf for v in s]  # -inf at sigma = inf
     x0_prev, h_prev = None, None
@@ -404,7 +406,7 @@ def sample_dpmpp_2m_sde(
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     lam = [-math.log(v) if v > 0 else math.inf for v in s]
@@ -456,13 +458,13 @@ def sample_langevin(
         raise ValueError(
             f"need n_corrector >= 0 and snr > 0, got n_corrector={n_corrector}, snr={snr}"
         )
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     noise = _noise_source(x, generator, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         sigma_next = s[i + 1]
         x0 = denoise(x, sigmas[i])
-        x = _ddim_step(
+        x = ddim_step(
             x, x0, s[i], sigma_next, 1.0, functools.partial(noise, sigmas[i], sigmas[i + 1])
         )
         for _ in range(n_corrector if sigma_next > 0 else 0):
@@ -551,7 +553,7 @@ def run_sampler(
     NaN/inf after every step (NonFiniteSampleError names the step).
     """
     check_sampler(sampler)
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     scale = 1.0 if torch.isinf(sigmas[0]) else math.sqrt(1 + sigmas[0].item() ** 2)
     steps = len(sigmas) - 1
     x0 = SAMPLERS[sampler](

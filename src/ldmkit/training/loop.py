@@ -442,7 +442,7 @@ def train_stage(
     local_micro_batch(cfg, world.size, stage.name)  # a batch that does not split: one error
     if world.is_main:
         folder.path.mkdir(parents=True, exist_ok=True)
-        clean_stray_temporaries(folder.path)
+        clean_stray_temporaries(folder.checkpoints_dir)
     run_log = run_log or RunLog(folder, tensorboard=False)
     ema = EMA(stage.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     modules: dict[str, nn.Module] = {"model": stage.model, **stage.extra_modules}
@@ -469,10 +469,10 @@ def train_stage(
         with world.together():  # rank 0 writes; the others wait, and stop too if it fails
             if world.is_main:
                 save_checkpoint(
-                    folder.path, stage.name, step, modules=modules, optimizers=stage.optimizers,
+                    folder.checkpoints_dir, stage.name, step, modules=modules, optimizers=stage.optimizers,
                     generators=stage.generators, state=state,
                 )  # fmt: skip
-                rotate_checkpoints(folder.path, stage.name, cfg.keep_last)
+                rotate_checkpoints(folder.checkpoints_dir, stage.name, cfg.keep_last)
         return step
 
     stopped, last_loss, bad_streak, meter = "finished", float("nan"), 0, _Meter()
@@ -523,7 +523,7 @@ def train_stage(
         stopped = "time budget"  # the planned steps ran out with it
     if stopped != "bad loss" and saved != step:
         saved = checkpoint(last_loss)
-    path = checkpoint_dir(folder.path, stage.name, saved) if saved is not None else None
+    path = checkpoint_dir(folder.checkpoints_dir, stage.name, saved) if saved is not None else None
     return StageResult(
         step, stopped, last_loss, time.perf_counter() - start, ema, path,
         planned=plan.total, threads=governor.changes if governor else [],
@@ -598,7 +598,7 @@ def _resume(
     A checkpoint saved by N processes resumes with any number: everything it holds is global
     (the step, the unwrapped weights, the optimizer state, the plan).
     """
-    ckpts = list_checkpoints(folder.path, stage.name)
+    ckpts = list_checkpoints(folder.checkpoints_dir, stage.name)
     if not ckpts:
         return 0, None, {}
     try:

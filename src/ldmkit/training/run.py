@@ -181,7 +181,7 @@ def _or_stop_file(stop: StopRequest | None, folder: RunFolder) -> StopRequest:
 def _check_can_start(folder: RunFolder, resume: bool) -> None:
     if folder.path.exists() and not folder.path.is_dir():
         raise ConfigError(f"--out {folder.path} is a file; give a folder")
-    if resume and not list_checkpoints(folder.path) and not folder.has_model("vae"):
+    if resume and not list_checkpoints(folder.checkpoints_dir) and not folder.has_model("vae"):
         if not folder.exists():
             raise CheckpointError(
                 f"--resume: {folder.path} holds no checkpoint to resume from; drop --resume to start anew"
@@ -578,7 +578,7 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
         budget = max(run.budget - (time.perf_counter() - run.t_start) - keep, 10.0)
     res = train_stage(
         st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
-        resume=run.resume and bool(list_checkpoints(folder.path, "diffusion")),
+        resume=run.resume and bool(list_checkpoints(folder.checkpoints_dir, "diffusion")),
         time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
         world=world,
     )  # fmt: skip

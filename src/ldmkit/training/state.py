@@ -1,6 +1,7 @@
 """Training checkpoints: atomic, pickle-free, exactly resumable.
 
-A checkpoint is a folder `checkpoints/<stage>-<step:08d>/` holding
+A checkpoint is a folder `<stage>-<step:08d>/` in a run's checkpoints folder (the caller gives
+that folder: `RunFolder.checkpoints_dir` names it) holding
     modules.safetensors   every trained module's weights (+ EMA), keys "<module>.<param>"
     optim.safetensors     optimizer tensors, keys "<optimizer>.<param index>.<state key>"
     rng.safetensors       torch's global CPU RNG state and the trainer's generators
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import (
     CheckpointError,
-    _fsync_dir,
+    fsync_dir,
     load_state_dict_strict,
     load_tensors,
     read_json,
@@ -78,14 +79,15 @@ class Checkpoint:
     step: int
 
 
-def checkpoint_dir(run_dir: str | os.PathLike, stage: str, step: int) -> Path:
-    """The folder of the checkpoint of `stage` at `step`."""
-    return Path(run_dir) / "checkpoints" / f"{stage}-{step:08d}"
+def checkpoint_dir(root: str | os.PathLike, stage: str, step: int) -> Path:
+    """The folder of the checkpoint of `stage` at `step` in the checkpoints folder `root`."""
+    return Path(root) / f"{stage}-{step:08d}"
 
 
-def list_checkpoints(run_dir: str | os.PathLike, stage: str | None = None) -> list[Checkpoint]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+def list_checkpoints(root: str | os.PathLike, stage: str | None = None) -> list[Checkpoint]:
+    """Complete checkpoints in the checkpoints folder `root` (of one stage, or all), oldest
+    first."""
+    root = Path(root)
     out = []
     if root.is_dir():
         for p in root.iterdir():
@@ -96,8 +98,9 @@ def list_checkpoints(run_dir: str | os.PathLike, stage: str | None = None) -> li
     return sorted(out, key=lambda c: (c.stage, c.step))
 
 
-def clean_stray_temporaries(run_dir: str | os.PathLike) -> int:
-    root = Path(run_dir) / "checkpoints"
+def clean_stray_temporaries(root: str | os.PathLike) -> int:
+    """Remove the temporary folders a crash left in the checkpoints folder `root`."""
+    root = Path(root)
     n = 0
     if root.is_dir():
         for p in root.glob(".tmp-*"):
@@ -107,7 +110,7 @@ def clean_stray_temporaries(run_dir: str | os.PathLike) -> int:
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike,
+    root: str | os.PathLike,
     stage: str,
     step: int,
     *,
@@ -116,10 +119,9 @@ def save_checkpoint(
     generators: dict[str, torch.Generator],
     state: dict[str, Any],
 ) -> Path:
-    """Write a checkpoint folder atomically and return its path."""
-    final = checkpoint_dir(run_dir, stage, step)
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint folder into the checkpoints folder `root`, atomically; its path."""
+    final = checkpoint_dir(root, stage, step)
+    Path(root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         weights = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
@@ -143,7 +145,7 @@ def save_checkpoint(
             old = Path(tempfile.mkdtemp(prefix=".tmp-old-", dir=root))
             os.rename(final, old / final.name)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
@@ -191,10 +193,11 @@ def load_checkpoint(
 
 
 def rotate_checkpoints(
-    run_dir: str | os.PathLike, stage: str, keep_last: int, keep_best: bool = True
+    root: str | os.PathLike, stage: str, keep_last: int, keep_best: bool = True
 ) -> None:
-    """Delete all but the newest `keep_last` checkpoints of a stage (and the best one, by state['metric'])."""
-    ckpts = list_checkpoints(run_dir, stage)
+    """Delete all but the newest `keep_last` checkpoints of a stage in the checkpoints folder
+    `root` (and the best one, by state['metric'])."""
+    ckpts = list_checkpoints(root, stage)
     keep = {c.path for c in ckpts[-keep_last:]} if keep_last > 0 else set()
     if keep_best and ckpts:
         best, best_val = None, float("inf")
