@@ -320,7 +320,7 @@ def distill_run(
             before = sample_gap(frozen, frozen, data, conditions, schedule, n, dev, seed)
             res = train_stage(
                 stage, tc, folder=student, num_items=len(data.moments), seed=seed + n,
-                resume=resume and bool(list_checkpoints(student.path, name)),
+                resume=resume and bool(list_checkpoints(student.checkpoints_dir, name)),
                 time_budget_s=budget, run_log=run_log, progress=progress, stop=stop,
             )  # fmt: skip
             if res.stopped_because in STOPPED:
