@@ -647,7 +647,8 @@ def distill(
         run, out, steps=o.steps, teacher_steps=o.teacher_steps, iterations=iterations,
         time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
         batch_size=o.batch_size, lr=o.lr, weighting=o.weighting, seed=o.seed, resume=resume,
-        device=device, progress=progress, stop=stop,
+        device=device, progress=progress, stop=stop, guidance_input=o.guidance_mode == "input",
+        max_guidance=o.max_guidance,
     )  # fmt: skip
 
 

@@ -538,6 +538,15 @@ class DistillOptions(Options):
                             "max(SNR, 1) (Salimans & Ho 2022), snr+1 = the plain v MSE",
                             choices=DISTILL_WEIGHTINGS, web=False)  # fmt: skip
     seed: int = option(0, "seed of the data order and noise", lo=0, hi=max_seed, web=False)
+    guidance_mode: str = option(
+        "fixed", "fixed: the student learns the run's guidance scale (one UNet call a step, "
+        "unguided); input: it takes the scale as an input (Meng et al. 2023), one student for "
+        "every scale up to --max-guidance", choices=("fixed", "input"), web=False,
+    )  # fmt: skip
+    max_guidance: float | None = option(
+        None, "with --guidance-mode input: the largest scale it learns (default: twice the "
+        "run's)", lo=1, hi=max_guidance, web=False,
+    )  # fmt: skip
 
 
 # Every verb's declaration by the verb's name: the fronts look them up here (so a test can

@@ -65,9 +65,10 @@ def _weight_gflop(unet: UNet, shape: tuple[int, ...], device: torch.device) -> f
     hooks = [m.register_forward_hook(count) for m in layers]
     try:
         with torch.no_grad():  # .forward, not a call: hooks on the UNet (an NFE counter) miss it
+            extra = {"guidance": torch.ones(1, device=device)} if unet.config.guidance_input else {}
             unet.forward(
                 torch.zeros(1, *shape, device=device),
-                torch.zeros(1, dtype=torch.long, device=device),
+                torch.zeros(1, dtype=torch.long, device=device), **extra,
             )
     finally:
         for h in hooks:
@@ -374,6 +375,18 @@ class LatentDiffusion:
         classifier-free guidance when the scale is not 1. `fast`: the network's prediction is
         cast back to float32 (for a caller that runs it under the fast path's autocast)."""
         b, guidance = conditions.n, conditions.guidance_scale
+        if self.unet.config.guidance_input:  # a student that takes w: one call, no CFG pair
+            if conditions.negative is not None:
+                raise ValueError(
+                    "this model takes the guidance scale as an input and has no unconditional "
+                    "branch to steer: a negative prompt does not apply; drop it"
+                )
+            cond, _ = self.conditioner.sampling_kwargs(conditions.cond, b, 1.0, self.device)
+            cond["guidance"] = torch.full((b,), guidance, device=self.device)
+            return make_denoiser(
+                network or self.network(fast=fast), self.schedule,
+                self.unet.config.prediction_type, cond=cond,
+            )  # fmt: skip
         if conditions.negative is not None:
             cond, uncond = self.conditioner.sampling_kwargs(
                 conditions.cond, b, guidance, self.device, negative=conditions.negative

@@ -12,8 +12,9 @@ teacher and the count halves again, N -> N/2 -> ... -> the target (default 64 ->
   caption token ids, the latter through the teacher's frozen text encoder.
 - Guidance: a conditional teacher is distilled guided, at the run's own guidance scale w (one
   guided teacher call per step, the student unguided: one call). The student's run.json samples
-  with guidance 1 (none); distill.json records w. A student that takes w as an input (Meng et
-  al. 2023) is not built yet.
+  with guidance 1 (none); distill.json records w. With `guidance_input` the student takes w as
+  an input instead (Meng et al. 2023; `UNetConfig.guidance_input`), trained on scales drawn
+  per sample from [1, max_guidance]; its run.json keeps the run's scale as its default.
 - The student is a run folder (`RunFolder.start_student`: the teacher's config, data record,
   autoencoder, text encoder) with its own UNet and distill.json (method, the teacher, the
   SHA-256 of its weights, step counts, guidance, each halving's measurements). Its UNet is saved
@@ -46,6 +47,7 @@ from ..diffusion.process import add_noise, predict_x0
 from ..diffusion.samplers import sample as run_sample
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
+from ..models.unet import UNet
 from ..recipe import RunConfig, TrainConfig
 from ..runs import RunFolder
 from ..runtime import resolve_device
@@ -115,11 +117,16 @@ def check_teacher(teacher: RunFolder, shown: Any, steps: int, teacher_steps: int
     return cfg
 
 
-def student_config(cfg: RunConfig, steps: int) -> RunConfig:
-    """The student's run.json: the teacher's, sampling unguided (the guidance is distilled in),
-    previews with DDIM at its step count, no guidance measurement."""
+def student_config(cfg: RunConfig, steps: int, input_record: dict | None = None) -> RunConfig:
+    """The student's run.json: the teacher's, previews with DDIM at its step count, no guidance
+    measurement; sampling unguided (the guidance is distilled in), or with a guidance input
+    (`input_record`: distill.json) at the run's scale by default."""
+    unet, guidance = cfg.unet, 1.0
+    if input_record is not None:
+        unet = dataclasses.replace(cfg.unet, guidance_input=True)
+        guidance = float(input_record["guidance_scale"])
     return dataclasses.replace(
-        cfg, guidance_scale=1.0, choose_guidance=False, preview_sampler=SAMPLER,
+        cfg, unet=unet, guidance_scale=guidance, choose_guidance=False, preview_sampler=SAMPLER,
         preview_steps=steps, time_budget=None,
     )  # fmt: skip
 
@@ -157,9 +164,10 @@ def _data(teacher: RunFolder, device: torch.device) -> _Data:
 
 class _Conditions:
     """The network keywords of a batch's conditions: (cond, uncond) for the guided teacher, cond
-    alone for the student. Text goes through the teacher's frozen encoder."""
+    alone for the student. Text goes through the teacher's frozen encoder. `guidance`: the
+    fixed scale (1: no uncond), or None for scales drawn per sample (uncond always)."""
 
-    def __init__(self, teacher: RunFolder, cfg: RunConfig, guidance: float,
+    def __init__(self, teacher: RunFolder, cfg: RunConfig, guidance: float | None,
                  device: torch.device) -> None:  # fmt: skip
         self.guidance, self.device = guidance, device
         self.text: TextConditioner | None = None
@@ -181,23 +189,32 @@ class _Conditions:
             null = self.text.null_ids.expand(len(rows), -1)
             return cond, self.text.encode(null, self.device)
         assert self.classes is not None
-        return self.classes.sampling_kwargs(rows, len(rows), self.guidance, self.device)
+        scale = 2.0 if self.guidance is None else self.guidance  # any scale but 1: the pair
+        return self.classes.sampling_kwargs(rows, len(rows), scale, self.device)
 
 
-def guided_x(unet: nn.Module, schedule: Any, guidance: float) -> Any:
-    """The teacher as `pd.XPredictor` with its conditions bound by `bind(cond, uncond)`:
-    classifier-free guidance on v (affine, so the same as on x), then x = a z - s v."""
+def guided_v(unet: nn.Module, z: Tensor, t: Tensor, cond: dict[str, Tensor],
+             uncond: dict[str, Tensor] | None, w: Tensor) -> Tensor:  # fmt: skip
+    """v of a network at scales w (B,): a UNet with a guidance input takes w; another is guided
+    by classifier-free guidance on v (affine in x at fixed z, t: the same as on x)."""
+    if unet.config.guidance_input:
+        return unet(z, t, **cond, guidance=w)
+    if uncond is None:
+        return unet(z, t, **cond)
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), **both).chunk(2)
+    return v_u + w.reshape(-1, *([1] * (z.ndim - 1))).to(v_c) * (v_c - v_u)
 
-    def bind(cond: dict[str, Tensor], uncond: dict[str, Tensor] | None) -> pd.XPredictor:
+
+def guided_x(unet: nn.Module, schedule: Any) -> Any:
+    """The teacher as `pd.XPredictor` with its conditions and scales bound by
+    `bind(cond, uncond, w)`: its guided v (`guided_v`), then x = a z - s v."""
+
+    def bind(cond: dict[str, Tensor], uncond: dict[str, Tensor] | None,
+             w: Tensor) -> pd.XPredictor:  # fmt: skip
         @torch.no_grad()
         def x_hat(z: Tensor, t: Tensor) -> Tensor:
-            td = t.to(z.device)
-            if uncond is None:
-                v = unet(z, td, **cond)
-            else:
-                both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-                v_c, v_u = unet(torch.cat([z, z]), torch.cat([td, td]), **both).chunk(2)
-                v = v_u + guidance * (v_c - v_u)
+            v = guided_v(unet, z, t.to(z.device), cond, uncond, w)
             return predict_x0(schedule, z, t.cpu(), v.float(), "v")
 
         return x_hat
@@ -208,12 +225,15 @@ def guided_x(unet: nn.Module, schedule: Any, guidance: float) -> Any:
 def halving_stage(
     name: str, student: nn.Module, teacher: nn.Module, data: _Data, conditions: _Conditions,
     schedule: Any, n_teacher: int, tc: TrainConfig, device: torch.device, weighting: str,
+    scales: tuple[float, float],
 ) -> Stage:  # fmt: skip
     """One halving as a `Stage`: the student (trained) learns one DDIM step of the teacher's two
-    on the teacher's grid of n_teacher steps."""
+    on the teacher's grid of n_teacher steps, at guidance scales drawn from `scales` (lo, hi;
+    lo = hi: a fixed scale)."""
     grid = pd.trailing_grid(schedule.num_timesteps, n_teacher)
     half = n_teacher // 2
-    bind = guided_x(teacher, schedule, conditions.guidance)
+    bind = guided_x(teacher, schedule)
+    lo, hi = scales
     trained = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=tc.lr, weight_decay=tc.weight_decay)
 
@@ -227,8 +247,13 @@ def halving_stage(
         z = add_noise(schedule, z0, eps, t).to(device)
         rows = data.cond_data[mb.indices] if data.cond_data is not None else None
         cond, uncond = conditions(rows)
-        _, x_tilde = pd.distillation_target(bind(cond, uncond), schedule, z, grid, j)
-        v = student(z, t.to(device), **cond)
+        w = torch.full((len(j),), lo)
+        if hi > lo:  # a scale per sample, from its generator (after its other draws)
+            w = lo + (hi - lo) * torch.cat([torch.rand(1, generator=g) for g in mb.generators])
+        w = w.to(device)
+        _, x_tilde = pd.distillation_target(bind(cond, uncond, w), schedule, z, grid, j)
+        extra = {"guidance": w} if student.config.guidance_input else {}
+        v = student(z, t.to(device), **cond, **extra)
         return pd.distillation_loss(v, z, t, x_tilde, schedule, weighting), {}
 
     return Stage(name, student, opt, loss)
@@ -237,10 +262,11 @@ def halving_stage(
 @torch.no_grad()
 def sample_gap(
     student: nn.Module, teacher: nn.Module, data: _Data, conditions: _Conditions, schedule: Any,
-    n_teacher: int, device: torch.device, seed: int = 0, n: int = MEASURE_N,
+    n_teacher: int, device: torch.device, seed: int = 0, n: int = MEASURE_N, scale: float = 1.0,
 ) -> float:  # fmt: skip
     """RMS (latent space) between the student's DDIM samples at n_teacher / 2 steps and the
-    teacher's at n_teacher, from the same n noises and the conditions of the first n images."""
+    teacher's at n_teacher, from the same n noises and the conditions of the first n images,
+    at the guidance scale `scale`."""
     g = torch.Generator().manual_seed(seed)
     shape = (n, *data.moments.shape[1:])
     x_T = torch.randn(shape[0], shape[1] // 2, *shape[2:], generator=g).to(device)
@@ -248,17 +274,36 @@ def sample_gap(
     if data.cond_data is not None:
         rows = data.cond_data[torch.arange(n) % len(data.cond_data)]
     cond, uncond = conditions(rows)
-    common = dict(sampler="ddim", prediction_type="v", spacing="trailing", cond=cond)
-    ref = run_sample(teacher.eval(), schedule, x_T, steps=n_teacher, uncond=uncond,
-                     guidance_scale=conditions.guidance, **common)  # fmt: skip
+    w = torch.full((n,), float(scale), device=device)
+
+    def net(unet: nn.Module, guided: bool) -> Any:
+        def fn(z: Tensor, t: Tensor) -> Tensor:
+            b = len(z)
+            return guided_v(unet, z, t.expand(b), {k: v[:b] for k, v in cond.items()},
+                            uncond if guided else None, w[:b])  # fmt: skip
+
+        return fn
+
+    common = dict(sampler="ddim", prediction_type="v", spacing="trailing")
     was = student.training
-    out = run_sample(student.eval(), schedule, x_T, steps=n_teacher // 2, **common)
+    student.eval()
+    ref = run_sample(net(teacher.eval(), True), schedule, x_T, steps=n_teacher, **common)
+    out = run_sample(net(student, False), schedule, x_T, steps=n_teacher // 2, **common)
     student.train(was)
     return float((out - ref).square().mean().sqrt())
 
 
 def _frozen(unet: nn.Module) -> nn.Module:
     return copy.deepcopy(unet).eval().requires_grad_(False)
+
+
+def with_guidance_input(unet: UNet) -> UNet:
+    """The UNet with a guidance input (`UNetConfig.guidance_input`) whose embedding's last layer
+    is zero: it computes exactly what `unet` does, at every scale, until it trains."""
+    wide = UNet(dataclasses.replace(unet.config, guidance_input=True)).to(next(unet.parameters()).device)
+    missing, unexpected = wide.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_embed.") for k in missing), missing
+    return wide
 
 
 def distill_run(
@@ -278,15 +323,24 @@ def distill_run(
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     on_halving: Callable[[int, nn.Module], None] | None = None,
+    guidance_input: bool = False,
+    max_guidance: float | None = None,
 ) -> DistillResult:
     """Distil the run in `teacher_dir` into a student run folder `out` (see the module's doc).
 
     `iterations`: optimizer steps per halving (a time budget may end one sooner: the budget is
     split evenly over the halvings left). `on_halving(steps, unet)`: after each halving, with
-    the student of that many steps (a benchmark keeps each). The caller checks the arguments'
-    ranges (api)."""
+    the student of that many steps (a benchmark keeps each). `guidance_input`: the student takes
+    the guidance scale as an input (Meng et al. 2023), trained on scales drawn uniformly from
+    [1, max_guidance] (default: twice the run's); else it learns the run's scale alone. The
+    caller checks the arguments' ranges (api)."""
     teacher = RunFolder(teacher_dir)
     cfg = check_teacher(teacher, teacher_dir, steps, teacher_steps)
+    if guidance_input and not _conditional(teacher, cfg):
+        raise ConfigError(
+            f"{teacher_dir} is unconditional: it has no guidance to take as an input; drop "
+            "--guidance-mode input"
+        )
     if weighting not in pd.WEIGHTINGS:
         raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(pd.WEIGHTINGS)}")
     dev = resolve_device(device)
@@ -294,13 +348,21 @@ def distill_run(
     t0 = time.perf_counter()
     data = _data(teacher, dev)  # before the student folder is made: the data may be refused
     with RunLock(student.path):
-        record = _start(teacher, student, cfg, steps, teacher_steps, weighting, resume, teacher_dir)
+        record = _start(teacher, student, cfg, steps, teacher_steps, weighting, resume,
+                        teacher_dir, guidance_input, max_guidance)  # fmt: skip
         schedule = cfg.diffusion.make_schedule()
-        conditions = _Conditions(teacher, cfg, record["guidance_scale"], dev)
-        current = (student if student.has_model("unet") else teacher).load_unet(dev)
+        w = float(record["guidance_scale"])
+        scales = tuple(record["guidance_range"]) if record.get("guidance_input") else (w, w)
+        conditions = _Conditions(teacher, cfg, None if record.get("guidance_input") else w, dev)
+        if student.has_model("unet"):
+            current = student.load_unet(dev)
+        else:
+            current = teacher.load_unet(dev)
+            if record.get("guidance_input"):  # the teacher's UNet, with a zero guidance input
+                current = with_guidance_input(current)
         n = record["steps"] or teacher_steps
         run_log = RunLog(student, tensorboard=False)
-        why = "finished"
+        why, first = "finished", n == teacher_steps
         while n > steps:
             name = f"distill_{n}to{n // 2}"  # a checkpoint stage name: [a-z0-9_]
             left = int(math.log2(n // steps))
@@ -313,11 +375,15 @@ def distill_run(
                 ema_decay=EMA_DECAY, checkpoint_every=max(1, min(500, iterations)),
                 keep_last=1, sample_every=0, log_every=max(1, min(25, iterations // 4)),
             )  # fmt: skip
-            frozen = _frozen(current)
             model = copy.deepcopy(current).train().requires_grad_(True)
+            if first and record.get("guidance_input"):  # the teacher: the run's own UNet
+                frozen = _frozen(teacher.load_unet(dev))
+            else:
+                frozen = _frozen(current)
+            first = False
             stage = halving_stage(name, model, frozen, data, conditions, schedule, n, tc, dev,
-                                  record["weighting"])  # fmt: skip
-            before = sample_gap(frozen, frozen, data, conditions, schedule, n, dev, seed)
+                                  record["weighting"], scales)  # fmt: skip
+            before = sample_gap(model, frozen, data, conditions, schedule, n, dev, seed, scale=w)
             res = train_stage(
                 stage, tc, folder=student, num_items=len(data.moments), seed=seed + n,
                 resume=resume and bool(list_checkpoints(student.checkpoints_dir, name)),
@@ -327,7 +393,7 @@ def distill_run(
                 why = res.stopped_because
                 break
             current = (res.ema.model if res.ema is not None else model).eval()
-            after = sample_gap(current, frozen, data, conditions, schedule, n, dev, seed)
+            after = sample_gap(current, frozen, data, conditions, schedule, n, dev, seed, scale=w)
             row = {"from": n, "to": n // 2, "iterations": res.steps_done,
                    "seconds": round(res.seconds, 1), "loss": res.last_loss,
                    "gap_before": before, "gap_after": after, "ended": res.stopped_because}  # fmt: skip
@@ -350,7 +416,8 @@ def distill_run(
 
 def _start(
     teacher: RunFolder, student: RunFolder, cfg: RunConfig, steps: int, teacher_steps: int,
-    weighting: str, resume: bool, shown: Any,
+    weighting: str, resume: bool, shown: Any, guidance_input: bool = False,
+    max_guidance: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The student's record: a new student folder, or the one being resumed (checked against
     the teacher's weights and the step counts asked for)."""
@@ -383,9 +450,11 @@ def _start(
         "method": METHOD, "teacher": str(teacher.path), "teacher_hash": weights,
         "teacher_steps": teacher_steps, "target_steps": steps, "sampler": SAMPLER, "steps": None,
         "complete": False, "guidance_scale": cfg.sampling_guidance if _conditional(teacher, cfg) else 1.0,
-        "weighting": weighting, "halvings": [],
+        "weighting": weighting, "halvings": [], "guidance_input": guidance_input,
     }  # fmt: skip
-    student.start_student(teacher, student_config(cfg, steps))
+    if guidance_input:
+        record["guidance_range"] = [1.0, float(max_guidance or 2 * record["guidance_scale"])]
+    student.start_student(teacher, student_config(cfg, steps, record if guidance_input else None))
     student.write_distill_record(record)
     return record
 
