@@ -325,6 +325,7 @@ def unet_config_from_diffusers(
         **_resnet_fields(opts),
         **_time_and_class_fields(opts),
         prediction_type=prediction_type,
+        guidance_input=False,  # diffusers has no guidance-scale input (ldmkit's students)
     )
     if cls.name == "UNet2DModel":
         fields.update(_self_attention_fields(opts))
