@@ -74,10 +74,8 @@ def train(a: argparse.Namespace, out: Path) -> tuple[float, str]:
 
 
 def stage_steps(folder: RunFolder) -> dict[str, int]:
-    from ldmkit.evaluation.plots import read_log
-
     steps: dict[str, int] = {}
-    for r in read_log(folder.log_path):
+    for r in folder.read_log():
         if "loss" in r:
             steps[r["stage"]] = max(steps.get(r["stage"], 0), int(r["step"]))
     return steps

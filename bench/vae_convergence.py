@@ -4,6 +4,8 @@ the same machine in one go, until its reconstructions reach a readability target
     python bench/vae_convergence.py [--data builtin:shapes] [--target 0.95] [--cap 300]
         [--variants today,wsd,...] [--threads 1]
     python bench/vae_convergence.py --quick          # seconds: checks the plumbing
+    python bench/vae_convergence.py --variants recipe --target 1.01 --cap 400 --curve
+                                                     # the recipe's curve, past any target
 
 Each variant is `train_run(..., stage="vae")` with no time budget (the variant's step count and
 LR schedule, so "today" is the recipe as a 10-minute main job ran it: cosine over 700 steps),
@@ -156,6 +158,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     # at 128 px (--image-size 128): the size table's f8 autoencoder, with more latent channels,
     # and an f4 one (issue 26)
+    "recipe": {},  # the recipe as it is, at any size
     "f8": {},
     "f8-z8": {"vae.latent_channels": 8},
     "f8-z16": {"vae.latent_channels": 16},
@@ -170,6 +173,16 @@ def quality_rows(out: Path) -> list[dict]:
         return []
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     return [r for r in rows if r.get("kind") == "quality"]
+
+
+def print_curve(name: str, rows: list[dict], points: int = 10) -> None:
+    """The measurements of one variant at about `points` evenly spaced rows (and the last)."""
+    every = max(1, len(rows) // points)
+    keep = rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])
+    print_table([f"{name}: step", "CPU-s", "PSNR", "SSIM", "readability"], [
+        [r["step"], f"{r['cpu_s']:.0f}", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
+         f"{r['readability']:.3f}" if "readability" in r else "-"] for r in keep
+    ])  # fmt: skip
 
 
 def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tmp: Path) -> dict:
@@ -253,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                     "the models follow the size (recipe.size_settings)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--curve", action="store_true",
+                    help="also print each variant's measurements at about 10 points")  # fmt: skip
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     if args.quick:
@@ -272,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             r = run_variant(name, VARIANTS[name], args, Path(tmp))
             results.append(r)
             print(f"  {name}: {r}", flush=True)
+            if args.curve:
+                print_curve(name, quality_rows(Path(tmp) / name))
     base = results[0]["hit_s"]
     rows = []
     for r in results:

@@ -134,8 +134,14 @@ if __name__ == "__main__":
 def test_vae_convergence_quick(capsys):
     import vae_convergence
 
-    vae_convergence.main(["--quick", "--variants", "feat0.3-b16"])
+    vae_convergence.main(["--quick", "--variants", "feat0.3-b16", "--curve"])
     out = capsys.readouterr().out
+    curve = table(out, "feat0.3-b16: step", "CPU-s")
+    steps = [int(r[0]) for r in curve]
+    assert len(curve) >= 2 and steps == sorted(steps) and steps[-1] <= 30
+    assert all(0 < float(r[2]) < 100 for r in curve)  # PSNR
+    # readability, where the run's classifier reads well enough (not in 30 quick steps)
+    assert all(r[4] == "-" or 0 <= float(r[4]) <= 1 for r in curve)
     assert re.search(r"avx512_bf16=(yes|no)", out) and "target readability 95%" in out
     rows = table(out, "variant", "CPU-s")
     assert [r[0] for r in rows] == ["feat0.3-b16"]

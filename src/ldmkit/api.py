@@ -14,6 +14,7 @@ that say what is wrong and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ from .runs import RunFolder
 if TYPE_CHECKING:  # the heavy modules are imported inside the functions that use them
     from torch import Tensor
 
+    from .editing import EditResult
     from .pipeline import LatentDiffusion
     from .training.distill import DistillResult
     from .training.loop import ProgressFn, StopRequest
@@ -685,19 +687,6 @@ EDIT_METHODS = tuple(EDITS)  # inpaint, fill, img2img, invert, interpolate, deno
 _MASKED = ("inpaint", "fill")
 
 
-@dataclass
-class Edit:
-    """The result of `edit`: images (B, C, H, W) in [-1, 1], the parameters written into every
-    output PNG (enough for `reproduce`), notes for the user, UNet calls, and method extras
-    (inversion's noise and PSNR)."""
-
-    images: Tensor
-    params: dict[str, Any]
-    notes: list[str]
-    network_calls: int
-    extra: dict[str, Any]
-
-
 def check_edit_options(method: str, options: dict[str, Any], run: Any = None) -> Any:
     """The options of an edit (`options.EDITS[method]`, e.g. `InpaintOptions`) with `options`
     ({name: value}, the page's names too) over the defaults, checked once, with the CLI's flag
@@ -733,7 +722,7 @@ def edit(
     ldm: Any = None,
     callback: Any = None,
     **options: Any,
-) -> Edit:
+) -> EditResult:
     """Edit an image file with a run's model (`ldmkit.editing`): method is one of
     EDIT_METHODS. `image` (and `image_b`, the second end of an image interpolation) and `mask`
     (white = regenerate; optional for fill, which then finds white holes) are files; `resize`
@@ -767,8 +756,7 @@ def edit(
                     "negative_prompt": negative_prompt, **options},
         "details": result.params,
     }  # fmt: skip
-    extra = dict(result.extra)
-    return Edit(result.images, params, notes + result.notes, result.network_calls, extra)
+    return dataclasses.replace(result, params=params, notes=notes + result.notes)
 
 
 def edit_inputs(
@@ -944,13 +932,13 @@ def recorded_inputs(params: dict[str, Any]) -> dict[str, Any]:
             if isinstance(e, dict) and isinstance(e.get("path"), str)}  # fmt: skip
 
 
-def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
+def save_edit(result: EditResult, out: str | os.PathLike) -> list[Path]:
     """Write an edit: one PNG per image carrying `result.params` (out.png, or out-1.png, ...
     for several), and for an interpolation also the strip as an animated GIF beside it
     (out.gif); for an inversion, the noise as out.noise.safetensors."""
     from .checkpoint import atomic_write, save_tensors
     from .data.images import write_png
-    from .data.transforms import to_uint8
+    from .data.transforms import pil_image, to_uint8
 
     params = result.params
     images = result.images
@@ -961,10 +949,7 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
         strip = _cat([_cat(list(images.split(1))).permute(1, 2, 0, 3).flatten(2)[None]])
         write_png(strip, out, result.params)
         written.append(out)
-        from PIL import Image
-
-        frames = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-                  for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]  # fmt: skip
+        frames = [pil_image(a) for a in to_uint8(images).permute(0, 2, 3, 1).numpy()]
         gif = out.with_suffix(".gif")
         atomic_write(gif, lambda tmp: frames[0].save(
             tmp, format="GIF", save_all=True, append_images=frames[1:] + frames[-2:0:-1],
@@ -982,7 +967,7 @@ def save_edit(result: Edit, out: str | os.PathLike) -> list[Path]:
     return written
 
 
-def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = None) -> Edit:
+def reproduce(png: str | os.PathLike, *, device: str | None = None, ldm: Any = None) -> EditResult:
     """Run again the edit whose parameters a PNG carries (written by `save_edit`): the same run
     (its weights unchanged), the same input files (unchanged), the same options. On the same
     machine the result is bit for bit the same."""

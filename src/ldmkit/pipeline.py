@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.transforms import to_uint8
+from .data.transforms import pil_image, to_uint8
 from .diffusion.denoiser import Denoiser
 from .diffusion.samplers import (
     DEFAULT_SAMPLER,
@@ -462,7 +462,5 @@ class LatentDiffusion:
     @staticmethod
     def to_pil(images: Tensor) -> list[Any]:
         """(B, C, H, W) in [-1, 1] -> list of PIL images."""
-        from PIL import Image
-
         arr = to_uint8(images.clamp(-1, 1)).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+        return [pil_image(a) for a in arr]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -57,6 +58,25 @@ if TYPE_CHECKING:
     from .models.vae import Autoencoder
 
 log = logging.getLogger(__name__)
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows (JSON objects) of a log.jsonl. A last line that does not parse is one being
+    written and is left out quietly; any other line that is not a JSON object, with a warning."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i < len(lines) - 1:
+            log.warning("%s line %d is not a JSON object; skipped", path, i + 1)
+    return rows
 
 
 @dataclasses.dataclass
@@ -144,6 +164,10 @@ class RunFolder:
     @property
     def log_path(self) -> Path:
         return self.path / "log.jsonl"
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """The rows of the run's log.jsonl (none before the first; see `read_log`)."""
+        return read_log(self.log_path) if self.log_path.is_file() else []
 
     @property
     def tensorboard_dir(self) -> Path:

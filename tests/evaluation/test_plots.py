@@ -1,6 +1,7 @@
 """plots.py: trajectory, reconstructions, latent channels, samples by class, curves."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from ldmkit.data import load_dataset
 from ldmkit.evaluation import plots
 from ldmkit.pipeline import LatentDiffusion
+from ldmkit.runs import read_log
 
 
 @pytest.fixture
@@ -64,11 +66,15 @@ def test_plot_reconstructions_and_latent_channels(ldm, images, tmp_path):
     assert w > h  # image + 4 channel columns, 2 rows
 
 
-def test_loss_curves_and_log_reading(tiny_run_template, tmp_path):
+def test_loss_curves_and_log_reading(tiny_run_template, tmp_path, caplog):
     log = tiny_run_template / "log.jsonl"
     assert _png_size(plots.plot_loss_curves(log, tmp_path / "loss.png"))[0] > 0
     assert plots.plot_loss_curves(tmp_path / "missing.jsonl", tmp_path / "x.png") is None
     log2 = tmp_path / "log.jsonl"
     rows = [{"stage": "eval", "step": s, "FID-shapes-cnn": 10 / s} for s in (100, 200, 400)]
     log2.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    assert len(plots.read_log(log2)) == 3
+    assert read_log(log2) == rows  # a last line being written is left out
+    log2.write_text("[1]\n" + "\n".join(json.dumps(r) for r in rows) + '\n{"stage": "ev')
+    with caplog.at_level(logging.WARNING, logger="ldmkit.runs"):
+        assert read_log(log2) == rows
+    assert len(caplog.records) == 1 and "line 1 is not a JSON object" in caplog.text

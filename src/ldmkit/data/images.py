@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from ..checkpoint import atomic_write
 from .masks import mask_from_array
-from .transforms import to_float, to_uint8
+from .transforms import pil_image, to_float, to_uint8
 
 PNG_KEY = "ldmkit"  # the PNG text chunk holding the JSON parameters
 
@@ -184,7 +184,7 @@ def write_png(
     if images.ndim == 4 and images.shape[0] != 1:
         raise ValueError(f"write_png writes one image, got a batch of {images.shape[0]}")
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
-    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    im = pil_image(arr)
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))

@@ -80,6 +80,11 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), resample, box=(left, top, left + side, top + side))
 
 
+def pil_image(hwc: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, C) array, C in {1, 3}, as a PIL image: mode "L" for one channel, else RGB."""
+    return Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
+
+
 def resize_array(images: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 images (N, C, H, W) to (N, C, size, size) with `resize_square`, per image."""
     n, c, h, w = images.shape
@@ -87,9 +92,7 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
         return images
     out = np.empty((n, c, size, size), dtype=np.uint8)
     for i in range(n):
-        hwc = images[i].transpose(1, 2, 0)
-        im = Image.fromarray(hwc[:, :, 0] if c == 1 else hwc)
-        arr = np.asarray(resize_square(im, size))
+        arr = np.asarray(resize_square(pil_image(images[i].transpose(1, 2, 0)), size))
         out[i] = arr[None] if c == 1 else arr.transpose(2, 0, 1)
     return out
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ldmkit.data.transforms import to_uint8
+from ldmkit.data.transforms import pil_image, to_uint8
 
 FONT_SIZE = 12
 MIN_CAPTIONED_CELL = 96  # px: captioned cells are upscaled (nearest) to at least this width
@@ -120,7 +120,7 @@ def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
 
     path = Path(path)
     fmt = _image_format(path)
-    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    img = pil_image(array)
     atomic_write(path, lambda tmp: img.save(tmp, format=fmt))
 
 
@@ -184,7 +184,7 @@ def save_grid(
     for i in range(n):
         y = padding + (i // nrow) * (cell_h + padding)
         x = label_w + padding + (i % nrow) * (w + padding)
-        canvas.paste(Image.fromarray(cells[i][..., 0] if c == 1 else cells[i]), (x, y))
+        canvas.paste(pil_image(cells[i]), (x, y))
         if wrapped is not None:
             for j, line in enumerate(wrapped[i]):
                 tx = x + (w - _text_width(font, line)) / 2

@@ -13,7 +13,6 @@ noise with alpha_bar = 1 / (1 + sigma^2); x0 is the step's prediction of the cle
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from ldmkit.data.transforms import to_float
 from ldmkit.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ldmkit.runs import read_log
 
 from .grids import as_uint8, save_grid, to_uint8_hwc
 
@@ -64,19 +64,6 @@ def _show(ax: Any, image: np.ndarray) -> None:
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a run's log.jsonl (unreadable lines are skipped with a warning)."""
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            logger.warning("%s line %d is not JSON; skipped", path, i + 1)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +285,5 @@ __all__ = [
     "plot_reconstructions",
     "plot_sampler_table",
     "plot_samples",
-    "read_log",
     "record_trajectory",
 ]

@@ -61,6 +61,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__, api
 from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
+from ..data.transforms import pil_image
 from ..diffusion.samplers import SAMPLERS
 from ..options import VERBS, adjusted
 from ..pipeline import LatentDiffusion
@@ -382,14 +383,12 @@ class Site:
     async def run_log(self, request: Request) -> Response:
         folder = self.folder(request.query_params.get("run"))
         stages: dict[str, list[list[float]]] = {}
-        if folder.log_path.is_file():
-            for line in folder.log_path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, TypeError):  # a row being written, a bad one
-                    row = json.loads(line)
-                    if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
-                        stages.setdefault(str(row["stage"]), []).append(
-                            [int(row["step"]), float(row["loss"])]
-                        )
+        for row in folder.read_log():
+            with contextlib.suppress(KeyError, ValueError, TypeError):  # a row of another kind
+                if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"]):
+                    stages.setdefault(str(row["stage"]), []).append(
+                        [int(row["step"]), float(row["loss"])]
+                    )
         for stage, rows in stages.items():
             if len(rows) > MAX_LOG_ROWS:
                 keep = MAX_LOG_ROWS / len(rows)
@@ -603,7 +602,7 @@ def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
     except ValueError:
         return None
     buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    pil_image(grid).save(buf, format="PNG")
     return buf.getvalue()
 
 

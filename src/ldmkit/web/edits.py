@@ -15,7 +15,7 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -26,6 +26,9 @@ from ..options import VERBS
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from . import forms
+
+if TYPE_CHECKING:
+    from ..editing import EditResult
 
 MAX_PIXELS = 4096 * 4096  # an uploaded image
 UPLOADS = ".ldmkit-serve/uploads"  # under --runs (hidden: never listed as a run)
@@ -152,7 +155,7 @@ def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
 
 # ------------------------------------------------------------------------------ the call
 def run(ldm: LatentDiffusion, run_dir: Path, request: Request,
-        callback: Any = None) -> tuple[api.Edit, bytes, list[bytes]]:  # fmt: skip
+        callback: Any = None) -> tuple[EditResult, bytes, list[bytes]]:  # fmt: skip
     """`api.edit` on the stored uploads: (the edit, its PNG as `ldmkit` writes it (the strip of
     an interpolation), one PNG per image); `callback` follows the sampler's steps."""
     result = api.edit(
