@@ -112,6 +112,21 @@ def test_quality_per_minute_quick(capsys, tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 3
 
 
+def test_distill_quick(capsys, tmp_path):
+    """A tiny teacher distilled 16 -> 1 steps: every row of the table, FIDs and CPU times."""
+    import distill
+
+    distill.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"avx512_bf16=(yes|no) amx_bf16=(yes|no) avx512f=(yes|no) avx2=(yes|no)", out)
+    rows = table(out, "model", "sampler", "steps")
+    assert [(r[0], r[1], int(r[2])) for r in rows] == [
+        ("teacher", "dpm++2m-sde", 20), *[("teacher", "ddim", k) for k in (8, 4, 2, 1)],
+        *[(f"student-{k}", "ddim", k) for k in (8, 4, 2, 1)]]  # fmt: skip
+    assert all(float(r[4]) >= 0 and float(r[6]) > 0 for r in rows)  # FID-cnn, CPU seconds
+    assert out.count('"from"') == 4  # the four halvings, 16 -> 8 -> 4 -> 2 -> 1
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 

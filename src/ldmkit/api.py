@@ -24,7 +24,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ConfigError, check_float, check_int
 from .diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
-from .options import EDITS, MAX_BATCH, MAX_IMAGES, VERBS, SampleOptions, check_conditions
+from .options import (
+    DISTILL_ITERATIONS,
+    DISTILL_MAX_ITERATIONS,
+    EDITS,
+    MAX_BATCH,
+    MAX_IMAGES,
+    VERBS,
+    DistillOptions,
+    SampleOptions,
+    check_conditions,
+)
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
@@ -45,6 +55,7 @@ if TYPE_CHECKING:  # the heavy modules are imported inside the functions that us
 
     from .editing import EditResult
     from .pipeline import LatentDiffusion
+    from .training.distill import DistillResult
     from .training.loop import ProgressFn, StopRequest
     from .training.run import RunResult
 
@@ -532,6 +543,12 @@ def evaluate(
         MIN_N,
     )
 
+    if not full and samplers is None and steps is None:  # a distilled student: its own
+        try:
+            own_sampler, own_steps = RunFolder(run).default_sampling()
+            samplers, steps = [own_sampler], [own_steps]
+        except (OSError, ValueError):  # the checks below say what is wrong with `run`
+            pass
     samplers = list(
         samplers if samplers is not None else FULL_SAMPLERS if full else DEFAULT_SAMPLERS
     )
@@ -586,6 +603,55 @@ def report(
     folder = RunFolder(run).require_run()
     check_steps("--steps", steps, folder.config().diffusion.num_timesteps)
     return build_report(run, out_path=out, sampler=sampler, steps=steps, seed=seed, device=device)
+
+
+# ------------------------------------------------------------------------------ distill
+_DISTILL = DistillOptions()
+
+
+def distill(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    options: DistillOptions | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    stop: StopRequest | None = None,
+    **given: Any,
+) -> DistillResult:
+    """Distil the run `run` into a few-step student run folder `out` (progressive distillation,
+    ldmkit.training.distill). Its options (`options.DistillOptions`: steps, teacher_steps,
+    iterations, time_budget, batch_size, lr, weighting, seed) come as keywords or all at once
+    as `options`; without `iterations`, a halving runs DISTILL_ITERATIONS optimizer steps, or
+    with a time budget as many as its share of the budget allows. `ldmkit sample --run OUT` then samples with DDIM at the student's steps.
+
+        api.distill("runs/shapes", "runs/shapes-fast", steps=4, time_budget="20m")
+    """
+    from .training.distill import check_teacher, distill_run
+
+    if options is not None and given:
+        raise TypeError("give distill's options as keywords or as `options`, not both")
+    o = options if options is not None else DistillOptions.given(given)
+    check_path("--run", run)
+    check_path("--out", out)
+    check_device(device)
+    folder = RunFolder(run)
+    o = o.check(folder, shown=run)  # the ranges; the run's models saved
+    check_teacher(folder, run, o.steps, o.teacher_steps)
+    for flag, source in (("--run", run), ("run's data", folder.config().data)):
+        check_apart("--out", out, flag, source)
+    check_writable(out)
+    iterations = o.iterations
+    if iterations is None:  # a time budget's plan ends each halving, else a fixed count
+        iterations = DISTILL_MAX_ITERATIONS if o.time_budget else DISTILL_ITERATIONS
+    return distill_run(
+        run, out, steps=o.steps, teacher_steps=o.teacher_steps, iterations=iterations,
+        time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
+        batch_size=o.batch_size, lr=o.lr, weighting=o.weighting, seed=o.seed, resume=resume,
+        device=device, progress=progress, stop=stop, guidance_input=o.guidance_mode == "input",
+        max_guidance=o.max_guidance,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ convert

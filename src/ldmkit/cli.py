@@ -371,6 +371,42 @@ def _add_sample(sub: Any) -> None:
     s.set_defaults(func=cmd_sample)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from . import api
+
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["distill"].fields()}
+    res = api.distill(
+        args.run, args.out, options=declared.VERBS["distill"](**given), resume=args.resume,
+        device=args.device, progress=None if args.quiet else api.tqdm_progress(),
+    )  # fmt: skip
+    for h in res.halvings:
+        print(f"{h['from']} -> {h['to']} steps: {h['iterations']} iterations, {h['seconds']:.0f} s; "
+              f"sample gap {h['gap_before']:.4f} -> {h['gap_after']:.4f}")  # fmt: skip
+    if res.stopped_because in ("signal", "stop request"):
+        print(f"ldmkit: interrupted: checkpoint saved in {res.out}; continue with "
+              f"`ldmkit distill --run {args.run} --out {res.out} --resume`", file=sys.stderr)  # fmt: skip
+        return 130
+    if res.stopped_because == "bad loss":
+        print("ldmkit: error: the distillation loss was not finite for several steps in a row; "
+              "lower --lr, then --resume", file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"student of {res.steps} DDIM steps in {res.seconds / 60:.1f} min -> {res.out}; "
+          f"sample it with `ldmkit sample --run {res.out} --out grid.png`")  # fmt: skip
+    return 0
+
+
+def _add_distill(sub: Any) -> None:
+    d = sub.add_parser("distill", help="distil a run into a student that samples in 1-8 steps "
+                       "(progressive distillation)")  # fmt: skip
+    d.add_argument("--run", required=True, help="the teacher: a run folder written by `ldmkit train`")
+    d.add_argument("--out", required=True, help="the student's run folder to create (or resume)")
+    add_options(d, "distill")
+    d.add_argument("--resume", action="store_true", help="continue the distillation in --out")
+    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_distill)
+
+
 def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="convert a diffusers folder to a run, or a run to diffusers")
     way = c.add_mutually_exclusive_group(required=True)
@@ -450,6 +486,7 @@ def make_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_sample, _add_edits, _add_convert, _add_eval, _add_report,
                 _add_serve):  # fmt: skip
         add(sub)
+    _add_distill(sub)
     return p
 
 

@@ -337,6 +337,8 @@ def check_conditions(
 
 # ------------------------------------------------------------------------------ sample
 SAMPLER_HELP = f"sampler: {', '.join(SAMPLER_NAMES)}"
+RUN_DEFAULT_SAMPLER = f" (default: the run's own: {DEFAULT_SAMPLER}, DDIM for a distilled student)"
+RUN_DEFAULT_STEPS = f" (default: the run's own: {DEFAULT_STEPS}, a distilled student's count)"
 GUIDANCE_HELP = "classifier-free guidance scale (1 = none; default: the run's, with a condition)"
 
 
@@ -367,8 +369,10 @@ class SampleOptions(Options):
 
     verb: ClassVar[str] = "sample"
     n: int = option(64, "images to draw", lo=1, hi=MAX_IMAGES, label="images")
-    sampler: str = option(DEFAULT_SAMPLER, SAMPLER_HELP, choices=SAMPLER_NAMES)
-    steps: int = option(DEFAULT_STEPS, "sampler steps", lo=1, hi=timesteps)
+    # None: the run's own (`RunFolder.default_sampling`: DEFAULT_SAMPLER at DEFAULT_STEPS, or a
+    # distilled student's DDIM at its step count), filled in by `check` with the run
+    sampler: str | None = option(None, SAMPLER_HELP + RUN_DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
+    steps: int | None = option(None, "sampler steps" + RUN_DEFAULT_STEPS, lo=1, hi=timesteps)
     seed: int = option(0, "seed of the images' noise", lo=0, hi=max_seed)
     classes: str | None = option(
         None, "class name(s) or index(es), comma-separated", flag="--class", when="class",
@@ -387,6 +391,11 @@ class SampleOptions(Options):
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
         check_conditions(run, shown, values["classes"], values["prompts"],
                          values["negative_prompt"])  # fmt: skip
+        own_sampler, own_steps = run.default_sampling()
+        if values["sampler"] is None:
+            values["sampler"] = own_sampler
+        if values["steps"] is None:
+            values["steps"] = own_steps
 
 
 # ------------------------------------------------------------------------------ edits
@@ -490,6 +499,57 @@ _EDIT_DECLARATIONS = (InpaintOptions, FillOptions, Img2ImgOptions, InvertOptions
                       InterpolateOptions, DenoiseOptions)  # fmt: skip
 EDITS: dict[str, type[EditOptions]] = {o.verb: o for o in _EDIT_DECLARATIONS}
 
+# ------------------------------------------------------------------------------ distill
+def check_duration_text(name: str, value: Any) -> str:
+    """A duration such as "20m" or "1h30m" (recipe.parse_duration reads it)."""
+    from .recipe import parse_duration
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} takes a duration such as 20m or 1h, got {value!r}")
+    parse_duration(value, name)
+    return value
+
+
+DISTILL_WEIGHTINGS = ("truncated-snr", "snr+1")
+DISTILL_ITERATIONS = 400  # optimizer steps per halving without a time budget
+DISTILL_MAX_ITERATIONS = 10_000_000  # ... with one: the budget's plan ends each halving  # diffusion.distillation.WEIGHTINGS (a test)
+
+
+@dataclass(frozen=True)
+class DistillOptions(Options):
+    """`ldmkit distill`, `api.distill`: progressive distillation of a run into a few-step
+    student (training/distill.py). Not on the web page."""
+
+    verb: ClassVar[str] = "distill"
+    steps: int = option(4, "the student's DDIM steps: a power of two below --teacher-steps",
+                        lo=1, hi=timesteps, web=False)  # fmt: skip
+    teacher_steps: int = option(64, "the teacher's DDIM steps the first halving starts from (a "
+                                "power of two)", lo=2, hi=timesteps, web=False)  # fmt: skip
+    iterations: int | None = option(None, f"optimizer steps per halving (default "
+                                    f"{DISTILL_ITERATIONS}; with --time-budget: as many as it "
+                                    "allows)", lo=1, hi=DISTILL_MAX_ITERATIONS, web=False)  # fmt: skip
+    time_budget: str | None = option(None, "the whole distillation's wall-clock time, e.g. 20m, "
+                                     "split evenly over the halvings", check=check_duration_text,
+                                     web=False)  # fmt: skip
+    batch_size: int = option(32, "latents per optimizer step", lo=1, hi=MAX_BATCH, web=False)
+    lr: float = option(1e-4, "peak learning rate (AdamW, cosine decay per halving)", lo=0, hi=1,
+                       lo_open=True, web=False)  # fmt: skip
+    weighting: str = option("truncated-snr", "loss weight on the x error: truncated-snr = "
+                            "max(SNR, 1) (Salimans & Ho 2022), snr+1 = the plain v MSE",
+                            choices=DISTILL_WEIGHTINGS, web=False)  # fmt: skip
+    seed: int = option(0, "seed of the data order and noise", lo=0, hi=max_seed, web=False)
+    guidance_mode: str = option(
+        "fixed", "fixed: the student learns the run's guidance scale (one UNet call a step, "
+        "unguided); input: it takes the scale as an input (Meng et al. 2023), one student for "
+        "every scale up to --max-guidance", choices=("fixed", "input"), web=False,
+    )  # fmt: skip
+    max_guidance: float | None = option(
+        None, "with --guidance-mode input: the largest scale it learns (default: twice the "
+        "run's)", lo=1, hi=max_guidance, web=False,
+    )  # fmt: skip
+
+
 # Every verb's declaration by the verb's name: the fronts look them up here (so a test can
 # extend one and see it reach every front).
 VERBS: dict[str, type[Options]] = {"sample": SampleOptions, **EDITS}
+VERBS["distill"] = DistillOptions

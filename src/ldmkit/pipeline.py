@@ -65,9 +65,10 @@ def _weight_gflop(unet: UNet, shape: tuple[int, ...], device: torch.device) -> f
     hooks = [m.register_forward_hook(count) for m in layers]
     try:
         with torch.no_grad():  # .forward, not a call: hooks on the UNet (an NFE counter) miss it
+            extra = {"guidance": torch.ones(1, device=device)} if unet.config.guidance_input else {}
             unet.forward(
                 torch.zeros(1, *shape, device=device),
-                torch.zeros(1, dtype=torch.long, device=device),
+                torch.zeros(1, dtype=torch.long, device=device), **extra,
             )
     finally:
         for h in hooks:
@@ -107,11 +108,17 @@ class LatentDiffusion:
         guidance_scale: float = 1.0,
         fast: bool = True,
         compile: bool = False,
+        default_sampler: str = DEFAULT_SAMPLER,
+        default_steps: int = DEFAULT_STEPS,
     ) -> None:
         """`fast`: sample and decode under bf16 autocast where the device runs bf16 natively
         (`runtime.fast_dtype`: CPUs with avx512_bf16 or AMX, CUDA); the sampler's state stays
         float32. `compile`: run the UNet through `torch.compile` with frozen weights (a
-        one-off compile of 20-140 s measured on a loaded 2-core CPU, once per batch shape)."""
+        one-off compile of 20-140 s measured on a loaded 2-core CPU, once per batch shape).
+        `default_sampler`, `default_steps`: what `sample` uses unless told otherwise (a run's
+        own: `RunFolder.default_sampling`, DDIM at a distilled student's step count)."""
+        check_sampler(default_sampler)
+        self.default_sampler, self.default_steps = default_sampler, int(default_steps)
         self.fast = fast
         self._gflop: float | None = None  # UNet forward per image, counted on first use
         self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
@@ -163,10 +170,12 @@ class LatentDiffusion:
                 "text_encoder": folder.load_text_encoder(dev),
                 "tokenizer": folder.load_tokenizer(),
             }
+        sampler, steps = folder.default_sampling()
         return cls(
             folder.load_vae(dev), folder.load_unet(dev), cfg.diffusion.make_schedule(),
             class_names=folder.data_info().class_names, device=dev,
-            guidance_scale=cfg.sampling_guidance, fast=fast, compile=compile, **text,
+            guidance_scale=cfg.sampling_guidance, fast=fast, compile=compile,
+            default_sampler=sampler, default_steps=steps, **text,
         )  # fmt: skip
 
     @property
@@ -277,8 +286,8 @@ class LatentDiffusion:
         self,
         n: int,
         *,
-        sampler: str = DEFAULT_SAMPLER,
-        steps: int = DEFAULT_STEPS,
+        sampler: str | None = None,
+        steps: int | None = None,
         seed: int | None = 0,
         class_labels: Sequence[int] | Tensor | None = None,
         prompt: str | Sequence[str] | None = None,
@@ -301,7 +310,10 @@ class LatentDiffusion:
         (classifier-free guidance; 1 = none) applies with a condition only; None takes the
         run's default (`default_guidance`). `fast` (None: `self.fast`) runs the UNet and the
         decoder under bf16 autocast where that is fast (`uses_fast_path`); False keeps float32.
+        `sampler`, `steps`: None takes the model's defaults (`default_sampler`, `default_steps`).
         """
+        sampler = self.default_sampler if sampler is None else sampler
+        steps = self.default_steps if steps is None else steps
         check_sampler(sampler)
         fast = self.fast if fast is None else fast
         assert n >= 1, n  # the fronts check it (ldmkit.options)
@@ -363,6 +375,18 @@ class LatentDiffusion:
         classifier-free guidance when the scale is not 1. `fast`: the network's prediction is
         cast back to float32 (for a caller that runs it under the fast path's autocast)."""
         b, guidance = conditions.n, conditions.guidance_scale
+        if self.unet.config.guidance_input:  # a student that takes w: one call, no CFG pair
+            if conditions.negative is not None:
+                raise ValueError(
+                    "this model takes the guidance scale as an input and has no unconditional "
+                    "branch to steer: a negative prompt does not apply; drop it"
+                )
+            cond, _ = self.conditioner.sampling_kwargs(conditions.cond, b, 1.0, self.device)
+            cond["guidance"] = torch.full((b,), guidance, device=self.device)
+            return make_denoiser(
+                network or self.network(fast=fast), self.schedule,
+                self.unet.config.prediction_type, cond=cond,
+            )  # fmt: skip
         if conditions.negative is not None:
             cond, uncond = self.conditioner.sampling_kwargs(
                 conditions.cond, b, guidance, self.device, negative=conditions.negative

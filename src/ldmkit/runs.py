@@ -20,6 +20,8 @@
                            file store)                                   tracker_ids(), ...
       stop                 a stop request to the training running here  request_stop(), ...
       eval/                evaluation caches and tables (ldmkit.evaluation owns their format)
+      distill.json         a distilled student's record: method, the teacher and the    distill_record(), ...
+                           SHA-256 of its weights, step counts, guidance, each halving
 
 Like diffusers' pipeline folder (model_index.json + one sub-folder per component), nothing but
 `RunFolder` names these paths: training, the pipeline, evaluation, interop, the CLI and the
@@ -49,6 +51,7 @@ from .checkpoint import (
     write_json,
 )
 from .config import ConfigError, from_dict, to_dict
+from .diffusion.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .recipe import RunConfig
 from .utils import hash_file
 
@@ -452,3 +455,47 @@ class RunFolder:
     def save_moments(self, moments: Tensor, vae_id: str) -> None:
         save_tensors(self.latents_path, {"moments": moments})
         write_json(self.path / "latents.json", {"vae_id": vae_id, "shape": list(moments.shape)})
+
+    # ------------------------------------------------------------------ distilled students
+    # A student (`ldmkit distill`, training/distill.py) is a run folder like any other: the
+    # teacher's config, data record and autoencoder (and text encoder), its own UNet, and
+    # distill.json, whose sampler and steps are the run's own defaults (`default_sampling`).
+    @property
+    def distill_path(self) -> Path:
+        return self.path / "distill.json"
+
+    def distill_record(self) -> dict[str, Any] | None:
+        """distill.json of a distilled student, or None (a run trained by `ldmkit train`)."""
+        if not self.distill_path.is_file():
+            return None
+        data = read_json(self.distill_path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{self.distill_path} is not a distillation record; it is corrupt")
+        return data
+
+    def write_distill_record(self, record: dict[str, Any]) -> None:
+        write_json(self.distill_path, record)
+
+    def default_sampling(self) -> tuple[str, int]:
+        """The sampler and step count this run samples with unless told otherwise: a student's
+        (deterministic DDIM at its distilled step count), else DEFAULT_SAMPLER at DEFAULT_STEPS."""
+        record = self.distill_record() if self.distill_path.is_file() else None
+        if record and isinstance(record.get("sampler"), str) and isinstance(record.get("steps"), int):
+            return record["sampler"], record["steps"]
+        return DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    def start_student(self, teacher: RunFolder, cfg: RunConfig) -> None:
+        """Copy what a student shares with its teacher: data.json, training.json (its warnings
+        hold for the student's autoencoder too), the autoencoder, the text encoder and tokenizer,
+        and the evaluation caches that depend on the data only (the domain classifier, reference
+        features); then write the student's run.json (`cfg`)."""
+        import shutil
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in ("data.json", "training.json", "tokenizer.json"):
+            if (teacher.path / name).is_file():
+                shutil.copy2(teacher.path / name, self.path / name)
+        for name in ("vae", "text_encoder", "eval/domain-classifier", "eval/reference"):
+            if (teacher.path / name).is_dir():
+                shutil.copytree(teacher.path / name, self.path / name, dirs_exist_ok=True)
+        self.write_config(cfg)

@@ -622,7 +622,10 @@ def test_cli_defaults_name_the_library_defaults():
     from ldmkit.evaluation import table
 
     p = make_parser()
-    assert p.parse_args(["sample", "--run", "R"]).sampler == DEFAULT_SAMPLER
+    sample = p.parse_args(["sample", "--run", "R"])
+    assert sample.sampler is None and sample.steps is None  # the run's own: default_sampling
+    sample_parser = p._subparsers._group_actions[0].choices["sample"]
+    assert any(a.dest == "sampler" and DEFAULT_SAMPLER in a.help for a in sample_parser._actions)
     assert p.parse_args(["report", "--run", "R"]).sampler == DEFAULT_SAMPLER
     assert p.parse_args(["eval", "--run", "R"]).samplers is None  # api.evaluate's defaults
     eval_parser = p._subparsers._group_actions[0].choices["eval"]

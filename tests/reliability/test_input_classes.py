@@ -67,6 +67,13 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
         "convert": ["convert", "--to-diffusers", str(run), "--out", str(tmp / "diffusers")],
         "serve": ["serve", "--runs", str(run.parent)],  # every value tried for --port is refused
     }  # fmt: skip
+    if verb == "distill":  # a teacher with the 5 classes of its data (the shapes)
+        teacher = tmp / "teacher5"
+        if not teacher.exists():
+            make_run(teacher, num_classes=5)
+        commands[verb] = ["distill", "--run", str(teacher), "--out", str(tmp / "fast"),
+                          "--teacher-steps", "2", "--steps", "1", "--iterations", "1",
+                          "--batch-size", "4", "--quiet"]  # fmt: skip
     if verb in EDIT_VERBS:
         image, mask = edit_inputs(tmp)
         extra = {

@@ -97,6 +97,11 @@ def diffusers_unet_config(cfg: UNetConfig) -> tuple[str, dict[str, Any]]:
             "pooled_context (the prompt's mean added to the time embedding) has no diffusers "
             "equivalent; a text-conditional run cannot be exported"
         )
+    if cfg.guidance_input:
+        raise ConfigError(
+            "guidance_input (a distilled student's guidance-scale embedding) has no diffusers "
+            "equivalent; export the teacher, or a student distilled at a fixed scale"
+        )
     attn = [r in cfg.attention_resolutions for r in cfg.resolutions]
     kwargs: dict[str, Any] = dict(
         sample_size=cfg.sample_size,
@@ -320,6 +325,7 @@ def unet_config_from_diffusers(
         **_resnet_fields(opts),
         **_time_and_class_fields(opts),
         prediction_type=prediction_type,
+        guidance_input=False,  # diffusers has no guidance-scale input (ldmkit's students)
     )
     if cls.name == "UNet2DModel":
         fields.update(_self_attention_fields(opts))

@@ -42,6 +42,9 @@ from ldmkit.models.layers import (
 logger = logging.getLogger(__name__)
 
 
+
+GUIDANCE_EMBED_SCALE = 100.0  # w in 1..10 -> 100..1000: the range of t's embedding
+
 @dataclass
 class UNetConfig:
     """Architecture of a `UNet`. The defaults are the UNet `ldmkit train` trains (ldmkit.recipe)
@@ -85,6 +88,10 @@ class UNetConfig:
     downsample_padding: int = 1  # 1: symmetric; 0: pad right/bottom only (DDPM); see Downsample
     zero_init_residual: bool = True  # LDM: residual convs / attention outputs start at zero
     prediction_type: PredictionType = "v"  # what the network predicts; not used by the UNet
+    # the classifier-free guidance scale w as an input (`forward(..., guidance=)`), embedded like
+    # t and added to the time embedding (Meng et al. 2023): a distilled student that serves every
+    # scale in one call. Its last layer starts at zero: the UNet starts as the one without it
+    guidance_input: bool = False
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
@@ -345,6 +352,10 @@ class UNet(nn.Module):
         self.context_embed = (
             nn.Linear(cfg.context_dim, cfg.time_embed_dim) if cfg.pooled_context else None
         )
+        self.guidance_embed = None
+        if cfg.guidance_input:
+            self.guidance_embed = TimestepMLP(chs[0], cfg.time_embed_dim)
+            zero_module(self.guidance_embed.linear_2)
 
         # Down path: record the channels of every tensor pushed on the skip stack.
         skip_chs = [chs[0]]
@@ -382,10 +393,17 @@ class UNet(nn.Module):
         class_labels: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         cfg = self.config
         B, _, H, W = x.shape
         self._check_inputs(x, class_labels, context, context_mask)
+        if (guidance is None) == (self.guidance_embed is not None):
+            raise ValueError(
+                "this UNet takes the guidance scale as an input: pass guidance=(B,) scales"
+                if guidance is None
+                else "this UNet has no guidance input; guide it with classifier-free guidance"
+            )
 
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -407,6 +425,13 @@ class UNet(nn.Module):
             context, context_mask = self.get_null_context(B), None
         if self.context_embed is not None:
             temb = temb + self.context_embed(pool_context(context, context_mask))
+        if self.guidance_embed is not None:
+            g = torch.as_tensor(guidance, device=x.device, dtype=torch.float32).expand(B)
+            gemb = timestep_embedding(
+                g * GUIDANCE_EMBED_SCALE, cfg.block_out_channels[0],
+                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
+            )  # fmt: skip
+            temb = temb + self.guidance_embed(gemb.to(x.dtype))
 
         h = self.conv_in(x)
         skips = [h]

@@ -62,7 +62,7 @@ from .. import __version__, api
 from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
 from ..data.transforms import pil_image
-from ..diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from ..diffusion.samplers import SAMPLERS
 from ..options import VERBS, adjusted
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
@@ -354,7 +354,9 @@ class Site:
         conditioning = "text" if text else "class" if classes else "none"
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
-        sampling = forms.fields(sample_options(), run, {"guidance_scale": cfg.sampling_guidance})
+        own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
+        sampling = forms.fields(sample_options(), run, {"guidance_scale": cfg.sampling_guidance,
+                                                        "sampler": own_sampler, "steps": own_steps})
         return JSONResponse({
             "name": name,
             "trained": _trained(folder),
@@ -373,7 +375,7 @@ class Site:
                 "reconstructions": folder.reconstructions_path.is_file(),
                 "preview": preview.stem if preview else None,
             },
-            "samplers": list(SAMPLERS), "default_sampler": DEFAULT_SAMPLER,
+            "samplers": list(SAMPLERS), "default_sampler": own_sampler,
             "max_images": MAX_WEB_IMAGES, "sampling": sampling, "editing": edits.methods(run),
             "warnings": folder.warnings(),  # a failed or cut-short stage (training.json)
         })  # fmt: skip
