@@ -221,6 +221,16 @@ class RunFolder:
             )
         return self
 
+    def require_new(self) -> RunFolder:
+        """Raise a one-line error if the folder holds a run already (a new training may not
+        start in it); return self."""
+        if self.exists():
+            raise ConfigError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose "
+                "another --out folder"
+            )
+        return self
+
     def require_trained(self) -> RunFolder:
         """Raise a one-line error unless both models are saved; return self."""
         if not self.path.is_dir():

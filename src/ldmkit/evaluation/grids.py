@@ -19,6 +19,11 @@ from ldmkit.data.transforms import to_uint8
 
 FONT_SIZE = 12
 MIN_CAPTIONED_CELL = 96  # px: captioned cells are upscaled (nearest) to at least this width
+# px: with row labels, cells are upscaled (nearest) to at least this height, so that the grid is
+# looked at as it is (1 image pixel : 1 screen pixel) and its labels, drawn after the upscaling
+# at FONT_SIZE, are never enlarged with the images (a label drawn on 16 px cells and shown
+# enlarged comes out pixelated)
+MIN_LABELLED_CELL = 64
 MAX_CAPTION_LINES = 3
 
 
@@ -139,8 +144,9 @@ def save_grid(
         captions: one string per image, word-wrapped below its cell (up to 3 lines).
         row_labels: one string per grid row, drawn left of the row (e.g. class names).
         scale: integer nearest-neighbour upscaling of every cell; None means 1 without
-            captions and, with captions, the smallest factor giving cells >= 96 px wide so the
-            text fits.
+            text, with captions the smallest factor giving cells >= 96 px wide so the text
+            fits, and with row labels cells >= 64 px high. Text is drawn after the upscaling,
+            at its size (FONT_SIZE px): the grid is meant to be shown 1:1.
 
     Returns:
         the saved uint8 (H', W', C) array. Without text it equals `make_grid(images, nrow,
@@ -156,6 +162,8 @@ def save_grid(
         raise ValueError(f"got {len(row_labels)} row labels for {rows} grid rows; pass one per row")
     if scale is None:
         scale = math.ceil(MIN_CAPTIONED_CELL / w) if captions is not None else 1
+        if row_labels is not None:
+            scale = max(scale, math.ceil(MIN_LABELLED_CELL / h))
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
     if scale > 1:

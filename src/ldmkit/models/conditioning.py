@@ -12,6 +12,7 @@ Class labels: long (B,) in [0, num_classes); the value `num_classes` is the lear
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,45 @@ if TYPE_CHECKING:
     from ldmkit.models.text import AnyTextEncoder, Tokenizer
 
 Cond = dict[str, Tensor]  # keyword arguments of UNet.forward, e.g. {"class_labels": (B,)}
+
+
+# ---------------------------------------------------------------------- grid rows
+@dataclass(frozen=True)
+class RowLayout:
+    """How n images asked for are laid out with one row per class or prompt."""
+
+    n: int  # images drawn: rows x per_row (may differ from the count asked for: see `note`)
+    per_row: int
+    rows: int  # rows drawn (all the classes or prompts, unless `most` is below their number)
+    note: str | None  # why n differs from the count asked for; None when it does not
+
+
+def row_layout(n: int, rows: int, what: str = "class", most: int | None = None) -> RowLayout:
+    """The one rule of a grid with one row per class (or prompt, `what`): every row whole and
+    every class present, so `n` is rounded up to whole rows (8 images of 5 classes: 10, 2 per
+    class) and the note says so; with a limit `most` (images per call) a count that would pass
+    it is rounded down to whole rows instead, and only when `most` holds fewer images than
+    there are classes are classes left out, with a note naming how many."""
+    assert n >= 1 and rows >= 1, (n, rows)
+    plural = "classes" if what == "class" else what + "s"
+    per_row = -(-n // rows)
+    if most is not None and per_row * rows > most:
+        per_row = most // rows
+        if per_row == 0:  # fewer images allowed than classes: one each, for the first `most`
+            note = (
+                f"one image per {what} for the first {most} of the {rows} {plural}: a call draws "
+                f"at most {most} images; name the {plural} you want to see"
+            )
+            return RowLayout(most, 1, most, note)
+    total = per_row * rows
+    note = None
+    if total != n:
+        why = "rounded up" if total > n else "rounded down (the most a call draws)"
+        note = (
+            f"{n} images do not fill one row per {what} ({rows} {plural}): drawing {total}, "
+            f"{per_row} per {what} ({why} to whole rows, so that no {what} is left out)"
+        )
+    return RowLayout(total, per_row, rows, note)
 
 
 class ClassConditioner:
@@ -88,13 +128,14 @@ class ClassConditioner:
 
     # ------------------------------------------------------------------ grids and parsing
     def grid_labels(self, n: int) -> tuple[Tensor | None, int | None, list[str] | None]:
-        """Labels for a grid of n images with one row per class: (labels, per_row, row_labels)."""
+        """Labels for a grid with one row per class: (labels, per_row, row_labels). The grid has
+        `row_layout(n, num_classes).n` images: whole rows, every class (a caller that shows the
+        grid says so when that is not n: `row_layout`'s note)."""
         if not self.enabled:
             return None, None, None
-        per_row = -(-n // self.num_classes)
-        labels = torch.arange(self.num_classes).repeat_interleave(per_row)[:n]
-        rows = -(-n // per_row)
-        return labels, per_row, (self.class_names[:rows] if self.class_names else None)
+        layout = row_layout(n, self.num_classes)
+        labels = torch.arange(self.num_classes).repeat_interleave(layout.per_row)
+        return labels, layout.per_row, (self.class_names if self.class_names else None)
 
     def parse(self, text: str, n: int) -> Tensor:
         """'star', '3' or 'circle,star' (names or indices) -> n labels, cycling through them."""
