@@ -195,3 +195,36 @@ def test_one_training_at_a_time(runs, tmp_path):
             assert wait_training(client)["state"] == "finished"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_serve_refuses_a_data_root_or_train_config_it_cannot_use(runs, tmp_path, capsys):
+    for flag, value, message in [
+        ("--data-root", tmp_path / "none", "is not a folder; give the folder that holds the data "
+         "folders the page may train on"),
+        ("--train-config", tmp_path / "none.toml", "is not a file; give a TOML or JSON file of "
+         "RunConfig fields (as ldmkit train --config reads)"),
+    ]:  # fmt: skip
+        rc = cli.main(["serve", "--runs", str(runs), flag, str(value), "--port", "1"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err == f"ldmkit: error: {flag} {value} {message}"
+
+
+def test_the_readmes_serve_command_with_a_data_root_starts_a_site(tmp_path, monkeypatch):
+    """The README's web section shows `ldmkit serve ... --data-root ... --train-config ...`:
+    its flags parse, and the site it makes trains on that folder."""
+    import re
+    import shlex
+
+    from ldmkit.web.app import Site
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    line = re.search(r"^ldmkit serve --runs runs --data-root \S+ --train-config .*$", readme, re.M).group(0)
+    argv = shlex.split(line.split("#")[0])[1:]
+    args = cli.make_parser().parse_args(argv)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("runs", args.data_root):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(args.train_config).write_text('[unet_train]\nsteps = 100\n')
+    site = Site(args.runs, data_root=args.data_root, train_config=args.train_config)
+    assert site.data_root == (tmp_path / args.data_root).resolve()
+    assert api.check_data_root("pets", site.data_root) == str(site.data_root / "pets")
