@@ -23,15 +23,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ConfigError, check_float, check_int
 from .diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
-from .options import EDITS, MAX_BATCH, MAX_IMAGES, VERBS, SampleOptions, check_conditions
-from .options import TrainOptions
+from .options import (
+    EDITS,
+    MAX_BATCH,
+    MAX_IMAGES,
+    VERBS,
+    SampleOptions,
+    TrainOptions,
+    check_conditions,
+)
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
-    MAX_IMAGE_SIZE,
     MAX_SEED,
     MAX_TIMESTEPS,
-    MIN_IMAGE_SIZE,
     RunConfig,
     check_resume_settings,
     parse_duration,

@@ -3,7 +3,8 @@
 
 LDMKIT_SCREENSHOTS=DIR also writes the screenshots there (the README's come from
 `LDMKIT_SCREENSHOTS=docs LDMKIT_SERVE_RUNS=runs LDMKIT_SERVE_RUN=shapes pytest tests/web/test_browser.py`,
-a trained run)."""
+a trained run; docs/serve-new-run.png from `LDMKIT_SCREENSHOTS=DIR pytest tests/web/test_browser.py
+-k every_class`, the test's tiny run, copied to docs/)."""
 
 from __future__ import annotations
 
@@ -211,7 +212,8 @@ def test_the_training_tab_follows_a_training_and_stops_it(browser_page, runs):
     assert problems == []
 
 
-def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_page, runs):
+def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_page, runs,
+                                                                      tmp_path):
     """Issue 32 as a person meets it: the page loads with a clean console (no request the server
     cannot answer); 8 images of the 5-class run show all five classes and say why there are 10;
     the labelled grid is shown as drawn (never enlarged); the New run form, whose fields are
@@ -255,6 +257,7 @@ def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_pa
     assert plan.startswith("data: shapes, 64 images\n16 px, 3 channels")
     assert "class-conditional on 5 classes" in plan and "this training will take about" in plan
     assert not (runs / "fromweb").exists()  # nothing written before Start
+    assert not_blank(screenshot(page, "serve-new-run.png", tmp_path)) > 10
     page.click("#new-start")
     page.wait_for_selector("#tab-train:not([hidden])", timeout=60_000)
     assert page.eval_on_selector("#run", "s => s.value") == "fromweb"

@@ -5,13 +5,12 @@ is the one `ldmkit train` writes. Through Starlette's TestClient; tiny trainings
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from serve_helpers import tiny_config, tiny_settings
+from serve_helpers import tiny_config
 
 pytest.importorskip(
     "starlette", reason="ldmkit serve needs the serve extra: pip install -e '.[serve]'"

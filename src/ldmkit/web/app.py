@@ -462,7 +462,7 @@ class Site:
     async def train_form(self, request: Request) -> Response:
         current = self.trainer.current
         return JSONResponse({
-            "fields": forms.fields(TrainOptions, {"conditioning": "none"}),
+            "fields": forms.fields(VERBS["train"], {"conditioning": "none"}),
             "data_root": str(self.data_root) if self.data_root else None,
             "config": self.train_config,
             "training": current.to_json() if current else None,
@@ -471,10 +471,11 @@ class Site:
     async def _train_request(self, request: Request) -> tuple[str, Path, TrainOptions]:
         """A New run request: its run name (a new folder under --runs) and its options, checked
         as `ldmkit train` checks its flags, with the data confined to --data-root."""
-        body = await _json_body(request, {"run"} | forms.names(TrainOptions))
+        declared = VERBS["train"]
+        body = await _json_body(request, {"run"} | forms.names(declared))
         path, _ = self.place(body.get("run"))
-        options = TrainOptions(**forms.given(TrainOptions, {k: v for k, v in body.items()
-                                                            if k != "run"})).check()  # fmt: skip
+        given = forms.given(declared, {k: v for k, v in body.items() if k != "run"})
+        options = declared(**given).check()  # as api.train checks it (again, in the training)
         data = api.check_data_root(options.data, self.data_root)
         return body["run"], path, dataclasses.replace(options, data=data)
 
