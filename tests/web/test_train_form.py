@@ -5,6 +5,7 @@ is the one `ldmkit train` writes. Through Starlette's TestClient; tiny trainings
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def test_the_plan_comes_before_anything_is_written(server):
     assert any(line.startswith("autoencoder f2 -> 4x8x8 latents") for line in lines)
     assert "conditioning: class-conditional on 5 classes" in "\n".join(lines)
     assert lines[-1].startswith("time: no --time-budget: this training will take about")
+    r = client.post("/api/train/plan", json={"run": "new", "data": DATA, "time_budget": "5m"})
+    last = r.json()["lines"][-1]
+    assert re.match(r"time: --time-budget 5m: ~\d+ autoencoder steps, ~\d+ diffusion steps at "
+                    r"these speeds \(autoencoder ~[\d.]+ s/step, diffusion ~[\d.]+ s/step", last)  # fmt: skip
+    r = client.post("/api/train/plan", json={"run": "new", "data": DATA, "time_budget": "2s"})
+    assert r.json()["lines"][-1].startswith("warning: --time-budget 2s is too short for this run")
     assert not (runs / "new").exists()
 
 

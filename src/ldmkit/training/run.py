@@ -848,9 +848,12 @@ def _time_plan(
         )
     if not always:
         return None
+    budget, shares = parse_duration(cfg.time_budget), {"autoencoder": split, "diffusion": 1 - split}
+    fits = ", ".join(f"~{int(shares[name] * budget / t)} {name} steps" for name, _, t in stages)
     return logging.INFO, (
-        f"--time-budget {cfg.time_budget}: each stage plans its steps to end in its share of "
-        f"it ({speeds}, measured now)"
+        f"--time-budget {cfg.time_budget}: {fits} at these speeds ({speeds}, measured now; "
+        "each stage plans its steps again as it trains, and the autoencoder may end early on "
+        "quality)"
     )
 
 
