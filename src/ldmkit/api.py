@@ -454,8 +454,10 @@ class Samples:
     description: (
         str  # e.g. "50 images, dpm++2m-sde, 20 steps, seed 0, guidance 5, one class per row"
     )
-    # what the call changed and why, for the user (e.g. the count rounded to whole rows)
+    # what the user should know about the layout (uneven rows of classes, classes left out)
     notes: list[str] = field(default_factory=list)
+    # images in each grid row when the rows are uneven (the short rows end blank); None: whole
+    row_counts: list[int] | None = None
 
 
 _SAMPLE = SampleOptions()  # the defaults of `sample`'s keywords
@@ -523,42 +525,42 @@ def sample(
                   callback=callback)  # fmt: skip
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner
-    # one row per prompt or class: whole rows, none left out (`row_layout`, the one rule of the
-    # CLI's and the page's grids); a count it changes comes back as a note
-    most = next(f for f in o.fields() if f.name == "n").bound("hi")
+    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
+    # one row per prompt or class, each present, exactly n images (`row_layout`, the one rule
+    # of the CLI's and the page's grids); uneven rows or rows left out come back as a note
     if prompts:
-        layout = row_layout(n, len(prompts), "prompt", most)
-        texts = [p for p in prompts[: layout.rows] for _ in range(layout.per_row)]
-        images = ldm.sample(layout.n, prompt=texts, negative_prompt=o.negative_prompt, **kwargs)
-        how = f"{layout.n} images, {o.sampler}, {steps} steps, seed {o.seed}"
+        layout = row_layout(n, len(prompts), "prompt", prompts)
+        texts = [prompts[i] for i in layout.labels()]
+        images = ldm.sample(n, prompt=texts, negative_prompt=o.negative_prompt, **kwargs)
         return Samples(
             images, layout.per_row, list(prompts[: layout.rows]),
-            how + f", guidance {g:g}, one prompt per row", _notes(layout),
+            how + f", guidance {g:g}, one prompt per row", _notes(layout), _counts(layout),
         )  # fmt: skip
-    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     if o.classes is not None:
         images = ldm.sample(n, class_labels=cond.parse(o.classes, n), **kwargs)
         return Samples(images, None, None, how + f", guidance {g:g}")
     if not cond.enabled:
         images, per_row, row_labels = ldm.sample_grid(n, **kwargs)
         return Samples(images, per_row, row_labels, how)
-    layout = row_layout(n, cond.num_classes, "class", most)
-    labels = _arange(cond.num_classes)[: layout.rows].repeat_interleave(layout.per_row)
-    images = ldm.sample(layout.n, class_labels=labels, **kwargs)
+    layout = row_layout(n, cond.num_classes, "class", cond.class_names)
+    images = ldm.sample(n, class_labels=_labels(layout.labels()), **kwargs)
     names = cond.class_names[: layout.rows] if cond.class_names else None
-    how = f"{layout.n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     return Samples(images, layout.per_row, names, how + f", guidance {g:g}, one class per row",
-                   _notes(layout))  # fmt: skip
+                   _notes(layout), _counts(layout))  # fmt: skip
 
 
 def _notes(layout: Any) -> list[str]:
     return [layout.note] if layout.note else []
 
 
-def _arange(n: int) -> Tensor:
+def _counts(layout: Any) -> list[int] | None:
+    return None if layout.whole else list(layout.counts)
+
+
+def _labels(labels: list[int]) -> Tensor:
     import torch
 
-    return torch.arange(n)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:
@@ -568,7 +570,8 @@ def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None
     if nrow is not None:
         check_count("--nrow", nrow, 1, MAX_NROW)
     per_row, labels = (nrow, None) if nrow else (samples.per_row, samples.row_labels)
-    write_grid(samples.images, path, nrow=per_row, row_labels=labels)
+    counts = None if nrow else samples.row_counts
+    write_grid(samples.images, path, nrow=per_row, row_labels=labels, row_counts=counts)
     return Path(path)
 
 

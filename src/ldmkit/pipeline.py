@@ -396,11 +396,10 @@ class LatentDiffusion:
     ) -> tuple[Tensor, int | None, list[str] | None]:
         """n images for a grid: one row per class (labelled with its name) for a class-conditional
         model, else unconditional. Returns (images, images per row or None, row labels or None).
-        A class grid has whole rows and every class: n rounded up (`conditioning.row_layout`)."""
+        Every class has a row (`conditioning.row_layout`; a multiple of the classes fills them)."""
         labels, per_row, row_labels = self.conditioner.grid_labels(n)
         if labels is not None:
             sample_kwargs["class_labels"] = labels
-            n = len(labels)
         return self.sample(n, **sample_kwargs), per_row, row_labels
 
     def prompt_grid(

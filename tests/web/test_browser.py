@@ -215,7 +215,7 @@ def test_the_training_tab_follows_a_training_and_stops_it(browser_page, runs):
 def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_page, runs,
                                                                       tmp_path):
     """Issue 32 as a person meets it: the page loads with a clean console (no request the server
-    cannot answer); 8 images of the 5-class run show all five classes and say why there are 10;
+    cannot answer); 8 images of the 5-class run show all five classes and say how the rows go;
     the labelled grid is shown as drawn (never enlarged); the New run form, whose fields are
     `ldmkit train`'s options, refuses data outside --data-root in one line, shows the plan,
     starts the training and hands over to the live Training tab."""
@@ -233,8 +233,10 @@ def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_pa
     page.click("#generate")
     page.wait_for_selector("#result-notes:not([hidden])", timeout=60_000)
     page.wait_for_function("() => document.getElementById('result').naturalWidth > 0")
-    assert "drawing 10, 2 per class" in page.inner_text("#result-notes")
-    assert page.inner_text("#result-text").startswith("10 images")
+    assert "2 each of circle, square, triangle and 1 each of star, cross" in page.inner_text(
+        "#result-notes"
+    )
+    assert page.inner_text("#result-text").startswith("8 images")
     shown, natural = page.eval_on_selector(
         "#result", "i => [i.getBoundingClientRect().width, i.naturalWidth]"
     )
