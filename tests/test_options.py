@@ -138,3 +138,35 @@ def test_steps_go_up_to_the_runs_timesteps(run_dir):
     options.SampleOptions(steps=t + 1).check()  # without the run: up to MAX_TIMESTEPS
     with pytest.raises(ConfigError, match=f"^--steps must be a whole number from 1 to {t}, "):
         options.SampleOptions(steps=t + 1).check(RunFolder(run_dir))
+
+
+def test_a_new_train_field_is_a_train_flag_and_a_new_run_field_checked_by_both(
+    monkeypatch, tmp_path, capsys
+):
+    """`ldmkit train`'s options are declared once too (TrainOptions): a field added to the
+    declaration is a flag of `train` and a field of the page's New run form, and a bad value is
+    refused by both with the same line, before anything is written."""
+    pytest.importorskip("starlette", reason="the page needs the serve extra")
+    from starlette.testclient import TestClient
+
+    from ldmkit.web.app import create_app
+
+    base = options.VERBS["train"]
+    more = dataclasses.make_dataclass(
+        base.__name__, [("eta", float, option(0.0, "a new option", lo=0, hi=1))],
+        bases=(base,), frozen=True, namespace={"__module__": base.__module__},
+    )  # fmt: skip
+    monkeypatch.setitem(options.VERBS, "train", more)
+    sub = cli.make_parser()._subparsers._group_actions[0].choices["train"]
+    flag = {a.option_strings[0]: a for a in sub._actions}.get("--eta")
+    assert flag is not None and flag.type is cli._number and "a new option" in flag.help
+    rc, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "runs" / "new"), "--eta", "2")
+    assert rc == 2 and error_line(err) == f"ldmkit: error: {ETA}"
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    with TestClient(create_app(tmp_path / "runs")) as client:
+        fields = client.get("/api/train").json()["fields"]
+        assert fields[-1] == {"name": "eta", "label": "eta", "value": 0.0, "min": 0, "max": 1,
+                              "step": None, "type": "number"}  # fmt: skip
+        r = client.post("/api/train/plan", json={"run": "new", "eta": 2})
+        assert r.status_code == 400 and r.json()["error"] == ETA, r.text
+    assert not (tmp_path / "runs" / "new").exists()

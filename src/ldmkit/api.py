@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,15 +33,14 @@ from .options import (
     VERBS,
     DistillOptions,
     SampleOptions,
+    TrainOptions,
     check_conditions,
 )
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
-    MAX_IMAGE_SIZE,
     MAX_SEED,
     MAX_TIMESTEPS,
-    MIN_IMAGE_SIZE,
     RunConfig,
     check_resume_settings,
     parse_duration,
@@ -279,6 +278,9 @@ def run_config(
 
 
 # ------------------------------------------------------------------------------ train
+_TRAIN = TrainOptions()  # the defaults of `train`'s option keywords
+
+
 def train(
     out: str | os.PathLike,
     *,
@@ -294,29 +296,81 @@ def train(
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     dist_backend: str = "auto",
+    conditioning: str | None = None,
+    options: TrainOptions | None = None,
 ) -> RunResult:
-    """Train a run into `out` (see ldmkit.training.run.train_run). `stop` (a threading.Event)
+    """Train a run into `out` (see ldmkit.training.run.train_run). Its per-call options
+    (`options.TrainOptions`: data, time_budget, seed, image_size, conditioning; checked once)
+    come as keywords or all at once as `options`; the rest of the run's settings from
+    `config_file` and `sets` ("section.field=value"). `stop` (a threading.Event)
     ends it cleanly with a checkpoint; `progress` receives a `Progress` event per step.
     Launched by torchrun, every process calls this and they train together (`dist_backend`:
     auto, gloo or nccl; ldmkit.training.distributed)."""
     from .training.run import train_run
 
+    o = _train_options(data, time_budget, seed, image_size, conditioning, options)
+    cfg, size = _train_setup(out, o, device, config_file, sets, resume, stage)
+    return train_run(cfg, out, resume=resume, stage=stage, progress=progress, stop=stop,
+                     backend=dist_backend, size=size)  # fmt: skip
+
+
+@dataclass
+class TrainPlan:
+    """What `train` would do, told before it starts (the page shows it before its Start)."""
+
+    lines: list[str]  # the image size and why, the data, the models, conditioning, the time
+    config: RunConfig  # the run's config as given (not yet settled by the data)
+
+
+def train_plan(
+    out: str | os.PathLike,
+    *,
+    options: TrainOptions | None = None,
+    device: str | None = None,
+    config_file: str | None = None,
+    sets: Sequence[str] = (),
+) -> TrainPlan:
+    """The plan a new training into `out` logs before it starts (sizes, models, estimated time),
+    after the same checks as `train` with the same messages, without writing anything: the
+    data is read, the image size chosen and each model's step timed, as `train` does."""
+    from .training.run import plan_run
+
+    o = _train_options(None, None, None, None, None, options)
+    cfg, size = _train_setup(out, o, device, config_file, sets, False, "all")
+    return TrainPlan(plan_run(cfg, RunFolder(out), size), cfg)
+
+
+def _train_options(data: Any, time_budget: Any, seed: Any, image_size: Any, conditioning: Any,
+                   options: TrainOptions | None) -> TrainOptions:  # fmt: skip
+    o = TrainOptions(data=data, time_budget=time_budget, seed=seed, image_size=image_size,
+                     conditioning=conditioning)  # fmt: skip
+    if options is not None:
+        if o != _TRAIN:
+            raise TypeError("give train's options as keywords or as `options`, not both")
+        o = options
+    return o
+
+
+def _train_setup(out: Any, o: TrainOptions, device: str | None, config_file: str | None,
+                 sets: Sequence[str], resume: bool, stage: str) -> tuple[RunConfig, Any]:  # fmt: skip
+    """`train`'s checks, in order, and the config and size choice it trains with."""
     check_path("--out", out)
-    check_path("--data", data)
+    check_path("--data", o.data)
     check_path("--config", config_file)
-    check_duration("--time-budget", time_budget)
-    if seed is not None:
-        check_seed("--seed", seed)
-    if image_size is not None:
-        check_count("--image-size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    o = o.check()  # --time-budget, --seed, --image-size, --conditioning: the declared ranges
     check_device(device)
     size = None
+    image_size = o.image_size
     if image_size is None and not RunFolder(out).exists():  # a run keeps its size
-        size = _choose_size(config_file, sets, data=data, time_budget=time_budget, device=device)
+        size = _choose_size(
+            config_file, sets, data=o.data, time_budget=o.time_budget, device=device,
+            conditioning=o.conditioning,
+        )  # fmt: skip
         image_size = size.size if size else None
     cfg = run_config(
-        out, resume=resume, config_file=config_file, sets=sets, data=data,
-        time_budget=time_budget, seed=seed, device=device, image_size=image_size,
+        out, resume=resume, config_file=config_file, sets=sets, data=o.data,
+        time_budget=o.time_budget, seed=o.seed, device=device, image_size=image_size,
+        conditioning=o.conditioning,
     )  # fmt: skip
     check_device(cfg.device)  # also when set in a config file or with --set device=...
     check_apart("--out", out, "--data", cfg.data)
@@ -326,8 +380,34 @@ def train(
             f"--stage unet trains the UNet on the run's autoencoder, but {out} has none yet; "
             "train it first (--stage vae, or all)"
         )
-    return train_run(cfg, out, resume=resume, stage=stage, progress=progress, stop=stop,
-                     backend=dist_backend, size=size)  # fmt: skip
+    return cfg, size
+
+
+def check_data_root(spec: str | None, root: str | os.PathLike | None) -> str:
+    """A data spec a page may train on: a built-in set, or a folder (or a file set's path,
+    mnist:PATH, ...) inside `root` (`ldmkit serve --data-root`); a relative path is taken
+    under `root`. Returns the spec with the path resolved. Like runs under --runs, nothing
+    outside the folder the server was given is read."""
+    from .data.dataset import parse_spec
+
+    check_path("data", spec)
+    text = str(spec or "builtin:shapes").strip()
+    kind, path, _ = parse_spec(text)
+    if kind.startswith("builtin:"):
+        return text
+    if root is None:
+        raise ConfigError(
+            f"data {shorten(text)}: this server reads no data folders; start it with "
+            "`ldmkit serve --data-root DIR` to train on the folders in DIR, or use builtin:shapes"
+        )
+    base = Path(root).expanduser().resolve()
+    where = Path(path).expanduser()
+    resolved = (where if where.is_absolute() else base / where).resolve()
+    if not resolved.is_relative_to(base):
+        raise ConfigError(
+            f"data {shorten(text)} is outside --data-root {base}; pick a folder inside it"
+        )
+    return str(resolved) if kind == "folder" else text.replace(path, str(resolved), 1)
 
 
 def _choose_size(config_file: str | None, sets: Sequence[str], **flags: Any) -> Any:
@@ -380,6 +460,10 @@ class Samples:
     description: (
         str  # e.g. "50 images, dpm++2m-sde, 20 steps, seed 0, guidance 5, one class per row"
     )
+    # what the user should know about the layout (uneven rows of classes, classes left out)
+    notes: list[str] = field(default_factory=list)
+    # images in each grid row when the rows are uneven (the short rows end blank); None: whole
+    row_counts: list[int] | None = None
 
 
 _SAMPLE = SampleOptions()  # the defaults of `sample`'s keywords
@@ -415,6 +499,7 @@ def sample(
 
     `ldm`: the run's model when the caller has it loaded already (a server's cache);
     `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""
+    from .models.conditioning import row_layout
     from .pipeline import LatentDiffusion
 
     check_path("--run", run)
@@ -444,24 +529,44 @@ def sample(
     kwargs = dict(sampler=o.sampler, steps=steps, seed=o.seed, guidance_scale=guidance,
                   guidance_rescale=o.guidance_rescale, batch_size=o.batch_size,
                   callback=callback)  # fmt: skip
-    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner
+    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
+    # one row per prompt or class, each present, exactly n images (`row_layout`, the one rule
+    # of the CLI's and the page's grids); uneven rows or rows left out come back as a note
     if prompts:
-        per_row = -(-n // len(prompts))
-        texts = [p for p in prompts for _ in range(per_row)][:n]
+        layout = row_layout(n, len(prompts), "prompt", prompts)
+        texts = [prompts[i] for i in layout.labels()]
         images = ldm.sample(n, prompt=texts, negative_prompt=o.negative_prompt, **kwargs)
-        rows = -(-n // per_row)
         return Samples(
-            images, per_row, list(prompts[:rows]), how + f", guidance {g:g}, one prompt per row"
-        )
+            images, layout.per_row, list(prompts[: layout.rows]),
+            how + f", guidance {g:g}, one prompt per row", _notes(layout), _counts(layout),
+        )  # fmt: skip
     if o.classes is not None:
         images = ldm.sample(n, class_labels=cond.parse(o.classes, n), **kwargs)
         return Samples(images, None, None, how + f", guidance {g:g}")
-    images, per_row, row_labels = ldm.sample_grid(n, **kwargs)
-    if cond.enabled:
-        how += f", guidance {g:g}, one class per row"
-    return Samples(images, per_row, row_labels, how)
+    if not cond.enabled:
+        images, per_row, row_labels = ldm.sample_grid(n, **kwargs)
+        return Samples(images, per_row, row_labels, how)
+    layout = row_layout(n, cond.num_classes, "class", cond.class_names)
+    images = ldm.sample(n, class_labels=_labels(layout.labels()), **kwargs)
+    names = cond.class_names[: layout.rows] if cond.class_names else None
+    return Samples(images, layout.per_row, names, how + f", guidance {g:g}, one class per row",
+                   _notes(layout), _counts(layout))  # fmt: skip
+
+
+def _notes(layout: Any) -> list[str]:
+    return [layout.note] if layout.note else []
+
+
+def _counts(layout: Any) -> list[int] | None:
+    return None if layout.whole else list(layout.counts)
+
+
+def _labels(labels: list[int]) -> Tensor:
+    import torch
+
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:
@@ -471,7 +576,8 @@ def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None
     if nrow is not None:
         check_count("--nrow", nrow, 1, MAX_NROW)
     per_row, labels = (nrow, None) if nrow else (samples.per_row, samples.row_labels)
-    write_grid(samples.images, path, nrow=per_row, row_labels=labels)
+    counts = None if nrow else samples.row_counts
+    write_grid(samples.images, path, nrow=per_row, row_labels=labels, row_counts=counts)
     return Path(path)
 
 

@@ -38,9 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import api
     from .runs import RunFolder
 
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["train"].fields()}
     res = api.train(
-        args.out, data=args.data, time_budget=args.time_budget, seed=args.seed,
-        image_size=args.image_size, device=args.device, config_file=args.config,
+        args.out, options=declared.VERBS["train"](**given), device=args.device, config_file=args.config,
         sets=[*(args.set or []), *(["unet_train.compile=true"] if args.compile else [])],
         resume=args.resume is not None, stage=args.stage,
         progress=None if args.quiet else api.tqdm_progress(), dist_backend=args.dist_backend,
@@ -83,6 +83,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.run, options=declared.VERBS["sample"](**{**given, "prompts": _prompts(args)}),
         device=args.device, fast=args.fast, compile=args.compile,
     )  # fmt: skip
+    for note in samples.notes:  # e.g. the count rounded to whole rows of the classes
+        print(f"note: {note}")
     if args.out:
         api.save_grid(samples, args.out, nrow=args.nrow)
         print(f"wrote {args.out} ({samples.description})")
@@ -193,6 +195,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api.check_count("--port", args.port, 1, 65535)
     api.check_path("--runs", args.runs)
     api.check_path("--host", args.host)
+    api.check_path("--data-root", args.data_root)
+    api.check_path("--train-config", args.train_config)
     try:
         from .web import app as web
     except ImportError as e:
@@ -202,7 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     # on a loopback address, the page answers to its own names only (no DNS rebinding)
     hosts = (*web.LOOPBACK, args.host) if web.is_loopback(args.host) else None
-    site = web.create_app(args.runs, device=args.device, hosts=hosts)
+    site = web.create_app(args.runs, device=args.device, hosts=hosts, data_root=args.data_root,
+                          train_config=args.train_config)  # fmt: skip
     sock = web.listen(args.host, args.port)
     if not web.is_loopback(args.host):
         print(f"ldmkit: warning: --host {args.host} lets other machines on the network use this "
@@ -329,8 +334,7 @@ def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train the autoencoder and the diffusion UNet into a run folder"
     )
-    t.add_argument("--data", help="folder of images, builtin:shapes (default), builtin:mnist, builtin:digits, "
-                   "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, cifar100:PATH")  # fmt: skip
+    add_options(t, "train")  # --data, --time-budget, --seed, --image-size, --conditioning
     t.add_argument("--out", required=True, help="run folder to create (or to resume)")
     t.add_argument("--config", help="TOML or JSON file with RunConfig fields")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -338,11 +342,6 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--resume", nargs="?", const="latest", choices=["latest"],
                    help="continue the run in --out from its latest checkpoint")  # fmt: skip
     t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
-    t.add_argument("--time-budget", help="wall-clock budget for both stages, e.g. 10m")
-    t.add_argument("--seed", type=_number)
-    t.add_argument("--image-size", type=_number,
-                   help="side of the square training images in px (default: the data's own, "
-                   "or the largest this device trains in the time given; the log says which)")  # fmt: skip
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--compile", action="store_true",
@@ -398,7 +397,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def _add_distill(sub: Any) -> None:
     d = sub.add_parser("distill", help="distil a run into a student that samples in 1-8 steps "
                        "(progressive distillation)")  # fmt: skip
-    d.add_argument("--run", required=True, help="the teacher: a run folder written by `ldmkit train`")
+    d.add_argument(
+        "--run", required=True, help="the teacher: a run folder written by `ldmkit train`"
+    )
     d.add_argument("--out", required=True, help="the student's run folder to create (or resume)")
     add_options(d, "distill")
     d.add_argument("--resume", action="store_true", help="continue the distillation in --out")
@@ -470,6 +471,10 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default: this machine only); "
                    "0.0.0.0 serves every network the machine is on")  # fmt: skip
     s.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    s.add_argument("--data-root", metavar="DIR", help="the folder whose data folders the page's "
+                   "New run form may train on (default: none, built-in data only)")  # fmt: skip
+    s.add_argument("--train-config", metavar="FILE", help="TOML or JSON file of RunConfig fields "
+                   "the page's trainings start from (as ldmkit train --config)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
 

@@ -499,6 +499,7 @@ _EDIT_DECLARATIONS = (InpaintOptions, FillOptions, Img2ImgOptions, InvertOptions
                       InterpolateOptions, DenoiseOptions)  # fmt: skip
 EDITS: dict[str, type[EditOptions]] = {o.verb: o for o in _EDIT_DECLARATIONS}
 
+
 # ------------------------------------------------------------------------------ distill
 def check_duration_text(name: str, value: Any) -> str:
     """A duration such as "20m" or "1h30m" (recipe.parse_duration reads it)."""
@@ -553,3 +554,79 @@ class DistillOptions(Options):
 # extend one and see it reach every front).
 VERBS: dict[str, type[Options]] = {"sample": SampleOptions, **EDITS}
 VERBS["distill"] = DistillOptions
+
+
+# ------------------------------------------------------------------------------ train
+# The options of `ldmkit train` a person sets per call (the page's New run form shows them):
+# everything else of a run is its config (--config FILE, --set KEY=VALUE), and the CLI's own
+# flags (--out, --resume, --stage, --device, ...) stay in cli.py.
+CONDITIONINGS = ("auto", "none", "class", "text")  # recipe.RunConfig.conditioning's values
+
+
+def min_image_size(run: RunFolder | None = None) -> int:
+    from .recipe import MIN_IMAGE_SIZE
+
+    return MIN_IMAGE_SIZE
+
+
+def max_image_size(run: RunFolder | None = None) -> int:
+    from .recipe import MAX_IMAGE_SIZE
+
+    return MAX_IMAGE_SIZE
+
+
+def check_duration_text(name: str, value: Any) -> str:
+    """A wall-clock duration as typed ('90s', '10m', '1h30m', or seconds), checked by the
+    recipe's reader (its one-line message names `name`); kept as the text a config holds."""
+    from .recipe import parse_duration
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a number of seconds (a page's number input, a Python caller)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a duration such as 10m or 1h30m, got {value!r}")
+    parse_duration(value, name)
+    return value
+
+
+def check_data_spec(name: str, value: Any) -> str:
+    """A data spec: text (a folder, builtin:shapes, mnist:PATH, ...) or a path object."""
+    import os
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a folder or a data spec such as builtin:shapes, "
+                          f"got {value!r}")  # fmt: skip
+    return value
+
+
+@dataclass(frozen=True)
+class TrainOptions(Options):
+    """`ldmkit train`'s per-call options, `api.train`, the page's New run form."""
+
+    verb: ClassVar[str] = "train"
+    data: str | None = option(
+        None, "folder of images, builtin:shapes (default), builtin:mnist, builtin:digits, "
+        "mnist:PATH, fashion-mnist:PATH, cifar10:PATH, cifar100:PATH", check=check_data_spec,
+        widget="text",
+        label="data (a folder under --data-root, or builtin:shapes)",
+    )  # fmt: skip
+    time_budget: str | None = option(
+        None, "wall-clock budget for both stages, e.g. 10m", check=check_duration_text,
+        widget="text", label="time budget (e.g. 10m; empty: the configured steps)",
+    )  # fmt: skip
+    seed: int | None = option(None, "seed of the run (default 0)", lo=0, hi=max_seed,
+                              label="seed (empty: 0)")  # fmt: skip
+    image_size: int | None = option(
+        None, "side of the square training images in px (default: the data's own, or the "
+        "largest this device trains in the time given; the log says which)", lo=min_image_size,
+        hi=max_image_size, step=8, label="image size (px; empty: chosen for the data)",
+    )  # fmt: skip
+    conditioning: str | None = option(
+        None, "what the UNet is conditioned on: auto (default: class labels if the data has "
+        "them, else captions, else none), none, class, text (= --set conditioning=...)",
+        choices=CONDITIONINGS,
+    )  # fmt: skip
+
+
+VERBS["train"] = TrainOptions

@@ -68,7 +68,8 @@ def _weight_gflop(unet: UNet, shape: tuple[int, ...], device: torch.device) -> f
             extra = {"guidance": torch.ones(1, device=device)} if unet.config.guidance_input else {}
             unet.forward(
                 torch.zeros(1, *shape, device=device),
-                torch.zeros(1, dtype=torch.long, device=device), **extra,
+                torch.zeros(1, dtype=torch.long, device=device),
+                **extra,
             )
     finally:
         for h in hooks:
@@ -419,7 +420,8 @@ class LatentDiffusion:
         self, n: int, **sample_kwargs: Any
     ) -> tuple[Tensor, int | None, list[str] | None]:
         """n images for a grid: one row per class (labelled with its name) for a class-conditional
-        model, else unconditional. Returns (images, images per row or None, row labels or None)."""
+        model, else unconditional. Returns (images, images per row or None, row labels or None).
+        Every class has a row (`conditioning.row_layout`; a multiple of the classes fills them)."""
         labels, per_row, row_labels = self.conditioner.grid_labels(n)
         if labels is not None:
             sample_kwargs["class_labels"] = labels

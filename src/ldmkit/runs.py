@@ -283,6 +283,16 @@ class RunFolder:
             )
         return self
 
+    def require_new(self) -> RunFolder:
+        """Raise a one-line error if the folder holds a run already (a new training may not
+        start in it); return self."""
+        if self.exists():
+            raise ConfigError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose "
+                "another --out folder"
+            )
+        return self
+
     def require_trained(self) -> RunFolder:
         """Raise a one-line error unless both models are saved; return self."""
         if not self.path.is_dir():
@@ -470,7 +480,9 @@ class RunFolder:
             return None
         data = read_json(self.distill_path)
         if not isinstance(data, dict):
-            raise CheckpointError(f"{self.distill_path} is not a distillation record; it is corrupt")
+            raise CheckpointError(
+                f"{self.distill_path} is not a distillation record; it is corrupt"
+            )
         return data
 
     def write_distill_record(self, record: dict[str, Any]) -> None:
@@ -480,7 +492,11 @@ class RunFolder:
         """The sampler and step count this run samples with unless told otherwise: a student's
         (deterministic DDIM at its distilled step count), else DEFAULT_SAMPLER at DEFAULT_STEPS."""
         record = self.distill_record() if self.distill_path.is_file() else None
-        if record and isinstance(record.get("sampler"), str) and isinstance(record.get("steps"), int):
+        if (
+            record
+            and isinstance(record.get("sampler"), str)
+            and isinstance(record.get("steps"), int)
+        ):
             return record["sampler"], record["steps"]
         return DEFAULT_SAMPLER, DEFAULT_STEPS
 

@@ -1,5 +1,7 @@
 """Grids: layout arithmetic, pixel placement, and PNGs that Pillow reads back."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,32 @@ def test_save_grid_bad_inputs(tmp_path):
         save_grid(images, tmp_path / "a.grid")
     with pytest.raises(ValueError, match="C = 1 or 3"):
         make_grid(torch.zeros(2, 4, 4, 4))
+
+
+def test_row_labels_are_drawn_at_their_size_on_cells_enlarged_for_them(tmp_path):
+    """A labelled grid is meant to be shown 1:1: small cells are enlarged (nearest) to at least
+    MIN_LABELLED_CELL px before the labels are drawn, and each label is the font's own bitmap at
+    FONT_SIZE (never enlarged with the cells, which is what blurred them on the page)."""
+    from PIL import ImageDraw
+
+    from ldmkit.evaluation.grids import FONT_SIZE, MIN_LABELLED_CELL, _font
+
+    images = torch.ones(10, 3, 16, 16)  # white cells: any dark pixel is text
+    grid = save_grid(images, tmp_path / "g.png", nrow=2,
+                     row_labels=["circle", "square", "triangle", "star", "cross"])  # fmt: skip
+    cell = 16 * math.ceil(MIN_LABELLED_CELL / 16)  # 64
+    assert grid.shape[0] == 5 * (cell + 2) + 2  # five rows of enlarged cells
+    dark = grid[..., 0] < 128
+    cols = np.flatnonzero(dark.any(0))
+    margin = int(cols.max()) + 1  # the labels' margin: the cells are white
+    for r, label in enumerate(["circle", "square", "triangle", "star", "cross"]):
+        row = dark[2 + r * (cell + 2) : 2 + r * (cell + 2) + cell, :margin]
+        ys, xs = np.nonzero(row)
+        drawn = row[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        alone = Image.new("L", (200, 40), 255)
+        ImageDraw.Draw(alone).text((2, 2), label, fill=0, font=_font())
+        ref = np.asarray(alone) < 128
+        rys, rxs = np.nonzero(ref)
+        expect = ref[rys.min() : rys.max() + 1, rxs.min() : rxs.max() + 1]
+        assert np.array_equal(drawn, expect), label  # the font's bitmap, 1:1
+        assert drawn.shape[0] <= FONT_SIZE < cell  # a label's height: the font's, not the cell's

@@ -265,6 +265,7 @@ def path_flag_cases() -> list[tuple[str, str]]:
     """(verb, flag) for every flag of every verb that takes a file or folder."""
     paths = {"--out", "--outdir", "--run", "--runs", "--data", "--config", "--prompts", "--ref",
              "--held-out", "--from-diffusers", "--to-diffusers", "--vae", "--scheduler",
+             "--data-root", "--train-config",
              *IMAGE_FLAGS}  # fmt: skip
     return [(verb, a.option_strings[-1]) for verb in VERBS for a in subparser(verb)._actions
             if a.option_strings and a.option_strings[-1] in paths]  # fmt: skip

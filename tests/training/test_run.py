@@ -161,9 +161,12 @@ def test_cli_sample_draws_one_row_per_class(run_dir, tmp_path, capsys):
     assert (
         main(["sample", "--run", str(run_dir), "--n", "7", "--steps", "2", "--out", str(out)]) == 0
     )
-    assert "guidance 5, one class per row" in capsys.readouterr().out
-    # 7 images of 5 classes: 2 per row, so 4 rows of 16 px cells with 2 px padding
-    assert Image.open(out).height == 4 * (16 + 2) + 2
+    printed = capsys.readouterr().out
+    assert "guidance 5, one class per row" in printed
+    # 7 images of 5 classes: a row per class (2, 2, 1, 1, 1; issue 32: the fifth class was left
+    # out), said in a note; 16 px cells enlarged to 64 for the labels, with 2 px padding
+    assert "note: 7 images do not fill one row per class (5 classes)" in printed
+    assert Image.open(out).height == 5 * (64 + 2) + 2
 
 
 def test_config_errors():

@@ -133,7 +133,6 @@ def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path, caplog):
     assert sum("broken failed (RuntimeError: disk full)" in r.message for r in caplog.records) == 1
 
 
-
 # a whole process, to its exit: W&B's telemetry would export at exit, after any test ends
 WHOLE_PROCESS = """
 import atexit, json, socket, sys
@@ -183,6 +182,7 @@ def test_a_tracked_process_reaches_no_network_up_to_its_exit(tmp_path, name):
                    check=True, env=env, timeout=120)  # fmt: skip
     assert json.loads(out.read_text()) == []
     assert RunFolder(tmp_path / "r").tracker_ids()[name]
+
 
 # ------------------------------------------------------------------ W&B's offline files
 def wandb_records(path: Path):

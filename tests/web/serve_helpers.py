@@ -60,3 +60,13 @@ def wait_for(client, job_id: str, timeout: float = 60.0) -> dict:
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not end in {timeout} s: {job}")
+
+
+def tiny_config(path: Path, steps: int = 4, sample_every: int = 2) -> str:
+    """`tiny_settings` as a JSON config file (what `ldmkit serve --train-config` reads)."""
+    import json
+
+    from ldmkit.recipe import settings_dict
+
+    path.write_text(json.dumps(settings_dict(None, tiny_settings(steps, sample_every))))
+    return str(path)

@@ -3,7 +3,8 @@
 
 LDMKIT_SCREENSHOTS=DIR also writes the screenshots there (the README's come from
 `LDMKIT_SCREENSHOTS=docs LDMKIT_SERVE_RUNS=runs LDMKIT_SERVE_RUN=shapes pytest tests/web/test_browser.py`,
-a trained run)."""
+a trained run; docs/serve-new-run.png from `LDMKIT_SCREENSHOTS=DIR pytest tests/web/test_browser.py
+-k every_class`, the test's tiny run, copied to docs/)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import live_server, tiny_settings
+from serve_helpers import live_server, tiny_config, tiny_settings
 
 from ldmkit.runs import RunFolder
 
@@ -38,28 +39,37 @@ def not_blank(png: bytes) -> float:
 
 
 @pytest.fixture
-def browser_page(runs):
+def browser_page(runs, tmp_path):
     """(page, base URL, run name, problems): problems collects page errors, console errors (CSP
-    refusals among them) and any request to another address, which is aborted."""
+    refusals among them), failed requests, answers of 400 and above (a missing favicon's 404
+    among them), and any request to another address, which is aborted. A test that provokes a
+    refusal on purpose checks for exactly that one. The server trains tiny runs (its
+    --train-config) on data under tmp_path/data (its --data-root)."""
     from playwright.sync_api import sync_playwright
 
     root = Path(os.environ.get("LDMKIT_SERVE_RUNS", runs))
     run = os.environ.get("LDMKIT_SERVE_RUN", "shapes")
     problems: list[str] = []
-    with live_server(root) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    (tmp_path / "data").mkdir(exist_ok=True)
+    server = live_server(root, data_root=tmp_path / "data",
+                         train_config=tiny_config(tmp_path / "tiny.json"))  # fmt: skip
+    with server as url, sync_playwright() as p:
+        # no request interception (Chromium then skips the favicon, whose 404 this suite must
+        # see): every other address goes to a closed proxy port instead, and is a problem
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>;127.0.0.1",
+        ])  # fmt: skip
         page = browser.new_page(viewport={"width": 1180, "height": 820})
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+        page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} {r.failure}"))
+        page.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status}: {r.url}"))
 
-        def only_this_server(route):
-            if route.request.url.startswith(url + "/"):
-                route.continue_()
-            else:
-                problems.append(f"request to {route.request.url}")
-                route.abort()
+        def only_this_server(request):
+            if not request.url.startswith((url + "/", "data:", "blob:")):
+                problems.append(f"request to {request.url}")
 
-        page.route("**/*", only_this_server)
+        page.on("request", only_this_server)
         try:
             yield page, url, run, problems
         finally:
@@ -109,7 +119,9 @@ def test_the_page_shows_a_refused_request_as_one_line(browser_page):
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])")
     assert page.inner_text("#error").startswith("--guidance must be a finite number in [0, ")
-    assert [p for p in problems if "400" not in p] == []  # the browser logs the 400 itself
+    # the refusal itself (the browser logs a 400 to the console too), and nothing else
+    assert [p for p in problems if not p.startswith("400: ") and "status of 400" not in p] == []
+    assert [p for p in problems if p.startswith("400: ")] == [f"400: {url}/api/sample"]
 
 
 def inpaint_a_stroke(page, url: str, tmp_path: Path) -> None:
@@ -198,3 +210,64 @@ def test_the_training_tab_follows_a_training_and_stops_it(browser_page, runs):
         thread.join(60)
     assert result["run"].stopped_because == "stop request"
     assert problems == []
+
+
+def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_page, runs, tmp_path):
+    """Issue 32 as a person meets it: the page loads with a clean console (no request the server
+    cannot answer); 8 images of the 5-class run show all five classes and say how the rows go;
+    the labelled grid is shown as drawn (never enlarged); the New run form, whose fields are
+    `ldmkit train`'s options, refuses data outside --data-root in one line, shows the plan,
+    starts the training and hands over to the live Training tab."""
+    page, url, run, problems = browser_page
+    if os.environ.get("LDMKIT_SERVE_RUNS"):
+        pytest.skip("this test trains into the test's own runs folder")
+    page.goto(url + "/")
+    page.wait_for_function(
+        "() => (document.getElementById('classes') || {options: []}).options.length > 1"
+    )
+    page.wait_for_load_state("networkidle")
+    assert problems == []  # a clean load: no 404 (the favicon) and no console error
+    page.fill("#n", "8")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#result-notes:not([hidden])", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('result').naturalWidth > 0")
+    assert "2 each of circle, square, triangle and 1 each of star, cross" in page.inner_text(
+        "#result-notes"
+    )
+    assert page.inner_text("#result-text").startswith("8 images")
+    shown, natural = page.eval_on_selector(
+        "#result", "i => [i.getBoundingClientRect().width, i.naturalWidth]"
+    )
+    assert shown <= natural  # the labels are seen at the size they were drawn
+
+    page.click("#tabs button[data-tab=new]")
+    page.wait_for_selector("#new-data")
+    names = page.eval_on_selector_all("#new-params [name]", "els => els.map(e => e.name)")
+    assert names == ["data", "time_budget", "seed", "image_size", "conditioning"]
+    page.fill("#new-run", "fromweb")
+    page.fill("#new-data", "/etc")
+    page.click("#new-plan")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error").startswith("data '/etc' is outside --data-root ")
+    assert page.is_disabled("#new-start")
+    page.fill("#new-data", "builtin:shapes?n=64")
+    page.click("#new-plan")
+    page.wait_for_selector("#new-plan-text:not([hidden])", timeout=60_000)
+    plan = page.inner_text("#new-plan-text")
+    assert plan.startswith("data: shapes, 64 images\n16 px, 3 channels")
+    assert "class-conditional on 5 classes" in plan and "this training will take about" in plan
+    assert not (runs / "fromweb").exists()  # nothing written before Start
+    assert not_blank(screenshot(page, "serve-new-run.png", tmp_path)) > 10
+    page.click("#new-start")
+    page.wait_for_selector("#tab-train:not([hidden])", timeout=60_000)
+    assert page.eval_on_selector("#run", "s => s.value") == "fromweb"
+    page.wait_for_selector("#train-preview:not([hidden])", timeout=60_000)
+    page.wait_for_function(
+        "() => document.getElementById('train-state').textContent.startsWith('no training')",
+        timeout=60_000,
+    )
+    assert RunFolder(runs / "fromweb").has_model("unet")
+    refused = [p for p in problems if p.startswith("400: ")]
+    assert refused == [f"400: {url}/api/train/plan"]  # the /etc plan, and nothing else failed
+    assert [p for p in problems if not p.startswith("400: ") and "status of 400" not in p] == []

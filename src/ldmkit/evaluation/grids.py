@@ -19,6 +19,11 @@ from ldmkit.data.transforms import pil_image, to_uint8
 
 FONT_SIZE = 12
 MIN_CAPTIONED_CELL = 96  # px: captioned cells are upscaled (nearest) to at least this width
+# px: with row labels, cells are upscaled (nearest) to at least this height, so that the grid is
+# looked at as it is (1 image pixel : 1 screen pixel) and its labels, drawn after the upscaling
+# at FONT_SIZE, are never enlarged with the images (a label drawn on 16 px cells and shown
+# enlarged comes out pixelated)
+MIN_LABELLED_CELL = 64
 MAX_CAPTION_LINES = 3
 
 
@@ -132,6 +137,7 @@ def save_grid(
     row_labels: list[str] | None = None,
     padding: int = 2,
     scale: int | None = None,
+    row_counts: list[int] | None = None,
 ) -> np.ndarray:
     """Save images as a grid PNG (or any Pillow format by suffix), atomically.
 
@@ -139,8 +145,11 @@ def save_grid(
         captions: one string per image, word-wrapped below its cell (up to 3 lines).
         row_labels: one string per grid row, drawn left of the row (e.g. class names).
         scale: integer nearest-neighbour upscaling of every cell; None means 1 without
-            captions and, with captions, the smallest factor giving cells >= 96 px wide so the
-            text fits.
+            text, with captions the smallest factor giving cells >= 96 px wide so the text
+            fits, and with row labels cells >= 64 px high. Text is drawn after the upscaling,
+            at its size (FONT_SIZE px): the grid is meant to be shown 1:1.
+        row_counts: images in each row, when the rows are uneven (one row per class of a count
+            that is no multiple of the classes): a short row's end is left blank (the background).
 
     Returns:
         the saved uint8 (H', W', C) array. Without text it equals `make_grid(images, nrow,
@@ -148,6 +157,19 @@ def save_grid(
     """
     cells = to_uint8_hwc(images)
     n, h, w, c = cells.shape
+    if row_counts is not None:  # uneven rows: blank cells at the short rows' ends
+        if captions is not None or nrow is None or sum(row_counts) != n or max(row_counts) > nrow:
+            raise ValueError(
+                f"row_counts {row_counts} must add up to the {n} images, each at most nrow "
+                f"({nrow}), without captions"
+            )
+        blank = 255 if row_labels is not None else 0  # the background: white under text
+        full = np.full((len(row_counts) * nrow, h, w, c), blank, np.uint8)
+        start = 0
+        for r, count in enumerate(row_counts):
+            full[r * nrow : r * nrow + count] = cells[start : start + count]
+            start += count
+        cells, n = full, len(full)
     nrow = min(math.ceil(math.sqrt(n)) if nrow is None else nrow, n)
     rows = math.ceil(n / max(nrow, 1))
     if captions is not None and len(captions) != n:
@@ -156,6 +178,8 @@ def save_grid(
         raise ValueError(f"got {len(row_labels)} row labels for {rows} grid rows; pass one per row")
     if scale is None:
         scale = math.ceil(MIN_CAPTIONED_CELL / w) if captions is not None else 1
+        if row_labels is not None:
+            scale = max(scale, math.ceil(MIN_LABELLED_CELL / h))
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
     if scale > 1:

@@ -12,6 +12,7 @@ Class labels: long (B,) in [0, num_classes); the value `num_classes` is the lear
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,68 @@ if TYPE_CHECKING:
     from ldmkit.models.text import AnyTextEncoder, Tokenizer
 
 Cond = dict[str, Tensor]  # keyword arguments of UNet.forward, e.g. {"class_labels": (B,)}
+
+
+# ---------------------------------------------------------------------- grid rows
+@dataclass(frozen=True)
+class RowLayout:
+    """How n images are laid out with one row per class or prompt."""
+
+    n: int  # images: exactly the count asked for
+    per_row: int  # cells per grid row (the longest row)
+    counts: tuple[int, ...]  # images of each row (class or prompt) in order; a short row's end
+    # stays blank in the grid
+    note: str | None  # what the user should know (uneven rows, classes left out); None if whole
+
+    @property
+    def rows(self) -> int:
+        return len(self.counts)
+
+    @property
+    def whole(self) -> bool:
+        return all(c == self.per_row for c in self.counts)
+
+    def labels(self) -> list[int]:
+        """The row index of each image: row i repeated counts[i] times."""
+        return [i for i, c in enumerate(self.counts) for _ in range(c)]
+
+
+def row_layout(
+    n: int, rows: int, what: str = "class", names: Sequence[str] | None = None
+) -> RowLayout:
+    """The one rule of a grid with one row per class (or prompt, `what`), for the CLI's, the
+    api's and the page's grids: exactly `n` images, as evenly as they go, every class in a row of
+    its own; when n is not a multiple of the classes the first rows get one image more (8 of 5
+    classes: 2, 2, 2, 1, 1; the short rows end blank) and the note says so; when n is below the
+    number of classes only the first n have an image, and the note names the ones left out.
+    `names`: the rows' names, for the notes."""
+    assert n >= 1 and rows >= 1, (n, rows)
+    plural = "classes" if what == "class" else what + "s"
+    per_row = -(-n // rows)
+    if n < rows:
+        left = [names[i] for i in range(n, rows)] if names else [str(i) for i in range(n, rows)]
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        note = (
+            f"{n} image{'s' if n > 1 else ''} cannot show all {rows} {plural}: one for each of "
+            f"the first {n}, none of {shown}; ask for at least {rows} images (one row per "
+            f"{what}), or name the {plural} you want"
+        )
+        return RowLayout(n, 1, (1,) * n, note)
+    longer = n - rows * (per_row - 1)  # rows with per_row images; the others have one less
+    counts = (per_row,) * longer + (per_row - 1,) * (rows - longer)
+    note = None
+    if longer < rows:
+        if names and what == "class" and rows <= 10:
+            which = (f"{per_row} each of {', '.join(names[:longer])} and {per_row - 1} each of "
+                     f"{', '.join(names[longer:rows])}")  # fmt: skip
+        else:
+            which = (f"{per_row} for each of the first {longer}, {per_row - 1} for the other "
+                     f"{rows - longer}")  # fmt: skip
+        note = (
+            f"{n} images do not fill one row per {what} ({rows} {plural}): {which} (their rows "
+            f"end blank); {rows * per_row} images give whole rows"
+        )
+    return RowLayout(n, per_row, counts, note)
 
 
 class ClassConditioner:
@@ -88,13 +151,15 @@ class ClassConditioner:
 
     # ------------------------------------------------------------------ grids and parsing
     def grid_labels(self, n: int) -> tuple[Tensor | None, int | None, list[str] | None]:
-        """Labels for a grid of n images with one row per class: (labels, per_row, row_labels)."""
+        """Labels for a grid of n images with one row per class: (labels, per_row, row_labels),
+        every class present (`row_layout`: when n is not a multiple of the classes, the first
+        rows have one more image; `api.sample` lays such a grid out with blank row ends)."""
         if not self.enabled:
             return None, None, None
-        per_row = -(-n // self.num_classes)
-        labels = torch.arange(self.num_classes).repeat_interleave(per_row)[:n]
-        rows = -(-n // per_row)
-        return labels, per_row, (self.class_names[:rows] if self.class_names else None)
+        layout = row_layout(n, self.num_classes, "class", self.class_names)
+        labels = torch.tensor(layout.labels(), dtype=torch.long)
+        names = self.class_names[: layout.rows] if self.class_names else None
+        return labels, layout.per_row, names
 
     def parse(self, text: str, n: int) -> Tensor:
         """'star', '3' or 'circle,star' (names or indices) -> n labels, cycling through them."""

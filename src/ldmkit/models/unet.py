@@ -42,8 +42,8 @@ from ldmkit.models.layers import (
 logger = logging.getLogger(__name__)
 
 
-
 GUIDANCE_EMBED_SCALE = 100.0  # w in 1..10 -> 100..1000: the range of t's embedding
+
 
 @dataclass
 class UNetConfig:

@@ -300,7 +300,9 @@ def _frozen(unet: nn.Module) -> nn.Module:
 def with_guidance_input(unet: UNet) -> UNet:
     """The UNet with a guidance input (`UNetConfig.guidance_input`) whose embedding's last layer
     is zero: it computes exactly what `unet` does, at every scale, until it trains."""
-    wide = UNet(dataclasses.replace(unet.config, guidance_input=True)).to(next(unet.parameters()).device)
+    wide = UNet(dataclasses.replace(unet.config, guidance_input=True)).to(
+        next(unet.parameters()).device
+    )
     missing, unexpected = wide.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("guidance_embed.") for k in missing), missing
     return wide
@@ -342,7 +344,9 @@ def distill_run(
             "--guidance-mode input"
         )
     if weighting not in pd.WEIGHTINGS:
-        raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(pd.WEIGHTINGS)}")
+        raise ConfigError(
+            f"unknown weighting {weighting!r}; choose one of {', '.join(pd.WEIGHTINGS)}"
+        )
     dev = resolve_device(device)
     student = RunFolder(out)
     t0 = time.perf_counter()
@@ -461,4 +465,3 @@ def _start(
 
 def _conditional(teacher: RunFolder, cfg: RunConfig) -> bool:
     return teacher.has_text() or bool(cfg.unet.num_classes)
-

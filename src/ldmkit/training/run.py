@@ -229,10 +229,8 @@ def _prepare(
     resumed = resume and folder.exists()
     if not world.is_main:
         cfg, resumed = folder.config(), True
-    elif not resume and folder.exists():  # checked under the lock: see RunLock
-        raise ConfigError(
-            f"{folder.path} already holds a run; pass --resume to continue it, or choose another --out folder"
-        )
+    elif not resume:  # checked under the lock: see RunLock
+        folder.require_new()
     elif resumed:  # the saved data and models; training settings (steps, ...) may change
         cfg = dataclasses.replace(
             folder.config(), **{k: getattr(cfg, k) for k in CHANGEABLE_ON_RESUME}
@@ -839,10 +837,23 @@ def _check_time_plan(
     cfg: RunConfig, images: Tensor, device: torch.device, *, train_vae: bool, train_unet: bool,
     resumed: bool,
 ) -> None:  # fmt: skip
-    """Before anything is written: time a micro-batch of each model to be trained, then refuse a
-    time budget too short for the steps a stage runs before it plans (loop.BudgetPlan), or,
-    without a budget, say how long the configured steps will take. (Each stage times itself
-    again when it starts, for its log line; those probes draw from the seeded global RNG.)"""
+    """Before anything is written: time a micro-batch of each model to be trained, then warn of
+    a time budget too short for the steps a stage runs before it plans (loop.BudgetPlan), or,
+    without a budget, say how long the configured steps will take (`_time_plan`)."""
+    said = _time_plan(cfg, images, device, train_vae=train_vae, train_unet=train_unet,
+                      resumed=resumed)  # fmt: skip
+    if said is not None:
+        log.log(*said)
+
+
+def _time_plan(
+    cfg: RunConfig, images: Tensor, device: torch.device, *, train_vae: bool, train_unet: bool,
+    resumed: bool, always: bool = False,
+) -> tuple[int, str] | None:  # fmt: skip
+    """(log level, message) of the run's time plan: how long the configured steps take here, or
+    a warning of a --time-budget too short to plan; a budget long enough says nothing unless
+    `always` (the plan a page shows). (Each stage times itself again when it
+    starts, for its log line; those probes draw from the seeded global RNG.)"""
     from .loop import PLAN_OVER, PLAN_SKIP
 
     # throw-away models: the global RNG (seeded above, and drawn by the stages) stays untouched
@@ -855,17 +866,15 @@ def _check_time_plan(
             t = unet_step_time(cfg, len(images), device) * cfg.unet_train.grad_accum
             stages.append(("diffusion", cfg.unet_train, t))
     if not stages:
-        return
+        return None
     speeds = ", ".join(f"{name} ~{t:.2f} s/step" for name, _, t in stages)
     if cfg.time_budget is None:
-        log.info(
-            "no --time-budget: this training will take %s%s (%s at %s, measured now; plus "
-            "previews and checkpoints); pass --time-budget to bound it",
-            "up to " if resumed else "about ",
-            format_seconds(sum(tc.steps * t for _, tc, t in stages)),
-            ", ".join(f"{name} {tc.steps} steps" for name, tc, _ in stages), speeds,
-        )  # fmt: skip
-        return
+        return logging.INFO, (
+            f"no --time-budget: this training will take {'up to ' if resumed else 'about '}"
+            f"{format_seconds(sum(tc.steps * t for _, tc, t in stages))} "
+            f"({', '.join(f'{name} {tc.steps} steps' for name, tc, _ in stages)} at {speeds}, "
+            "measured now; plus previews and checkpoints); pass --time-budget to bound it"
+        )
     first = PLAN_SKIP + PLAN_OVER  # steps a stage runs before its time plan
     split = cfg.budget_split if train_vae else 0.0
     need = max(  # the shortest budget that gives every stage its first steps
@@ -876,13 +885,52 @@ def _check_time_plan(
         # a warning, not a refusal: one timed step on a machine that is busy at that moment can
         # be 10-30x slower than training runs (seen here), and a stage that cannot plan still
         # stops at its deadline with a checkpoint
-        log.warning(
-            "--time-budget %s is too short for this run on this machine: each stage runs %d "
-            "steps before it can plan (%s, measured now), so the budget must be at least %s; "
-            "the stages will stop at their deadlines before their learning rates decay. Give "
-            "a longer --time-budget, or drop it to train the configured steps",
-            cfg.time_budget, first, speeds, format_seconds(need),
-        )  # fmt: skip
+        return logging.WARNING, (
+            f"--time-budget {cfg.time_budget} is too short for this run on this machine: each "
+            f"stage runs {first} steps before it can plan ({speeds}, measured now), so the "
+            f"budget must be at least {format_seconds(need)}; the stages will stop at their "
+            "deadlines before their learning rates decay. Give a longer --time-budget, or drop "
+            "it to train the configured steps"
+        )
+    if not always:
+        return None
+    budget, shares = parse_duration(cfg.time_budget), {"autoencoder": split, "diffusion": 1 - split}
+    fits = ", ".join(f"~{int(shares[name] * budget / t)} {name} steps" for name, _, t in stages)
+    return logging.INFO, (
+        f"--time-budget {cfg.time_budget}: {fits} at these speeds ({speeds}, measured now; "
+        "each stage plans its steps again as it trains, and the autoencoder may end early on "
+        "quality)"
+    )
+
+
+def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) -> list[str]:
+    """The plan a new training of `cfg` into `folder` logs before it starts, as lines: the
+    data, the image size and why, the models, the conditioning and the time (each model's step
+    timed here). Nothing is written; the checks `_prepare` makes before it writes are made."""
+    from ..runtime import resolve_device
+
+    folder.require_new()
+    device = resolve_device(cfg.device)
+    cfg = _check_bf16(cfg, device)
+    ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
+                   conditioning=cfg.conditioning)  # fmt: skip
+    mode = _conditioning(cfg, ds)
+    num_classes = len(ds.class_names) if mode == "class" else None
+    if cfg.init_from:
+        cfg = _from_base(cfg, num_classes, mode)
+    cfg = resolve_config(cfg, ds.channels, num_classes, text=mode == "text")
+    what = {"class": f"class-conditional on {num_classes} classes "
+                     f"({', '.join(ds.class_names[:10])})" if num_classes else "",
+            "text": "text prompts (the data's captions)", "none": "none (unconditional)"}[mode]  # fmt: skip
+    lines = [f"data: {ds.name}, {len(ds.images)} images", *plan_lines(cfg, size)]
+    if size is not None and size.reduced:
+        lines.append(f"image size: {size.note}")
+    lines.append(f"conditioning: {what}")
+    said = _time_plan(cfg, ds.images, device, train_vae=True, train_unet=True, resumed=False,
+                      always=True)  # fmt: skip
+    if said is not None:
+        lines.append(("warning: " if said[0] >= logging.WARNING else "time: ") + said[1])
+    return lines
 
 
 def _model_memory_mb(model: torch.nn.Module) -> float:

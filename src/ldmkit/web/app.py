@@ -21,6 +21,11 @@ checks an argument or names a run file by itself.
     POST /api/edit       multipart: run, kind (inpaint, img2img, interpolate, denoise, fill),
                          params (JSON), image, mask, image_b (uploads)  -> a queued job: api.edit
     GET  /api/job/input?id=ID&which=image|mask|image_b   an upload as the server received it
+    GET  /api/train                     the New run form's fields (options.TrainOptions), the
+                                        data root, the server's training (web/trainer.py)
+    POST /api/train/plan {"run", and TrainOptions' fields: "data", "time_budget", "seed",
+                          "image_size", "conditioning"}     -> the plan `ldmkit train` logs
+    POST /api/train      {the same}     starts the training into RUNS/run (one at a time)
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status (the library's ValueErrors: 400).
 Requests are bounded: a body limit, a pixel limit on images, run names that stay inside --runs,
@@ -31,6 +36,7 @@ one job at a time per run (web/jobs.py). Every response carries
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -63,11 +69,11 @@ from ..config import ConfigError
 from ..data.images import PNG_KEY, write_png
 from ..data.transforms import pil_image
 from ..diffusion.samplers import SAMPLERS
-from ..options import VERBS, adjusted
+from ..options import VERBS, TrainOptions, adjusted
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from ..training.state import RunLock
-from . import edits, forms
+from . import edits, forms, trainer
 from .jobs import Job, Jobs, QueueFull, Result
 
 log = logging.getLogger(__name__)
@@ -101,16 +107,20 @@ class WebError(Exception):
 
 # ------------------------------------------------------------------------------ the app
 def create_app(runs: str | os.PathLike, *, device: str | None = None,
-               hosts: tuple[str, ...] | None = None) -> Guard:  # fmt: skip
+               hosts: tuple[str, ...] | None = None, data_root: str | os.PathLike | None = None,
+               train_config: str | None = None) -> Guard:  # fmt: skip
     """The web app over the runs under `runs`. `hosts`: the Host names it answers (None: any;
     a server on 127.0.0.1 passes LOOPBACK, so a page of another site cannot reach it through
-    DNS rebinding)."""
-    site = Site(runs, device=device)
+    DNS rebinding). `data_root`: the folder whose data folders the page may train on (None:
+    built-in data only); `train_config`: the config file its trainings start from (as
+    `ldmkit train --config`)."""
+    site = Site(runs, device=device, data_root=data_root, train_config=train_config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         site.jobs.close()
+        site.trainer.close()
 
     routes = [
         Route("/", site.index),
@@ -127,6 +137,9 @@ def create_app(runs: str | os.PathLike, *, device: str | None = None,
         Route("/api/job/cancel", site.cancel_job, methods=["POST"]),
         Route("/api/job/input", site.job_input),
         Route("/api/edit", site.edit, methods=["POST"]),
+        Route("/api/train", site.train_form),
+        Route("/api/train/plan", site.train_plan, methods=["POST"]),
+        Route("/api/train", site.start_training, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(
@@ -230,8 +243,23 @@ class Guard:
 class Site:
     """The runs folder, the loaded models (one per run, loaded once) and the jobs."""
 
-    def __init__(self, runs: str | os.PathLike, *, device: str | None = None) -> None:
+    def __init__(self, runs: str | os.PathLike, *, device: str | None = None,
+                 data_root: str | os.PathLike | None = None,
+                 train_config: str | None = None) -> None:  # fmt: skip
         api.check_path("--runs", runs)
+        api.check_path("--data-root", data_root)
+        api.check_path("--train-config", train_config)
+        if data_root is not None and not Path(data_root).expanduser().is_dir():
+            raise ConfigError(
+                f"--data-root {data_root} is not a folder; give the folder that holds the data "
+                "folders the page may train on"
+            )
+        if train_config is not None and not Path(train_config).is_file():
+            raise ConfigError(
+                f"--train-config {train_config} is not a file; give a TOML or JSON file of "
+                "RunConfig fields (as ldmkit train --config reads)"
+            )
+        self.data_root = Path(data_root).expanduser().resolve() if data_root is not None else None
         root = Path(runs).expanduser()
         if not root.is_dir():
             raise ConfigError(
@@ -245,6 +273,8 @@ class Site:
         self.root = root.resolve()
         self.device = api.check_device(device)
         self.jobs = Jobs()
+        self.train_config = str(Path(train_config).resolve()) if train_config else None
+        self.trainer = trainer.Trainer(device=device, config_file=self.train_config)
         self._models: dict[str, tuple[tuple[int, int], LatentDiffusion]] = {}
         self._models_lock = threading.Lock()
 
@@ -253,6 +283,23 @@ class Site:
         """The run called `name` (a relative path under --runs), or a 4xx WebError. Every
         request names its run through here: the name is checked (characters, length, depth)
         before it touches the file system, and the file system's errors become 4xx too."""
+        path, shown = self.place(name)
+        try:
+            found = RunFolder.holds_run(path)
+        except OSError as e:  # a folder the server may not read, a link loop, ...
+            raise WebError(
+                403, f"run {shown} cannot be read ({(e.strerror or str(e)).lower()}); pick "
+                "another of /api/runs",
+            ) from None  # fmt: skip
+        if not found:
+            raise WebError(
+                404, f"no run {shown} in --runs (no run.json there); pick one of /api/runs"
+            )
+        return RunFolder(path)
+
+    def place(self, name: Any) -> tuple[Path, str]:
+        """The folder under --runs a run name leads to, and the name as messages show it, or a
+        4xx WebError (characters, length, depth; not out of --runs, links included)."""
         if not isinstance(name, str) or not name:
             raise WebError(400, "give a run: ?run=NAME, one of /api/runs")
         shown = api.shorten(name)
@@ -279,21 +326,13 @@ class Site:
             )  # fmt: skip
         try:
             path = (self.root / name).resolve()
-            if not path.is_relative_to(self.root):  # a symbolic link out of --runs
-                raise WebError(
-                    403, f"run {shown} leads outside --runs; only runs inside it are served"
-                )
-            found = RunFolder.holds_run(path)
-        except OSError as e:  # a folder the server may not read, a link loop, ...
+        except (OSError, RuntimeError) as e:  # a link loop, ...
             raise WebError(
-                403, f"run {shown} cannot be read ({(e.strerror or str(e)).lower()}); pick "
-                "another of /api/runs",
-            ) from None  # fmt: skip
-        if not found:
-            raise WebError(
-                404, f"no run {shown} in --runs (no run.json there); pick one of /api/runs"
-            )
-        return RunFolder(path)
+                403, f"run {shown} cannot be read ({str(e).lower()}); pick another of /api/runs"
+            ) from None
+        if not path.is_relative_to(self.root):  # a symbolic link out of --runs
+            raise WebError(403, f"run {shown} leads outside --runs; only runs inside it are served")
+        return path, shown
 
     def run_names(self) -> list[str]:
         found: list[str] = []
@@ -355,8 +394,11 @@ class Site:
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
         own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
-        sampling = forms.fields(sample_options(), run, {"guidance_scale": cfg.sampling_guidance,
-                                                        "sampler": own_sampler, "steps": own_steps})
+        sampling = forms.fields(
+            sample_options(),
+            run,
+            {"guidance_scale": cfg.sampling_guidance, "sampler": own_sampler, "steps": own_steps},
+        )
         return JSONResponse({
             "name": name,
             "trained": _trained(folder),
@@ -420,6 +462,37 @@ class Site:
         folder.request_stop()
         return JSONResponse({"stop_requested": True})
 
+    # -------------------------------------------------------------- new runs (web/trainer.py)
+    async def train_form(self, request: Request) -> Response:
+        current = self.trainer.current
+        return JSONResponse({
+            "fields": forms.fields(VERBS["train"], {"conditioning": "none"}),
+            "data_root": str(self.data_root) if self.data_root else None,
+            "config": self.train_config,
+            "training": current.to_json() if current else None,
+        })  # fmt: skip
+
+    async def _train_request(self, request: Request) -> tuple[str, Path, TrainOptions]:
+        """A New run request: its run name (a new folder under --runs) and its options, checked
+        as `ldmkit train` checks its flags, with the data confined to --data-root."""
+        declared = VERBS["train"]
+        body = await _json_body(request, {"run"} | forms.names(declared))
+        path, _ = self.place(body.get("run"))
+        given = forms.given(declared, {k: v for k, v in body.items() if k != "run"})
+        options = declared(**given).check()  # as api.train checks it (again, in the training)
+        data = api.check_data_root(options.data, self.data_root)
+        return body["run"], path, dataclasses.replace(options, data=data)
+
+    async def train_plan(self, request: Request) -> Response:
+        run, path, options = await self._train_request(request)
+        lines = await run_in_threadpool(self.trainer.plan, path, options)
+        return JSONResponse({"run": run, "lines": lines})
+
+    async def start_training(self, request: Request) -> Response:
+        run, path, options = await self._train_request(request)
+        training = await run_in_threadpool(self.trainer.start, run, path, options)
+        return JSONResponse({"training": training.to_json()}, status_code=202)
+
     # -------------------------------------------------------------- jobs
     async def sample(self, request: Request) -> Response:
         declared = sample_options()
@@ -450,7 +523,9 @@ class Site:
             buf = io.BytesIO()
             write_png(image, buf, meta)
             images.append(buf.getvalue())
-        return Result(png, {"description": samples.description, "images": len(images)}, images)
+        info = {"description": samples.description, "images": len(images),
+                "notes": samples.notes, "row_labels": samples.row_labels}  # fmt: skip
+        return Result(png, info, images)
 
     async def edit(self, request: Request) -> Response:
         form = await request.form(max_files=3, max_fields=8, max_part_size=MAX_BODY_BYTES)

@@ -34,7 +34,7 @@ async function guarded(fn) {
 async function loadRuns() {
   const data = await call("/api/runs"), select = $("run"), current = state.run;
   select.replaceChildren(...data.runs.map((r) => new Option(r.name + (r.training ? " (training)" : ""), r.name, false, r.name === current)));
-  if (!data.runs.length) { showError(`no runs in ${data.root}; train one with ldmkit train --out ${data.root}/NAME`); return; }
+  if (!data.runs.length) { showError(`no runs in ${data.root}; train one in the New run tab, or with ldmkit train --out ${data.root}/NAME`); return; }
   if (select.value !== current) await pickRun(select.value);
 }
 
@@ -124,12 +124,18 @@ async function generate(event) {
   event.preventDefault();
   await guarded(async () => {
     const { job } = await call("/api/sample", sampleRequest());
-    $("result").hidden = true; $("download").hidden = true; $("preview").hidden = true;
+    $("result").hidden = true; $("download").hidden = true; $("preview").hidden = true; $("result-notes").hidden = true;
     await follow(job, { progress: $("progress"), text: $("progress-text"), cancel: $("cancel"), preview: $("preview"),
       done: (j) => {
         const url = "/api/job/result?" + q({ id: j.id });
+        // a grid with row labels is shown as drawn (its labels are drawn at the size they are
+        // shown; enlarged they would blur); one without is enlarged, pixel for pixel
+        $("result").classList.toggle("as-drawn", Boolean(j.info.row_labels));
         $("result").src = url; $("result").hidden = false;
         $("result-text").textContent = j.info.description;
+        const notes = j.info.notes || [];
+        $("result-notes").replaceChildren(...notes.map((n) => el("li", n)));
+        $("result-notes").hidden = notes.length === 0;
         $("download").href = url + "&download=1"; $("download").hidden = false;
         state.lastResult = { id: j.id, url };
         $("use-result").disabled = false;
@@ -269,8 +275,11 @@ async function animate(url, frames) {
 async function refreshTraining() {
   if (!state.run) return;
   const info = await call("/api/run?" + q({ run: state.run }));
+  const started = (await call("/api/train")).training;  // a training this page started
+  const ended = started && started.run === state.run && !info.training && started.state !== "running" && started.state !== "starting";
   $("train-state").textContent = info.training
     ? (info.stop_requested ? "stop requested: the training saves a checkpoint and stops" : "training now (refreshed every 2 s)")
+    : ended && started.error ? `the training failed: ${started.error}`
     : "no training is running in this run";
   $("stop").disabled = !info.training || info.stop_requested;
   drawLoss((await call("/api/run/log?" + q({ run: state.run }))).stages);
@@ -316,11 +325,68 @@ async function stopTraining() {
   });
 }
 
+// ------------------------------------------------------------------ new run
+// The form's fields are `ldmkit train`'s options (options.TrainOptions, from the server); a
+// training starts only after its plan was shown for the values in the form.
+async function loadNewRunForm() {
+  const form = await call("/api/train");
+  drawFields($("new-params"), form.fields, "new-");
+  $("new-where").textContent = (form.data_root
+    ? `data: a folder under ${form.data_root}, or builtin:shapes`
+    : "data: builtin:shapes, builtin:mnist or builtin:digits (start the server with --data-root DIR to train on your folders)")
+    + (form.config ? `; trainings start from ${form.config}` : "");
+  state.newForm = form;
+}
+
+function newRunRequest() {
+  return { run: $("new-run").value.trim(), ...readFields($("new-params")) };
+}
+
+function planChanged() {
+  $("new-start").disabled = true;
+  state.planned = null;
+}
+
+async function showPlan() {
+  await guarded(async () => {
+    planChanged();
+    const request = newRunRequest();
+    $("new-plan-state").textContent = "reading the data and timing a step of each model...";
+    $("new-plan-text").hidden = true;
+    try {
+      const plan = await call("/api/train/plan", request);
+      $("new-plan-text").textContent = plan.lines.join("\n");
+      $("new-plan-text").hidden = false;
+      $("new-plan-state").textContent = `the plan of ${plan.run}; start it, or change the form`;
+      state.planned = JSON.stringify(request);
+      $("new-start").disabled = false;
+    } catch (e) { $("new-plan-state").textContent = ""; throw e; }
+  });
+}
+
+async function startTraining(event) {
+  event.preventDefault();
+  await guarded(async () => {
+    const request = newRunRequest();
+    if (state.planned !== JSON.stringify(request)) { planChanged(); throw new Error("the form changed since its plan: show the plan again"); }
+    $("new-start").disabled = true;
+    $("new-plan-state").textContent = "starting...";
+    const { training } = await call("/api/train", request);
+    $("new-plan-state").textContent = `training ${training.run}: follow it in the Training tab`;
+    state.planned = null;
+    await loadRuns();
+    $("run").value = training.run;
+    await pickRun(training.run);
+    showTab("train");
+  });
+}
+
 // ------------------------------------------------------------------ wiring
 function showTab(name) {
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll(".tab").forEach((t) => { t.hidden = t.id !== `tab-${name}`; });
   clearInterval(state.trainTimer);
+  if (name === "new") guarded(loadNewRunForm);
   if (name === "train") {
     guarded(refreshTraining);
     state.trainTimer = setInterval(() => guarded(refreshTraining), 2000);
@@ -334,6 +400,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sample-form").addEventListener("submit", generate);
   document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("stop").addEventListener("click", stopTraining);
+  $("new-plan").addEventListener("click", showPlan);
+  $("new-form").addEventListener("submit", startTraining);
+  $("new-form").addEventListener("input", planChanged);
   $("edit-kind").addEventListener("change", showEditParams);
   $("edit-run").addEventListener("click", runEdit);
   $("use-result").addEventListener("click", () => guarded(useLastResult));
