@@ -114,6 +114,39 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts or None
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from . import api
+
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["synth"].fields()}
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=done, desc="synth", unit="img", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        result = api.synth(args.run, args.out, options=declared.VERBS["synth"](**given),
+                           device=args.device, fast=args.fast, progress=progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    dropped = ""
+    if given["keep"] == "readable":
+        per = ", ".join(f"{g.name} {g.dropped}" for g in result.groups)
+        dropped = f"; dropped {result.dropped} the classifier read as another class ({per})"
+    print(f"wrote {result.written} images to {result.folder} ({result.kept} in all, "
+          f"{len(result.groups)} folder(s){dropped})")  # fmt: skip
+    return 0 if result.complete else 1
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api
 
@@ -366,6 +399,20 @@ def _add_sample(sub: Any) -> None:
     s.set_defaults(func=cmd_sample)
 
 
+def _add_synth(sub: Any) -> None:
+    s = sub.add_parser("synth", help="a labelled folder of generated images (class sub-folders "
+                       "of PNGs), resumable")  # fmt: skip
+    s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    s.add_argument("--out", required=True, help="folder to write (or to complete after an "
+                   "interruption: the same command again)")  # fmt: skip
+    add_options(s, "synth")
+    s.add_argument("--device")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="float32 throughout (default: bf16 autocast where it runs natively)")  # fmt: skip
+    s.set_defaults(func=cmd_synth)
+
+
 def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="convert a diffusers folder to a run, or a run to diffusers")
     way = c.add_mutually_exclusive_group(required=True)
@@ -445,6 +492,7 @@ def make_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_sample, _add_edits, _add_convert, _add_eval, _add_report,
                 _add_serve):  # fmt: skip
         add(sub)
+    _add_synth(sub)
     return p
 
 
