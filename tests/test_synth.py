@@ -151,7 +151,10 @@ def test_a_text_run_writes_captions_beside_its_images(tmp_path):
     assert [g.folder for g in result.groups] == ["000-a_small_red_circle", "001-a_large_blue_star"]
     ds = read_data(str(out), image_size=16)
     assert ds.captions == ["a small red circle"] * 2 + ["a large blue star"] * 2
-    assert read_png_params(out / "001-a_large_blue_star" / "00001.png")["prompt"] == "a large blue star"
+    assert (
+        read_png_params(out / "001-a_large_blue_star" / "00001.png")["prompt"]
+        == "a large blue star"
+    )
     assert read_synth(out)[2] == ds.captions
 
 
@@ -159,7 +162,12 @@ def test_an_unconditional_run_writes_one_folder(tmp_path):
     run = make_run(tmp_path / "run", num_classes=None)
     out = tmp_path / "syn"
     result = api.synth(run, out, n=3, **QUICK)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "00000.png", "00001.png", "00002.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        MANIFEST,
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
     assert result.kept == 3 and "class" not in read_png_params(out / "00002.png")
 
 

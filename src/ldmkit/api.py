@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ConfigError, check_float, check_int
 from .diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
-from .options import EDITS, MAX_BATCH, MAX_IMAGES, VERBS, SampleOptions, check_conditions
-from .options import SynthOptions
+from .options import (
+    EDITS,
+    MAX_BATCH,
+    MAX_IMAGES,
+    VERBS,
+    SampleOptions,
+    SynthOptions,
+    check_conditions,
+)
 from .recipe import (
     GUIDANCE_HINT,
     MAX_GUIDANCE,
