@@ -704,6 +704,102 @@ def evaluate(
     )  # fmt: skip
 
 
+CAS_PER_CLASS = 100  # generated images per class `eval --cas` trains its classifier on
+MAX_CAS_SEEDS = 20
+
+
+def cas(
+    run: str | os.PathLike,
+    *,
+    per_class: int = CAS_PER_CLASS,
+    seeds: int | None = None,
+    held_out: str | None = None,
+    out: str | os.PathLike | None = None,
+    sampler: str = _SYNTH.sampler,
+    steps: int = _SYNTH.steps,
+    seed: int = _SYNTH.seed,
+    guidance: float | None = None,
+    batch_size: int = _SYNTH.batch_size,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The Classification Accuracy Score of a class-conditional run (`evaluation.cas`):
+    `per_class` images of each class drawn with `synth` (into OUT/cas-synth-<key>/, so a second
+    call reuses them and an interrupted one resumes), the fixed classifier trained on them and
+    tested on held-out real images (`held_out`, default: the data's own held-out part, as `eval`
+    finds it), beside the same classifier trained on as many real training images per class;
+    `seeds` runs (default 3), mean and std. Written to OUT/cas.json (OUT: RUN/eval)."""
+    import hashlib
+    import json
+
+    import torch
+
+    from .checkpoint import write_json
+    from .evaluation import cas as caslib
+    from .evaluation.evaluate import held_out_data
+    from .synth import read_synth, run_kind
+
+    seeds = caslib.DEFAULT_SEEDS if seeds is None else seeds
+    check_count("--cas-per-class", per_class, 1, MAX_IMAGES)
+    check_count("--cas-seeds", seeds, 1, MAX_CAS_SEEDS)
+    for flag, path in (("--run", run), ("--out", out), ("--held-out", held_out)):
+        check_path(flag, path)
+    folder = RunFolder(run).require_trained()
+    kind = run_kind(folder)
+    if kind != "class":
+        what = "follows text prompts" if kind == "text" else "has no class labels (unconditional)"
+        raise ConfigError(
+            f"--cas: the model in {run} {what}; the Classification Accuracy Score trains a "
+            "classifier on a class-conditional run's classes"
+        )
+    out_dir = Path(out) if out is not None else folder.eval_dir
+    check_apart("--out", out_dir, "--held-out", held_out)
+    train_ds = folder.load_data()
+    held, note = held_out_data(folder, train_ds, held_out)
+    if held is None:
+        raise ConfigError(
+            f"--cas needs labelled real images the model never saw, to test the classifiers on: "
+            f"{train_ds.name} has no held-out part; pass --held-out DATA (a folder with one "
+            "sub-folder per class, or e.g. mnist:DIR?split=test)"
+        )
+    if held.labels is None:
+        raise ConfigError(
+            f"--held-out {held_out}: its images have no class labels; put them in one sub-folder "
+            "per class"
+        )
+    names = folder.data_info().class_names or train_ds.class_names
+    key = json.dumps([folder.weights_hash(), per_class, sampler, steps, seed, guidance,
+                      batch_size])  # fmt: skip
+    synth_dir = out_dir / f"cas-synth-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    synth(run, synth_dir, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
+                 guidance=guidance, batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+    images, labels, _, _ = read_synth(synth_dir)
+    test_labels = caslib.map_labels(held.labels, held.class_names, names)
+    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[: caslib.MAX_TEST]
+    result = caslib.scores(
+        images, labels, train_ds.images, caslib.map_labels(train_ds.labels,
+        train_ds.class_names, names), held.images[pick], test_labels[pick], len(names),
+        seeds=tuple(range(seeds)),
+    )  # fmt: skip
+    result.update({
+        "run": str(folder.path), "weights": folder.weights_hash(), "synth_folder": str(synth_dir),
+        "generated": {"per_class": per_class, "sampler": sampler, "steps": steps, "seed": seed,
+                      "guidance": read_synth_guidance(synth_dir)},
+        "held_out": {"spec": held.spec, "name": held.name, "num_images": len(held)},
+        "train_data": {"spec": train_ds.spec, "num_images": len(train_ds)},
+    })  # fmt: skip
+    write_json(out_dir / "cas.json", result)
+    result["path"] = str(out_dir / "cas.json")
+    return result
+
+
+def read_synth_guidance(folder: Path) -> float | None:
+    from .synth import read_manifest
+
+    manifest = read_manifest(folder) or {}
+    return manifest.get("guidance")
+
+
 def report(
     run: str | os.PathLike,
     *,

@@ -174,6 +174,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import api
     from .evaluation.table import format_table
 
+    for flag, value in (("--cas-per-class", args.cas_per_class), ("--cas-seeds", args.cas_seeds)):
+        if value is not None:
+            api.check_count(flag, value, 1, api.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS)
+            if not args.cas:
+                raise CLIError(f"{flag} goes with --cas")
+    if args.cas:
+        return _cas(args)
+
     table, summary = api.evaluate(
         args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
         full=args.full, out=args.out, ref=args.ref, held_out=args.held_out,
@@ -201,6 +209,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"memorisation: not measured ({mem.get('note')})")
     print(f"wrote {out / 'sampler_table.csv'}, {out / 'sampler_table.png'}, {out / 'summary.json'}")
+    return 0
+
+
+def _cas(args: argparse.Namespace) -> int:
+    """`ldmkit eval --cas`: the Classification Accuracy Score beside the real-data accuracy."""
+    from . import api
+
+    sampling = {}
+    for flag, name, values in (("--samplers", "sampler", _list(args.samplers)),
+                               ("--steps", "steps", _list(args.steps, _number))):  # fmt: skip
+        if values is not None:
+            if len(values) != 1:
+                raise CLIError(f"{flag}: --cas draws its images with one, got {len(values)}")
+            sampling[name] = values[0]
+    res = api.cas(
+        args.run, per_class=args.cas_per_class or api.CAS_PER_CLASS, seeds=args.cas_seeds,
+        **sampling,
+        held_out=args.held_out, out=args.out, seed=args.seed, batch_size=args.batch_size,
+        guidance=args.guidance, device=args.device,
+    )  # fmt: skip
+    cas, real = res["cas"], res["real"]
+    print(
+        f"CAS {cas['mean']:.3f} +- {cas['std']:.3f} (trained on {res['n_generated']} generated "
+        f"images); real data {real['mean']:.3f} +- {real['std']:.3f} (the same classifier on "
+        f"{res['n_real']} real training images); chance {res['chance']:.3f}; "
+        f"{len(res['seeds'])} seeds, tested on {res['n_test']} held-out real images"
+    )
+    print(f"wrote {res['path']} (generated images in {res['synth_folder']})")
     return 0
 
 
@@ -450,6 +486,13 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--fresh", action="store_true", help="start a new table in OUT instead of "
                    "adding these rows to the one there (rows are kept only when measured on the "
                    "same weights, data, features, n, seed and guidance)")  # fmt: skip
+    e.add_argument("--cas", action="store_true", help="the Classification Accuracy Score "
+                   "instead of the table: a fixed small classifier trained on generated images "
+                   "only, tested on held-out real ones, beside the same classifier trained on "
+                   "as many real images")  # fmt: skip
+    e.add_argument("--cas-per-class", type=_number, help="generated images per class for --cas "
+                   "(default 100)")  # fmt: skip
+    e.add_argument("--cas-seeds", type=_number, help="classifier seeds for --cas (default 3)")
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
