@@ -271,3 +271,37 @@ def test_bad_input_is_one_line(class_run, tmp_path, capsys):
         assert rc == 2 and expected in line, (name, line)
     assert (files(busy), files(done)) == before
     assert not (tmp_path / "o").exists()
+
+
+def test_the_readme_examples_run(class_run, tmp_path, capsys, monkeypatch):
+    """The README's synth and `eval --cas` lines for a class run, and its Python example, on a
+    tiny run (fewer images and steps: the flags appended win)."""
+    import re
+
+    from ldmkit import cli
+    from ldmkit.evaluation import cas, feature_nets
+
+    monkeypatch.setattr(cas, "MIN_STEPS", 20)
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Generated data for classifiers") :]
+    section = section[: section.index("\n## ")]
+    swap = lambda s: s.replace("runs/mnist", str(class_run)).replace("synth/", f"{tmp_path}/")  # noqa: E731
+    commands = [swap(ln.split("  #")[0]).split()[1:] for ln in section.splitlines()
+                if ln.startswith("ldmkit ") and "runs/mnist" in ln]  # fmt: skip
+    assert [c[0] for c in commands] == ["synth", "synth", "eval"]
+    for argv in commands:
+        quick = ["--steps", "2"] + (["--per-class", "2", "--quiet"] if argv[0] == "synth" else
+                                    ["--cas-per-class", "2", "--cas-seeds", "1"])  # fmt: skip
+        capsys.readouterr()
+        assert cli.main([*argv, *quick]) in (0, 1), capsys.readouterr().err  # 1: a class short
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    code = (
+        swap(block).replace("per_class=100", "per_class=2, steps=2").replace("seeds=3", "seeds=1")
+    )
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    kept, score = capsys.readouterr().out.splitlines()[-2:]
+    assert kept.startswith("10 0 ['resumed: 10 of 10 images were there']"), kept
+    assert [0 <= float(v) <= 1 for v in score.split()] == [True] * 3, score
