@@ -592,8 +592,10 @@ def synth(
                          num_classes=cfg.unet.num_classes,
                          count=o.per_class if kind == "class" else o.n, prompts=prompts)  # fmt: skip
     scale = o.guidance_scale
-    if scale is None:
-        scale = cfg.sampling_guidance if kind != "none" else 1.0
+    if kind == "none":  # no condition: guidance does not apply
+        scale = 1.0
+    elif scale is None:
+        scale = cfg.sampling_guidance
     judge = None
     if o.keep == "readable":
         from .evaluation.feature_nets import get_feature_net

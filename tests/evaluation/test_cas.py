@@ -89,6 +89,13 @@ def test_eval_cas_on_a_tiny_run(tiny_run, capsys):
                          "3", "--cas-seeds", "1", "--steps", "2")  # fmt: skip
     assert rc == 0, err
     assert {p: p.stat().st_mtime_ns for p in synth_dir.rglob("*.png")} == before
+    # the report shows it
+    rc, _, err = run_cli(capsys, "report", "--run", str(tiny_run), "--steps", "2")
+    assert rc == 0, err
+    page = (Path(tiny_run) / "report.html").read_text()
+    saved = json.loads((Path(tiny_run) / "eval" / "cas.json").read_text())
+    assert "Classification Accuracy Score" in page
+    assert f"{saved['cas']['mean']:.3f} \u00b1 {saved['cas']['std']:.3f} (15 images)" in page
 
 
 def test_eval_cas_without_held_out_data_says_what_it_needs(tmp_path, capsys):
