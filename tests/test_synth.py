@@ -5,6 +5,7 @@ one-line refusals of bad input."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -264,6 +265,15 @@ def test_bad_input_is_one_line(class_run, tmp_path, capsys):
         "out inside the run's models": ([*r, str(class_run), o, str(class_run / "unet" / "s"),
                                          "--per-class", "2"], "inside the --run folder"),
     }  # fmt: skip
+    pics = tmp_path / "pics"  # a run trained on a folder: its synth goes elsewhere
+    pics.mkdir()
+    onfolder = make_run(tmp_path / "onfolder")
+    cfg = json.loads((onfolder / "run.json").read_text())
+    (onfolder / "run.json").write_text(json.dumps({**cfg, "data": str(pics)}))
+    cases["out inside the run's data"] = (
+        [*r, str(onfolder), o, str(pics / "more"), "--per-class", "2"],
+        "is inside the run's data folder",
+    )
     before = files(busy), files(done)
     for name, (argv, expected) in cases.items():
         rc, _, err = run_cli(capsys, *argv)

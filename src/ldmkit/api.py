@@ -584,6 +584,7 @@ def synth(
         raise ConfigError(f"--out {out} is a file; synth writes a folder: give a folder name")
     for flag, source in [*run_inputs(run), ("--prompts", o.prompts_file)]:
         check_apart("--out", out, flag, source, spec=False)
+    check_apart("--out", out, "run's data", folder.config().data)  # not into training data
     check_writable(out)
     prompts = read_prompts_file("--prompts", o.prompts_file) if o.prompts_file else None
     kind = run_kind(folder)
