@@ -161,7 +161,9 @@ def run_study(args: argparse.Namespace) -> None:
     for name in args.data.split(","):
         for k in (int(v) for v in args.per_class.split(",")):
             cells.append(study_one(name, k, args, root))
-            print(f"{name} k={k}: done ({load_line()})", flush=True)
+            shown = {key: round(spread(v)[0], 3) for key, v in cells[-1]["accuracy"].items()}
+            print(f"{name} k={k}: {shown} ({load_line()})", flush=True)
+            (root / "augment_study.partial.json").write_text(json.dumps(cells, indent=1))
     columns = ["data", "real/class", *cells[0]["accuracy"]]
     rows = []
     for c in cells:
