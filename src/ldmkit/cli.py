@@ -180,6 +180,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if not args.cas:
                 raise CLIError(f"{flag} goes with --cas")
     if args.cas:
+        table_only = {"--n": args.n is not None, "--full": args.full, "--ref": args.ref,
+                      "--features": args.features, "--fresh": args.fresh}  # fmt: skip
+        given = [flag for flag, value in table_only.items() if value]
+        if given:
+            raise CLIError(f"{given[0]} is for the sampler table; --cas takes --cas-per-class, "
+                           "--cas-seeds, --held-out, --samplers, --steps, --guidance, --seed")  # fmt: skip
         return _cas(args)
 
     table, summary = api.evaluate(

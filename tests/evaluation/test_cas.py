@@ -128,6 +128,7 @@ def test_eval_cas_refuses_what_it_cannot_score(tmp_path, capsys):
         (["--run", str(uncond), "--cas", "--cas-per-class", "0"],
          "--cas-per-class must be a whole number from 1 to"),
         (["--run", str(uncond), "--cas", "--steps", "2,3"], "--steps: --cas draws its images with one"),
+        (["--run", str(uncond), "--cas", "--n", "8"], "--n is for the sampler table; --cas takes"),
     ]  # fmt: skip
     for argv, expected in cases:
         rc, _, err = run_cli(capsys, "eval", *argv)
