@@ -259,7 +259,7 @@ def test_bad_input_is_one_line(class_run, tmp_path, capsys):
                                   "already holds other files (notes.txt"),
         "another synth": ([*r, str(class_run), o, str(done), "--per-class", "2", "--steps", "2",
                            "--batch-size", "2"],
-                          "holds images of another synth (its per_class differ)"),
+                          "holds images of another synth (other per_class)"),
         "unknown keep": ([*r, str(class_run), o, str(tmp_path / "o"), "--per-class", "2",
                           "--keep", "best"], "unknown keep 'best'"),
         "out inside the run's models": ([*r, str(class_run), o, str(class_run / "unet" / "s"),

@@ -620,7 +620,7 @@ def synth(
             differ = ["its manifest (unreadable)"]
         if differ:
             raise ConfigError(
-                f"--out {out} holds images of another synth (its {', '.join(differ)} differ); "
+                f"--out {out} holds images of another synth (other {', '.join(differ)}); "
                 "resume it with the same run and options, or choose another --out"
             )
         groups = groups_of(old)
