@@ -131,6 +131,32 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
 
+def test_augment_study_quick(capsys, tmp_path):
+    """The plumbing of the augmentation study: real folder -> generator -> synth -> classifiers
+    on real, real + generated at each ratio and generated alone, a table, JSON and a plot."""
+    import json
+
+    import augment_study
+
+    augment_study.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(r"avx512_bf16=(yes|no)", out) and re.search(r"load avg \d+\.\d\d", out)
+    rows = table(out, "data", "real/class", "real", "+1:1", "+1:2", "gen")
+    assert [r[:2] for r in rows] == [["shapes", "4"]]
+    for cell in rows[0][2:]:
+        assert 0 <= float(cell.split("+-")[0]) <= 1, rows
+    assert all(re.search(r"\([+-]\d\.\d{3}\)$", c) for c in rows[0][3:]), rows
+    saved = json.loads((tmp_path / "augment_study.json").read_text())
+    (cell,) = saved["cells"]
+    assert cell["generated"] == 4 * 2 * 5  # k x the largest ratio, per class of 5
+    assert set(cell["accuracy"]) == {"real", "+1:1", "+1:2", "gen"}
+    assert (tmp_path / "shapes-4" / "run" / "unet").is_dir()
+    real = sorted(p.parent.name for p in (tmp_path / "shapes-4" / "real").rglob("*.png"))
+    assert len(real) == 20 and len(set(real)) == 5  # k real images per class, no more
+    if "matplotlib is not installed" not in out:
+        assert (tmp_path / "augment_study.png").stat().st_size > 0
+
+
 def test_vae_convergence_quick(capsys):
     import vae_convergence
 

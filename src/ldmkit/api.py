@@ -33,6 +33,7 @@ from .options import (
     VERBS,
     DistillOptions,
     SampleOptions,
+    SynthOptions,
     TrainOptions,
     check_conditions,
 )
@@ -617,6 +618,143 @@ def save_images(samples: Samples, folder: str | os.PathLike) -> Path:
     return folder
 
 
+# ------------------------------------------------------------------------------ synth
+_SYNTH = SynthOptions()  # the defaults of `synth`'s keywords
+
+
+def read_prompts_file(flag: str, path: str | os.PathLike) -> list[str]:
+    """A text file of prompts, one per line (blank lines skipped), or a one-line error."""
+    check_path(flag, path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror.lower() if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{flag}: cannot read {path} ({why}); give a UTF-8 text file") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{flag}: {path} holds no prompt; write one per line")
+    return lines
+
+
+def synth(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    per_class: int | None = None,
+    n: int | None = None,
+    prompts_file: str | os.PathLike | None = None,
+    sampler: str = _SYNTH.sampler,
+    steps: int = _SYNTH.steps,
+    seed: int = _SYNTH.seed,
+    guidance: float | None = None,
+    guidance_rescale: float = _SYNTH.guidance_rescale,
+    batch_size: int = _SYNTH.batch_size,
+    keep: str = _SYNTH.keep,
+    device: str | None = None,
+    ldm: LatentDiffusion | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    fast: bool = True,
+    options: SynthOptions | None = None,
+) -> Any:
+    """Write a labelled folder of images drawn from a run (`ldmkit.synth`): `per_class` images
+    of each class of a class-conditional run, `n` of an unconditional one, or `n` per line of
+    `prompts_file` for a text run; each PNG carries its parameters and its own seed. A folder
+    that an earlier call left unfinished (killed, stopped) is completed with the same options,
+    as if the call had never stopped. `keep="readable"` keeps only images the run's domain
+    classifier reads as their class, drawing more (the dropped are counted). Options come as
+    keywords or all at once as `options` (`options.SynthOptions`); `progress(done, total)`
+    follows the images kept. Returns a `synth.SynthResult`."""
+    from .pipeline import LatentDiffusion
+    from .synth import (
+        FORMAT,
+        differences,
+        folder_contents,
+        groups_of,
+        identity,
+        plan_groups,
+        read_manifest,
+        run_kind,
+        synthesize,
+    )
+
+    check_path("--run", run)
+    check_path("--out", out)
+    o = SynthOptions(
+        per_class=per_class, n=n, prompts_file=None if prompts_file is None else str(prompts_file),
+        sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance,
+        guidance_rescale=guidance_rescale, batch_size=batch_size, keep=keep,
+    )  # fmt: skip
+    if options is not None:
+        if o != _SYNTH:
+            raise TypeError("give synth's options as keywords or as `options`, not both")
+        o = options
+    check_path("--prompts", o.prompts_file)
+    o = o.check(RunFolder(run), shown=run)
+    folder = RunFolder(run)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; synth writes a folder: give a folder name")
+    for flag, source in [*run_inputs(run), ("--prompts", o.prompts_file)]:
+        check_apart("--out", out, flag, source, spec=False)
+    check_apart("--out", out, "run's data", folder.config().data)  # not into training data
+    check_writable(out)
+    prompts = read_prompts_file("--prompts", o.prompts_file) if o.prompts_file else None
+    kind = run_kind(folder)
+    cfg = folder.config()
+    groups = plan_groups(kind, class_names=folder.data_info().class_names,
+                         num_classes=cfg.unet.num_classes,
+                         count=o.per_class if kind == "class" else o.n, prompts=prompts)  # fmt: skip
+    scale = o.guidance_scale
+    if kind == "none":  # no condition: guidance does not apply
+        scale = 1.0
+    elif scale is None:
+        scale = cfg.sampling_guidance
+    judge = None
+    if o.keep == "readable":
+        from .evaluation.feature_nets import get_feature_net
+
+        judge = get_feature_net("domain", dataset=folder.load_data(), run_dir=folder.path)
+    params = {"ldmkit": _version(), "run": str(folder.path.resolve()),
+              "weights": folder.weights_hash()}  # fmt: skip
+    header = {"run": params["run"], "weights": params["weights"], "kind": kind,
+              "classifier": judge.fingerprint if judge is not None else None,
+              "guidance": scale, "params": params}  # fmt: skip
+    chosen = {k: getattr(o, k) for k in ("per_class", "n", "sampler", "steps", "seed",
+              "guidance_scale", "guidance_rescale", "batch_size", "keep")}  # fmt: skip
+    notes: list[str] = []
+    old = read_manifest(out) if out.is_dir() else None
+    if old is not None:
+        new = identity({"format": FORMAT, **header, "options": chosen,
+                        "groups": [vars(g) for g in groups]})  # fmt: skip
+        try:
+            differ = differences(new, identity(old))
+        except (KeyError, TypeError):
+            differ = ["its manifest (unreadable)"]
+        if differ:
+            raise ConfigError(
+                f"--out {out} holds images of another synth (other {', '.join(differ)}); "
+                "resume it with the same run and options, or choose another --out"
+            )
+        groups = groups_of(old)
+        have = sum(min(g.kept, g.count) for g in groups)
+        notes.append(f"resumed: {have} of {sum(g.count for g in groups)} images were there")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out} already holds other files ({', '.join(folder_contents(out))}, ...); "
+            "synth writes into a new or empty folder (or resumes its own): choose another --out"
+        )
+    if ldm is None:
+        ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast)
+    result = synthesize(
+        ldm, out, groups, header=header, options=chosen, sampler=o.sampler, steps=o.steps,
+        seed=o.seed, guidance_scale=scale if kind != "none" else None,
+        guidance_rescale=o.guidance_rescale, batch_size=o.batch_size, judge=judge,
+        progress=progress,
+    )  # fmt: skip
+    result.notes[:0] = notes
+    return result
+
+
 # ------------------------------------------------------------------------------ evaluate, report
 def evaluate(
     run: str | os.PathLike,
@@ -685,6 +823,102 @@ def evaluate(
         run, samplers=samplers, steps=steps, n=n, out_dir=out_dir, seed=seed,
         batch_size=batch_size, guidance_scale=guidance_scale, device=device, **options,
     )  # fmt: skip
+
+
+CAS_PER_CLASS = 100  # generated images per class `eval --cas` trains its classifier on
+MAX_CAS_SEEDS = 20
+
+
+def cas(
+    run: str | os.PathLike,
+    *,
+    per_class: int = CAS_PER_CLASS,
+    seeds: int | None = None,
+    held_out: str | None = None,
+    out: str | os.PathLike | None = None,
+    sampler: str = _SYNTH.sampler,
+    steps: int = _SYNTH.steps,
+    seed: int = _SYNTH.seed,
+    guidance: float | None = None,
+    batch_size: int = _SYNTH.batch_size,
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The Classification Accuracy Score of a class-conditional run (`evaluation.cas`):
+    `per_class` images of each class drawn with `synth` (into OUT/cas-synth-<key>/, so a second
+    call reuses them and an interrupted one resumes), the fixed classifier trained on them and
+    tested on held-out real images (`held_out`, default: the data's own held-out part, as `eval`
+    finds it), beside the same classifier trained on as many real training images per class;
+    `seeds` runs (default 3), mean and std. Written to OUT/cas.json (OUT: RUN/eval)."""
+    import hashlib
+    import json
+
+    import torch
+
+    from .checkpoint import write_json
+    from .evaluation import cas as caslib
+    from .evaluation.evaluate import held_out_data
+    from .synth import read_synth, run_kind
+
+    seeds = caslib.DEFAULT_SEEDS if seeds is None else seeds
+    check_count("--cas-per-class", per_class, 1, MAX_IMAGES)
+    check_count("--cas-seeds", seeds, 1, MAX_CAS_SEEDS)
+    for flag, path in (("--run", run), ("--out", out), ("--held-out", held_out)):
+        check_path(flag, path)
+    folder = RunFolder(run).require_trained()
+    kind = run_kind(folder)
+    if kind != "class":
+        what = "follows text prompts" if kind == "text" else "has no class labels (unconditional)"
+        raise ConfigError(
+            f"--cas: the model in {run} {what}; the Classification Accuracy Score trains a "
+            "classifier on a class-conditional run's classes"
+        )
+    out_dir = Path(out) if out is not None else folder.eval_dir
+    check_apart("--out", out_dir, "--held-out", held_out)
+    train_ds = folder.load_data()
+    held, note = held_out_data(folder, train_ds, held_out)
+    if held is None:
+        raise ConfigError(
+            f"--cas needs labelled real images the model never saw, to test the classifiers on: "
+            f"{train_ds.name} has no held-out part; pass --held-out DATA (a folder with one "
+            "sub-folder per class, or e.g. mnist:DIR?split=test)"
+        )
+    if held.labels is None:
+        raise ConfigError(
+            f"--held-out {held_out}: its images have no class labels; put them in one sub-folder "
+            "per class"
+        )
+    names = folder.data_info().class_names or train_ds.class_names
+    key = json.dumps([folder.weights_hash(), per_class, sampler, steps, seed, guidance,
+                      batch_size])  # fmt: skip
+    synth_dir = out_dir / f"cas-synth-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    synth(run, synth_dir, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
+                 guidance=guidance, batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+    images, labels, _, _ = read_synth(synth_dir)
+    test_labels = caslib.map_labels(held.labels, held.class_names, names)
+    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[: caslib.MAX_TEST]
+    result = caslib.scores(
+        images, labels, train_ds.images, caslib.map_labels(train_ds.labels,
+        train_ds.class_names, names), held.images[pick], test_labels[pick], len(names),
+        seeds=tuple(range(seeds)),
+    )  # fmt: skip
+    result.update({
+        "run": str(folder.path), "weights": folder.weights_hash(), "synth_folder": str(synth_dir),
+        "generated": {"per_class": per_class, "sampler": sampler, "steps": steps, "seed": seed,
+                      "guidance": read_synth_guidance(synth_dir)},
+        "held_out": {"spec": held.spec, "name": held.name, "num_images": len(held)},
+        "train_data": {"spec": train_ds.spec, "num_images": len(train_ds)},
+    })  # fmt: skip
+    write_json(out_dir / "cas.json", result)
+    result["path"] = str(out_dir / "cas.json")
+    return result
+
+
+def read_synth_guidance(folder: Path) -> float | None:
+    from .synth import read_manifest
+
+    manifest = read_manifest(folder) or {}
+    return manifest.get("guidance")
 
 
 def report(

@@ -116,6 +116,39 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts or None
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from . import api
+
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["synth"].fields()}
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=done, desc="synth", unit="img", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        result = api.synth(args.run, args.out, options=declared.VERBS["synth"](**given),
+                           device=args.device, fast=args.fast, progress=progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    dropped = ""
+    if given["keep"] == "readable":
+        per = ", ".join(f"{g.name} {g.dropped}" for g in result.groups)
+        dropped = f"; dropped {result.dropped} the classifier read as another class ({per})"
+    print(f"wrote {result.written} images to {result.folder} ({result.kept} in all, "
+          f"{len(result.groups)} folder(s){dropped})")  # fmt: skip
+    return 0 if result.complete else 1
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api
 
@@ -142,6 +175,20 @@ def _list(text: str | None, item=str) -> list | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import api
     from .evaluation.table import format_table
+
+    for flag, value in (("--cas-per-class", args.cas_per_class), ("--cas-seeds", args.cas_seeds)):
+        if value is not None:
+            api.check_count(flag, value, 1, api.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS)
+            if not args.cas:
+                raise CLIError(f"{flag} goes with --cas")
+    if args.cas:
+        table_only = {"--n": args.n is not None, "--full": args.full, "--ref": args.ref,
+                      "--features": args.features, "--fresh": args.fresh}  # fmt: skip
+        given = [flag for flag, value in table_only.items() if value]
+        if given:
+            raise CLIError(f"{given[0]} is for the sampler table; --cas takes --cas-per-class, "
+                           "--cas-seeds, --held-out, --samplers, --steps, --guidance, --seed")  # fmt: skip
+        return _cas(args)
 
     table, summary = api.evaluate(
         args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
@@ -175,6 +222,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"memorisation: not measured ({mem.get('note')})")
     print(f"wrote {out / 'sampler_table.csv'}, {out / 'sampler_table.png'}, {out / 'summary.json'}")
+    return 0
+
+
+def _cas(args: argparse.Namespace) -> int:
+    """`ldmkit eval --cas`: the Classification Accuracy Score beside the real-data accuracy."""
+    from . import api
+
+    sampling = {}
+    for flag, name, values in (("--samplers", "sampler", _list(args.samplers)),
+                               ("--steps", "steps", _list(args.steps, _number))):  # fmt: skip
+        if values is not None:
+            if len(values) != 1:
+                raise CLIError(f"{flag}: --cas draws its images with one, got {len(values)}")
+            sampling[name] = values[0]
+    res = api.cas(
+        args.run, per_class=args.cas_per_class or api.CAS_PER_CLASS, seeds=args.cas_seeds,
+        **sampling,
+        held_out=args.held_out, out=args.out, seed=args.seed, batch_size=args.batch_size,
+        guidance=args.guidance, device=args.device,
+    )  # fmt: skip
+    cas, real = res["cas"], res["real"]
+    print(
+        f"CAS {cas['mean']:.3f} +- {cas['std']:.3f} (trained on {res['n_generated']} generated "
+        f"images); real data {real['mean']:.3f} +- {real['std']:.3f} (the same classifier on "
+        f"{res['n_real']} real training images); chance {res['chance']:.3f}; "
+        f"{len(res['seeds'])} seeds, tested on {res['n_test']} held-out real images"
+    )
+    print(f"wrote {res['path']} (generated images in {res['synth_folder']})")
     return 0
 
 
@@ -408,6 +483,20 @@ def _add_distill(sub: Any) -> None:
     d.set_defaults(func=cmd_distill)
 
 
+def _add_synth(sub: Any) -> None:
+    s = sub.add_parser("synth", help="a labelled folder of generated images (class sub-folders "
+                       "of PNGs), resumable")  # fmt: skip
+    s.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    s.add_argument("--out", required=True, help="folder to write (or to complete after an "
+                   "interruption: the same command again)")  # fmt: skip
+    add_options(s, "synth")
+    s.add_argument("--device")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="float32 throughout (default: bf16 autocast where it runs natively)")  # fmt: skip
+    s.set_defaults(func=cmd_synth)
+
+
 def _add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="convert a diffusers folder to a run, or a run to diffusers")
     way = c.add_mutually_exclusive_group(required=True)
@@ -445,6 +534,13 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--fresh", action="store_true", help="start a new table in OUT instead of "
                    "adding these rows to the one there (rows are kept only when measured on the "
                    "same weights, data, features, n, seed and guidance)")  # fmt: skip
+    e.add_argument("--cas", action="store_true", help="the Classification Accuracy Score "
+                   "instead of the table: a fixed small classifier trained on generated images "
+                   "only, tested on held-out real ones, beside the same classifier trained on "
+                   "as many real images")  # fmt: skip
+    e.add_argument("--cas-per-class", type=_number, help="generated images per class for --cas "
+                   "(default 100)")  # fmt: skip
+    e.add_argument("--cas-seeds", type=_number, help="classifier seeds for --cas (default 3)")
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
 
@@ -492,6 +588,7 @@ def make_parser() -> argparse.ArgumentParser:
                 _add_serve):  # fmt: skip
         add(sub)
     _add_distill(sub)
+    _add_synth(sub)
     return p
 
 

@@ -495,6 +495,67 @@ class DenoiseOptions(SampledEditOptions):
                                      label="noise std (0..1; empty: estimate)")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ synth
+SYNTH_KEEP = ("all", "readable")  # which drawn images `synth` keeps
+MAX_SYNTH_IMAGES = 1_000_000  # images of one synth folder (written batch by batch, not held)
+
+
+@dataclass(frozen=True)
+class SynthOptions(Options):
+    """`ldmkit synth`, `api.synth`: a labelled folder of generated images (ldmkit.synth)."""
+
+    verb: ClassVar[str] = "synth"
+    per_class: int | None = option(
+        None, "images per class of a class-conditional run", lo=1, hi=MAX_SYNTH_IMAGES, web=False
+    )
+    n: int | None = option(
+        None, "images of an unconditional run, or per prompt of a text run", lo=1,
+        hi=MAX_SYNTH_IMAGES, web=False,
+    )  # fmt: skip
+    prompts_file: str | None = option(
+        None, "a text run's prompts, one per line (one sub-folder each)", flag="--prompts",
+        web=False,
+    )  # fmt: skip
+    sampler: str = option(DEFAULT_SAMPLER, SAMPLER_HELP, choices=SAMPLER_NAMES)
+    steps: int = option(DEFAULT_STEPS, "sampler steps", lo=1, hi=timesteps)
+    seed: int = option(0, "seed of the first image (image i of a folder: a seed of its own, "
+                       "from this one)", lo=0, hi=max_seed)  # fmt: skip
+    guidance_scale: float | None = guidance_scale_option()
+    guidance_rescale: float = guidance_rescale_option()
+    batch_size: int = option(64, "images per batch", lo=1, hi=MAX_BATCH, web=False)
+    keep: str = option(
+        "all", "all, or readable: only images the run's domain classifier reads as their class "
+        "(more are drawn until each class has its count; the dropped are counted)",
+        choices=SYNTH_KEEP, web=False,
+    )  # fmt: skip
+
+    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        text, classes = run.has_text(), bool(run.config().unet.num_classes)
+        kind = "text" if text else "class" if classes else "none"
+        what = {"text": "follows text prompts", "class": "is class-conditional",
+                "none": "was trained without class labels (unconditional)"}[kind]  # fmt: skip
+        want = {"text": "give --prompts FILE (one prompt per line) and --n N (images per prompt)",
+                "class": "give --per-class N", "none": "give --n N"}[kind]  # fmt: skip
+        if values["per_class"] is not None and kind != "class":
+            raise ConfigError(f"--per-class: the model in {shown} {what}; {want}")
+        if values["prompts_file"] is not None and kind != "text":
+            raise ConfigError(
+                f"--prompts: the model in {shown} has no text conditioning; drop --prompts and "
+                f"{want}"
+            )
+        if values["n"] is not None and kind == "class":
+            raise ConfigError(f"--n: the model in {shown} {what}; {want} (images per class)")
+        if (values["per_class"] if kind == "class" else values["n"]) is None or (
+            kind == "text" and values["prompts_file"] is None
+        ):
+            raise ConfigError(f"the model in {shown} {what}: {want}")
+        if values["keep"] == "readable" and kind != "class":
+            raise ConfigError(
+                f"--keep readable: the model in {shown} {what}, and only a class-conditional "
+                "run's classes can be read back; drop --keep"
+            )
+
+
 _EDIT_DECLARATIONS = (InpaintOptions, FillOptions, Img2ImgOptions, InvertOptions,
                       InterpolateOptions, DenoiseOptions)  # fmt: skip
 EDITS: dict[str, type[EditOptions]] = {o.verb: o for o in _EDIT_DECLARATIONS}
@@ -630,3 +691,4 @@ class TrainOptions(Options):
 
 
 VERBS["train"] = TrainOptions
+VERBS["synth"] = SynthOptions

@@ -66,6 +66,8 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
         "report": ["report", "--run", str(run), "--steps", "2", "--out", str(tmp / "r.html")],
         "convert": ["convert", "--to-diffusers", str(run), "--out", str(tmp / "diffusers")],
         "serve": ["serve", "--runs", str(run.parent)],  # every value tried for --port is refused
+        "synth": ["synth", "--run", str(run), "--per-class", "1", "--steps", "2", "--quiet",
+                  "--out", str(tmp / "synth")],
     }  # fmt: skip
     if verb == "distill":  # a teacher with the 5 classes of its data (the shapes)
         teacher = tmp / "teacher5"

@@ -205,7 +205,7 @@ def _held_out_checks(
     images: equal sizes keep its ratio ~1 for a model that generalises, and a large data set's
     features are not computed again (all 11 000 photos through Inception took ~40 min here).
     """
-    held_ds, held_note = _held_out_data(run, train_ds, held_out)
+    held_ds, held_note = held_out_data(run, train_ds, held_out)
     recon_images = (held_ds if held_ds is not None else train_ds).images[:1000]
     checks: dict[str, Any] = {
         "vae_reconstruction": {
@@ -238,7 +238,7 @@ def _held_out_checks(
     return checks
 
 
-def _held_out_data(run: RunFolder, train_ds: Any, held_out: str | None) -> tuple[Any, str | None]:
+def held_out_data(run: RunFolder, train_ds: Any, held_out: str | None) -> tuple[Any, str | None]:
     """(real images the model never saw, None), or (None, a note saying why there are none)."""
     cfg = run.config()
     size, channels, how = cfg.image_size, cfg.channels, cfg.conditioning
@@ -277,4 +277,10 @@ def reconstruction_error(
     return {"mse": mse, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf, "n": len(images)}
 
 
-__all__ = ["DEFAULT_SAMPLERS", "DEFAULT_STEPS", "evaluate_run", "reconstruction_error"]
+__all__ = [
+    "DEFAULT_SAMPLERS",
+    "DEFAULT_STEPS",
+    "evaluate_run",
+    "held_out_data",
+    "reconstruction_error",
+]

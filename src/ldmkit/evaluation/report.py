@@ -4,7 +4,8 @@ The page (run_dir/report.html) holds the run config, a data summary, the loss cu
 reconstructions beside their originals, the latent channels, a sample grid (one labelled row
 per class for a class-conditional model), a denoising trajectory, and the sampler table and
 summary of `ldmkit eval` when eval/summary.json exists (otherwise a line saying how to make
-them). Every image is an inline base64 PNG and the
+them), and the Classification Accuracy Score of `ldmkit eval --cas` when eval/cas.json does.
+Every image is an inline base64 PNG and the
 CSS is inline: the file needs nothing else, and opens offline in any browser.
 
 Sections carry ids, in order: config, data, training, autoencoder, samples, trajectory,
@@ -178,6 +179,24 @@ def _evaluation_section(run_dir: Path, eval_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _cas_section(eval_dir: Path) -> str:
+    """The Classification Accuracy Score of `ldmkit eval --cas` (eval/cas.json), when measured."""
+    path = eval_dir / "cas.json"
+    if not path.is_file():
+        return ""
+    c = json.loads(path.read_text(encoding="utf-8"))
+    spread = lambda d: f"{d['mean']:.3f} \u00b1 {d['std']:.3f}"  # noqa: E731
+    rows = [
+        ("CAS (trained on generated images only)", f"{spread(c['cas'])} "
+         f"({c['n_generated']} images)"),
+        ("the same classifier on real images", f"{spread(c['real'])} ({c['n_real']} images)"),
+        ("chance", f"{c['chance']:.3f}"),
+        ("seeds; held-out test images", f"{len(c['seeds'])}; {c['n_test']} "
+         f"({c.get('held_out', {}).get('spec')})"),
+    ]  # fmt: skip
+    return "<h3>Classification Accuracy Score</h3>" + _kv_table(rows)
+
+
 def build_report(
     run_dir: str | os.PathLike,
     *,
@@ -213,7 +232,7 @@ def build_report(
                 else None,
             ),
             "config": f"<pre>{html.escape(json.dumps(run.config_dict(), indent=2))}</pre>",
-            "evaluation": _evaluation_section(run.path, run.eval_dir),
+            "evaluation": _evaluation_section(run.path, run.eval_dir) + _cas_section(run.eval_dir),
         }
     page = _page(run.path, sec)
     atomic_write(out_path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
