@@ -437,6 +437,46 @@ def _add_serve(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+# ------------------------------------------------------------------------------ finetune (issue 28)
+def _add_finetune(sub: Any) -> None:
+    f = sub.add_parser("finetune", help="teach a trained run a new class (or a style) from 3-50 "
+                       "images, as a small adapter")  # fmt: skip
+    f.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    f.add_argument("--data", required=True, help="folder of the 3-50 images to learn from")
+    f.add_argument("--name", required=True, help="the new class's name (for an unconditional "
+                   "run: the style's)")  # fmt: skip
+    f.add_argument("--out", required=True, help="adapter folder to write (adapter.safetensors + "
+                   "adapter.json); sample with `ldmkit sample --run RUN --adapter OUT`")  # fmt: skip
+    add_options(f, "finetune")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fine-tuning in --out from its checkpoint")  # fmt: skip
+    f.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import api
+
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["finetune"].fields()}
+    res = api.finetune(
+        args.run, data=args.data, name=args.name, out=args.out, resume=args.resume,
+        device=args.device, progress=None if args.quiet else api.tqdm_progress(),
+        options=declared.VERBS["finetune"](**given),
+    )  # fmt: skip
+    info = res.info
+    what = f"class {info.class_name!r} (label {info.class_index})" if info.class_name else "style"
+    print(f"{res.stopped_because}: {info.steps} steps on {info.num_images} images in "
+          f"{info.seconds / 60:.1f} min -> {res.adapter} ({what})")  # fmt: skip
+    how = f" --class {info.class_name}" if info.class_name else ""
+    print(f"sample it: ldmkit sample --run {args.run} --adapter {res.adapter}{how} --out grid.png")
+    if res.stopped_because in ("signal", "stop request"):
+        print(f"ldmkit: interrupted: checkpoint saved in {res.adapter}; continue with "
+              "`ldmkit finetune ... --resume`", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0 if res.stopped_because in ("finished", "time budget") else 1
+
+
 def make_parser() -> argparse.ArgumentParser:
     # building the parser imports no torch (the declarations and sampler_names import none);
     # eval's defaults are api.evaluate's
@@ -450,6 +490,7 @@ def make_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_sample, _add_edits, _add_convert, _add_eval, _add_report,
                 _add_serve):  # fmt: skip
         add(sub)
+    _add_finetune(sub)  # issue 28
     return p
 
 
