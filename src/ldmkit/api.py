@@ -545,6 +545,32 @@ def finetune(
     )  # fmt: skip
 
 
+def merge_adapter(
+    run: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+    scale: float = 1.0,
+) -> RunFolder:  # fmt: skip
+    """Bake `adapter` (written by `finetune` for `run`) into a new run folder `out` at `scale`:
+    a full run of its own, its new class an ordinary class (`ldmkit finetune --merge`)."""
+    from .options import MAX_ADAPTER_SCALE, MIN_ADAPTER_SCALE
+    from .runs import AdapterFolder
+
+    check_path("--run", run)
+    check_path("--merge", adapter)
+    check_path("--out", out)
+    check_float("--adapter-scale", scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)")
+    folder = RunFolder(run).require_trained()
+    AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    if RunFolder(out).exists() or overlap(out, run) is not None:
+        raise ConfigError(
+            f"--out {out} holds a run already or overlaps {run}; give a new folder for the "
+            "merged run"
+        )
+    check_writable(out)
+    from .training.finetune import merge_run
+
+    return merge_run(run, adapter, out, scale=scale)
+
+
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Write the samples as one grid PNG; `nrow` overrides the layout (and drops row labels)."""
     from .evaluation.grids import save_grid as write_grid

@@ -442,11 +442,15 @@ def _add_finetune(sub: Any) -> None:
     f = sub.add_parser("finetune", help="teach a trained run a new class (or a style) from 3-50 "
                        "images, as a small adapter")  # fmt: skip
     f.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
-    f.add_argument("--data", required=True, help="folder of the 3-50 images to learn from")
-    f.add_argument("--name", required=True, help="the new class's name (for an unconditional "
-                   "run: the style's)")  # fmt: skip
+    f.add_argument("--data", help="folder of the 3-50 images to learn from")
+    f.add_argument("--name", help="the new class's name (for an unconditional run: the style's)")
     f.add_argument("--out", required=True, help="adapter folder to write (adapter.safetensors + "
-                   "adapter.json); sample with `ldmkit sample --run RUN --adapter OUT`")  # fmt: skip
+                   "adapter.json); sample with `ldmkit sample --run RUN --adapter OUT`; with "
+                   "--merge: the new run folder")  # fmt: skip
+    f.add_argument("--merge", metavar="ADAPTER", help="instead of fine-tuning: bake this adapter "
+                   "into a copy of the run (a new run folder --out; its class an ordinary one)")  # fmt: skip
+    f.add_argument("--adapter-scale", dest="merge_scale", type=_number, default=1.0,
+                   help="with --merge: the adapter's strength (default 1)")  # fmt: skip
     add_options(f, "finetune")
     f.add_argument("--resume", action="store_true",
                    help="continue an interrupted fine-tuning in --out from its checkpoint")  # fmt: skip
@@ -457,7 +461,19 @@ def _add_finetune(sub: Any) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from . import api
+    from .config import check_float
+    from .options import MAX_ADAPTER_SCALE, MIN_ADAPTER_SCALE
 
+    check_float("--adapter-scale", args.merge_scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE,
+                hint=" (0 = off)")  # fmt: skip
+    if args.merge is not None:
+        merged = api.merge_adapter(args.run, args.merge, args.out, scale=args.merge_scale)
+        print(f"wrote the run {merged.path} ({args.run} with {args.merge} merged); sample it "
+              f"with `ldmkit sample --run {merged.path}`")  # fmt: skip
+        return 0
+    for flag, value in (("--data", args.data), ("--name", args.name)):
+        if value is None:
+            raise CLIError(f"finetune needs {flag} (or --merge ADAPTER to bake one into a run)")
     given = {f.name: getattr(args, f.name) for f in declared.VERBS["finetune"].fields()}
     res = api.finetune(
         args.run, data=args.data, name=args.name, out=args.out, resume=args.resume,

@@ -336,7 +336,7 @@ def check_conditions(
 
 
 # ------------------------------------------------------------------------------ adapters (issue 28)
-MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE = -4.0, 4.0
+MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE = 0.0, 4.0
 
 
 def check_adapter_paths(name: str, value: Any) -> list[str]:

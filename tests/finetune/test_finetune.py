@@ -203,7 +203,7 @@ def test_refusals_of_sample_with_adapters(runs, adapter, capsys, tmp_path):
                    "--adapter-scale", "2")  # fmt: skip
     assert "2 scales for 1 adapters" in line
     line = refused(capsys, *sample, "--adapter", str(adapter), "--adapter-scale", "9")
-    assert "--adapter-scale must be a finite number in [-4, 4]" in line
+    assert "--adapter-scale must be a finite number in [0, 4]" in line
     line = refused(capsys, *sample, "--adapter", str(tmp_path))
     assert "is not an adapter folder (no adapter.json)" in line
     # the same architecture, other weights
@@ -248,13 +248,12 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
     import shlex
     from pathlib import Path
 
-    from ldmkit import cli
 
     text = (Path(__file__).parents[2] / "README.md").read_text()
     section = text.split("## Fine-tuning: a new class from a few images")[1].split("\n## ")[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = [line.split("#")[0] for line in block.splitlines() if line.startswith("ldmkit")]
-    assert len(commands) == 3
+    assert len(commands) == 4
     run = tmp_path / "runs" / "shapes"
     shutil.copytree(runs["class"], run)
     shutil.copytree(runs["few"], tmp_path / "my_hearts")
@@ -262,8 +261,33 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
         argv = shlex.split(command)[1:]
         argv = [str(tmp_path / a) if a.startswith(("runs/", "my_hearts")) or a.endswith(".png")
                 else a for a in argv]  # fmt: skip
-        extra = ["--steps", "3", "--prior-images", "3", "--quiet"] if argv[0] == "finetune" else [
-            "--steps", "2", "--n", "5"]  # fmt: skip
+        extra = (["--steps", "2", "--n", "5"] if argv[0] == "sample" else []
+                 if "--merge" in argv else ["--steps", "3", "--prior-images", "3", "--quiet"])  # fmt: skip
         rc, _, err = run_cli(capsys, *argv, *extra)
         assert rc == 0, (command, err)
     assert (tmp_path / "hearts.png").is_file() and (tmp_path / "grid.png").is_file()
+    assert RunFolder(tmp_path / "runs" / "shapes-heart").data_info().class_names[-1] == "heart"
+
+
+def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    rc, out, err = run_cli(capsys, "finetune", "--run", str(runs["class"]), "--merge",
+                           str(adapter), "--out", str(merged), "--adapter-scale", "0.8")  # fmt: skip
+    assert rc == 0, err
+    m = RunFolder(merged)
+    assert m.config().unet.num_classes == 4
+    assert m.data_info().class_names == ["c0", "c1", "c2", "blob"]
+    kw = dict(n=4, steps=3, classes="blob,c0", fast=False)
+    adapted = api.sample(runs["class"], adapters=[str(adapter)], adapter_scales=[0.8], **kw)
+    baked = api.sample(merged, **kw)
+    assert torch.allclose(baked.images, adapted.images, atol=1e-4, rtol=0)
+    # the adapter fits the base run only; the merged run is a run of its own
+    line = refused(capsys, "sample", "--run", str(merged), "--adapter", str(adapter), "--n", "2",
+                   "--out", str(tmp_path / "g.png"))  # fmt: skip
+    assert "another architecture" in line and "num_classes" in line
+    line = refused(capsys, "finetune", "--run", str(runs["class"]), "--merge", str(adapter),
+                   "--out", str(merged))  # fmt: skip
+    assert "holds a run already" in line
+    line = refused(capsys, "finetune", "--run", str(runs["class"]), "--out", str(tmp_path / "x"),
+                   "--name", "x")  # fmt: skip
+    assert line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run)"

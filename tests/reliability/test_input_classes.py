@@ -115,7 +115,7 @@ def few_images(tmp: Path) -> str:
 def legal(flag: str, value: str) -> bool:
     """The values of BAD that are legal for `flag` (everything else must be refused)."""
     zero_ok = {"--seed", "--guidance", "--guidance-rescale", "--mask-blur", "--mask-dilate",
-               "--refine", "--noise-std", "--prior-weight"}  # fmt: skip
+               "--refine", "--noise-std", "--prior-weight", "--adapter-scale"}  # fmt: skip
     return (flag in zero_ok and value == "0") or (
         flag == "--time-budget" and value == "99999999999999999999"  # 3e15 years: no limit
     )

@@ -272,3 +272,31 @@ def finetune_run(
              result.stopped_because)  # fmt: skip
     return FinetuneResult(adapter.path, info, result.stopped_because)
 
+
+
+def merge_run(
+    run: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0
+) -> RunFolder:
+    """A new run folder `out`: `run` with `adapter` baked into its UNet's weights at `scale`
+    (`models.lora.merge_lora`: the same outputs up to float rounding), its new class, if any,
+    an ordinary class of it (run.json's num_classes and data.json's class names grow by one).
+    The autoencoder is copied as it is. The caller checked that the adapter fits the run."""
+    from ..models.lora import merge_lora
+    from ..pipeline import with_adapters
+
+    base = RunFolder(run).require_trained()
+    cfg, data = base.config(), base.data_info()
+    unet, names = with_adapters(base, base.load_unet(), data.class_names, [(adapter, scale)])
+    merge_lora(unet)
+    new = RunFolder(out)
+    new.save_vae(base.load_vae())
+    new.save_unet(unet)
+    info = AdapterFolder(adapter).info()
+    new.write_data_info(dataclasses.replace(
+        data, class_names=names if info.class_name is not None else data.class_names,
+        fingerprint=None,  # the classes are no longer those of the data it names
+    ))  # fmt: skip
+    new.write_config(dataclasses.replace(cfg, unet=unet.config))  # last: marks a complete run
+    log.info("wrote %s: %s with the adapter %s merged at scale %g", new.path, base.path,
+             AdapterFolder(adapter).path, scale)  # fmt: skip
+    return new
