@@ -291,3 +291,10 @@ def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, 
     line = refused(capsys, "finetune", "--run", str(runs["class"]), "--out", str(tmp_path / "x"),
                    "--name", "x")  # fmt: skip
     assert line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run)"
+
+
+def test_a_time_budget_ends_the_fine_tuning(runs, tmp_path):
+    res = api.finetune(runs["class"], data=str(runs["few"]), name="t", out=tmp_path / "t",
+                       steps=1_000_000, time_budget="3s", prior_weight=0)  # fmt: skip
+    assert res.stopped_because == "time budget" and 0 < res.info.steps < 1_000_000
+    assert AdapterFolder(tmp_path / "t").holds_adapter()
