@@ -1,10 +1,9 @@
-import sys
+"""Tiny runs and image folders for the fine-tuning tests (a module of its own name: every test
+folder has a conftest.py, so `from conftest import ...` would find whichever came first)."""
+
 from pathlib import Path
 
-import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
 
 
 def make_adaptable_run(
@@ -54,14 +53,3 @@ def few_images(folder: Path, n: int = 5) -> Path:
     for i in range(n):
         Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("finetune")
-    return {
-        "class": make_adaptable_run(root / "class"),
-        "uncond": make_adaptable_run(root / "uncond", num_classes=None),
-        "few": few_images(root / "few"),
-        "root": root,
-    }

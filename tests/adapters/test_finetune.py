@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import few_images, make_adaptable_run
+from adapter_helpers import few_images, make_adaptable_run
 from reliability_helpers import error_line, run_cli
 
 from ldmkit import api
