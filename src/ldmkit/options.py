@@ -418,8 +418,8 @@ def check_class_names(run: RunFolder, shown: Any, classes: str | None, new: Sequ
     for part in (p.strip() for p in classes.split(",")):
         if part not in known and not (part.isdigit() and int(part) < len(known)):
             raise ConfigError(
-                f"--class: unknown class {part!r}; the model in {shown} knows "
-                f"{', '.join(known)} (a class taught by `ldmkit finetune` needs its --adapter)"
+                f"unknown class {part!r}; known classes: {', '.join(known)} (a class taught "
+                "by `ldmkit finetune` needs its --adapter)"
             )
 
 

@@ -196,7 +196,8 @@ def test_refusals_of_sample_with_adapters(runs, adapter, capsys, tmp_path):
     run = str(runs["class"])
     sample = ["sample", "--run", run, "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]
     line = refused(capsys, *sample, "--class", "blob")
-    assert "unknown class 'blob'" in line and "needs its --adapter" in line
+    assert line == ("ldmkit: error: unknown class 'blob'; known classes: c0, c1, c2 (a class "
+                    "taught by `ldmkit finetune` needs its --adapter)")
     line = refused(capsys, *sample, "--adapter-scale", "0.5")
     assert "no --adapter given" in line
     line = refused(capsys, *sample, "--adapter", str(adapter), "--adapter-scale", "1",
