@@ -539,7 +539,8 @@ def finetune(
 
     return finetune_run(
         run, data, name, out, rank=o.rank, alpha=o.alpha, conv=o.targets == "attention+conv",
-        steps=o.steps, lr=o.lr, batch_size=o.batch_size, time_budget_s=o.time_budget,
+        steps=o.steps, lr=o.lr, class_lr=o.class_lr, batch_size=o.batch_size,
+        time_budget_s=o.time_budget,
         prior_weight=o.prior_weight, prior_images=o.prior_images, flip=o.augment == "flip",
         seed=o.seed, resume=resume, device=dev, progress=progress, stop=stop,
     )  # fmt: skip

@@ -627,6 +627,11 @@ class FinetuneOptions(Options):
     time_budget: str | None = option(None, "wall-clock budget, e.g. 5m",
                                      check=check_duration_option)  # fmt: skip
     lr: float = option(1e-3, "learning rate of the adapter (AdamW)", lo=0, hi=1, lo_open=True)
+    class_lr: float | None = option(
+        None, "learning rate of the new class's embedding row (default: 3 % of the old rows' RMS, "
+        "so that it can travel between classes in a few hundred steps)", lo=0, hi=100,
+        lo_open=True,
+    )  # fmt: skip
     batch_size: int = option(8, "images per step (and as many prior samples)", lo=1, hi=MAX_BATCH)
     prior_weight: float = option(
         1.0, "weight of prior preservation: the base run's own samples trained on beside the new "

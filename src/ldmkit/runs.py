@@ -415,6 +415,8 @@ class AdapterInfo:
     class_index: int | None = None  # its label when it is the only adapter loaded
     base_run: str | None = None  # the run folder as given (for messages only)
     steps: int = 0
+    lr: float | None = None  # the adapter's learning rate
+    class_lr: float | None = None  # the new class row's
     data: str | None = None
     data_fingerprint: str | None = None
     num_images: int = 0

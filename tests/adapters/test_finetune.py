@@ -299,3 +299,20 @@ def test_a_time_budget_ends_the_fine_tuning(runs, tmp_path):
                        steps=1_000_000, time_budget="3s", prior_weight=0)  # fmt: skip
     assert res.stopped_because == "time budget" and 0 < res.info.steps < 1_000_000
     assert AdapterFolder(tmp_path / "t").holds_adapter()
+
+
+def test_the_class_row_learns_at_its_own_rate(runs, tmp_path):
+    """Adam's first step moves every coordinate with a gradient by its group's LR: the new row
+    by class_lr, the adapter's up-projections by lr (they start at zero)."""
+    out = tmp_path / "lr"
+    res = api.finetune(runs["class"], data=str(runs["few"]), name="lr", out=out, steps=1,
+                       prior_weight=0, lr=1e-3, class_lr=0.25)  # fmt: skip
+    assert res.info.class_lr == 0.25 and res.info.lr == 1e-3
+    base = RunFolder(runs["class"]).load_unet().class_embed.weight.detach()
+    moved = (AdapterFolder(out).tensors()["class_rows"][0] - base[:-1].mean(0)).abs()
+    assert torch.allclose(moved.max(), torch.tensor(0.25), rtol=1e-3)
+    ups = [v for k, v in AdapterFolder(out).tensors().items() if "lora_up" in k]
+    assert max(float(u.abs().max()) for u in ups) == pytest.approx(1e-3, rel=1e-3)
+    # the default: a share of the old rows' RMS
+    rms = float(base[:-1].pow(2).mean().sqrt())
+    assert ft.default_class_lr(RunFolder(runs["class"]).load_unet()) == pytest.approx(0.03 * rms)
