@@ -199,3 +199,18 @@ def test_sizes_quick(capsys):
     assert [r[2].strip() for r in rows] == ["4x16x16", "4x16x16"]
     for r in rows:
         assert all(float(v) > 0 for v in r[6:10]), r
+
+
+def test_finetune_quick(capsys, tmp_path):
+    """bench/finetune.py --quick: a tiny base run of four shapes, two adapters of the fifth
+    (with and without prior preservation), and its table."""
+    import finetune
+
+    finetune.main(["--quick", "--out", str(tmp_path / "bench")])
+    out = capsys.readouterr().out
+    rows = table(out, "variant", "new_acc", "new_fid")
+    assert [r[0] for r in rows] == ["base", "adapter,", "adapter,"]
+    for r in rows[1:]:
+        assert 0 <= float(r[3]) <= 1 and 0 <= float(r[5]) <= 1  # accuracies
+        assert float(r[8]) > 0 and r[10] == "6"  # adapter KB, steps
+    assert "base run classes: ['circle', 'square', 'star', 'triangle']" in out

@@ -483,6 +483,8 @@ def sample(
     guidance: float | None = None,
     guidance_rescale: float = _SAMPLE.guidance_rescale,
     batch_size: int = _SAMPLE.batch_size,
+    adapters: Sequence[str] | None = None,
+    adapter_scales: Sequence[float] | None = None,
     device: str | None = None,
     ldm: LatentDiffusion | None = None,
     callback: Callable[..., Any] | None = None,
@@ -498,24 +500,36 @@ def sample(
     bf16 autocast where the device runs it natively; `compile`: torch.compile the UNet (see
     `LatentDiffusion`).
 
+    `adapters`: folders written by `ldmkit finetune` (their new classes join `classes`' names),
+    at `adapter_scales` (one for all or one each; default 1).
+
     `ldm`: the run's model when the caller has it loaded already (a server's cache);
     `callback(i, x, sigma, x0_pred)`: the sampler's, after every step (progress, previews)."""
     from .models.conditioning import row_layout
+    from .options import adapter_scales as scales_of
     from .pipeline import LatentDiffusion
 
     check_path("--run", run)
+    for path in adapters or []:
+        check_path("--adapter", path)
     o = SampleOptions(
         n=n, sampler=sampler, steps=steps, seed=seed, classes=classes, prompts=prompts,
         negative_prompt=negative_prompt, guidance_scale=guidance,
         guidance_rescale=guidance_rescale, batch_size=batch_size,
+        adapters=None if adapters is None else tuple(adapters),
+        adapter_scales=None if adapter_scales is None else tuple(adapter_scales),
     )  # fmt: skip
     if options is not None:
         if o != _SAMPLE:
             raise TypeError("give sample's options as keywords or as `options`, not both")
         o = options
     o = o.check(RunFolder(run), shown=run)
+    with_adapters = list(zip(o.adapters or [], scales_of(o.adapters, o.adapter_scales)))
+    if ldm is not None and with_adapters:
+        raise ConfigError("sample: adapters load with the run; do not pass a loaded model (ldm=)")
     if ldm is None:
-        ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast, compile=compile)
+        ldm = LatentDiffusion.from_run(run, device=check_device(device), fast=fast,
+                                       compile=compile, adapters=with_adapters)  # fmt: skip
     n, steps, guidance, prompts = o.n, o.steps, o.guidance_scale, o.prompts
     if n * steps >= ANNOUNCE_FROM:  # a long job says how long before it starts
         from .utils import format_seconds
@@ -530,6 +544,9 @@ def sample(
     kwargs = dict(sampler=o.sampler, steps=steps, seed=o.seed, guidance_scale=guidance,
                   guidance_rescale=o.guidance_rescale, batch_size=o.batch_size,
                   callback=callback)  # fmt: skip
+    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
+    if with_adapters:
+        how += ", adapters " + ", ".join(f"{Path(a).name} x{s:g}" for a, s in with_adapters)
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner
     how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
@@ -568,6 +585,111 @@ def _labels(labels: list[int]) -> Tensor:
     import torch
 
     return torch.tensor(labels, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------ finetune (issue 28)
+MAX_NAME = 64  # characters of a new class's name
+
+
+def check_new_name(run: RunFolder, name: Any, shown: Any = None) -> str:
+    """The name of what `finetune` teaches: a new class's name must be new to the run, and
+    readable by --class (no comma, not a number)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError('--name is empty; name what the images show, e.g. --name "heart"')
+    if name != name.strip() or "," in name or name.isdigit() or len(name) > MAX_NAME:
+        raise ConfigError(
+            f"--name {name!r} cannot be picked with --class: use up to {MAX_NAME} characters, "
+            "no comma, no spaces around it, not a number"
+        )
+    names = run.data_info().class_names or []
+    if run.config().unet.num_classes and name in names:
+        raise ConfigError(
+            f"--name {name!r} is a class of {shown or run.path} already ({', '.join(names)}); "
+            "choose a new name"
+        )
+    return name
+
+
+def finetune(
+    run: str | os.PathLike,
+    *,
+    data: str,
+    name: str,
+    out: str | os.PathLike,
+    resume: bool = False,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    stop: StopRequest | None = None,
+    options: Any = None,
+    **keywords: Any,
+) -> Any:
+    """Teach the trained `run` what the 3-50 images of `data` show, as an adapter folder `out`
+    (ldmkit.training.finetune): for a class-conditional run the new class `name`, for an
+    unconditional one a style. Its options (`options.FinetuneOptions`, checked once) come as
+    keywords (rank=, steps=, time_budget=, prior_weight=, ...) or all at once as `options`.
+    `resume` continues an interrupted fine-tuning from its checkpoint. Returns a
+    `FinetuneResult` (the folder, its `AdapterInfo`, why it ended)."""
+    from .options import FinetuneOptions
+    from .runs import AdapterFolder
+
+    check_path("--run", run)
+    check_path("--data", data)
+    check_path("--out", out)
+    if options is not None and keywords:
+        raise TypeError("give finetune's options as keywords or as `options`, not both")
+    o = options if options is not None else FinetuneOptions.given(keywords)
+    folder = RunFolder(run)
+    o = o.check(folder, shown=run)
+    check_new_name(folder, name, run)
+    check_apart("--out", out, "--data", data)
+    if overlap(out, run) in ("is", "contains"):  # inside the run is fine (RUN/adapters/NAME)
+        raise ConfigError(
+            f"--out {out} would put the adapter's files over the run's own ({run}); choose a "
+            "folder of its own, e.g. inside the run"
+        )
+    adapter = AdapterFolder(out)
+    if adapter.holds_adapter() and not resume:
+        raise ConfigError(
+            f"--out {out} holds an adapter already; choose another --out (or --resume to "
+            "continue its fine-tuning)"
+        )
+    check_writable(out)
+    dev = check_device(device)
+    from .training.finetune import finetune_run
+
+    return finetune_run(
+        run, data, name, out, rank=o.rank, alpha=o.alpha, conv=o.targets == "attention+conv",
+        steps=o.steps, lr=o.lr, class_lr=o.class_lr, batch_size=o.batch_size,
+        time_budget_s=o.time_budget,
+        prior_weight=o.prior_weight, prior_images=o.prior_images, flip=o.augment == "flip",
+        seed=o.seed, resume=resume, device=dev, progress=progress, stop=stop,
+    )  # fmt: skip
+
+
+def merge_adapter(
+    run: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+    scale: float = 1.0,
+) -> RunFolder:  # fmt: skip
+    """Bake `adapter` (written by `finetune` for `run`) into a new run folder `out` at `scale`:
+    a full run of its own, its new class an ordinary class (`ldmkit finetune --merge`)."""
+    from .options import MAX_ADAPTER_SCALE, MIN_ADAPTER_SCALE
+    from .runs import AdapterFolder
+
+    check_path("--run", run)
+    check_path("--merge", adapter)
+    check_path("--out", out)
+    check_float("--adapter-scale", scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)")
+    folder = RunFolder(run).require_trained()
+    AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    if RunFolder(out).exists() or overlap(out, run) is not None:
+        raise ConfigError(
+            f"--out {out} holds a run already or overlaps {run}; give a new folder for the "
+            "merged run"
+        )
+    check_writable(out)
+    from .training.finetune import merge_run
+
+    return merge_run(run, adapter, out, scale=scale)
 
 
 def save_grid(samples: Samples, path: str | os.PathLike, nrow: int | None = None) -> Path:

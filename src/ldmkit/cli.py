@@ -574,6 +574,62 @@ def _add_serve(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+# ------------------------------------------------------------------------------ finetune (issue 28)
+def _add_finetune(sub: Any) -> None:
+    f = sub.add_parser("finetune", help="teach a trained run a new class (or a style) from 3-50 "
+                       "images, as a small adapter")  # fmt: skip
+    f.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
+    f.add_argument("--data", help="folder of the 3-50 images to learn from")
+    f.add_argument("--name", help="the new class's name (for an unconditional run: the style's)")
+    f.add_argument("--out", required=True, help="adapter folder to write (adapter.safetensors + "
+                   "adapter.json); sample with `ldmkit sample --run RUN --adapter OUT`; with "
+                   "--merge: the new run folder")  # fmt: skip
+    f.add_argument("--merge", metavar="ADAPTER", help="instead of fine-tuning: bake this adapter "
+                   "into a copy of the run (a new run folder --out; its class an ordinary one)")  # fmt: skip
+    f.add_argument("--adapter-scale", dest="merge_scale", type=_number, default=1.0,
+                   help="with --merge: the adapter's strength (default 1)")  # fmt: skip
+    add_options(f, "finetune")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted fine-tuning in --out from its checkpoint")  # fmt: skip
+    f.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import api
+    from .config import check_float
+    from .options import MAX_ADAPTER_SCALE, MIN_ADAPTER_SCALE
+
+    check_float("--adapter-scale", args.merge_scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE,
+                hint=" (0 = off)")  # fmt: skip
+    if args.merge is not None:
+        merged = api.merge_adapter(args.run, args.merge, args.out, scale=args.merge_scale)
+        print(f"wrote the run {merged.path} ({args.run} with {args.merge} merged); sample it "
+              f"with `ldmkit sample --run {merged.path}`")  # fmt: skip
+        return 0
+    for flag, value in (("--data", args.data), ("--name", args.name)):
+        if value is None:
+            raise CLIError(f"finetune needs {flag} (or --merge ADAPTER to bake one into a run)")
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["finetune"].fields()}
+    res = api.finetune(
+        args.run, data=args.data, name=args.name, out=args.out, resume=args.resume,
+        device=args.device, progress=None if args.quiet else api.tqdm_progress(),
+        options=declared.VERBS["finetune"](**given),
+    )  # fmt: skip
+    info = res.info
+    what = f"class {info.class_name!r} (label {info.class_index})" if info.class_name else "style"
+    print(f"{res.stopped_because}: {info.steps} steps on {info.num_images} images in "
+          f"{info.seconds / 60:.1f} min -> {res.adapter} ({what})")  # fmt: skip
+    how = f" --class {info.class_name}" if info.class_name else ""
+    print(f"sample it: ldmkit sample --run {args.run} --adapter {res.adapter}{how} --out grid.png")
+    if res.stopped_because in ("signal", "stop request"):
+        print(f"ldmkit: interrupted: checkpoint saved in {res.adapter}; continue with "
+              "`ldmkit finetune ... --resume`", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0 if res.stopped_because in ("finished", "time budget") else 1
+
+
 def make_parser() -> argparse.ArgumentParser:
     # building the parser imports no torch (the declarations and sampler_names import none);
     # eval's defaults are api.evaluate's
@@ -589,6 +645,7 @@ def make_parser() -> argparse.ArgumentParser:
         add(sub)
     _add_distill(sub)
     _add_synth(sub)
+    _add_finetune(sub)  # issue 28
     return p
 
 

@@ -335,6 +335,96 @@ def check_conditions(
             )
 
 
+# ------------------------------------------------------------------------------ adapters (issue 28)
+MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE = 0.0, 4.0
+
+
+def check_adapter_paths(name: str, value: Any) -> list[str]:
+    """Adapter folders: a list of non-empty strings (the command line's repeated --adapter)."""
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not all(isinstance(p, str) and p.strip() for p in value)
+    ):
+        raise ConfigError(
+            f"{name} takes adapter folders (written by `ldmkit finetune`), got {value!r}"
+        )
+    return list(value)
+
+
+def check_adapter_scales(name: str, value: Any) -> list[float]:
+    """Adapter scales: numbers (or text of numbers, from the command line) in the range."""
+    items = [value] if isinstance(value, (str, int, float)) else value
+    if not isinstance(items, Sequence):
+        raise ConfigError(f"{name} takes numbers, got {value!r}")
+    out = []
+    for v in items:
+        v = parse_number(v.strip()) if isinstance(v, str) else v
+        out.append(check_float(name, v, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)"))
+    return out
+
+
+def adapter_scales(adapters: Sequence[str] | None, scales: Sequence[float] | None) -> list[float]:
+    """One scale per adapter: as given, the one given for all, or 1."""
+    n = len(adapters or [])
+    if not scales:
+        return [1.0] * n
+    return list(scales) * n if len(scales) == 1 else list(scales)
+
+
+def check_adapters(
+    run: RunFolder, shown: Any, adapters: Sequence[str] | None, scales: Sequence[float] | None
+) -> list[str]:
+    """--adapter and --adapter-scale against the run: each adapter made for its architecture
+    and weights (`runs.AdapterFolder.check_fits`), one scale or one per adapter, no class taught
+    twice. Returns the new classes' names, in the order the adapters add them."""
+    from .runs import AdapterFolder
+
+    if scales and not adapters:
+        raise ConfigError("--adapter-scale: no --adapter given; add --adapter FOLDER or drop it")
+    if not adapters:
+        return []
+    if scales and len(scales) not in (1, len(adapters)):
+        raise ConfigError(
+            f"--adapter-scale: {len(scales)} scales for {len(adapters)} adapters; give one for "
+            "all, or one per --adapter"
+        )
+    if run.has_text():
+        raise ConfigError(
+            f"--adapter: the model in {shown} follows text prompts; adapters of text runs are "
+            "not supported yet"
+        )
+    new: list[str] = []
+    for path in adapters:
+        info = AdapterFolder(path).check_fits(run, shown)
+        if info.class_name is not None:
+            if info.class_name in new or info.class_name in (run.data_info().class_names or []):
+                raise ConfigError(
+                    f"--adapter {path} teaches the class {info.class_name!r}, which the run or "
+                    "another --adapter has already; give only one of them"
+                )
+            new.append(info.class_name)
+    return new
+
+
+def check_class_names(run: RunFolder, shown: Any, classes: str | None, new: Sequence[str]) -> None:
+    """--class NAME against the run's class names and those its adapters add: an unknown name is
+    one line that lists the known ones (and says that a fine-tuned class needs its --adapter)."""
+    if classes is None or run.has_text():
+        return
+    names = run.data_info().class_names
+    count = run.config().unet.num_classes or 0
+    if not names or len(names) != count:
+        names = [str(i) for i in range(count)]
+    known = list(names) + list(new)
+    for part in (p.strip() for p in classes.split(",")):
+        if part not in known and not (part.isdigit() and int(part) < len(known)):
+            raise ConfigError(
+                f"unknown class {part!r}; known classes: {', '.join(known)} (a class taught "
+                "by `ldmkit finetune` needs its --adapter)"
+            )
+
+
 # ------------------------------------------------------------------------------ sample
 SAMPLER_HELP = f"sampler: {', '.join(SAMPLER_NAMES)}"
 RUN_DEFAULT_SAMPLER = f" (default: the run's own: {DEFAULT_SAMPLER}, DDIM for a distilled student)"
@@ -387,6 +477,16 @@ class SampleOptions(Options):
     guidance_scale: float | None = guidance_scale_option()
     guidance_rescale: float = guidance_rescale_option()
     batch_size: int = option(64, "images per batch", lo=1, hi=MAX_BATCH, web=False)
+    # issue 28: adapters written by `ldmkit finetune` (the page's adapter list is a later step)
+    adapters: tuple[str, ...] | None = option(
+        None, "adapter folder written by `ldmkit finetune`; repeat it for several",
+        flag="--adapter", check=check_adapter_paths, repeat=True, web=False,
+    )  # fmt: skip
+    adapter_scales: tuple[float, ...] | None = option(
+        None, f"strength of each --adapter ({MIN_ADAPTER_SCALE:g}..{MAX_ADAPTER_SCALE:g}; 0 = "
+        "off, 1 = as trained); one for all, or one per --adapter (default 1)",
+        flag="--adapter-scale", check=check_adapter_scales, repeat=True, web=False,
+    )  # fmt: skip
 
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
         check_conditions(run, shown, values["classes"], values["prompts"],
@@ -396,6 +496,8 @@ class SampleOptions(Options):
             values["sampler"] = own_sampler
         if values["steps"] is None:
             values["steps"] = own_steps
+        new = check_adapters(run, shown, values["adapters"], values["adapter_scales"])
+        check_class_names(run, shown, values["classes"], new)
 
 
 # ------------------------------------------------------------------------------ edits
@@ -692,3 +794,65 @@ class TrainOptions(Options):
 
 VERBS["train"] = TrainOptions
 VERBS["synth"] = SynthOptions
+
+
+# ------------------------------------------------------------------------------ finetune (issue 28)
+MAX_LORA_RANK = 1024  # models.lora.MAX_RANK (a test keeps them equal; this module imports no torch)
+
+
+def check_duration_option(name: str, value: Any) -> float:
+    """A wall-clock duration ('90s', '10m', '1h30m') in seconds, > 0."""
+    from .recipe import parse_duration
+
+    return parse_duration(value, name)
+
+
+FINETUNE_TARGETS = ("attention", "attention+conv")
+
+
+@dataclass(frozen=True)
+class FinetuneOptions(Options):
+    """`ldmkit finetune`, `api.finetune`: how an adapter learns from a few images (the run,
+    the images, the new name and the output folder are the verb's own inputs)."""
+
+    verb: ClassVar[str] = "finetune"
+    rank: int = option(4, "rank of the LoRA adapters", lo=1, hi=MAX_LORA_RANK)
+    alpha: float | None = option(
+        None, "LoRA alpha: the adapters' path is scaled by alpha / rank (default: the rank)",
+        lo=0, lo_open=True, hi=1e6,
+    )  # fmt: skip
+    targets: str = option(
+        "attention", "layers adapted: attention (q, k, v, out projections) or attention+conv "
+        "(also the residual blocks' convolutions: LoCon)", choices=FINETUNE_TARGETS,
+    )  # fmt: skip
+    steps: int = option(400, "optimizer steps (a --time-budget may end it sooner)", lo=1,
+                        hi=1_000_000)  # fmt: skip
+    time_budget: str | None = option(None, "wall-clock budget, e.g. 5m",
+                                     check=check_duration_option)  # fmt: skip
+    lr: float = option(1e-3, "learning rate of the adapter (AdamW)", lo=0, hi=1, lo_open=True)
+    class_lr: float | None = option(
+        None, "learning rate of the new class's embedding row (default: 3 % of the old rows' RMS, "
+        "so that it can travel between classes in a few hundred steps)", lo=0, hi=100,
+        lo_open=True,
+    )  # fmt: skip
+    batch_size: int = option(8, "images per step (and as many prior samples)", lo=1, hi=MAX_BATCH)
+    prior_weight: float = option(
+        1.0, "weight of prior preservation: the base run's own samples trained on beside the new "
+        "images, so that its classes stay as they were (0 = off)", lo=0, hi=100,
+    )  # fmt: skip
+    prior_images: int = option(64, "base samples drawn once (and cached) for prior preservation",
+                               lo=1, hi=10_000)  # fmt: skip
+    augment: str = option("none", "flip: learn the images' mirror images too (not for digits or "
+                          "text)", choices=("none", "flip"))  # fmt: skip
+    seed: int = option(0, "seed of the fine-tuning's noise and of the prior samples", lo=0,
+                       hi=max_seed)  # fmt: skip
+
+    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        if run.has_text():
+            raise ConfigError(
+                f"finetune: the model in {shown} follows text prompts; teaching a text run a new "
+                "word is not supported yet (class-conditional and unconditional runs are)"
+            )
+
+
+VERBS["finetune"] = FinetuneOptions

@@ -37,7 +37,7 @@ from .models.conditioning import ClassConditioner, TextConditioner
 from .models.text import AnyTextEncoder, Tokenizer
 from .models.unet import UNet
 from .models.vae import Autoencoder
-from .runs import RunFolder
+from .runs import AdapterFolder, RunFolder
 from .runtime import compile_for_sampling, fast_autocast, fast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,27 @@ class Conditions:
         """The conditions of images start .. start + b."""
         cut = lambda v: None if v is None else v[start : start + b]  # noqa: E731
         return Conditions(cut(self.cond), cut(self.negative), self.guidance_scale, b)
+
+
+def with_adapters(
+    folder: RunFolder, unet: UNet, class_names: Sequence[str] | None,
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+) -> tuple[UNet, list[str] | None]:  # fmt: skip
+    """The run's UNet with the adapters (folder, scale) added in order, and the class names
+    with their new classes behind the run's (indices as names where the run has none)."""
+    names = list(class_names) if class_names else None
+    base = unet.config.num_classes or 0
+    if names is None or len(names) != base:
+        names = [str(i) for i in range(base)] if base else None
+    for i, (path, scale) in enumerate(adapters):
+        adapter = AdapterFolder(path)
+        adapter.check_fits(folder)
+        info = adapter.load_into(unet, f"adapter{i}", scale)
+        if info.class_name is not None and names is not None:
+            names.append(info.class_name)
+        log.info("adapter %s (scale %g)%s", adapter.path, scale,
+                 f": class {info.class_name!r}" if info.class_name else "")  # fmt: skip
+    return unet, names
 
 
 class LatentDiffusion:
@@ -157,9 +178,12 @@ class LatentDiffusion:
     def from_run(
         cls, run_dir: str | os.PathLike, device: str | torch.device | None = None, *,
         fast: bool = True, compile: bool = False,
+        adapters: Sequence[tuple[str | os.PathLike, float]] = (),
     ) -> LatentDiffusion:  # fmt: skip
         """Load a trained run folder (as written by `ldmkit train`); `fast`, `compile`: see
-        `__init__`."""
+        `__init__`. `adapters`: (folder, scale) of adapters written by `ldmkit finetune`, each
+        checked against the run's weights and added to the UNet; a new class of one becomes the
+        next class label, named as it was taught."""
         folder = RunFolder(run_dir).require_trained()
         for problem in folder.warnings():  # a failed or cut-short stage: say so at every use
             log.warning("%s: %s", folder.path, problem)
@@ -172,9 +196,12 @@ class LatentDiffusion:
                 "tokenizer": folder.load_tokenizer(),
             }
         sampler, steps = folder.default_sampling()
+        unet, class_names = folder.load_unet(dev), folder.data_info().class_names
+        if adapters:
+            unet, class_names = with_adapters(folder, unet, class_names, adapters)
         return cls(
-            folder.load_vae(dev), folder.load_unet(dev), cfg.diffusion.make_schedule(),
-            class_names=folder.data_info().class_names, device=dev,
+            folder.load_vae(dev), unet, cfg.diffusion.make_schedule(),
+            class_names=class_names, device=dev,
             guidance_scale=cfg.sampling_guidance, fast=fast, compile=compile,
             default_sampler=sampler, default_steps=steps, **text,
         )  # fmt: skip

@@ -52,6 +52,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, from_dict, to_dict
 from .diffusion.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
+from .models.lora import LoraConfig
 from .recipe import RunConfig
 from .utils import hash_file
 
@@ -515,3 +516,131 @@ class RunFolder:
             if (teacher.path / name).is_dir():
                 shutil.copytree(teacher.path / name, self.path / name, dirs_exist_ok=True)
         self.write_config(cfg)
+
+
+# ------------------------------------------------------------------------------ adapters (issue 28)
+ADAPTER_FORMAT = "ldmkit-adapter"
+
+
+@dataclasses.dataclass
+class AdapterInfo:
+    """adapter.json: what an adapter is, which run it fits, and how it was made.
+
+    `base_weights_hash` is the base run's `RunFolder.weights_hash()` and `unet` its UNet's
+    config (as run.json holds it): an adapter loads only onto the weights it was trained on."""
+
+    lora: LoraConfig
+    base_weights_hash: str
+    unet: dict[str, Any]
+    kind: str = "class"  # "class": a new class (a class embedding row + LoRA); "style": LoRA only
+    class_name: str | None = None
+    class_index: int | None = None  # its label when it is the only adapter loaded
+    base_run: str | None = None  # the run folder as given (for messages only)
+    steps: int = 0
+    lr: float | None = None  # the adapter's learning rate
+    class_lr: float | None = None  # the new class row's
+    data: str | None = None
+    data_fingerprint: str | None = None
+    num_images: int = 0
+    flip: bool = False
+    prior_weight: float = 0.0
+    prior_images: int = 0
+    seconds: float = 0.0
+    format: str = ADAPTER_FORMAT
+    version: int = 1
+
+
+class AdapterFolder(RunFolder):
+    """An adapter folder written by `ldmkit finetune`:
+
+        A/
+          adapter.json          AdapterInfo: LoraConfig, the base run's weights hash, the class
+          adapter.safetensors   the LoRA weights ("<layer>.lora_down/up.weight") and, for a new
+                                class, its class embedding row ("class_rows")
+          prior.safetensors     the base run's own samples (latents, labels), cached
+          checkpoints/, log.jsonl   the fine-tuning's checkpoints and log (as a run's)
+
+    The checkpoints and log keep a run folder's names (`RunFolder`), so the training loop
+    writes them as it does for a run."""
+
+    CLASS_ROWS = "class_rows"
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "adapter.json"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / "adapter.safetensors"
+
+    @property
+    def prior_path(self) -> Path:
+        return self.path / "prior.safetensors"
+
+    def holds_adapter(self) -> bool:
+        return self.info_path.is_file()
+
+    def info(self) -> AdapterInfo:
+        """adapter.json, checked; a missing or foreign file is a one-line error."""
+        if not self.path.is_dir():
+            raise CheckpointError(
+                f"adapter folder {self.path} does not exist; make one with `ldmkit finetune`"
+            )
+        if not self.holds_adapter():
+            raise CheckpointError(
+                f"{self.path} is not an adapter folder (no adapter.json); make one with "
+                "`ldmkit finetune --out ...`"
+            )
+        raw = read_json(self.info_path)
+        if not isinstance(raw, dict) or raw.get("format") != ADAPTER_FORMAT:
+            raise CheckpointError(f"{self.info_path} is not an ldmkit adapter's adapter.json")
+        try:
+            return from_dict(AdapterInfo, raw)
+        except ConfigError as e:
+            raise CheckpointError(f"{self.info_path}: {e}") from None
+
+    def save(self, info: AdapterInfo, tensors: dict[str, Tensor]) -> None:
+        """The weights first, adapter.json last (it marks a complete adapter)."""
+        save_tensors(self.weights_path, tensors, metadata={"format": ADAPTER_FORMAT})
+        write_json(self.info_path, to_dict(info))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return load_tensors(self.weights_path)
+
+    def check_fits(self, run: RunFolder, shown: Any = None) -> AdapterInfo:
+        """adapter.json, refused (one line) unless the adapter was trained on `run`'s UNet
+        architecture and weights."""
+        info = self.info()
+        here = to_dict(run.config().unet)
+        if info.unet != here:
+            odd = sorted(k for k in set(here) | set(info.unet) if here.get(k) != info.unet.get(k))
+            raise ConfigError(
+                f"--adapter {self.path} was made for another architecture than the UNet of "
+                f"{shown or run.path} ({', '.join(odd[:3])} differ); use it with the run it was "
+                f"trained on ({info.base_run})"
+            )
+        if info.base_weights_hash != run.weights_hash():
+            raise ConfigError(
+                f"--adapter {self.path} was trained on other weights than those of "
+                f"{shown or run.path} (weights hash {info.base_weights_hash}, the run's "
+                f"{run.weights_hash()}); use it with the run it was trained on ({info.base_run}), "
+                "or fine-tune again on this run"
+            )
+        return info
+
+    def load_into(self, unet: UNet, name: str, scale: float = 1.0) -> AdapterInfo:
+        """Add this adapter to `unet` (in place) as `name`, at `scale`; its new class, if any,
+        becomes the next class label. The caller checked the run with `check_fits`."""
+        from .models.lora import add_class_rows, inject_lora, load_lora_state_dict, set_lora_scale
+
+        info = self.info()
+        tensors = self.tensors()
+        rows = tensors.pop(self.CLASS_ROWS, None)
+        inject_lora(unet, info.lora, name)
+        load_lora_state_dict(unet, tensors, name)
+        set_lora_scale(unet, name, scale)
+        if info.kind == "class":
+            if rows is None:
+                raise CheckpointError(f"{self.weights_path} lacks its class row; it is corrupt")
+            add_class_rows(unet, name, rows)
+        return info

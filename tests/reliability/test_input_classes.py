@@ -88,6 +88,10 @@ def base_argv(verb: str, run: Path, tmp: Path) -> list[str]:
         }
         commands[verb] = [verb, "--run", str(run), "--steps", "2", "--out", str(tmp / "e.png"),
                           *extra[verb]]  # fmt: skip
+    if verb == "finetune":  # issue 28: LoCon, since make_run's UNet has no attention
+        commands[verb] = ["finetune", "--run", str(run), "--data", few_images(tmp), "--name", "new",
+                          "--out", str(tmp / "adapter"), "--steps", "2", "--prior-images", "2",
+                          "--targets", "attention+conv", "--quiet"]  # fmt: skip
     if verb not in commands:
         pytest.fail(f"a new verb {verb!r}: add a quick valid command of it here")
     return commands[verb]
@@ -107,10 +111,20 @@ def edit_inputs(tmp: Path) -> tuple[str, str]:
     return str(image), str(mask)
 
 
+def few_images(tmp: Path) -> str:
+    """A folder of three 16x16 images for `finetune`."""
+    folder = tmp / "few"
+    if not folder.exists():
+        folder.mkdir()
+        for i in range(3):
+            Image.new("RGB", (16, 16), (200, 30 * i, 30)).save(folder / f"{i}.png")
+    return str(folder)
+
+
 def legal(flag: str, value: str) -> bool:
     """The values of BAD that are legal for `flag` (everything else must be refused)."""
     zero_ok = {"--seed", "--guidance", "--guidance-rescale", "--mask-blur", "--mask-dilate",
-               "--refine", "--noise-std"}  # fmt: skip
+               "--refine", "--noise-std", "--prior-weight", "--adapter-scale"}  # fmt: skip
     return (flag in zero_ok and value == "0") or (
         flag == "--time-budget" and value == "99999999999999999999"  # 3e15 years: no limit
     )

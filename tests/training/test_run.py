@@ -150,7 +150,8 @@ def test_cli_sample(run_dir, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "ldmkit: error: unknown class 'hexagon'; known classes: circle, square, triangle, star, cross"
+        "ldmkit: error: unknown class 'hexagon'; known classes: circle, square, triangle, star, "
+        "cross (a class taught by `ldmkit finetune` needs its --adapter)"
     ]
 
 

@@ -499,6 +499,9 @@ class Site:
         body = await _json_body(request, {"run"} | forms.names(declared))
         folder = self.folder(body.get("run"))
         given = forms.given(declared, {k: v for k, v in body.items() if k != "run"})
+        if given.get("adapters") or given.get("adapter_scales"):  # issue 28: a later step
+            raise WebError(400, "the page does not sample with adapters yet; use `ldmkit sample "
+                           "--adapter FOLDER`")  # fmt: skip
         # checked now, against the run's files (nothing loaded), so that the page hears of a bad
         # number at once; the same check and messages as the CLI's (api.sample checks it again)
         options = declared(**given).check(folder, shown=body["run"])

@@ -1,0 +1,55 @@
+"""Tiny runs and image folders for the fine-tuning tests (a module of its own name: every test
+folder has a conftest.py, so `from conftest import ...` would find whichever came first)."""
+
+from pathlib import Path
+
+import torch
+
+
+def make_adaptable_run(
+    folder: Path, *, num_classes: int | None = 3, channels=(8, 16), seed: int = 0
+) -> Path:
+    """A small run folder whose UNet has attention (at 4x4) and non-zero weights everywhere
+    (noise on a fresh UNet: its zero-initialised output conv would otherwise block every
+    gradient), 16 px RGB shapes, T = 100; classes c0, c1, c2 (or unconditional)."""
+    from ldmkit.models.unet import UNet
+    from ldmkit.models.vae import Autoencoder
+    from ldmkit.recipe import resolve_config, run_config_from_dict
+    from ldmkit.runs import DataInfo, RunFolder
+
+    cfg = run_config_from_dict(
+        {"data": "builtin:shapes?n=64", "image_size": 16,
+         "vae": {"block_out_channels": [8, 8], "norm_groups": 4, "layers_per_block": 1,
+                 "mid_attention": False},
+         "unet": {"block_out_channels": list(channels), "attention_resolutions": [4],
+                  "norm_num_groups": 4, "head_dim": 8, "num_res_blocks": 1, "mid_attention": True},
+         "diffusion": {"num_timesteps": 100}}
+    )  # fmt: skip
+    cfg = resolve_config(cfg, 3, num_classes)
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(folder)
+    run.write_data_info(DataInfo(channels=3, class_names=[f"c{i}" for i in range(num_classes)]
+                                 if num_classes else None))  # fmt: skip
+    run.save_vae(Autoencoder(cfg.vae))
+    unet = UNet(cfg.unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    run.save_unet(unet)
+    run.write_config(cfg)
+    return folder
+
+
+def few_images(folder: Path, n: int = 5) -> Path:
+    """n images of the built-in shapes as PNG files (a folder to fine-tune on)."""
+    from PIL import Image
+
+    from ldmkit.data import load_dataset
+
+    ds = load_dataset(f"builtin:shapes?n={max(n, 3)}", image_size=16, seed=7)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return folder
