@@ -52,16 +52,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     grid = RunFolder(res.run_dir).final_grid_path
     if grid.is_file():
         print(f"samples: {grid}")
-    if res.stopped_because in ("signal", "stop request"):
-        print(f"ldmkit: interrupted: checkpoint saved in {res.run_dir}; continue with "
-              f"`ldmkit train --out {res.run_dir} --resume`", file=sys.stderr)  # fmt: skip
-        return 130
-    if res.stopped_because == "bad loss":
-        print("ldmkit: error: the loss was not finite for max_bad_steps steps in a row; the last "
-              "good checkpoint is intact. Lower the learning rate or check the data, then --resume",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    code = _cut_short(
+        res.stopped_because, res.run_dir, f"ldmkit train --out {res.run_dir} --resume",
+        "the loss was not finite for max_bad_steps steps in a row; the last good checkpoint is "
+        "intact. Lower the learning rate or check the data, then --resume",
+    )  # fmt: skip
+    if code is not None:
+        return code
     return 0 if res.stopped_because in ("finished", "time budget") else 1
+
+
+def _cut_short(why: str, folder: Any, resume: str, bad_loss: str) -> int | None:
+    """The exit code of a training verb (train, distill, finetune) whose loop did not end as
+    planned, after saying what happened and what to do; None when it did."""
+    if why in ("signal", "stop request"):
+        print(f"ldmkit: interrupted: checkpoint saved in {folder}; continue with `{resume}`",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    if why == "bad loss":
+        print(f"ldmkit: error: {bad_loss}", file=sys.stderr)
+        return 1
+    return None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -456,14 +467,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for h in res.halvings:
         print(f"{h['from']} -> {h['to']} steps: {h['iterations']} iterations, {h['seconds']:.0f} s; "
               f"sample gap {h['gap_before']:.4f} -> {h['gap_after']:.4f}")  # fmt: skip
-    if res.stopped_because in ("signal", "stop request"):
-        print(f"ldmkit: interrupted: checkpoint saved in {res.out}; continue with "
-              f"`ldmkit distill --run {args.run} --out {res.out} --resume`", file=sys.stderr)  # fmt: skip
-        return 130
-    if res.stopped_because == "bad loss":
-        print("ldmkit: error: the distillation loss was not finite for several steps in a row; "
-              "lower --lr, then --resume", file=sys.stderr)  # fmt: skip
-        return 1
+    code = _cut_short(
+        res.stopped_because, res.out, f"ldmkit distill --run {args.run} --out {res.out} --resume",
+        "the distillation loss was not finite for several steps in a row; lower --lr, then "
+        "--resume",
+    )  # fmt: skip
+    if code is not None:
+        return code
     print(f"student of {res.steps} DDIM steps in {res.seconds / 60:.1f} min -> {res.out}; "
           f"sample it with `ldmkit sample --run {res.out} --out grid.png`")  # fmt: skip
     return 0
@@ -623,10 +633,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"{info.seconds / 60:.1f} min -> {res.adapter} ({what})")  # fmt: skip
     how = f" --class {info.class_name}" if info.class_name else ""
     print(f"sample it: ldmkit sample --run {args.run} --adapter {res.adapter}{how} --out grid.png")
-    if res.stopped_because in ("signal", "stop request"):
-        print(f"ldmkit: interrupted: checkpoint saved in {res.adapter}; continue with "
-              "`ldmkit finetune ... --resume`", file=sys.stderr)  # fmt: skip
-        return 130
+    code = _cut_short(
+        res.stopped_because, res.adapter, "ldmkit finetune ... --resume",
+        "the fine-tuning loss was not finite for several steps in a row; lower --lr, then "
+        "--resume",
+    )  # fmt: skip
+    if code is not None:
+        return code
     return 0 if res.stopped_because in ("finished", "time budget") else 1
 
 

@@ -237,12 +237,11 @@ def test_the_readmes_distill_command_runs(teacher, tmp_path, capsys):
 
 def test_a_time_budget_without_iterations_sets_the_length(teacher, tmp_path):
     """Without --iterations a --time-budget plans each halving (its share of the budget), and
-    the time is kept to within the loop's margin and the measurements."""
+    the halving ends on it (how closely it keeps the time is the loop's, tested there)."""
     res = api.distill(teacher, tmp_path / "b", steps=1, teacher_steps=2, time_budget="4s",
                       batch_size=8)  # fmt: skip
     (h,) = res.halvings
     assert h["ended"] == "time budget" and 20 < h["iterations"] < 100_000
-    assert h["seconds"] < 4 * 1.5, h
 
 
 def test_a_guidance_input_starts_as_the_unet_without_it():
