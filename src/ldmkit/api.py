@@ -549,7 +549,6 @@ def sample(
         how += ", adapters " + ", ".join(f"{Path(a).name} x{s:g}" for a, s in with_adapters)
     g = ldm.default_guidance if guidance is None else guidance
     cond = ldm.conditioner
-    how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     # one row per prompt or class, each present, exactly n images (`row_layout`, the one rule
     # of the CLI's and the page's grids); uneven rows or rows left out come back as a note
     if prompts:
