@@ -152,3 +152,14 @@ def test_sizes_quick(capsys):
     assert [r[2].strip() for r in rows] == ["4x16x16", "4x16x16"]
     for r in rows:
         assert all(float(v) > 0 for v in r[6:10]), r
+
+
+def test_video_motion_probe_quick(capsys, tmp_path):
+    import video_motion_probe
+
+    video_motion_probe.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = table(capsys.readouterr().out, "clips", "direction", "moving")
+    assert [r[0] for r in rows] == ["real", "samples"]
+    assert float(rows[0][1]) == 1.0 and float(rows[0][2]) == 1.0  # real clips read right
+    assert 0 <= float(rows[1][1]) <= 1 and rows[1][5] == "3"  # three training steps
+    assert len(list(tmp_path.glob("*.gif"))) == 8

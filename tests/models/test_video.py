@@ -137,8 +137,12 @@ def test_temporal_block_shapes_and_reference(B, frames):
     for b in range(B):
         for r in range(H):
             for c in range(W):
-                seq = F.silu(gn2[b, :, :, r, c])[None]  # (1, C, F)
-                z[b, :, :, r, c] += block.conv_out(F.silu(block.conv(seq)))[0].T
+                seq = F.silu(gn2[b, :, :, r, c])[None]  # (1, C, F): a 1-D convolution over F
+                hidden = F.silu(
+                    F.conv1d(seq, block.conv.weight[..., 0], block.conv.bias, padding=1)
+                )
+                proj = F.conv1d(hidden, block.conv_out.weight[..., 0], block.conv_out.bias)
+                z[b, :, :, r, c] += proj[0].T
     assert torch.allclose(out, z.view_as(out), atol=1e-5)
     with pytest.raises(ValueError, match="whole clips"):
         block(torch.randn(5, C, H, W), 2)
