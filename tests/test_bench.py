@@ -214,3 +214,14 @@ def test_finetune_quick(capsys, tmp_path):
         assert 0 <= float(r[3]) <= 1 and 0 <= float(r[5]) <= 1  # accuracies
         assert float(r[8]) > 0 and r[10] == "6"  # adapter KB, steps
     assert "base run classes: ['circle', 'square', 'star', 'triangle']" in out
+
+
+def test_video_motion_probe_quick(capsys, tmp_path):
+    import video_motion_probe
+
+    video_motion_probe.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = table(capsys.readouterr().out, "clips", "direction", "moving")
+    assert [r[0] for r in rows] == ["real", "samples"]
+    assert float(rows[0][1]) == 1.0 and float(rows[0][2]) == 1.0  # real clips read right
+    assert 0 <= float(rows[1][1]) <= 1 and rows[1][5] == "3"  # three training steps
+    assert len(list(tmp_path.glob("*.gif"))) == 8

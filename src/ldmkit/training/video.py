@@ -1,0 +1,135 @@
+"""Training a video UNet on latent clips: the image autoencoder per frame, the image diffusion loss.
+
+Video LDM's recipe (Blattmann et al. 2023): the autoencoder is the image run's, applied to every
+frame (`encode_clip_moments`: (N, F, C, H, W) -> (N*F, C, H, W) -> encode -> (N, F, 2zc, h, w)),
+and the video UNet (`models.video.VideoUNet`) is trained with the same objective as the image
+UNet (`diffusion.losses.training_loss`, its per-sample MSE taken over all frames of a clip).
+One clip is one sample: it draws one t, its posterior noise and eps from its own generator
+(`step.MicroBatch`), so a seeded run is reproducible as an image run is. The clip's frames share
+its t and its condition (class label or caption).
+
+`video_diffusion_stage` is a `Stage` for the shared loop (`loop.train_stage`: checkpoints, EMA,
+LR plan, time budget); `train_video_unet` runs it into a run folder. With `freeze_spatial` in the
+model's config only the temporal layers train ("inflating" an image run with its spatial layers
+kept). Not yet wired to `ldmkit train` (issue 30's later steps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError
+from ..diffusion.losses import training_loss
+from ..models.conditioning import ClassConditioner, TextConditioner
+from ..models.distributions import DiagonalGaussian
+from ..models.vae import Autoencoder
+from ..models.video import VideoUNet
+from ..recipe import DiffusionConfig, TrainConfig
+from ..runs import RunFolder
+from .loop import StageResult, train_stage
+from .stages import Wrap, _layout, _unwrapped, autocast, encode_moments, prepare_model, split_model
+from .step import MicroBatch, Stage
+
+STAGE = "video"  # names the stage's checkpoints and log rows
+
+
+@torch.no_grad()
+def encode_clip_moments(
+    vae: Autoencoder, videos: Tensor, device: torch.device, batch: int = 256
+) -> Tensor:
+    """Posterior moments (N, F, 2*zc, h, w) of uint8 clips (N, F, C, H, W), frame by frame."""
+    if videos.ndim != 5:
+        raise ValueError(f"videos must be (N, F, C, H, W), got {tuple(videos.shape)}")
+    n, f = videos.shape[:2]
+    moments = encode_moments(vae, videos.reshape(n * f, *videos.shape[2:]), device, batch)
+    return moments.view(n, f, *moments.shape[1:])
+
+
+def video_diffusion_stage(
+    model: torch.nn.Module,
+    moments: Tensor,
+    conditioner: ClassConditioner | TextConditioner,
+    cond_data: Tensor | None,
+    scaling_factor: float,
+    diff: DiffusionConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    wrap: Wrap = _unwrapped,
+) -> Stage:
+    """The video stage: `model` is a `VideoUNet` (or a `TextUNet` around one), `moments` the
+    clips' posterior moments (N, F, 2*zc, h, w), `cond_data` their labels (N,) or caption ids
+    (N, L). With the VideoUNet's `freeze_spatial`, its image UNet gets no gradients."""
+    schedule = diff.make_schedule()
+    video, _ = split_model(model)
+    if not isinstance(video, VideoUNet):
+        raise TypeError(f"the video stage trains a VideoUNet, got {type(video).__name__}")
+    if moments.ndim != 5:
+        raise ValueError(f"moments must be (N, F, 2*zc, h, w), got {tuple(moments.shape)}")
+    if video.config.freeze_spatial:
+        if not video.unet.conv_out.weight.any():
+            # the image UNet's output layer starts at zero: frozen, nothing upstream learns
+            raise ConfigError(
+                "freeze_spatial needs a trained image UNet (inflate an image run with "
+                "VideoUNet.from_image_unet); a fresh one would keep the temporal layers at zero"
+            )
+        video.unet.requires_grad_(False)
+    prepare_model(video, cfg, device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = wrap(model)
+    forward = torch.compile(net) if cfg.compile else net
+    frames, zc2, h, w = moments.shape[1:]
+
+    def network(x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        with autocast(device, cfg.bf16):
+            b, f = x_t.shape[:2]
+            x = _layout(x_t.reshape(b * f, *x_t.shape[2:]), device).view_as(x_t)
+            return forward(x, t, **cond)
+
+    def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        # per clip, from its own generator: posterior noise, t, eps, condition dropout
+        post = DiagonalGaussian.from_moments(moments[mb.indices].reshape(-1, zc2, h, w))
+        noise = mb.randn(frames, zc2 // 2, h, w).reshape(post.shape)
+        z0 = (post.sample(noise=noise) * scaling_factor).view(len(mb), frames, zc2 // 2, h, w)
+        t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
+        eps = mb.randn(*z0.shape[1:])
+        y = cond_data[mb.indices] if cond_data is not None else None
+        cond = mb.per_sample(
+            lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
+        )
+        value = training_loss(
+            network, schedule, z0.to(device), prediction_type=video.config.unet.prediction_type,
+            weighting=diff.loss_weighting, gamma=diff.min_snr_gamma, t=t, eps=eps, cond=cond,
+        )  # fmt: skip
+        return value, {}
+
+    return Stage(STAGE, model, opt, loss, wrapped=net)
+
+
+def train_video_unet(
+    model: torch.nn.Module,
+    moments: Tensor,
+    folder: RunFolder,
+    *,
+    diff: DiffusionConfig,
+    cfg: TrainConfig,
+    scaling_factor: float,
+    conditioner: ClassConditioner | TextConditioner | None = None,
+    cond_data: Tensor | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    time_budget_s: float | None = None,
+) -> StageResult:
+    """Train `model` (a VideoUNet) on the clips' moments with the shared loop, checkpoints in
+    `folder`; returns the loop's `StageResult` (its `ema` holds the EMA model when enabled)."""
+    device = torch.device(device)
+    model.to(device).train()
+    if conditioner is None:
+        conditioner = ClassConditioner(None)
+    stage = video_diffusion_stage(
+        model, moments, conditioner, cond_data, scaling_factor, diff, cfg, device
+    )
+    return train_stage(
+        stage, cfg, folder=folder, num_items=len(moments), seed=seed, time_budget_s=time_budget_s
+    )

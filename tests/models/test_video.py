@@ -1,0 +1,207 @@
+"""The video UNet: exactly the image UNet per frame at initialisation, frames mixed only by the
+temporal layers, the temporal block against a loop-by-loop reference, config and folders."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ldmkit.config import ConfigError, from_dict, to_dict
+from ldmkit.models.unet import UNet, UNetConfig
+from ldmkit.models.video import TemporalBlock, VideoUNet, VideoUNetConfig, frame_encoding
+
+
+def tiny_unet(seed: int = 0, **kw) -> UNet:
+    """A 2-level UNet with every weight random (the zero-initialised ones too), so that it
+    computes something nonzero everywhere."""
+    torch.manual_seed(seed)
+    cfg = dict(sample_size=8, in_channels=3, block_out_channels=(8, 16), attention_resolutions=(4,),
+               head_dim=8, norm_num_groups=4)  # fmt: skip
+    unet = UNet(UNetConfig(**{**cfg, **kw}))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return unet.eval()
+
+
+def randomise_temporal(model: VideoUNet, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.temporal_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("cond", ["none", "class", "text"])
+def test_fresh_video_unet_is_the_image_unet_per_frame(cond):
+    kw = {"none": {}, "class": {"num_classes": 3}, "text": {"context_dim": 6}}[cond]
+    unet = tiny_unet(**kw)
+    video = VideoUNet.from_image_unet(unet, frames=4, temporal_heads=2).eval()
+    B, Fr = 2, 4
+    x = torch.randn(B, Fr, 3, 8, 8)
+    t = torch.tensor([3, 700])
+    extra, per_frame = {}, {}
+    if cond == "class":
+        extra = {"class_labels": torch.tensor([0, 2])}
+        per_frame = {"class_labels": extra["class_labels"].repeat_interleave(Fr)}
+    if cond == "text":
+        extra = {
+            "context": torch.randn(B, 5, 6),
+            "context_mask": torch.ones(B, 5, dtype=torch.bool),
+        }
+        per_frame = {k: v.repeat_interleave(Fr, dim=0) for k, v in extra.items()}
+    with torch.no_grad():
+        out = video(x, t, **extra)
+        ref = unet(x.reshape(B * Fr, 3, 8, 8), t.repeat_interleave(Fr), **per_frame)
+        loop = torch.stack([
+            torch.stack([unet(x[b, f][None], t[b : b + 1], **{k: v[b * Fr + f][None]
+                                                              for k, v in per_frame.items()})[0]
+                         for f in range(Fr)]) for b in range(B)])  # fmt: skip
+    assert out.shape == (B, Fr, 3, 8, 8) and out.abs().mean() > 0.01
+    assert torch.equal(out, ref.view(B, Fr, 3, 8, 8))  # bit for bit: the projections are zero
+    assert torch.allclose(out, loop, atol=1e-5)  # and the batch is frame by frame
+    # the image UNet, called on its own, is untouched by the hooks
+    with torch.no_grad():
+        assert torch.equal(video.unet(x[0], t[0]), unet(x[0], t[0]))
+
+
+def test_one_step_on_the_temporal_layers_changes_the_output():
+    video = VideoUNet.from_image_unet(tiny_unet(), frames=3, temporal_heads=2)
+    x, t = torch.randn(2, 3, 3, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        before = video(x, t)
+    spatial = [p.detach().clone() for p in video.spatial_parameters()]
+    video.unet.requires_grad_(False)  # what freeze_spatial asks of a trainer
+    opt = torch.optim.Adam(video.temporal_parameters(), lr=1e-3)
+    loss = (video(x, t) - torch.randn(2, 3, 3, 8, 8)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = video(x, t)
+    assert (after - before).abs().max() > 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(spatial, video.spatial_parameters()))
+
+
+def _input_gradient(video: VideoUNet, x: torch.Tensor, b: int, i: int) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    video(x, torch.tensor([40, 400]))[b, i].square().sum().backward()
+    return x.grad.abs().sum(dim=(2, 3, 4))  # (B, F): how much each input frame matters
+
+
+def test_frames_interact_only_through_the_temporal_layers():
+    video = VideoUNet.from_image_unet(tiny_unet(), frames=4, temporal_heads=2)
+    x = torch.randn(2, 4, 3, 8, 8)
+    g = _input_gradient(video, x, b=1, i=2)
+    assert g[1, 2] > 0
+    others = g.clone()
+    others[1, 2] = 0
+    assert torch.equal(others, torch.zeros_like(others))  # exactly no path between frames
+    randomise_temporal(video)
+    g = _input_gradient(video, x, b=1, i=2)
+    assert (g[1] > 0).all()  # now every frame of the clip reaches frame 2
+    assert torch.equal(g[0], torch.zeros(4))  # but never another clip
+
+
+@pytest.mark.parametrize("B, frames", [(1, 1), (2, 3), (1, 5)])
+def test_temporal_block_shapes_and_reference(B, frames):
+    torch.manual_seed(B * 10 + frames)
+    C, H, W, heads = 8, 3, 2, 2
+    block = TemporalBlock(C, heads=heads, kernel=3, norm_groups=4)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    h = torch.randn(B * frames, C, H, W)
+    out = block(h, frames)
+    assert out.shape == h.shape
+    # reference: explicit loops over clips and positions, attention written out
+    x = h.view(B, frames, C, H, W).clone()
+    gn = F.group_norm(x.transpose(1, 2), 4, block.attn_norm.weight, block.attn_norm.bias, 1e-5)
+    pos = frame_encoding(frames, C, h.device)
+    a = block.attn
+    d = C // heads
+    y = x.clone()
+    for b in range(B):
+        for r in range(H):
+            for c in range(W):
+                tok = gn[b, :, :, r, c].T + pos  # (F, C)
+                q, k, v = a.to_q(tok), a.to_k(tok), a.to_v(tok)
+                heads_out = []
+                for j in range(heads):
+                    s = slice(j * d, (j + 1) * d)
+                    w = torch.softmax(q[:, s] @ k[:, s].T / d**0.5, dim=-1)
+                    heads_out.append(w @ v[:, s])
+                y[b, :, :, r, c] += a.to_out(torch.cat(heads_out, dim=1))
+    gn2 = F.group_norm(y.transpose(1, 2), 4, block.conv_norm.weight, block.conv_norm.bias, 1e-5)
+    z = y.clone()
+    for b in range(B):
+        for r in range(H):
+            for c in range(W):
+                seq = F.silu(gn2[b, :, :, r, c])[None]  # (1, C, F): a 1-D convolution over F
+                hidden = F.silu(
+                    F.conv1d(seq, block.conv.weight[..., 0], block.conv.bias, padding=1)
+                )
+                proj = F.conv1d(hidden, block.conv_out.weight[..., 0], block.conv_out.bias)
+                z[b, :, :, r, c] += proj[0].T
+    assert torch.allclose(out, z.view_as(out), atol=1e-5)
+    with pytest.raises(ValueError, match="whole clips"):
+        block(torch.randn(5, C, H, W), 2)
+
+
+@pytest.mark.parametrize("B, frames", [(1, 1), (3, 2), (2, 6)])
+def test_video_unet_any_frames_and_batch(B, frames):
+    video = VideoUNet.from_image_unet(tiny_unet(), frames=4, temporal_heads=2)
+    randomise_temporal(video)
+    with torch.no_grad():
+        out = video(torch.randn(B, frames, 3, 8, 8), torch.full((B, frames), 100))
+    assert out.shape == (B, frames, 3, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="clips"):
+        video(torch.randn(2, 3, 8, 8), 1)
+    with pytest.raises(ValueError, match="t must be"):
+        video(torch.randn(B, frames, 3, 8, 8), torch.zeros(B + 1))
+
+
+def test_deepcopy_gets_its_own_temporal_layers():
+    video = VideoUNet.from_image_unet(tiny_unet(), frames=3, temporal_heads=2)
+    randomise_temporal(video)
+    x, t = torch.randn(1, 3, 3, 8, 8), torch.tensor([50])
+    with torch.no_grad():
+        before = video(x, t)
+        twin = copy.deepcopy(video)  # how EMA copies a model
+        randomise_temporal(video, seed=9)
+        assert torch.equal(twin(x, t), before)
+        assert not torch.equal(video(x, t), before)
+
+
+def test_config_and_folder_round_trip(tmp_path):
+    video = VideoUNet.from_image_unet(tiny_unet(), frames=5, temporal_heads=4,
+                                      temporal_levels=(1,), freeze_spatial=True)  # fmt: skip
+    randomise_temporal(video)
+    assert set(video.temporal_down) == {"1"} and video.temporal_mid is not None
+    video.save_pretrained(tmp_path / "video")
+    data = json.loads((tmp_path / "video" / "config.json").read_text())
+    assert (
+        data["frames"] == 5 and data["freeze_spatial"] is True and data["unet"]["in_channels"] == 3
+    )
+    assert from_dict(VideoUNetConfig, to_dict(video.config)) == video.config
+    loaded = VideoUNet.from_pretrained(tmp_path / "video")
+    x = torch.randn(1, 5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 7), video.eval()(x, 7))
+    assert "VideoUNet: 5 frames" in loaded.summary()
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"temporal_heads": 3}, "does not divide"),
+        ({"temporal_levels": (2,)}, "does not exist"),
+        ({"temporal_kernel": 4}, "odd"),
+        ({"frames": 0}, "frames"),
+    ],
+)
+def test_bad_video_configs(settings, words):
+    unet = UNetConfig(sample_size=8, block_out_channels=(8, 16), attention_resolutions=(4,),
+                      head_dim=8, norm_num_groups=4)  # fmt: skip
+    with pytest.raises(ConfigError, match=words):
+        VideoUNetConfig(unet=unet, **settings)
