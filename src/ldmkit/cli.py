@@ -189,7 +189,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for flag, value in (("--cas-per-class", args.cas_per_class), ("--cas-seeds", args.cas_seeds)):
         if value is not None:
-            api.check_count(flag, value, 1, api.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS)
+            api.check_count(
+                flag, value, 1, declared.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS
+            )
             if not args.cas:
                 raise CLIError(f"{flag} goes with --cas")
     if args.cas:
@@ -201,20 +203,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "--cas-seeds, --held-out, --samplers, --steps, --guidance, --seed")  # fmt: skip
         return _cas(args)
 
-    table, summary = api.evaluate(
+    result = api.evaluate(
         args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
         full=args.full, out=args.out, ref=args.ref, held_out=args.held_out,
         features=args.features, seed=args.seed, batch_size=args.batch_size, device=args.device,
         guidance_scale=args.guidance, fresh=args.fresh,
     )  # fmt: skip
-    out = Path(summary["files"]["summary"]).parent
+    table, out = result.table, result.folder
     print(format_table(table))
     if table.kept:
         print(
             f"kept {table.kept} row(s) of the earlier table in {out} (same weights, data, "
             "features, n, seed and guidance); --fresh starts a new one"
         )
-    recon, mem = summary["vae_reconstruction"], summary["memorisation"]
+    recon, mem = result.reconstruction, result.memorisation
     print(
         f"VAE reconstruction on {recon['n']} {recon['on']}: MSE {recon['mse']:.4g} "
         f"(pixels in [0, 1]), PSNR {recon['psnr']:.2f} dB"
@@ -278,33 +280,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import api
 
-    api.check_count("--port", args.port, 1, 65535)
-    api.check_path("--runs", args.runs)
-    api.check_path("--host", args.host)
-    api.check_path("--data-root", args.data_root)
-    api.check_path("--train-config", args.train_config)
-    try:
-        from .web import app as web
-    except ImportError as e:
-        raise CLIError(
-            f"ldmkit serve needs Starlette and uvicorn ({e.name} is missing); install them with "
-            "pip install -e '.[serve]'"
-        ) from None
-    # on a loopback address, the page answers to its own names only (no DNS rebinding)
-    hosts = (*web.LOOPBACK, args.host) if web.is_loopback(args.host) else None
-    site = web.create_app(args.runs, device=args.device, hosts=hosts, data_root=args.data_root,
-                          train_config=args.train_config)  # fmt: skip
-    sock = web.listen(args.host, args.port)
-    if not web.is_loopback(args.host):
-        print(f"ldmkit: warning: --host {args.host} lets other machines on the network use this "
-              "page (sample, and stop trainings) without a password; serve on 127.0.0.1 "
-              "unless you mean it", file=sys.stderr)  # fmt: skip
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(
-        f"serving the runs in {args.runs} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C stops)"
-    )
+    server = api.open_server(args.runs, host=args.host, port=args.port, device=args.device,
+                             data_root=args.data_root, train_config=args.train_config)  # fmt: skip
+    if server.warning:
+        print(f"ldmkit: warning: {server.warning}", file=sys.stderr)
+    print(f"serving the runs in {args.runs} on {server.url} (Ctrl-C stops)")
     sys.stdout.flush()
-    web.serve(site, sock)
+    server.run()
     return 0
 
 

@@ -265,7 +265,7 @@ class RunConfig:
     preview_steps: int = 20
     # classifier-free guidance when a conditional model is sampled (previews, and the default of
     # `ldmkit sample` / `ldmkit eval`); 1 = none. None (not set): measured at the end of
-    # training when choose_guidance is on (evaluation/guidance.py), else DEFAULT_GUIDANCE
+    # training when choose_guidance is on (evaluation/guidance_choice.py), else DEFAULT_GUIDANCE
     guidance_scale: float | None = None
     choose_guidance: bool = True  # measure the guidance scale after the UNet stage (if unset)
     # "inpaint": the UNet also takes the mask and the masked latent (2 * latent + 1 input

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from reliability_helpers import error_line, make_run, run_cli, snapshot, tiny
 
-from ldmkit import api, cli
+from ldmkit import cli
+from ldmkit.api import sampling as sampling_api
 from ldmkit.checkpoint import CheckpointError, load_tensors, save_tensors
 from ldmkit.config import ConfigError
 from ldmkit.recipe import RunConfig, parse_duration, resolve_config, run_config_from_dict
@@ -564,7 +565,7 @@ def test_long_jobs_say_how_long_before_they_start(run_dir, tmp_path, capsys, cap
         r"sampler table: 1 row\(s\) of 6 images \(ddim at 2 steps\): the sampling will take about [\d.]+ (s|min|h) here",
         caplog.text,
     )
-    monkeypatch.setattr(api, "ANNOUNCE_FROM", 4)
+    monkeypatch.setattr(sampling_api, "ANNOUNCE_FROM", 4)
     rc, _, err = run_cli(capsys, *base_argv("sample", run_dir, tmp_path))
     assert rc == 0, err
     assert re.search(

@@ -1,13 +1,13 @@
-"""The per-run guidance choice at the end of training (evaluation/guidance.py)."""
+"""The per-run guidance choice at the end of training (evaluation/guidance_choice.py)."""
 
 import json
 
 import pytest
 import torch
 
-import ldmkit.evaluation.guidance as guidance
+import ldmkit.evaluation.guidance_choice as guidance
 from ldmkit.cli import main
-from ldmkit.evaluation.guidance import GuidanceChoice, GuidanceRow, pick_scale
+from ldmkit.evaluation.guidance_choice import GuidanceChoice, GuidanceRow, pick_scale
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.recipe import DEFAULT_GUIDANCE, run_config_from_dict
 from ldmkit.training import run as run_module

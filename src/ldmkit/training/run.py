@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 # stop reasons after which no final grid is drawn and the run reports an early end
 STOPPED_EARLY = ("signal", "stop request", "bad loss")
 FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
-# the guidance measurement at the end (evaluation/guidance.py; ~25-40 s on 2 CPU cores): the
+# the guidance measurement at the end (evaluation/guidance_choice.py; ~25-40 s on 2 CPU cores): the
 # share of a time budget kept for it, at most GUIDANCE_MAX_S; budgets under GUIDANCE_MIN_BUDGET_S
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
@@ -695,9 +695,9 @@ def _guidance_reserve(run: _Run) -> float:
 
 
 def _choose_guidance(run: _Run, vae: Autoencoder, model: nn.Module, steps: int) -> None:
-    """Measure FID and accuracy per guidance scale (evaluation/guidance.py), store the pick as
+    """Measure FID and accuracy per guidance scale (evaluation/guidance_choice.py), store the pick as
     the run's guidance_scale (run.json) and the table in eval/; the final grid then uses it."""
-    from ..evaluation.guidance import measure_guidance, save_choice
+    from ..evaluation.guidance_choice import measure_guidance, save_choice
 
     if not _will_choose_guidance(run):
         return
