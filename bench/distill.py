@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         m = evaluate_samples(x, ref, net)
         acc = float((net.logits(x).argmax(1) == labels).double().mean()) if classes else None
         base = base or cpu
-        g = guidance if guidance is not None else t.default_guidance
+        g = guidance if guidance is not None else t.guidance_scale
         rows.append([name, sampler, steps, g if classes else "-", m["FID"], acc, cpu,
                      base / cpu])  # fmt: skip
 

@@ -253,7 +253,7 @@ def _cas(args: argparse.Namespace) -> int:
         args.run, per_class=args.cas_per_class or api.CAS_PER_CLASS, seeds=args.cas_seeds,
         **sampling,
         held_out=args.held_out, out=args.out, seed=args.seed, batch_size=args.batch_size,
-        guidance=args.guidance, device=args.device,
+        guidance_scale=args.guidance, device=args.device,
     )  # fmt: skip
     cas, real = res["cas"], res["real"]
     print(
@@ -409,7 +409,9 @@ def _add_train(sub: Any) -> None:
                    help="override any config field, e.g. --set unet_train.lr=1e-3 (repeatable)")  # fmt: skip
     t.add_argument("--resume", nargs="?", const="latest", choices=["latest"],
                    help="continue the run in --out from its latest checkpoint")  # fmt: skip
-    t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    t.add_argument("--stage", choices=["all", "autoencoder", "diffusion", "vae", "unet"],
+                   default="all", type=lambda s: {"vae": "autoencoder", "unet": "diffusion"}.get(s, s),
+                   help="all (default), or one stage: autoencoder, diffusion (vae and unet: the same)")  # fmt: skip
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--compile", action="store_true",

@@ -461,7 +461,7 @@ def test_convert_and_eval_refuse_an_output_over_their_input(run_dir, tmp_path, c
 
 def test_outputs_that_are_no_usable_path(run_dir, tmp_path, capsys):
     """Found by the fuzz test: an empty path (the current folder), a folder where a file is
-    written, an image name Pillow cannot write, and --stage unet without an autoencoder are
+    written, an image name Pillow cannot write, and --stage diffusion without an autoencoder are
     refused before anything is computed or written."""
     before = snapshot(tmp_path)
     for argv, pattern in (
@@ -473,7 +473,7 @@ def test_outputs_that_are_no_usable_path(run_dir, tmp_path, capsys):
         (["sample", "--run", str(run_dir), "--out", str(tmp_path / "g.txt")], r"does not end in an image suffix Pillow can write; use .png"),
         (["report", "--run", str(run_dir), "--out", str(tmp_path)], r"is a folder; give a file name, e.g. .*report.html"),
         (["eval", "--run", str(run_dir), "--out", ""], r"--out must be a path, got ''"),
-        (["train", "--out", str(tmp_path / "o"), *tiny(1), "--stage", "unet"], r"--stage unet trains the UNet on the run's autoencoder, but .*o has none yet"),
+        (["train", "--out", str(tmp_path / "o"), *tiny(1), "--stage", "diffusion"], r"--stage diffusion trains the UNet on the run's autoencoder, but .*o has none yet"),
         (["train", "--out", str(tmp_path / "o"), *tiny(1)[2:], "--set", "data="], r"data must be a data spec or a folder, got ''"),
     ):  # fmt: skip
         rc, _, err = run_cli(capsys, *argv)

@@ -221,7 +221,7 @@ def _edit_condition(
             )
         out["prompt"] = prompts if len(prompts) == 2 else prompts[0]
     if "guidance_scale" not in options and (classes or prompts):
-        out["guidance_scale"] = ldm.default_guidance
+        out["guidance_scale"] = ldm.guidance_scale
     return out
 
 

@@ -155,7 +155,7 @@ def cas(
     sampler: str = _SYNTH.sampler,
     steps: int = _SYNTH.steps,
     seed: int = _SYNTH.seed,
-    guidance: float | None = None,
+    guidance_scale: float | None = None,
     batch_size: int = _SYNTH.batch_size,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -205,11 +205,11 @@ def cas(
             "per class"
         )
     names = folder.data_info().class_names or train_ds.class_names
-    key = json.dumps([folder.weights_hash(), per_class, sampler, steps, seed, guidance,
+    key = json.dumps([folder.weights_hash(), per_class, sampler, steps, seed, guidance_scale,
                       batch_size])  # fmt: skip
     synth_dir = out_dir / f"cas-synth-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     synth(run, synth_dir, per_class=per_class, sampler=sampler, steps=steps, seed=seed,
-                 guidance=guidance, batch_size=batch_size, device=device, progress=progress)  # fmt: skip
+                 guidance_scale=guidance_scale, batch_size=batch_size, device=device, progress=progress)  # fmt: skip
     images, labels, _, _ = read_synth(synth_dir)
     test_labels = caslib.map_labels(held.labels, held.class_names, names)
     pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))[: caslib.MAX_TEST]

@@ -58,7 +58,7 @@ def sample(
     classes: str | None = None,
     prompts: Sequence[str] | None = None,
     negative_prompt: str | None = None,
-    guidance: float | None = None,
+    guidance_scale: float | None = None,
     guidance_rescale: float = _SAMPLE.guidance_rescale,
     batch_size: int = _SAMPLE.batch_size,
     adapters: Sequence[str] | None = None,
@@ -74,7 +74,7 @@ def sample(
     the keywords n ... batch_size, or all at once as `options`. A class-conditional model draws
     one row per class unless `classes` ("star", "3" or "circle,star") picks them; a
     text-conditional model draws one row per prompt (`negative_prompt` replaces "" as
-    guidance's unconditional branch); `guidance` (the scale) defaults to the run's. `fast`:
+    guidance's unconditional branch); `guidance_scale` defaults to the run's. `fast`:
     bf16 autocast where the device runs it natively; `compile`: torch.compile the UNet (see
     `LatentDiffusion`).
 
@@ -92,7 +92,7 @@ def sample(
         check_path("--adapter", path)
     o = SampleOptions(
         n=n, sampler=sampler, steps=steps, seed=seed, classes=classes, prompts=prompts,
-        negative_prompt=negative_prompt, guidance_scale=guidance,
+        negative_prompt=negative_prompt, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, batch_size=batch_size,
         adapters=None if adapters is None else tuple(adapters),
         adapter_scales=None if adapter_scales is None else tuple(adapter_scales),
@@ -125,7 +125,7 @@ def sample(
     how = f"{n} images, {o.sampler}, {steps} steps, seed {o.seed}"
     if with_adapters:
         how += ", adapters " + ", ".join(f"{Path(a).name} x{s:g}" for a, s in with_adapters)
-    g = ldm.default_guidance if guidance is None else guidance
+    g = ldm.guidance_scale if guidance is None else guidance
     cond = ldm.conditioner
     # one row per prompt or class, each present, exactly n images (`row_layout`, the one rule
     # of the CLI's and the page's grids); uneven rows or rows left out come back as a note

@@ -56,7 +56,7 @@ def synth(
     sampler: str = _SYNTH.sampler,
     steps: int = _SYNTH.steps,
     seed: int = _SYNTH.seed,
-    guidance: float | None = None,
+    guidance_scale: float | None = None,
     guidance_rescale: float = _SYNTH.guidance_rescale,
     batch_size: int = _SYNTH.batch_size,
     keep: str = _SYNTH.keep,
@@ -91,7 +91,7 @@ def synth(
     check_path("--out", out)
     o = SynthOptions(
         per_class=per_class, n=n, prompts_file=None if prompts_file is None else str(prompts_file),
-        sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance,
+        sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, batch_size=batch_size, keep=keep,
     )  # fmt: skip
     if options is not None:

@@ -29,6 +29,8 @@ from .checks import check_apart, check_device, check_path, check_writable, run_c
 
 log = logging.getLogger(__name__)
 
+STAGES = ("all", "autoencoder", "diffusion")  # what `--stage` trains: both, or one of the two
+
 
 _TRAIN = TrainOptions()  # the defaults of `train`'s option keywords
 
@@ -44,7 +46,7 @@ def train(
     config_file: str | None = None,
     sets: Sequence[str] = (),
     resume: bool = False,
-    stage: Literal["all", "vae", "unet"] = "all",
+    stage: Literal["all", "autoencoder", "diffusion"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     dist_backend: str = "auto",
@@ -127,10 +129,12 @@ def _train_setup(out: Any, o: TrainOptions, device: str | None, config_file: str
     check_device(cfg.device)  # also when set in a config file or with --set device=...
     check_apart("--out", out, "--data", cfg.data)
     check_writable(out)
-    if stage == "unet" and not RunFolder(out).has_model("vae"):
+    if stage not in STAGES:
+        raise ConfigError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if stage == "diffusion" and not RunFolder(out).has_model("vae"):
         raise ConfigError(
-            f"--stage unet trains the UNet on the run's autoencoder, but {out} has none yet; "
-            "train it first (--stage vae, or all)"
+            f"--stage diffusion trains the UNet on the run's autoencoder, but {out} has none "
+            "yet; train it first (--stage autoencoder, or all)"
         )
     return cfg, size
 

@@ -119,7 +119,7 @@ def train_run(
     out_dir: str | Path,
     *,
     resume: bool = False,
-    stage: Literal["all", "vae", "unet"] = "all",
+    stage: Literal["all", "autoencoder", "diffusion"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     backend: str = "auto",
@@ -131,7 +131,8 @@ def train_run(
     Args:
         resume: continue from the newest checkpoints, with the run's saved config (only the
             training settings in `recipe.CHANGEABLE_ON_RESUME` may change).
-        stage: "vae" stops after the autoencoder; "unet" trains the UNet on a saved one.
+        stage: "autoencoder" stops after the autoencoder; "diffusion" trains the UNet on a
+        saved one.
         progress: called with a `loop.Progress` after every step (the CLI draws a tqdm bar).
         stop: a threading.Event (or a callable) that, once set, stops the training cleanly with
             a checkpoint, as SIGINT does. A stop request file in the run folder
@@ -158,8 +159,8 @@ def train_run(
             run = world.main_first(prepare)
             status = "failed"  # what the trackers hear unless the story ends
             try:
-                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
-                if why in STOPPED_EARLY or stage == "vae":
+                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "autoencoder"))
+                if why in STOPPED_EARLY or stage == "autoencoder":
                     result = run.result(vae_steps, 0, why)
                 else:
                     moments = _latents(run, vae)
@@ -271,8 +272,8 @@ def _prepare(
 
         missing_packages(cfg.log)  # before anything is written
         _check_time_plan(
-            cfg, ds.images, device, train_vae=stage in ("all", "vae") and not folder.has_model("vae"),
-            train_unet=stage in ("all", "unet"), resumed=resumed,
+            cfg, ds.images, device, train_vae=stage in ("all", "autoencoder") and not folder.has_model("vae"),
+            train_unet=stage in ("all", "diffusion"), resumed=resumed,
         )  # fmt: skip
         folder.write_config(cfg)
         if cfg.init_from and not resumed:  # the base run's autoencoder, as it is: no stage 1
@@ -404,7 +405,7 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     if world.size > 1 and cfg.vae.disc_weight > 0:
         raise ConfigError(
             "vae.disc_weight > 0: the PatchGAN discriminator (BatchNorm, adaptive weight) trains "
-            "in one process only; train the autoencoder without torchrun (--stage vae), then "
+            "in one process only; train the autoencoder without torchrun (--stage autoencoder), then "
             "resume the run with torchrun"
         )
     probe_idx, train_idx = probe_split(len(images), cfg.seed)

@@ -18,7 +18,7 @@ checks an argument or names a run file by itself.
     GET  /api/job/result?id=ID          PNG with its parameters in the PNG text, as the CLI's
     GET  /api/job/image?id=ID&i=K       the K-th image of its grid, the same way
     POST /api/job/cancel {"id"}
-    POST /api/edit       multipart: run, kind (inpaint, img2img, interpolate, denoise, fill),
+    POST /api/edit       multipart: run, method (inpaint, img2img, interpolate, denoise, fill),
                          params (JSON), image, mask, image_b (uploads)  -> a queued job: api.edit
     GET  /api/job/input?id=ID&which=image|mask|image_b   an upload as the server received it
     GET  /api/train                     the New run form's fields (options.TrainOptions), the
@@ -532,7 +532,7 @@ class Site:
 
     async def edit(self, request: Request) -> Response:
         form = await request.form(max_files=3, max_fields=8, max_part_size=MAX_BODY_BYTES)
-        run, kind = form.get("run"), form.get("kind")
+        run, method = form.get("run"), form.get("method")
         folder = self.folder(run)
         try:
             params = json.loads(str(form.get("params") or "{}"))
@@ -547,10 +547,10 @@ class Site:
                 uploads[name] = await part.read()
         store = self.root / edits.UPLOADS
         checked = await run_in_threadpool(
-            lambda: edits.prepare(self.model(folder), folder, kind, params, uploads, store)
+            lambda: edits.prepare(self.model(folder), folder, method, params, uploads, store)
         )
         return self._submit(
-            str(run), checked.kind, checked.options, lambda job: self._edit(folder, job, checked),
+            str(run), checked.method, checked.options, lambda job: self._edit(folder, job, checked),
             inputs=checked.uploads,
         )  # fmt: skip
 
@@ -558,7 +558,7 @@ class Site:
         ldm = self.model(folder)
         steps = request.checked.steps
         result, png, images = edits.run(ldm, folder.path, request, _progress(ldm, job, steps))
-        frames = len(images) if request.kind == "interpolate" else 1
+        frames = len(images) if request.method == "interpolate" else 1
         info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
         return Result(png, info, images)
 
