@@ -294,6 +294,10 @@ class RunFolder:
             )
         return self
 
+    def is_trained(self) -> bool:
+        """Whether both models are saved (what `require_trained` asks for)."""
+        return self.has_model("vae") and self.has_model("unet")
+
     def require_trained(self) -> RunFolder:
         """Raise a one-line error unless both models are saved; return self."""
         if not self.path.is_dir():
@@ -393,6 +397,13 @@ class RunFolder:
     def has_text(self) -> bool:
         """Whether the run is text-conditional (it saved a tokenizer or a text encoder)."""
         return self.tokenizer_path.is_file() or self.text_encoder_dir.is_dir()
+
+    def conditioning(self) -> str:
+        """ "text", "class" or "none": what the run's model is conditioned on (read from its
+        files and run.json; nothing is loaded)."""
+        if self.has_text():
+            return "text"
+        return "class" if self.config().unet.num_classes else "none"
 
     def load_text_encoder(
         self, device: str | torch.device | None = None

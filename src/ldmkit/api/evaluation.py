@@ -174,7 +174,7 @@ def cas(
     from ..checkpoint import write_json
     from ..evaluation import cas as caslib
     from ..evaluation.evaluate import held_out_data
-    from ..synth import read_synth, run_kind
+    from ..synth import read_synth
 
     seeds = caslib.DEFAULT_SEEDS if seeds is None else seeds
     check_count("--cas-per-class", per_class, 1, MAX_IMAGES)
@@ -182,7 +182,7 @@ def cas(
     for flag, path in (("--run", run), ("--out", out), ("--held-out", held_out)):
         check_path(flag, path)
     folder = RunFolder(run).require_trained()
-    kind = run_kind(folder)
+    kind = folder.conditioning()
     if kind != "class":
         what = "follows text prompts" if kind == "text" else "has no class labels (unconditional)"
         raise ConfigError(

@@ -83,7 +83,6 @@ def synth(
         identity,
         plan_groups,
         read_manifest,
-        run_kind,
         synthesize,
     )
 
@@ -109,7 +108,7 @@ def synth(
     check_apart("--out", out, "run's data", folder.config().data)  # not into training data
     check_writable(out)
     prompts = read_prompts_file("--prompts", o.prompts_file) if o.prompts_file else None
-    kind = run_kind(folder)
+    kind = folder.conditioning()
     cfg = folder.config()
     groups = plan_groups(kind, class_names=folder.data_info().class_names,
                          num_classes=cfg.unet.num_classes,

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -66,7 +65,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__, api
 from ..config import ConfigError
-from ..data.images import PNG_KEY, write_png
+from ..data.images import png_info, write_png
 from ..data.transforms import pil_image
 from ..diffusion.samplers import SAMPLERS
 from ..options import VERBS, TrainOptions, adjusted
@@ -379,7 +378,7 @@ class Site:
         runs = []
         for name in self.run_names():
             folder = RunFolder(self.root / name)
-            runs.append({"name": name, "trained": _trained(folder),
+            runs.append({"name": name, "trained": folder.is_trained(),
                          "training": RunLock.is_held(folder.path)})  # fmt: skip
         return JSONResponse({"root": str(self.root), "runs": runs})
 
@@ -387,10 +386,9 @@ class Site:
         name = request.query_params.get("run")
         folder = self.folder(name)
         cfg, data = folder.config(), folder.data_info()
-        text = folder.has_text()
-        classes = None if text else data.class_names
+        conditioning = folder.conditioning()
+        classes = data.class_names if conditioning == "class" else None
         preview = folder.newest_preview()
-        conditioning = "text" if text else "class" if classes else "none"
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
         own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
@@ -401,7 +399,7 @@ class Site:
         )
         return JSONResponse({
             "name": name,
-            "trained": _trained(folder),
+            "trained": folder.is_trained(),
             "training": RunLock.is_held(folder.path),
             "stop_requested": folder.stop_requested(),
             "conditioning": conditioning,
@@ -635,10 +633,6 @@ def sample_options() -> type:
     return _page_sample(VERBS["sample"])
 
 
-def _trained(folder: RunFolder) -> bool:
-    return folder.has_model("vae") and folder.has_model("unet")
-
-
 async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
     """The request's JSON object, with no key outside `fields`."""
     try:
@@ -686,10 +680,8 @@ def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
 
 def png_with_params(image: Image.Image, params: dict[str, Any]) -> bytes:
     """`image` as PNG bytes with `params` (JSON) in its text chunk PNG_KEY."""
-    info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))  # as data.images.write_png
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=png_info(params))
     return buf.getvalue()
 
 
