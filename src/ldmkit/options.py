@@ -194,6 +194,15 @@ class Options:
         """The declaration with `values` ({field or page name: value}) over its defaults."""
         return cls(**cls.named(values))
 
+    def or_instead(self, options: Options | None) -> Options:
+        """A call's options: these (built from its keywords), or `options` given all at once
+        instead; both at once (a keyword off its default beside `options`) is a TypeError."""
+        if options is None:
+            return self
+        if self != type(self)():
+            raise TypeError(f"give {self.verb}'s options as keywords or as `options`, not both")
+        return options
+
     def check(self, run: RunFolder | None = None, shown: Any = None) -> Any:
         """Every field checked in declaration order, once; with the run, also what depends on it
         (its models saved, first; steps up to its T; the conditions it follows: `check_run`;

@@ -96,11 +96,7 @@ def sample(
         guidance_rescale=guidance_rescale, batch_size=batch_size,
         adapters=None if adapters is None else tuple(adapters),
         adapter_scales=None if adapter_scales is None else tuple(adapter_scales),
-    )  # fmt: skip
-    if options is not None:
-        if o != _SAMPLE:
-            raise TypeError("give sample's options as keywords or as `options`, not both")
-        o = options
+    ).or_instead(options)  # fmt: skip
     o = o.check(RunFolder(run), shown=run)
     with_adapters = list(zip(o.adapters or [], scales_of(o.adapters, o.adapter_scales)))
     if ldm is not None and with_adapters:

@@ -96,13 +96,8 @@ def train_plan(
 
 def _train_options(data: Any, time_budget: Any, seed: Any, image_size: Any, conditioning: Any,
                    options: TrainOptions | None) -> TrainOptions:  # fmt: skip
-    o = TrainOptions(data=data, time_budget=time_budget, seed=seed, image_size=image_size,
-                     conditioning=conditioning)  # fmt: skip
-    if options is not None:
-        if o != _TRAIN:
-            raise TypeError("give train's options as keywords or as `options`, not both")
-        o = options
-    return o
+    return TrainOptions(data=data, time_budget=time_budget, seed=seed, image_size=image_size,
+                        conditioning=conditioning).or_instead(options)  # fmt: skip
 
 
 def _train_setup(out: Any, o: TrainOptions, device: str | None, config_file: str | None,
