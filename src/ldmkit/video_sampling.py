@@ -10,7 +10,8 @@ frames into channels or batch. The latents are then decoded frame by frame.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,4 +69,111 @@ def sample_clips(
         prediction_type=cfg.unet.prediction_type, generator=torch.Generator().manual_seed(seed),
         cond=cond, uncond=uncond, guidance_scale=guidance_scale, device=device,
     )  # fmt: skip
+    return decode_clips(vae, latents, scaling_factor)
+
+
+# ------------------------------------------------------------------ a video run's sampler (issue 30)
+def start_state(
+    shape: tuple[int, ...], sigma0: float, generator: torch.Generator, known: Tensor | None
+) -> Tensor:
+    """x_T (VP scale) for clips of `shape`, drawn from `generator`; with `known` latents
+    (B, G, zc, h, w), the first G frames start as those latents noised to sigma0 (the samplers
+    scale x_T by sqrt(1 + sigma0^2) into the VE state x0 + sigma0 * noise)."""
+    x = torch.randn(shape, generator=generator)
+    if known is not None and math.isfinite(sigma0):
+        g = known.shape[1]
+        x[:, :g] = (known.cpu().float() + sigma0 * x[:, :g]) / math.sqrt(1 + sigma0**2)
+    return x
+
+
+def impose_known(known: Tensor, generator: torch.Generator) -> Callable:
+    """A sampler callback that keeps the first G frames on the given latents `known`
+    (B, G, zc, h, w), as inpainting keeps pixels with a mask over frames: after every step they
+    become the known latents noised to the new level (known + sigma * fresh noise), so at the
+    last step (sigma 0) they are the known latents exactly (`diffusion.editing.blend_known`)."""
+    g = known.shape[1]
+
+    def step(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+        s = float(sigma)
+        k = known.to(x.device, x.dtype)
+        if s > 0:
+            noise = torch.randn(known.shape, generator=generator).to(x.device, x.dtype)
+            k = k + s * noise
+        x = x.clone()
+        x[:, :g] = k
+        return x
+
+    return step
+
+
+@torch.no_grad()
+def encode_frames(vae: Autoencoder, frames: Tensor, scaling_factor: float) -> Tensor:
+    """uint8 frames (B, G, C, H, W) -> their scaled latents (B, G, zc, h, w) (posterior means)."""
+    from ldmkit.data.transforms import to_float
+
+    b, g = frames.shape[:2]
+    device = next(vae.parameters()).device
+    x = to_float(frames.reshape(b * g, *frames.shape[2:])).to(device)
+    z = vae.encode(x).mean * scaling_factor
+    return z.view(b, g, *z.shape[1:])
+
+
+@torch.no_grad()
+def sample_video(
+    model: torch.nn.Module,
+    vae: Autoencoder,
+    schedule: NoiseSchedule,
+    *,
+    n: int,
+    frames: int,
+    latent_shape: tuple[int, int, int],
+    scaling_factor: float,
+    prediction_type: str,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    first_frames: Tensor | None = None,
+    callback: Callable | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """`n` clips as uint8 (n, F, C, H, W) from `model` (a network on clip latents (B, F, zc, h,
+    w)) and the image autoencoder, with conditions as `samplers.sample` takes them. With
+    `first_frames` (uint8 (n or 1, G, C, H, W), G < F) those frames are given: their latents are
+    imposed after every step (`impose_known`) and the clips continue them; the decoded given
+    frames come back as the autoencoder reconstructs them. The same seed gives the same clips."""
+    from ldmkit.diffusion.samplers import DEFAULT_SPACING, get_sigmas, run_sampler
+    from ldmkit.diffusion.samplers import make_denoiser
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, frames, *latent_shape)
+    known = None
+    if first_frames is not None:
+        if first_frames.shape[1] >= frames:
+            raise ValueError(f"give fewer frames than the clip's {frames}, got {first_frames.shape[1]}")
+        known = encode_frames(vae, first_frames, scaling_factor)
+        known = known.expand(n, *known.shape[1:]) if known.shape[0] == 1 else known
+    sigmas = get_sigmas(schedule, steps, DEFAULT_SPACING[sampler])
+    x_T = start_state(shape, float(sigmas[0]), generator, known).to(device)
+    step = callback
+    if known is not None:
+        keep = impose_known(known, torch.Generator().manual_seed(seed + 1))
+        if callback is None:
+            step = keep
+        else:
+
+            def step(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+                x = keep(i, x, sigma, x0)
+                out = callback(i, x, sigma, x0)
+                return x if out is None else out
+
+    denoise = make_denoiser(
+        model, schedule, prediction_type, cond=cond, uncond=uncond,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+    latents = run_sampler(denoise, x_T, sigmas, sampler=sampler, generator=generator,
+                          callback=step)  # fmt: skip
     return decode_clips(vae, latents, scaling_factor)
