@@ -119,6 +119,56 @@ def encode_frames(vae: Autoencoder, frames: Tensor, scaling_factor: float) -> Te
 
 
 @torch.no_grad()
+def sample_video_latents(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    prediction_type: str,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    known: Tensor | None = None,
+    callback: Callable | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Clip latents (B, F, zc, h, w) = `shape` from a network on clip latents. With `known`
+    scaled latents (B or 1, G, zc, h, w), G < F, the first G frames are given: they start as
+    `known` noised to the first level and are imposed after every step (`impose_known`), so
+    they end exactly as given and the other frames are sampled to continue them."""
+    from ldmkit.diffusion.samplers import DEFAULT_SPACING, get_sigmas, make_denoiser, run_sampler
+
+    generator = torch.Generator().manual_seed(seed)
+    if known is not None:
+        if known.ndim != 5 or known.shape[1] >= shape[1] or known.shape[2:] != shape[2:]:
+            raise ValueError(
+                f"known latents {tuple(known.shape)} do not fit clips {tuple(shape)} (give fewer "
+                "frames than the clip, of its latent shape)"
+            )
+        known = known.expand(shape[0], *known.shape[1:]) if known.shape[0] == 1 else known
+    sigmas = get_sigmas(schedule, steps, DEFAULT_SPACING[sampler])
+    x_T = start_state(tuple(shape), float(sigmas[0]), generator, known).to(device)
+    step = callback
+    if known is not None:
+        keep = impose_known(known, torch.Generator().manual_seed(seed + 1))
+
+        def step(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+            x = keep(i, x, sigma, x0)
+            out = None if callback is None else callback(i, x, sigma, x0)
+            return x if out is None else out
+
+    denoise = make_denoiser(
+        model, schedule, prediction_type, cond=cond, uncond=uncond,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+    )  # fmt: skip
+    return run_sampler(denoise, x_T, sigmas, sampler=sampler, generator=generator, callback=step)
+
+
+@torch.no_grad()
 def sample_video(
     model: torch.nn.Module,
     vae: Autoencoder,
@@ -129,51 +179,21 @@ def sample_video(
     latent_shape: tuple[int, int, int],
     scaling_factor: float,
     prediction_type: str,
-    sampler: str = DEFAULT_SAMPLER,
-    steps: int = DEFAULT_STEPS,
-    seed: int = 0,
-    cond: dict | None = None,
-    uncond: dict | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
     first_frames: Tensor | None = None,
-    callback: Callable | None = None,
     device: torch.device | str = "cpu",
+    **options,
 ) -> Tensor:
     """`n` clips as uint8 (n, F, C, H, W) from `model` (a network on clip latents (B, F, zc, h,
-    w)) and the image autoencoder, with conditions as `samplers.sample` takes them. With
-    `first_frames` (uint8 (n or 1, G, C, H, W), G < F) those frames are given: their latents are
-    imposed after every step (`impose_known`) and the clips continue them; the decoded given
+    w)) and the image autoencoder; `options` as `sample_video_latents` takes them (sampler,
+    steps, seed, cond, uncond, guidance_scale, guidance_rescale, callback). With
+    `first_frames` (uint8 (n or 1, G, C, H, W), G < F) those frames are given (their latents,
+    the posterior means, are imposed at every step) and the clips continue them; the given
     frames come back as the autoencoder reconstructs them. The same seed gives the same clips."""
-    from ldmkit.diffusion.samplers import DEFAULT_SPACING, get_sigmas, run_sampler
-    from ldmkit.diffusion.samplers import make_denoiser
-
-    generator = torch.Generator().manual_seed(seed)
-    shape = (n, frames, *latent_shape)
     known = None
     if first_frames is not None:
-        if first_frames.shape[1] >= frames:
-            raise ValueError(f"give fewer frames than the clip's {frames}, got {first_frames.shape[1]}")
-        known = encode_frames(vae, first_frames, scaling_factor)
-        known = known.expand(n, *known.shape[1:]) if known.shape[0] == 1 else known
-    sigmas = get_sigmas(schedule, steps, DEFAULT_SPACING[sampler])
-    x_T = start_state(shape, float(sigmas[0]), generator, known).to(device)
-    step = callback
-    if known is not None:
-        keep = impose_known(known, torch.Generator().manual_seed(seed + 1))
-        if callback is None:
-            step = keep
-        else:
-
-            def step(i: int, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
-                x = keep(i, x, sigma, x0)
-                out = callback(i, x, sigma, x0)
-                return x if out is None else out
-
-    denoise = make_denoiser(
-        model, schedule, prediction_type, cond=cond, uncond=uncond,
-        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        known = encode_frames(vae, first_frames.to(device), scaling_factor)
+    latents = sample_video_latents(
+        model, schedule, (n, frames, *latent_shape), prediction_type=prediction_type,
+        known=known, device=device, **options,
     )  # fmt: skip
-    latents = run_sampler(denoise, x_T, sigmas, sampler=sampler, generator=generator,
-                          callback=step)  # fmt: skip
     return decode_clips(vae, latents, scaling_factor)
