@@ -564,7 +564,7 @@ def _eval_video(args: argparse.Namespace) -> int:
     def show(v: Any, fmt: str = ".3f") -> str:
         return "n/a" if v is None else format(v, fmt)
 
-    print(f"{r['clips']}{' (held-out combinations)' if r['held_out'] else ''}")
+    print(f"{r['sampled']}{' (held-out combinations)' if r['held_out'] else ''}")
     print(f"  per-frame FID (domain classifier): {show(r['fid_frames'], '.2f')}")
     print(f"  class constant across frames:      {show(r['class_constant'])}")
     print(f"  class as asked:                    {show(r['class_accuracy'])}")

@@ -327,7 +327,7 @@ def evaluate_video(
     ref = real[rng.choice(len(real), size=min(len(real), max(n, 2)), replace=False)]
     scores = score_clips(clips.clips.numpy(), real=ref if net is not None else None, net=net,
                          labels=want_labels, directions=directions)  # fmt: skip
-    result = {"run": str(run), "clips": clips.description, "held_out": held_out,
+    result = {"run": str(run), "sampled": clips.description, "held_out": held_out,
               **scores.to_dict()}  # fmt: skip
     folder.eval_dir.mkdir(parents=True, exist_ok=True)
     write_json(folder.eval_dir / "video.json", result)
