@@ -137,7 +137,7 @@ def _sample_clips(args: argparse.Namespace) -> int:
         print(f"wrote {paths[0]} and {paths[1]} ({clips.description})")
     if args.outdir:
         paths = api.save_clip_files(clips, args.outdir)
-        print(f"wrote {len(paths) - 1} clips and frames.png to {args.outdir}")
+        print(f"wrote {len(paths) - 1} clips and clips.png (their frames) to {args.outdir}")
     return 0
 
 

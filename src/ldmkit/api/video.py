@@ -3,7 +3,7 @@ parameters, and the run measured without downloads.
 
     clips = api.sample_clips("runs/moving", n=8, classes="star")
     api.save_clips(clips, "out/stars.gif")        # out/stars.gif (all clips) + out/stars.png
-    api.save_clip_files(clips, "out/stars")       # one GIF per clip + frames.png
+    api.save_clip_files(clips, "out/stars")       # one GIF per clip + clips.png
     api.sample_clips("runs/moving", n=4, first_frames="clip.gif", given=4)  # continue a clip
 
 A video run is trained by `api.train` on video data (`builtin:moving-shapes`,
@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 ANIMATION_SUFFIXES = (".gif", ".webp")
 
 
-def is_video_run(run: str | os.PathLike) -> bool:
-    """Whether `run` is a video run (a folder whose run.json has `video`, or a video UNet)."""
+def is_video_run(run: str | os.PathLike | None) -> bool:
+    """Whether `run` is a video run (a folder whose run.json has `video`, or a video UNet); a
+    name the file system cannot hold is refused in one line (`check_path`)."""
+    if run is None:
+        return False
+    check_path("--run", run)
     return RunFolder(run).is_video()
 
 
@@ -215,7 +219,7 @@ def save_clips(clips: Clips, out: str | os.PathLike) -> list[Path]:
 def save_clip_files(
     clips: Clips, folder: str | os.PathLike, suffix: str = ".gif"
 ) -> list[Path]:
-    """One animation per clip (clip-00000.gif, ...; WebP with suffix=".webp") and frames.png
+    """One animation per clip (clip-00000.gif, ...; WebP with suffix=".webp") and clips.png
     (a row per clip) into `folder`, each with the parameters (and the clip's index and seed)."""
     from ..data.animations import save_animation
 
@@ -232,7 +236,7 @@ def save_clip_files(
                   "batch_seed": clips.params["seed"] + i // per_batch * per_batch}  # fmt: skip
         paths.append(save_animation(folder / f"clip-{i:05d}{suffix}", clip, fps=clips.fps,
                                     params=params))  # fmt: skip
-    strip = folder / "frames.png"
+    strip = folder / "clips.png"
     _write_strip(arr, strip, clips.params)
     return [*paths, strip]
 

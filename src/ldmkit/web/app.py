@@ -545,7 +545,7 @@ class Site:
         clips = api.sample_clips(folder.path, options=options, device=self.device,
                                  progress=lambda done, total: job.report(done, total))  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            gif, strip = api.save_clips(clips, Path(tmp) / "clips.gif")
+            gif, strip = api.save_clips(clips, Path(tmp) / "sample.gif")
             each = api.save_clip_files(clips, Path(tmp) / "each")[:-1]
             result, images = gif.read_bytes(), [strip.read_bytes(), *(p.read_bytes() for p in each)]
         info = {"description": clips.description, "images": len(images), "notes": clips.notes,
