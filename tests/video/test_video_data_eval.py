@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmkit.data import DataError, load_dataset
-from ldmkit.data import animations
+from ldmkit.data import DataError, animations, load_dataset
 from ldmkit.data.animations import clips_grid, frames_strip, read_animation, save_animation
 from ldmkit.data.moving_shapes import generate_moving_shapes
 from ldmkit.data.video import is_video_spec, load_video_data

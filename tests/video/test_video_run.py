@@ -102,7 +102,9 @@ def test_sample_writes_animations_and_strips_with_their_parameters(video_run, tm
     assert "3 clips of 3 frames" in capsys.readouterr().out
     params = read_animation_params(out)
     assert params["steps"] == 2 and params["classes"] == "star" and params["fps"] == 5
-    assert read_png_params(out.with_suffix(".png"))["weights"] == RunFolder(video_run).weights_hash()
+    assert (
+        read_png_params(out.with_suffix(".png"))["weights"] == RunFolder(video_run).weights_hash()
+    )
     each = sorted((tmp_path / "each").glob("clip-*.gif"))
     assert len(each) == 3 and read_animation(each[2]).shape == (FRAMES, 3, 16, 16)
     assert read_animation_params(each[2])["label"] == "star"

@@ -35,7 +35,9 @@ def test_given_frames_come_back_exactly(sampler):
                                 sampler=sampler, steps=4, seed=1)  # fmt: skip
     # without them the first frames are something else, and the given ones change the rest
     assert (free[:, :GIVEN] - known).abs().mean() > 0.1
-    assert (out[:, GIVEN:] - free[:, GIVEN:]).abs().max() > 1e-4  # exactly equal without the temporal layers
+    assert (
+        out[:, GIVEN:] - free[:, GIVEN:]
+    ).abs().max() > 1e-4  # exactly equal without the temporal layers
 
 
 def test_seeded_and_reproducible():

@@ -216,9 +216,7 @@ def save_clips(clips: Clips, out: str | os.PathLike) -> list[Path]:
     return [path, strip]
 
 
-def save_clip_files(
-    clips: Clips, folder: str | os.PathLike, suffix: str = ".gif"
-) -> list[Path]:
+def save_clip_files(clips: Clips, folder: str | os.PathLike, suffix: str = ".gif") -> list[Path]:
     """One animation per clip (clip-00000.gif, ...; WebP with suffix=".webp") and clips.png
     (a row per clip) into `folder`, each with the parameters (and the clip's index and seed)."""
     from ..data.animations import save_animation

@@ -184,7 +184,7 @@ def load_animation_folder(
                 f"animations or fewer frames (--set video.frames={len(clip)})"
             )
         clips.append(resize_array(clip[:frames], image_size))
-    labels, class_names = (_folder_labels(root, files) if by_folder else (None, None))
+    labels, class_names = _folder_labels(root, files) if by_folder else (None, None)
     captions = _read_captions(root, files, "skip")
     if captions is not None and not any(captions):
         captions = None

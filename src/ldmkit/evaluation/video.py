@@ -35,7 +35,9 @@ FVD_NOTE = (
     "FVD is not available offline: it needs the I3D network's weights, which do not ship with "
     "ldmkit; per-frame FID, class consistency, motion and flicker are measured instead"
 )
-_DIRECTION = re.compile(r"\bmoving (" + "|".join(sorted(DIRECTION_NAMES, key=len, reverse=True)) + r")\b")
+_DIRECTION = re.compile(
+    r"\bmoving (" + "|".join(sorted(DIRECTION_NAMES, key=len, reverse=True)) + r")\b"
+)
 
 
 def caption_direction(caption: str) -> str | None:
