@@ -459,7 +459,7 @@ def guidance_rescale_option() -> Any:
 
 
 # ------------------------------------------------------------------------------ video runs (issue 30)
-def given_frames(run: RunFolder | None = None) -> int:
+def max_given(run: RunFolder | None = None) -> int:
     """The most frames --given may give: one fewer than a video run's clip (the model's most
     without a run)."""
     if run is not None and run.is_video():
@@ -473,7 +473,7 @@ def check_video_options(run: RunFolder, shown: Any, values: dict[str, Any]) -> N
     """The video flags of `sample` against the run: refused by an image run; --given needs
     --first-frames; adapters are image runs' only."""
     video = run.is_video()
-    flags = [("--first-frames", values.get("first_frames")), ("--given", values.get("given")),
+    flags = [("--first-frames", values.get("first_frames")), ("--given", values.get("given_frames")),
              ("--fps", values.get("fps"))]  # fmt: skip
     if not video:
         for flag, value in flags:
@@ -482,7 +482,7 @@ def check_video_options(run: RunFolder, shown: Any, values: dict[str, Any]) -> N
                     f"{flag}: {shown} is an image run; {flag} applies to video runs only, drop it"
                 )
         return
-    if values.get("given") is not None and values.get("first_frames") is None:
+    if values.get("given_frames") is not None and values.get("first_frames") is None:
         raise ConfigError("--given counts frames of --first-frames; give --first-frames CLIP.gif")
     if values.get("adapters"):
         raise ConfigError(f"--adapter: {shown} is a video run; adapters apply to image runs only")
@@ -528,9 +528,9 @@ class SampleOptions(Options):
         None, "video runs: an animation (GIF/WebP/APNG) whose first frames the clips continue",
         flag="--first-frames", web=False,
     )  # fmt: skip
-    given: int | None = option(
+    given_frames: int | None = option(
         None, "video runs: how many frames of --first-frames are given (default: all it has, "
-        "up to one fewer than the clip's)", lo=1, hi=lambda run: given_frames(run),
+        "up to one fewer than the clip's)", lo=1, hi=lambda run: max_given(run), flag="--given",
         web=False,
     )  # fmt: skip
     fps: float | None = option(

@@ -4,12 +4,11 @@ PNGs with their parameters, and continues given first frames; `ldmkit eval` meas
 image-only verbs refuse it in one line."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from video_helpers import FRAMES, tiny_video
 
 from ldmkit.cli import main
 from ldmkit.config import ConfigError
@@ -19,32 +18,6 @@ from ldmkit.recipe import run_config_from_dict
 from ldmkit.runs import RunFolder
 from ldmkit.training import run as run_module
 from ldmkit.training.run import train_run
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
-from test_run import TINY  # noqa: E402
-
-FRAMES = 3
-
-
-def tiny_video(**over) -> dict:
-    d = json.loads(json.dumps(TINY))
-    d["data"] = "builtin:moving-shapes?n=16"
-    d["video"] = {"frames": FRAMES, "temporal_heads": 2, "fps": 5}
-    d["unet_train"].update(batch_size=4, grad_accum=1, sample_every=3)
-    for k, v in over.items():
-        d[k].update(v) if isinstance(v, dict) else d.__setitem__(k, v)
-    return d
-
-
-@pytest.fixture(scope="module")
-def video_run(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("video") / "r"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_module, "JUDGE_STEPS", 10)
-        res = train_run(run_config_from_dict(tiny_video()), out)
-    assert res.stopped_because == "finished" and res.vae_steps == 4 and res.unet_steps == 6
-    return out
 
 
 def test_the_video_run_folder(video_run):
@@ -122,7 +95,7 @@ def test_sample_continues_given_first_frames(video_run, tmp_path):
     first = np.random.default_rng(0).integers(0, 255, (FRAMES, 3, 16, 16), dtype=np.uint8)
     save_animation(tmp_path / "first.webp", first)  # lossless
     clips = api.sample_clips(video_run, n=2, steps=2, first_frames=str(tmp_path / "first.webp"),
-                             given=2)  # fmt: skip
+                             given_frames=2)  # fmt: skip
     vae = RunFolder(video_run).load_vae()
     s = vae.config.scaling_factor
     expect = decode_clips(vae, encode_frames(vae, torch.from_numpy(first[None, :2]), s), s)
@@ -175,11 +148,11 @@ def test_video_flags_refused_by_an_image_run(tmp_path):
     folder = RunFolder(tmp_path)
     folder.write_config(RunConfig())
     assert not folder.is_video()
-    for name, flag in (("first_frames", "--first-frames"), ("given", "--given"), ("fps", "--fps")):
-        values = {"first_frames": None, "given": None, "fps": None, name: 2}
+    for name, flag in (("first_frames", "--first-frames"), ("given_frames", "--given"), ("fps", "--fps")):
+        values = {"first_frames": None, "given_frames": None, "fps": None, name: 2}
         with pytest.raises(ConfigError, match=f"{flag}: r is an image run; {flag} applies to"):
             check_video_options(folder, "r", values)
-    check_video_options(folder, "r", {"first_frames": None, "given": None, "fps": None})
+    check_video_options(folder, "r", {"first_frames": None, "given_frames": None, "fps": None})
 
 
 def test_eval_refuses_an_image_tables_flags(video_run, capsys):

@@ -4,7 +4,7 @@ parameters, and the run measured without downloads.
     clips = api.sample_clips("runs/moving", n=8, classes="star")
     api.save_clips(clips, "out/stars.gif")        # out/stars.gif (all clips) + out/stars.png
     api.save_clip_files(clips, "out/stars")       # one GIF per clip + clips.png
-    api.sample_clips("runs/moving", n=4, first_frames="clip.gif", given=4)  # continue a clip
+    api.sample_clips("runs/moving", n=4, first_frames="clip.gif", given_frames=4)  # continue a clip
 
 A video run is trained by `api.train` on video data (`builtin:moving-shapes`,
 `builtin:moving-mnist`, `animations:DIR`; training/run.py); its options are `SampleOptions`
@@ -104,7 +104,7 @@ def sample_clips(
     if o.first_frames is not None:
         check_path("--first-frames", o.first_frames)
         clip = read_animation(o.first_frames)
-        given = o.given if o.given is not None else min(len(clip), frames - 1)
+        given = o.given_frames if o.given_frames is not None else min(len(clip), frames - 1)
         if len(clip) < given:
             raise ConfigError(
                 f"--given {given}: {o.first_frames} has only {len(clip)} frames; give at most "
