@@ -250,12 +250,13 @@ class VideoConfig:
             self.temporal_levels = tuple(self.temporal_levels)
 
     def unet_config(self, unet: UNetConfig) -> VideoUNetConfig:
-        """The video UNet's config around the run's image `unet` config."""
-        return VideoUNetConfig(
-            unet=unet, frames=self.frames, temporal_heads=self.temporal_heads,
-            temporal_levels=self.temporal_levels, temporal_mid=self.temporal_mid,
-            temporal_kernel=self.temporal_kernel, freeze_spatial=self.freeze_spatial,
-        )  # fmt: skip
+        """The video UNet's config around the run's image `unet` config: every field of this
+        config that `VideoUNetConfig` has too (a field added there is one line here)."""
+        shared = {f.name for f in dataclasses.fields(VideoUNetConfig)} - {"unet"}
+        given = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared
+        }
+        return VideoUNetConfig(unet=unet, **given)
 
 
 @dataclass

@@ -74,12 +74,18 @@ def sample_clips(
 
 # ------------------------------------------------------------------ a video run's sampler (issue 30)
 def start_state(
-    shape: tuple[int, ...], sigma0: float, generator: torch.Generator, known: Tensor | None
-) -> Tensor:
+    shape: tuple[int, ...], sigma0: float, generator: torch.Generator, known: Tensor | None,
+    noise_mixing: float = 0.0,
+) -> Tensor:  # fmt: skip
     """x_T (VP scale) for clips of `shape`, drawn from `generator`; with `known` latents
     (B, G, zc, h, w), the first G frames start as those latents noised to sigma0 (the samplers
-    scale x_T by sqrt(1 + sigma0^2) into the VE state x0 + sigma0 * noise)."""
+    scale x_T by sqrt(1 + sigma0^2) into the VE state x0 + sigma0 * noise). `noise_mixing`
+    alpha > 0: the frames share part of their noise, (alpha * shared + own) / sqrt(1 + alpha^2)
+    (the mixed prior a model trained with it expects; Ge et al. 2023)."""
     x = torch.randn(shape, generator=generator)
+    if noise_mixing:
+        shared = torch.randn((shape[0], 1, *shape[2:]), generator=generator)
+        x = (noise_mixing * shared + x) / math.sqrt(1.0 + noise_mixing**2)
     if known is not None and math.isfinite(sigma0):
         g = known.shape[1]
         x[:, :g] = (known.cpu().float() + sigma0 * x[:, :g]) / math.sqrt(1 + sigma0**2)
@@ -135,8 +141,10 @@ def sample_video_latents(
     known: Tensor | None = None,
     callback: Callable | None = None,
     device: torch.device | str = "cpu",
+    noise_mixing: float = 0.0,
 ) -> Tensor:
-    """Clip latents (B, F, zc, h, w) = `shape` from a network on clip latents. With `known`
+    """Clip latents (B, F, zc, h, w) = `shape` from a network on clip latents (x_T with the
+    frames' shared noise of `noise_mixing`, see `start_state`). With `known`
     scaled latents (B or 1, G, zc, h, w), G < F, the first G frames are given: they start as
     `known` noised to the first level and are imposed after every step (`impose_known`), so
     they end exactly as given and the other frames are sampled to continue them."""
@@ -151,7 +159,7 @@ def sample_video_latents(
             )
         known = known.expand(shape[0], *known.shape[1:]) if known.shape[0] == 1 else known
     sigmas = get_sigmas(schedule, steps, DEFAULT_SPACING[sampler])
-    x_T = start_state(tuple(shape), float(sigmas[0]), generator, known).to(device)
+    x_T = start_state(tuple(shape), float(sigmas[0]), generator, known, noise_mixing).to(device)
     step = callback
     if known is not None:
         keep = impose_known(known, torch.Generator().manual_seed(seed + 1))
@@ -192,8 +200,16 @@ def sample_video(
     known = None
     if first_frames is not None:
         known = encode_frames(vae, first_frames.to(device), scaling_factor)
+    # a model trained on the mixed noise prior (VideoUNetConfig.noise_mixing, where it has it)
+    options.setdefault("noise_mixing", float(getattr(_video_config(model), "noise_mixing", 0.0)))
     latents = sample_video_latents(
         model, schedule, (n, frames, *latent_shape), prediction_type=prediction_type,
         known=known, device=device, **options,
     )  # fmt: skip
     return decode_clips(vae, latents, scaling_factor)
+
+
+def _video_config(model: torch.nn.Module) -> object:
+    """The VideoUNet's config of `model` (a VideoUNet, or a module holding one as `.unet`)."""
+    inner = model.unet if not isinstance(model, VideoUNet) and hasattr(model, "unet") else model
+    return getattr(inner, "config", None)

@@ -65,3 +65,14 @@ def test_known_frames_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         sample_video_latents(model, schedule, (1, FRAMES, 2, 4, 4), prediction_type="v",
                              steps=2, known=torch.zeros(1, FRAMES, 2, 4, 4))  # fmt: skip
+
+
+def test_start_state_with_mixed_frame_noise():
+    shape, alpha = (64, 4, 2, 4, 4), 3.0
+    x = start_state(shape, 1.0, torch.Generator().manual_seed(0), None, noise_mixing=alpha)
+    own = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert x.std().item() == pytest.approx(1.0, abs=0.05)  # each frame stays N(0, 1)
+    # frames of a clip correlate by alpha^2 / (1 + alpha^2) = 0.9; independent noise does not
+    a, b = x[:, 0].flatten(), x[:, 1].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1].item() == pytest.approx(0.9, abs=0.03)
+    assert torch.equal(start_state(shape, 1.0, torch.Generator().manual_seed(0), None), own)
