@@ -148,7 +148,11 @@ def test_video_flags_refused_by_an_image_run(tmp_path):
     folder = RunFolder(tmp_path)
     folder.write_config(RunConfig())
     assert not folder.is_video()
-    for name, flag in (("first_frames", "--first-frames"), ("given_frames", "--given"), ("fps", "--fps")):
+    for name, flag in (
+        ("first_frames", "--first-frames"),
+        ("given_frames", "--given"),
+        ("fps", "--fps"),
+    ):
         values = {"first_frames": None, "given_frames": None, "fps": None, name: 2}
         with pytest.raises(ConfigError, match=f"{flag}: r is an image run; {flag} applies to"):
             check_video_options(folder, "r", values)
@@ -159,3 +163,14 @@ def test_eval_refuses_an_image_tables_flags(video_run, capsys):
     assert main(["eval", "--run", str(video_run), "--full"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--full is for an image run's table" in err[0]
+
+
+def test_the_plan_of_a_video_run(tmp_path):
+    from ldmkit import api
+
+    from ldmkit.options import TrainOptions
+
+    plan = api.train_plan(tmp_path / "new", options=TrainOptions(data="builtin:moving-shapes?n=8"),
+                          sets=["video.frames=4", "image_size=16"])  # fmt: skip
+    assert plan.lines[0] == "data: moving-shapes, 8 clips of 4 frames"
+    assert any(line.startswith("video: a video UNet on clips of 4 frames") for line in plan.lines)

@@ -924,8 +924,12 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
     folder.require_new()
     device = resolve_device(cfg.device)
     cfg = _check_bf16(cfg, device)
-    ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
-                   conditioning=cfg.conditioning)  # fmt: skip
+    clips = 0
+    if cfg.video is not None or _is_video_data(cfg.data):  # a video run: its clips' frames
+        cfg, ds, clips = _video_data(cfg)
+    else:
+        ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
+                       conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
     num_classes = len(ds.class_names) if mode == "class" else None
     if cfg.init_from:
@@ -935,6 +939,11 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
                      f"({', '.join(ds.class_names[:10])})" if num_classes else "",
             "text": "text prompts (the data's captions)", "none": "none (unconditional)"}[mode]  # fmt: skip
     lines = [f"data: {ds.name}, {len(ds.images)} images", *plan_lines(cfg, size)]
+    if clips and cfg.video is not None:  # the time below is the image UNet's: a lower bound
+        lines[0] = f"data: {ds.name}, {clips} clips of {cfg.video.frames} frames"
+        lines.append(f"video: a video UNet on clips of {cfg.video.frames} frames at "
+                     f"{cfg.video.fps:g} fps{', grown from ' + cfg.init_from if cfg.init_from else ''}"
+                     "; the time below is timed on single frames (a lower bound)")  # fmt: skip
     if size is not None and size.reduced:
         lines.append(f"image size: {size.note}")
     lines.append(f"conditioning: {what}")
