@@ -167,7 +167,6 @@ def test_eval_refuses_an_image_tables_flags(video_run, capsys):
 
 def test_the_plan_of_a_video_run(tmp_path):
     from ldmkit import api
-
     from ldmkit.options import TrainOptions
 
     plan = api.train_plan(tmp_path / "new", options=TrainOptions(data="builtin:moving-shapes?n=8"),
