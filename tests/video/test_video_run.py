@@ -173,3 +173,10 @@ def test_the_plan_of_a_video_run(tmp_path):
                           sets=["video.frames=4", "image_size=16"])  # fmt: skip
     assert plan.lines[0] == "data: moving-shapes, 8 clips of 4 frames"
     assert any(line.startswith("video: a video UNet on clips of 4 frames") for line in plan.lines)
+
+
+def test_held_out_eval_needs_held_out_data(video_run):
+    from ldmkit import api
+
+    with pytest.raises(ConfigError, match="--held-out: this run's data holds nothing out"):
+        api.evaluate_video(video_run, n=2, held_out=True)
