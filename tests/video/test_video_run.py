@@ -180,3 +180,39 @@ def test_held_out_eval_needs_held_out_data(video_run):
 
     with pytest.raises(ConfigError, match="--held-out: this run's data holds nothing out"):
         api.evaluate_video(video_run, n=2, held_out=True)
+
+
+def test_inflate_grows_the_video_unet_from_an_image_run(tmp_path, capsys, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from test_run import tiny
+
+    monkeypatch.setattr(run_module, "JUDGE_STEPS", 10)
+    image = tmp_path / "image"
+    train_run(tiny(data="builtin:shapes?n=32", unet_train={"sample_every": 0}), image)
+    config = tmp_path / "video.json"
+    d = tiny_video()
+    for key in ("data", "image_size", "vae", "unet"):  # the image run decides these
+        d.pop(key)
+    config.write_text(json.dumps(d))
+    out = tmp_path / "grown"
+    argv = ["train", "--data", "builtin:moving-shapes?n=16", "--out", str(out), "--config",
+            str(config), "--inflate", str(image), "--set", "video.freeze_spatial=true", "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "clips: " in capsys.readouterr().out
+    grown = RunFolder(out)
+    assert grown.config().init_from == str(image) and grown.config().video.freeze_spatial
+    assert grown.data_info().num_clips == 16
+    base, video = RunFolder(image).load_unet(), grown.load_video_unet()
+    # the spatial layers frozen: the image run's UNet, bit for bit; the temporal ones trained
+    for name, p in base.state_dict().items():
+        assert torch.equal(video.unet.state_dict()[name], p), name
+    zero_at_start = [v for k, v in video.state_dict().items()
+                     if not k.startswith("unet.") and k.endswith(("to_out.weight", "conv_out.weight"))]  # fmt: skip
+    assert zero_at_start and all(v.abs().sum() > 0 for v in zero_at_start)  # they trained
+    # its autoencoder is the image run's, as it was (no stage 1)
+    assert RunFolder(out).stage_report().get("autoencoder") is None
+    assert torch.equal(grown.load_vae().encoder.conv_in.weight,
+                       RunFolder(image).load_vae().encoder.conv_in.weight)  # fmt: skip
