@@ -39,9 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import RunFolder
 
     given = {f.name: getattr(args, f.name) for f in declared.VERBS["train"].fields()}
+    inflate = [f"init_from={args.inflate}"] if args.inflate else []  # a video run grown from it
     res = api.train(
         args.out, options=declared.VERBS["train"](**given), device=args.device, config_file=args.config,
-        sets=[*(args.set or []), *(["unet_train.compile=true"] if args.compile else [])],
+        sets=[*(args.set or []), *(["unet_train.compile=true"] if args.compile else []), *inflate],
         resume=args.resume is not None, stage=args.stage,
         progress=None if args.quiet else api.tqdm_progress(), dist_backend=args.dist_backend,
     )  # fmt: skip
@@ -52,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     grid = RunFolder(res.run_dir).final_grid_path
     if grid.is_file():
         print(f"samples: {grid}")
+    clips = RunFolder(res.run_dir).final_clips_path  # a video run's
+    if clips.is_file():
+        print(f"clips: {clips} (frames: {RunFolder(res.run_dir).final_frames_path})")
     code = _cut_short(
         res.stopped_because, res.run_dir, f"ldmkit train --out {res.run_dir} --resume",
         "the loss was not finite for max_bad_steps steps in a row; the last good checkpoint is "
@@ -78,6 +82,8 @@ def _cut_short(why: str, folder: Any, resume: str, bad_loss: str) -> int | None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from . import api
 
+    if api.is_video_run(args.run):
+        return _sample_clips(args)
     if args.out is None and args.outdir is None:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
     if args.out is not None:  # not over a file it reads: --prompts, the run's files
@@ -102,6 +108,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.outdir:
         api.save_images(samples, args.outdir)
         print(f"wrote {len(samples.images)} images to {args.outdir}")
+    return 0
+
+
+def _sample_clips(args: argparse.Namespace) -> int:
+    """`ldmkit sample` on a video run: animations (GIF/WebP) and strip PNGs of frames."""
+    from . import api
+
+    if args.out is None and args.outdir is None:
+        raise CLIError("give --out clips.gif (all clips in one animation, and clips.png: their "
+                       "frames) and/or --outdir DIR (one GIF per clip)")  # fmt: skip
+    if args.nrow is not None:
+        raise CLIError("--nrow lays out image grids; a video run's strip has one row per clip")
+    if args.out is not None:
+        api.check_animation_output("--out", args.out)
+        api.check_output_file("--out", args.out, inputs=[("--prompts", args.prompts_file),
+                                                          *api.run_inputs(args.run)])  # fmt: skip
+    if args.outdir is not None:
+        api.check_path("--outdir", args.outdir)
+        api.check_writable(args.outdir)
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["sample"].fields()}
+    clips = api.sample_clips(
+        args.run, options=declared.VERBS["sample"](**{**given, "prompts": _prompts(args)}),
+        device=args.device,
+    )  # fmt: skip
+    if args.out:
+        paths = api.save_clips(clips, args.out)
+        print(f"wrote {paths[0]} and {paths[1]} ({clips.description})")
+    if args.outdir:
+        paths = api.save_clip_files(clips, args.outdir)
+        print(f"wrote {len(paths) - 1} clips and clips.png (their frames) to {args.outdir}")
     return 0
 
 
@@ -203,6 +239,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "--cas-seeds, --held-out, --samplers, --steps, --guidance, --seed")  # fmt: skip
         return _cas(args)
 
+    if api.is_video_run(args.run):
+        return _eval_video(args)
     result = api.evaluate(
         args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
         full=args.full, out=args.out, ref=args.ref, held_out=args.held_out,
@@ -419,6 +457,10 @@ def _add_train(sub: Any) -> None:
                    "a compile of 1-2 min, for long runs)")  # fmt: skip
     t.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="under torchrun: the processes' backend (auto: nccl on CUDA, gloo on CPU)")  # fmt: skip
+    t.add_argument("--inflate", metavar="RUN",
+                   help="video data: grow the video UNet from this image run's UNet and reuse "
+                   "its autoencoder (= --set init_from=RUN; add --set video.freeze_spatial=true "
+                   "to train the temporal layers only)")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
 
@@ -429,8 +471,9 @@ def _add_sample(sub: Any) -> None:
     s.add_argument("--prompts", dest="prompts_file", metavar="FILE",
                    help="a text file of prompts, one per line")  # fmt: skip
     s.add_argument("--nrow", type=_number)
-    s.add_argument("--out", help="grid PNG to write")
-    s.add_argument("--outdir", help="folder for one PNG per image")
+    s.add_argument("--out", help="grid PNG to write (a video run: clips.gif or .webp, and its "
+                   "frames as clips.png)")  # fmt: skip
+    s.add_argument("--outdir", help="folder for one PNG per image (a video run: one GIF per clip)")
     s.add_argument("--device")
     s.add_argument("--no-fast", dest="fast", action="store_false",
                    help="float32 throughout (default: bf16 autocast where the CPU/GPU runs bf16 "
@@ -501,6 +544,39 @@ def _add_convert(sub: Any) -> None:
     c.add_argument("--vae", metavar="DIR", help="AutoencoderKL folder, if not DIR/vae")
     c.add_argument("--scheduler", metavar="DIR", help="scheduler folder, if not DIR/scheduler")
     c.set_defaults(func=cmd_convert)
+
+
+def _eval_video(args: argparse.Namespace) -> int:
+    """`ldmkit eval` on a video run: per-frame FID, class kept, motion, flicker."""
+    from . import api
+
+    for flag, value in (("--ref", args.ref), ("--features", args.features),
+                        ("--full", args.full), ("--out", args.out), ("--fresh", args.fresh),
+                        ("--samplers", args.samplers and "," in args.samplers),
+                        ("--steps", args.steps and "," in args.steps)):  # fmt: skip
+        if value:
+            raise CLIError(f"{flag} is for an image run's table; a video run takes --n, --seed, "
+                           "--samplers and --steps (one each), --guidance, --held-out yes")  # fmt: skip
+    r = api.evaluate_video(
+        args.run, n=args.n if args.n is not None else 64, seed=args.seed,
+        sampler=args.samplers, steps=_number(args.steps) if args.steps else None,
+        guidance_scale=args.guidance, device=args.device, held_out=bool(args.held_out),
+    )  # fmt: skip
+
+    def show(v: Any, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    print(f"{r['sampled']}{' (held-out combinations)' if r['held_out'] else ''}")
+    print(f"  per-frame FID (domain classifier): {show(r['fid_frames'], '.2f')}")
+    print(f"  class constant across frames:      {show(r['class_constant'])}")
+    print(f"  class as asked:                    {show(r['class_accuracy'])}")
+    print(f"  direction as captioned:            {show(r['direction_accuracy'])}")
+    print(f"  moving (not still or lost):        {show(r['moving'])}, median speed "
+          f"{r['median_speed']:.2f} px/frame")  # fmt: skip
+    print(f"  flicker:                           {show(r['flicker'], '.2f')} (real clips: "
+          f"{show(r['real_flicker'], '.2f')})")  # fmt: skip
+    print(f"note: {r['note']}")
+    return 0
 
 
 def _add_eval(sub: Any) -> None:

@@ -104,6 +104,15 @@ from .training import (
     train_plan,
     training_log,
 )
+from .video import (  # issue 30: video runs
+    Clips,
+    check_animation_output,
+    evaluate_video,
+    is_video_run,
+    sample_clips,
+    save_clip_files,
+    save_clips,
+)
 
 __all__ = [
     "ANNOUNCE_FROM",
@@ -164,4 +173,12 @@ __all__ = [
     "train",
     "train_plan",
     "training_log",
+    # issue 30: video runs
+    "Clips",
+    "check_animation_output",
+    "evaluate_video",
+    "is_video_run",
+    "sample_clips",
+    "save_clip_files",
+    "save_clips",
 ]

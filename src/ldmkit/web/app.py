@@ -8,7 +8,8 @@ checks an argument or names a run file by itself.
     GET  /api/run?run=NAME              its data, classes or text, guidance, which grids exist,
                                         the fields of the sample and edit forms (web/forms.py)
     GET  /api/run/log?run=NAME          loss rows per stage (log.jsonl)
-    GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview
+    GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview|clips  (clips: a
+                                        video run's final clips, an animated GIF)
     POST /api/run/stop   {"run"}        asks its training to stop with a checkpoint
     POST /api/sample     {"run", and options.SampleOptions' fields by their page names: "n",
                           "sampler", "steps", "seed", "guidance", "classes", "prompts",
@@ -93,7 +94,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-RUN_IMAGES = ("samples", "loss", "reconstructions", "preview")
+RUN_IMAGES = ("samples", "loss", "reconstructions", "preview", "clips")
 
 
 class WebError(Exception):
@@ -416,8 +417,12 @@ class Site:
                 "preview": preview.stem if preview else None,
             },
             "samplers": list(SAMPLERS), "default_sampler": own_sampler,
-            "max_images": MAX_WEB_IMAGES, "sampling": sampling, "editing": edits.methods(run),
+            "max_images": MAX_WEB_IMAGES, "sampling": sampling,
+            "editing": [] if cfg.video else edits.methods(run),  # a video run: sample only
             "warnings": folder.warnings(),  # a failed or cut-short stage (training.json)
+            # issue 30: a video run's clips (its sample results are animated GIFs)
+            "video": {"frames": cfg.video.frames, "fps": cfg.video.fps} if cfg.video else None,
+            "clips": folder.final_clips_path.is_file(),
         })  # fmt: skip
 
     async def run_log(self, request: Request) -> Response:
@@ -442,13 +447,13 @@ class Site:
         which = request.query_params.get("which")
         paths = {"samples": folder.final_grid_path, "loss": folder.loss_plot_path,
                  "reconstructions": folder.reconstructions_path,
-                 "preview": folder.newest_preview()}  # fmt: skip
+                 "preview": folder.newest_preview(), "clips": folder.final_clips_path}  # fmt: skip
         if which not in paths:
             raise WebError(400, f"which={which!r}: use one of {', '.join(RUN_IMAGES)}")
         path = paths[which]
         if path is None or not path.is_file():
             raise WebError(404, f"the run has no {which} image yet")
-        return Response(path.read_bytes(), media_type="image/png")
+        return Response(path.read_bytes(), media_type=_media_type(path.read_bytes()[:6]))
 
     async def stop_training(self, request: Request) -> Response:
         body = await _json_body(request, {"run"})
@@ -509,6 +514,8 @@ class Site:
         return self._submit(body["run"], "sample", params, lambda job: self._sample(folder, job))
 
     def _sample(self, folder: RunFolder, job: Job) -> Result:
+        if folder.is_video():
+            return self._sample_clips(folder, job)
         ldm = self.model(folder)
         p = job.params
         options = sample_options().given(p)  # checked again by api.sample
@@ -527,6 +534,21 @@ class Site:
         info = {"description": samples.description, "images": len(images),
                 "notes": samples.notes, "row_labels": samples.row_labels}  # fmt: skip
         return Result(png, info, images)
+
+    def _sample_clips(self, folder: RunFolder, job: Job) -> Result:
+        """A video run's sample job: its clips as one animated GIF (the result, each frame a
+        grid of the clips), the strip PNG of their frames and one GIF per clip (its images),
+        each with the parameters; the job's progress is the sampler's steps."""
+        options = sample_options().given(job.params)  # checked again by api.sample_clips
+        clips = api.sample_clips(folder.path, options=options, device=self.device,
+                                 progress=lambda done, total: job.report(done, total))  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            gif, strip = api.save_clips(clips, Path(tmp) / "sample.gif")
+            each = api.save_clip_files(clips, Path(tmp) / "each")[:-1]
+            result, images = gif.read_bytes(), [strip.read_bytes(), *(p.read_bytes() for p in each)]
+        info = {"description": clips.description, "images": len(images), "notes": clips.notes,
+                "row_labels": None, "clips": len(each)}  # fmt: skip
+        return Result(result, info, images)
 
     async def edit(self, request: Request) -> Response:
         form = await request.form(max_files=3, max_fields=8, max_part_size=MAX_BODY_BYTES)
@@ -590,11 +612,12 @@ class Site:
         if job.result is None:
             raise WebError(409, f"job {job.id} is {job.state}; its result comes when it is done")
         headers = {}
+        media = _media_type(job.result.png[:6])  # a video run's result is an animated GIF
         if request.query_params.get("download"):
             headers["Content-Disposition"] = (
-                f'attachment; filename="ldmkit-{job.kind}-{job.id}.png"'
+                f'attachment; filename="ldmkit-{job.kind}-{job.id}.{media.split("/")[1]}"'
             )
-        return Response(job.result.png, media_type="image/png", headers=headers)
+        return Response(job.result.png, media_type=media, headers=headers)
 
     async def job_image(self, request: Request) -> Response:
         """One image of a finished job's grid (?i=0 the first), a PNG with its parameters."""
@@ -605,7 +628,7 @@ class Site:
             raise WebError(
                 404, f"job {job.id} has no image {i!r} ({len(images)} images, {job.state})"
             )
-        return Response(images[int(i)], media_type="image/png")
+        return Response(images[int(i)], media_type=_media_type(images[int(i)][:6]))
 
     async def job_input(self, request: Request) -> Response:
         job = self._job(request)
@@ -631,6 +654,11 @@ def sample_options() -> type:
     """The sample verb's declaration as the page takes it: at most MAX_WEB_IMAGES images a job,
     8 by default."""
     return _page_sample(VERBS["sample"])
+
+
+def _media_type(head: bytes) -> str:
+    """image/gif for a GIF's bytes (a video run's clips), else image/png."""
+    return "image/gif" if head.startswith(b"GIF8") else "image/png"
 
 
 async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:

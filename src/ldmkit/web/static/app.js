@@ -45,12 +45,14 @@ async function pickRun(name) {
   const facts = [["data", `${info.data.name || info.data.spec} (${info.data.num_images ?? "?"} images)`],
     ["image size", `${info.image_size} px, ${info.data.channels ?? "?"} channels`],
     ["condition", info.conditioning === "class" ? info.class_names.join(", ") : info.conditioning === "text" ? "text prompts" : "none"],
-    ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)]];
+    ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)],
+    ...(info.video ? [["video", `${info.video.frames} frames at ${info.video.fps} fps`]] : [])];
   $("facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
   const warnings = info.warnings || [];
   $("run-warnings").replaceChildren(...warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
   $("run-warnings").hidden = warnings.length === 0;
   showRunImage("samples", info.images.samples);
+  showRunImage("clips", info.clips);  // a video run's final clips: an animated GIF plays in an <img>
   showRunImage("loss", info.images.loss);
   fillSampleForm(info);
   fillEditForm(info);
