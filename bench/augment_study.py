@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -36,6 +37,7 @@ from benchlib import load_line, machine_line, print_table
 from PIL import Image
 
 from ldmkit import api
+from ldmkit.checkpoint import write_json
 from ldmkit.data import load_dataset
 from ldmkit.evaluation import cas
 from ldmkit.synth import read_synth
@@ -46,6 +48,8 @@ DATA = {
     "shapes": ("builtin:shapes?n=6000", "builtin:shapes?n=2000", 32),
 }
 TEST_N = 2000
+# generator budgets per number of real images per class (wall time, one thread here)
+DEFAULT_BUDGET = "10=2m,50=3m,200=4m"
 QUICK_SETS = [  # the smallest run that trains (tests/reliability's TINY), 16 px
     "vae.block_out_channels=[8,8]", "vae.norm_groups=4", "vae.layers_per_block=1",
     "vae.mid_attention=false", "unet.block_out_channels=[8,16]",
@@ -62,8 +66,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", default="10,50,200")
     p.add_argument("--ratios", default="1,3,10")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budget", default="4m", help="wall time of each generator's training")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps of the generated images")
+    p.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help="wall time of each generator's training: one duration, or K=DURATION "
+                        "per number of real images per class")  # fmt: skip
+    p.add_argument("--steps", type=int, default=10, help="sampler steps of the generated images")
+    p.add_argument("--size", type=int, default=16, help="image size of every image")
     p.add_argument("--out", default="augment_study", help="folder of the runs, images, results")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true")
@@ -71,6 +78,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.data, args.per_class, args.ratios, args.seeds, args.steps = "shapes", "4", "1,2", 1, 2
     return args
+
+
+def budget_of(spec: str, k: int) -> str:
+    """The generator budget for k real images per class: "4m" or "10=2m,50=3m,200=4m"."""
+    if "=" not in spec:
+        return spec
+    table = dict(item.split("=", 1) for item in spec.split(","))
+    if str(k) not in table:
+        raise SystemExit(f"--budget {spec} names no budget for {k} images per class")
+    return table[str(k)]
 
 
 def real_folder(images: torch.Tensor, labels: torch.Tensor, names: list[str], out: Path) -> Path:
@@ -91,13 +108,40 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def weak(acc: dict[str, list[float]], classes: int) -> bool:
+    """A generator too weak for the study to say much: its images alone (the CAS at k) train the
+    classifier to less than halfway from chance to what as many real images reach."""
+    chance = 1 / classes
+    return spread(acc["gen"])[0] < chance + 0.5 * (spread(acc["real"])[0] - chance)
+
+
 def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
-    """One (data set, k) cell: the generator, its images and every classifier's accuracy."""
+    """One (data set, k) cell: the generator, its images and every classifier's accuracy.
+    Resumable: CELL/state.json records the finished generator and each classifier's accuracy as
+    it is measured; a call after a kill redoes only what was not recorded (an unfinished
+    generator is trained again from scratch, an unfinished synth folder is completed)."""
     train_spec, test_spec, size = DATA[name]
-    size = 16 if args.quick else size
+    size = 16 if args.quick else args.size or size
     ratios = [int(r) for r in args.ratios.split(",")]
     if args.quick:
         train_spec, test_spec = "builtin:shapes?n=100", "builtin:shapes?n=60"
+    cell = root / f"{name}-{k}"
+    cell.mkdir(parents=True, exist_ok=True)
+    state_path = cell / "state.json"
+    budget = None if args.quick else budget_of(args.budget, k)
+    ident = {"data": name, "per_class": k, "size": size, "budget": budget, "steps": args.steps,
+             "max_ratio": max(ratios), "quick": args.quick}  # fmt: skip
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("ident") != ident:  # another configuration: start the cell again
+        if state:
+            print(f"{cell.name}: options changed since its last run; starting it again")
+        shutil.rmtree(cell)
+        cell.mkdir(parents=True)
+        state = {"ident": ident, "acc": {}}
+
+    def save() -> None:
+        write_json(state_path, state)
+
     pool = load_dataset(train_spec, image_size=size, seed=0)
     test = load_dataset(test_spec, image_size=size, seed=1)
     names, classes = pool.class_names, len(pool.class_names)
@@ -105,35 +149,52 @@ def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
     real_x, real_y = pool.images[pick], pool.labels[pick]
     t = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:TEST_N]
     test_x, test_y = test.images[t], cas.map_labels(test.labels[t], test.class_names, names)
-    cell = root / f"{name}-{k}"
-    data_dir = real_folder(real_x, real_y, names, cell / "real")
-    t0 = time.perf_counter()
     run = cell / "run"
-    if not (run / "unet").is_dir():
+    if "train_s" not in state:
+        shutil.rmtree(cell / "real", ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)  # a generator killed while training
+        data_dir = real_folder(real_x, real_y, names, cell / "real")
+        t0, c0 = time.perf_counter(), time.process_time()
         sets = QUICK_SETS if args.quick else []
-        api.train(run, data=str(data_dir), time_budget=None if args.quick else args.budget,
-                  seed=0, image_size=size, sets=sets)  # fmt: skip
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = api.synth(run, cell / "synth", per_class=k * max(ratios), steps=args.steps)
-    synth_s = time.perf_counter() - t0
+        api.train(run, data=str(data_dir), time_budget=budget, seed=0, image_size=size,
+                  sets=sets)  # fmt: skip
+        state["train_s"], state["train_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        done = json.loads((run / "training.json").read_text())
+        state["unet_steps"] = done.get("diffusion", {}).get("steps")
+        save()
+    if "synth_s" not in state:
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = api.synth(run, cell / "synth", per_class=k * max(ratios), steps=args.steps)
+        state["synth_s"], state["synth_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        state["generated"] = result.kept
+        save()
     gen_x, gen_y, _, gen_names = read_synth(cell / "synth")
     gen_y = cas.map_labels(gen_y, gen_names, names)
-    acc: dict[str, list[float]] = {"real": [], **{f"+1:{r}": [] for r in ratios}, "gen": []}
+    keys = ["real", *(f"+1:{r}" for r in ratios), "gen"]
     for s in range(args.seeds):
-        model = cas.train_classifier(real_x, real_y, classes, seed=s)
-        acc["real"].append(cas.accuracy(model, test_x, test_y))
-        for r in ratios:
-            g = first_per_class(gen_y, k * r, classes)
-            x = torch.cat([real_x, gen_x[g]])
-            y = torch.cat([real_y, gen_y[g]])
+        for key in keys:
+            if str(s) in state["acc"].get(key, {}):
+                continue
+            if key == "real":
+                x, y = real_x, real_y
+            elif key == "gen":
+                g = first_per_class(gen_y, k, classes)
+                x, y = gen_x[g], gen_y[g]
+            else:
+                g = first_per_class(gen_y, k * int(key[3:]), classes)
+                x, y = torch.cat([real_x, gen_x[g]]), torch.cat([real_y, gen_y[g]])
+            c0 = time.process_time()
             model = cas.train_classifier(x, y, classes, seed=s)
-            acc[f"+1:{r}"].append(cas.accuracy(model, test_x, test_y))
-        g = first_per_class(gen_y, k, classes)
-        model = cas.train_classifier(gen_x[g], gen_y[g], classes, seed=s)
-        acc["gen"].append(cas.accuracy(model, test_x, test_y))
-    return {"data": name, "per_class": k, "ratios": ratios, "accuracy": acc,
-            "generated": result.kept, "train_s": train_s, "synth_s": synth_s,
+            state["acc"].setdefault(key, {})[str(s)] = cas.accuracy(model, test_x, test_y)
+            state["classifier_cpu_s"] = state.get("classifier_cpu_s", 0) + time.process_time() - c0
+            save()
+    acc = {key: [state["acc"][key][str(s)] for s in range(args.seeds)] for key in keys}
+    return {"data": name, "per_class": k, "size": size, "ratios": ratios, "accuracy": acc,
+            "classes": classes, "weak_generator": weak(acc, classes), "budget": budget,
+            "unet_steps": state["unet_steps"], "generated": state["generated"],
+            "train_s": state["train_s"], "synth_s": state["synth_s"],
+            "cpu_s": {"train": state["train_cpu_s"], "synth": state["synth_cpu_s"],
+                      "classifiers": state["classifier_cpu_s"]},
             "n_test": len(test_x)}  # fmt: skip
 
 
@@ -163,8 +224,7 @@ def run_study(args: argparse.Namespace) -> None:
             cells.append(study_one(name, k, args, root))
             shown = {key: round(spread(v)[0], 3) for key, v in cells[-1]["accuracy"].items()}
             print(f"{name} k={k}: {shown} ({load_line()})", flush=True)
-            (root / "augment_study.partial.json").write_text(json.dumps(cells, indent=1))
-    columns = ["data", "real/class", *cells[0]["accuracy"]]
+    columns = ["data", "real/class", *cells[0]["accuracy"], "generator"]
     rows = []
     for c in cells:
         real, _ = spread(c["accuracy"]["real"])
@@ -173,19 +233,29 @@ def run_study(args: argparse.Namespace) -> None:
             mean, std = spread(values)
             row.append(f"{mean:.3f}+-{std:.3f}" + ("" if key == "real" else
                                                    f"({mean - real:+.3f})"))  # fmt: skip
+        row.append(f"{'WEAK' if c['weak_generator'] else 'ok'},{c['unet_steps']}-steps")
         rows.append(row)
-    print(f"accuracy on the real test images, mean+-std over {args.seeds} seed(s); (change "
-          "against real only); gen = trained on k generated images per class alone (the CAS)")  # fmt: skip
+    print(f"accuracy on {cells[0]['n_test']} real test images, mean+-std over {args.seeds} "
+          "seed(s); (change against real only); gen = trained on k generated images per class "
+          "alone (the CAS at k); generator: WEAK when gen is under halfway from chance to real, "
+          "and its UNet steps")  # fmt: skip
     print_table(columns, rows)
-    print(f"total {time.perf_counter() - t0:.0f} s wall; {load_line()}")
+    cpu = sum(sum(c["cpu_s"].values()) for c in cells)
+    print(f"CPU time of the study {cpu / 60:.1f} min (generators "
+          f"{sum(c['cpu_s']['train'] for c in cells) / 60:.1f}, synth "
+          f"{sum(c['cpu_s']['synth'] for c in cells) / 60:.1f}, classifiers "
+          f"{sum(c['cpu_s']['classifiers'] for c in cells) / 60:.1f}; across resumed calls); "
+          f"this call {time.perf_counter() - t0:.0f} s wall; {load_line()}")  # fmt: skip
     (root / "augment_study.json").write_text(json.dumps(
         {"machine": machine_line(), "args": vars(args), "classifier": cas.recipe(),
-         "cells": cells}, indent=1))  # fmt: skip
+         "cpu_s": cpu, "cells": cells}, indent=1))  # fmt: skip
     plot(cells, root / "augment_study.png")
     print(f"wrote {root / 'augment_study.json'}")
 
 
 def plot(cells: list[dict], path: Path) -> None:
+    """Accuracy against the ratio of generated to real images, a line per number of real
+    images per class, a panel per data set; the CAS at k (generated only) in the legend."""
     try:
         import matplotlib
 
@@ -195,21 +265,25 @@ def plot(cells: list[dict], path: Path) -> None:
         print("matplotlib is not installed: table only")
         return
     names = list(dict.fromkeys(c["data"] for c in cells))
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        mine = [c for c in cells if c["data"] == name]
-        ks = [c["per_class"] for c in mine]
-        for key in mine[0]["accuracy"]:
-            stats = [spread(c["accuracy"][key]) for c in mine]
-            ax.errorbar(ks, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                        capsize=3, label=key if key != "gen" else "generated only")  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_xlabel("real training images per class")
-        ax.set_ylabel("test accuracy")
+        for c in (c for c in cells if c["data"] == name):
+            keys = ["real", *(f"+1:{r}" for r in c["ratios"])]
+            stats = [spread(c["accuracy"][key]) for key in keys]
+            cas_mean = spread(c["accuracy"]["gen"])[0]
+            tail = ", weak generator)" if c["weak_generator"] else ")"
+            label = f"{c['per_class']} real/class (CAS {cas_mean:.2f}{tail}"
+            ax.errorbar(range(len(keys)), [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, label=label)  # fmt: skip
+            ax.set_xticks(range(len(keys)), ["real only", *(f"1:{r}" for r in c["ratios"])])
+        ax.axhline(1 / cells[[c["data"] for c in cells].index(name)]["classes"], color="grey",
+                   linestyle=":", linewidth=1, label="chance")  # fmt: skip
+        ax.set_xlabel("real : generated images")
+        ax.set_ylabel("accuracy on the real test set")
         ax.set_title(name)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     print(f"wrote {path}")
 

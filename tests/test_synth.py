@@ -23,6 +23,7 @@ from eval_helpers import make_tiny_run  # noqa: E402
 from reliability_helpers import error_line, make_run, make_text_run, run_cli  # noqa: E402
 
 from ldmkit import api  # noqa: E402
+from ldmkit.config import ConfigError  # noqa: E402
 from ldmkit.data.images import read_png_params  # noqa: E402
 from ldmkit.pipeline import LatentDiffusion  # noqa: E402
 from ldmkit.runs import read_data  # noqa: E402
@@ -82,6 +83,32 @@ def test_each_image_draws_from_its_own_seed(class_run):
     alone = draw(ldm, [8], **{**kw, "condition": {"class_labels": torch.tensor([1])}})
     torch.testing.assert_close(alone[0], batch[1], atol=1e-5, rtol=0)
     assert (batch[0] - batch[1]).abs().max() > 1e-2
+
+
+def test_class_subset_draws_only_those_classes_and_the_same_images(class_run, tmp_path, capsys):
+    """`--class` (names and indexes mixed, in any order) writes only those classes' folders, and
+    each image is the one a synth of every class writes (a class keeps its index and its seeds);
+    the manifest records the subset, so another subset does not resume the folder."""
+    full = tmp_path / "full"
+    everything = api.synth(class_run, full, per_class=2, **QUICK)
+    names = [g.name for g in everything.groups]
+    sub = tmp_path / "sub"
+    rc, out, _ = run_cli(capsys, "synth", "--run", str(class_run), "--out", str(sub),
+                         "--per-class", "2", "--steps", "2", "--batch-size", "2", "--quiet",
+                         "--class", f"3,{names[1]}")  # fmt: skip
+    assert rc == 0 and "wrote 4 images" in out and "2 folder(s)" in out, out
+    picked = [g for g in everything.groups if g.label in (1, 3)]
+    assert sorted(p.name for p in sub.iterdir() if not p.name.startswith(".")) == sorted(
+        g.folder for g in picked
+    )
+    for g in picked:
+        for i in range(2):
+            f = f"{g.folder}/{i:05d}.png"
+            assert files(sub)[f] == files(full)[f], f
+    _, labels, _, group_names = read_synth(sub)
+    assert labels.tolist() == [1, 1, 3, 3] and group_names == [names[1], names[3]]
+    with pytest.raises(ConfigError, match="other classes"):
+        api.synth(class_run, sub, per_class=2, classes="0", **QUICK)
 
 
 def test_an_interrupted_synth_resumes_to_the_same_folder(class_run, tmp_path):
@@ -262,6 +289,12 @@ def test_bad_input_is_one_line(class_run, tmp_path, capsys):
                           "holds images of another synth (other per_class)"),
         "unknown keep": ([*r, str(class_run), o, str(tmp_path / "o"), "--per-class", "2",
                           "--keep", "best"], "unknown keep 'best'"),
+        "unknown class": ([*r, str(class_run), o, str(tmp_path / "o"), "--per-class", "2",
+                           "--class", "hexagon"], "--class: unknown class 'hexagon'; known"),
+        "class index too large": ([*r, str(class_run), o, str(tmp_path / "o"), "--per-class",
+                                   "2", "--class", "5"], "--class: unknown class '5'"),
+        "class, unconditional": ([*r, str(uncond), o, str(tmp_path / "o"), "--n", "2", "--class",
+                                  "0"], "--class: the model in"),
         "out inside the run's models": ([*r, str(class_run), o, str(class_run / "unet" / "s"),
                                          "--per-class", "2"], "inside the --run folder"),
     }  # fmt: skip

@@ -676,6 +676,10 @@ class SynthOptions(Options):
     per_class: int | None = option(
         None, "images per class of a class-conditional run", lo=1, hi=MAX_SYNTH_IMAGES, web=False
     )
+    classes: str | None = option(
+        None, "only these classes of a class-conditional run: name(s) or index(es), "
+        "comma-separated (default: every class)", flag="--class", web=False,
+    )  # fmt: skip
     n: int | None = option(
         None, "images of an unconditional run, or per prompt of a text run", lo=1,
         hi=MAX_SYNTH_IMAGES, web=False,
@@ -717,11 +721,44 @@ class SynthOptions(Options):
             kind == "text" and values["prompts_file"] is None
         ):
             raise ConfigError(f"the model in {shown} {what}: {want}")
+        if values["classes"] is not None:
+            if kind != "class":
+                raise ConfigError(f"--class: the model in {shown} {what}; drop --class")
+            check_synth_classes(run, values["classes"])
         if values["keep"] == "readable" and kind != "class":
             raise ConfigError(
                 f"--keep readable: the model in {shown} {what}, and only a class-conditional "
                 "run's classes can be read back; drop --keep"
             )
+
+
+def class_subset(spec: str, class_names: Sequence[str] | None, num_classes: int) -> list[int]:
+    """The class indexes that `--class` names ("3", "circle", "circle,2"), in the run's order;
+    a ConfigError names an unknown one and lists the known."""
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise ConfigError(f"--class is empty; name one or more of: {', '.join(names)}")
+    picked = set()
+    for part in parts:
+        if part in names:
+            picked.add(names.index(part))
+        elif part.isdigit() and int(part) < len(names):
+            picked.add(int(part))
+        else:
+            raise ConfigError(
+                f"--class: unknown class {part!r}; known classes: {', '.join(names)} (names or "
+                f"indexes 0-{len(names) - 1}, comma-separated; drop --class for every class)"
+            )
+    return sorted(picked)
+
+
+def check_synth_classes(run: RunFolder, classes: str) -> list[int]:
+    """synth's --class against the run's classes (names or indexes, comma-separated): the class
+    indexes it names."""
+    names = run.data_info().class_names
+    count = run.config().unet.num_classes or 0
+    return class_subset(classes, names if names and len(names) == count else None, count)
 
 
 _EDIT_DECLARATIONS = (InpaintOptions, FillOptions, Img2ImgOptions, InvertOptions,

@@ -105,15 +105,18 @@ def image_name(i: int) -> str:
 
 
 def plan_groups(ldm_kind: str, *, class_names: Sequence[str] | None, num_classes: int,
-                count: int, prompts: Sequence[str] | None = None) -> list[Group]:  # fmt: skip
-    """The sub-folders of a synth folder: one per class (named after the class), one per prompt
-    (numbered, then the prompt), or the root alone."""
+                count: int, prompts: Sequence[str] | None = None,
+                only: Sequence[int] | None = None) -> list[Group]:  # fmt: skip
+    """The sub-folders of a synth folder: one per class (named after the class; only the class
+    indexes `only` when given), one per prompt (numbered, then the prompt), or the root alone.
+    A class keeps its index, so its images do not depend on the other classes drawn."""
     if ldm_kind == "class":
         names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         folders = [safe_filename(n, max_len=60) for n in names]
         if len(set(folders)) < len(folders):  # two names alike once made file names
             folders = [f"{i:03d}-{f}" for i, f in enumerate(folders)]
-        return [Group(i, n, f, count) for i, (n, f) in enumerate(zip(names, folders))]
+        return [Group(i, n, f, count) for i, (n, f) in enumerate(zip(names, folders))
+                if only is None or i in only]  # fmt: skip
     if ldm_kind == "text":
         assert prompts
         return [Group(i, p, f"{i:03d}-{safe_filename(p, max_len=60)}", count)

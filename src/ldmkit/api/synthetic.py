@@ -53,6 +53,7 @@ def synth(
     per_class: int | None = None,
     n: int | None = None,
     prompts_file: str | os.PathLike | None = None,
+    classes: str | None = None,
     sampler: str = _SYNTH.sampler,
     steps: int = _SYNTH.steps,
     seed: int = _SYNTH.seed,
@@ -73,7 +74,9 @@ def synth(
     as if the call had never stopped. `keep="readable"` keeps only images the run's domain
     classifier reads as their class, drawing more (the dropped are counted). Options come as
     keywords or all at once as `options` (`options.SynthOptions`); `progress(done, total)`
-    follows the images kept. Returns a `synth.SynthResult`."""
+    follows the images kept; `classes` ("circle,2": names or indexes) draws only those classes.
+    Returns a `synth.SynthResult`."""
+    from ..options import check_synth_classes
     from ..pipeline import LatentDiffusion
     from ..synth import (
         FORMAT,
@@ -90,7 +93,7 @@ def synth(
     check_path("--out", out)
     o = SynthOptions(
         per_class=per_class, n=n, prompts_file=None if prompts_file is None else str(prompts_file),
-        sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
+        classes=classes, sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, batch_size=batch_size, keep=keep,
     )  # fmt: skip
     if options is not None:
@@ -112,7 +115,8 @@ def synth(
     cfg = folder.config()
     groups = plan_groups(kind, class_names=folder.data_info().class_names,
                          num_classes=cfg.unet.num_classes,
-                         count=o.per_class if kind == "class" else o.n, prompts=prompts)  # fmt: skip
+                         count=o.per_class if kind == "class" else o.n, prompts=prompts,
+                         only=check_synth_classes(folder, o.classes) if o.classes else None)  # fmt: skip
     scale = o.guidance_scale
     if kind == "none":  # no condition: guidance does not apply
         scale = 1.0
@@ -129,7 +133,7 @@ def synth(
               "classifier": judge.fingerprint if judge is not None else None,
               "guidance": scale, "params": params}  # fmt: skip
     chosen = {k: getattr(o, k) for k in ("per_class", "n", "sampler", "steps", "seed",
-              "guidance_scale", "guidance_rescale", "batch_size", "keep")}  # fmt: skip
+              "guidance_scale", "guidance_rescale", "batch_size", "keep", "classes")}  # fmt: skip
     notes: list[str] = []
     old = read_manifest(out) if out.is_dir() else None
     if old is not None:
