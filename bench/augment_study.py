@@ -1,24 +1,31 @@
 """Does generated data help a classifier? The augmentation study of issue 29.
 
     python bench/augment_study.py [--data mnist,shapes] [--per-class 10,50,200]
-        [--ratios 1,3,10] [--seeds 3] [--budget 4m] [--steps 20] [--out DIR] [--threads N]
+        [--ratios 1,3,10] [--seeds 3] [--unet-steps 10=1000,50=1500,200=2500 | --budget 4m]
+        [--steps 10] [--size 16] [--out DIR] [--threads N]
     python bench/augment_study.py --quick            # a minute: checks the plumbing only
 
 For each data set and each number k of real images per class:
   1. k real training images per class are drawn (seed 0) and written as a labelled folder;
-  2. a generator (`ldmkit train`, the default recipe, `--budget` of wall time) is trained on
-     those images only: it never sees the rest of the training set, nor the test set;
+  2. a generator (`ldmkit train`: the default recipe at --size, --unet-steps UNet steps, see
+     DEFAULT_UNET_STEPS) is trained on those images only: it never sees the rest of the
+     training set, nor the test set; one generator serves every ratio and seed of its k;
   3. `ldmkit synth` draws max(ratios) x k images per class from it (`--steps` of the default
      sampler); ratio r takes the first r x k of each class;
   4. the fixed CAS classifier (`ldmkit.evaluation.cas`, the same recipe as `eval --cas`) is
      trained, once per seed, on: the k real images per class alone ("real"), real + r x k
-     generated per class for each ratio ("+1:r"), and the k x 1 generated alone ("gen", the
-     CAS at this size); each is tested on the same real test images (MNIST: 2000 of its test
-     split; shapes: 2000 shapes drawn with another seed).
-The table gives each accuracy's mean and std over the seeds and the change against real only;
-the plot draws accuracy against k per data set. The generator's own quality (its training
-images only) is the limit of the study: it is what a user with k images per class would have.
-Results: DIR/augment_study.json and DIR/augment_study.png.
+     generated per class for each ratio ("+1:r"), and k generated per class alone ("gen", the
+     CAS at this size: the generator's own quality); each is tested on the same real test
+     images (MNIST: 2000 of its test split; shapes: 2000 shapes drawn with another seed).
+The table gives each accuracy's mean and std over the seeds, the change against real only, and
+flags a generator as WEAK where its CAS is under halfway from chance to the real accuracy; the
+plot draws accuracy against the ratio, a line per k, a panel per data set.
+
+Resumable: each (data set, k) keeps its state in DIR/<data>-<k>/state.json (the generator once
+trained, the synth folder, each classifier's accuracy as measured), so a killed study run again
+with the same options continues where it stopped; the two data sets may run as two processes
+(`--data mnist` and `--data shapes` into the same --out), then one call with both gathers the
+table and the plot from what they stored. Results: DIR/augment_study.json and .png.
 """
 
 from __future__ import annotations
@@ -42,14 +49,20 @@ from ldmkit.data import load_dataset
 from ldmkit.evaluation import cas
 from ldmkit.synth import read_synth
 
-# data set -> (training spec, test spec, image size)
+# data set -> (training spec, test spec)
 DATA = {
-    "mnist": ("builtin:mnist", "builtin:mnist?split=test", 32),
-    "shapes": ("builtin:shapes?n=6000", "builtin:shapes?n=2000", 32),
+    "mnist": ("builtin:mnist", "builtin:mnist?split=test"),
+    "shapes": ("builtin:shapes?n=6000", "builtin:shapes?n=2000"),
 }
 TEST_N = 2000
-# generator budgets per number of real images per class (wall time, one thread here)
-DEFAULT_BUDGET = "10=2m,50=3m,200=4m"
+# each generator: the default recipe at --size with set step counts (not a wall-time budget, so
+# that a busy machine does not change the generators): UNet steps per k real images per class,
+# the autoencoder's steps (it reaches its readability target in about 120 at 16 px), and a fixed
+# guidance scale (the 10-minute runs measured 2 for MNIST, 3 for shapes; measuring it for each
+# generator would cost about a minute each)
+DEFAULT_UNET_STEPS = "10=1000,50=1500,200=2500"
+VAE_STEPS = 300
+GUIDANCE = 3.0
 QUICK_SETS = [  # the smallest run that trains (tests/reliability's TINY), 16 px
     "vae.block_out_channels=[8,8]", "vae.norm_groups=4", "vae.layers_per_block=1",
     "vae.mid_attention=false", "unet.block_out_channels=[8,16]",
@@ -66,9 +79,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--per-class", default="10,50,200")
     p.add_argument("--ratios", default="1,3,10")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budget", default=DEFAULT_BUDGET,
-                   help="wall time of each generator's training: one duration, or K=DURATION "
-                        "per number of real images per class")  # fmt: skip
+    p.add_argument("--unet-steps", default=DEFAULT_UNET_STEPS,
+                   help="each generator's UNet steps: one count, or K=STEPS per number of real "
+                        "images per class")  # fmt: skip
+    p.add_argument("--budget", default=None,
+                   help="instead of --unet-steps: each generator's wall time (the default "
+                        "recipe's budget split): one duration, or K=DURATION per k")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="sampler steps of the generated images")
     p.add_argument("--size", type=int, default=16, help="image size of every image")
     p.add_argument("--out", default="augment_study", help="folder of the runs, images, results")
@@ -80,13 +96,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def budget_of(spec: str, k: int) -> str:
-    """The generator budget for k real images per class: "4m" or "10=2m,50=3m,200=4m"."""
+def per_k(flag: str, spec: str, k: int) -> str:
+    """The value of a per-k flag for k real images per class: "4m", or "10=2m,50=3m,200=4m"."""
     if "=" not in spec:
         return spec
     table = dict(item.split("=", 1) for item in spec.split(","))
     if str(k) not in table:
-        raise SystemExit(f"--budget {spec} names no budget for {k} images per class")
+        raise SystemExit(f"{flag} {spec} names no value for {k} images per class")
     return table[str(k)]
 
 
@@ -120,16 +136,18 @@ def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
     Resumable: CELL/state.json records the finished generator and each classifier's accuracy as
     it is measured; a call after a kill redoes only what was not recorded (an unfinished
     generator is trained again from scratch, an unfinished synth folder is completed)."""
-    train_spec, test_spec, size = DATA[name]
-    size = 16 if args.quick else args.size or size
+    train_spec, test_spec = DATA[name]
+    size = 16 if args.quick else args.size
     ratios = [int(r) for r in args.ratios.split(",")]
     if args.quick:
         train_spec, test_spec = "builtin:shapes?n=100", "builtin:shapes?n=60"
     cell = root / f"{name}-{k}"
     cell.mkdir(parents=True, exist_ok=True)
     state_path = cell / "state.json"
-    budget = None if args.quick else budget_of(args.budget, k)
-    ident = {"data": name, "per_class": k, "size": size, "budget": budget, "steps": args.steps,
+    budget = None if args.quick or not args.budget else per_k("--budget", args.budget, k)
+    unet_steps = None if args.quick or budget else int(per_k("--unet-steps", args.unet_steps, k))
+    ident = {"data": name, "per_class": k, "size": size, "budget": budget,
+             "unet_steps": unet_steps, "steps": args.steps,
              "max_ratio": max(ratios), "quick": args.quick}  # fmt: skip
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("ident") != ident:  # another configuration: start the cell again
@@ -155,7 +173,9 @@ def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
         shutil.rmtree(run, ignore_errors=True)  # a generator killed while training
         data_dir = real_folder(real_x, real_y, names, cell / "real")
         t0, c0 = time.perf_counter(), time.process_time()
-        sets = QUICK_SETS if args.quick else []
+        sets = QUICK_SETS if args.quick else [] if budget else [
+            f"unet_train.steps={unet_steps}", f"vae_train.steps={VAE_STEPS}",
+            "choose_guidance=false", f"guidance_scale={GUIDANCE}"]  # fmt: skip
         api.train(run, data=str(data_dir), time_budget=budget, seed=0, image_size=size,
                   sets=sets)  # fmt: skip
         state["train_s"], state["train_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
