@@ -332,7 +332,7 @@ def test_the_readme_examples_run(class_run, tmp_path, capsys, monkeypatch):
     swap = lambda s: s.replace("runs/mnist", str(class_run)).replace("synth/", f"{tmp_path}/")  # noqa: E731
     commands = [swap(ln.split("  #")[0]).split()[1:] for ln in section.splitlines()
                 if ln.startswith("ldmkit ") and "runs/mnist" in ln]  # fmt: skip
-    assert [c[0] for c in commands] == ["synth", "synth", "eval"]
+    assert [c[0] for c in commands] == ["synth", "synth", "synth", "eval"]
     for argv in commands:
         quick = ["--steps", "2"] + (["--per-class", "2", "--quiet"] if argv[0] == "synth" else
                                     ["--cas-per-class", "2", "--cas-seeds", "1"])  # fmt: skip
