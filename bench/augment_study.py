@@ -18,8 +18,8 @@ For each data set and each number k of real images per class:
      CAS at this size: the generator's own quality); each is tested on the same real test
      images (MNIST: 2000 of its test split; shapes: 2000 shapes drawn with another seed).
 The table gives each accuracy's mean and std over the seeds, the change against real only, and
-flags a generator as WEAK where its CAS is under halfway from chance to the real accuracy; the
-plot draws accuracy against the ratio, a line per k, a panel per data set.
+flags a generator as WEAK where its CAS is under halfway from chance to the real accuracy, and a
+cell as no-signal where the classifier learns next to nothing from its k real images; the plot draws accuracy against the ratio, a line per k, a panel per data set.
 
 Resumable: each (data set, k) keeps its state in DIR/<data>-<k>/state.json (the generator once
 trained, the synth folder, each classifier's accuracy as measured), so a killed study run again
@@ -124,11 +124,19 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def weak(acc: dict[str, list[float]], classes: int) -> bool:
-    """A generator too weak for the study to say much: its images alone (the CAS at k) train the
-    classifier to less than halfway from chance to what as many real images reach."""
-    chance = 1 / classes
-    return spread(acc["gen"])[0] < chance + 0.5 * (spread(acc["real"])[0] - chance)
+NO_SIGNAL = 0.1  # real-only accuracy within this of chance: the classifier learns nothing
+
+
+def generator_status(acc: dict[str, list[float]], classes: int) -> str:
+    """The cell's status: "no-signal" where the classifier learns next to nothing from k real
+    images per class (real only within NO_SIGNAL of chance: the cell cannot tell whether
+    anything helps),
+    "WEAK" where the generator's images alone (the CAS at k) train it to less than halfway from
+    chance to what as many real images reach, else "ok"."""
+    chance, real = 1 / classes, spread(acc["real"])[0]
+    if real < chance + NO_SIGNAL:
+        return "no-signal"
+    return "WEAK" if spread(acc["gen"])[0] < chance + 0.5 * (real - chance) else "ok"
 
 
 def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
@@ -210,7 +218,7 @@ def study_one(name: str, k: int, args: argparse.Namespace, root: Path) -> dict:
             save()
     acc = {key: [state["acc"][key][str(s)] for s in range(args.seeds)] for key in keys}
     return {"data": name, "per_class": k, "size": size, "ratios": ratios, "accuracy": acc,
-            "classes": classes, "weak_generator": weak(acc, classes), "budget": budget,
+            "classes": classes, "status": generator_status(acc, classes), "budget": budget,
             "unet_steps": state["unet_steps"], "generated": state["generated"],
             "train_s": state["train_s"], "synth_s": state["synth_s"],
             "cpu_s": {"train": state["train_cpu_s"], "synth": state["synth_cpu_s"],
@@ -253,12 +261,12 @@ def run_study(args: argparse.Namespace) -> None:
             mean, std = spread(values)
             row.append(f"{mean:.3f}+-{std:.3f}" + ("" if key == "real" else
                                                    f"({mean - real:+.3f})"))  # fmt: skip
-        row.append(f"{'WEAK' if c['weak_generator'] else 'ok'},{c['unet_steps']}-steps")
+        row.append(f"{c['status']},{c['unet_steps']}-steps")
         rows.append(row)
     print(f"accuracy on {cells[0]['n_test']} real test images, mean+-std over {args.seeds} "
           "seed(s); (change against real only); gen = trained on k generated images per class "
           "alone (the CAS at k); generator: WEAK when gen is under halfway from chance to real, "
-          "and its UNet steps")  # fmt: skip
+          "no-signal when real only is within 0.1 of chance, and its UNet steps")  # fmt: skip
     print_table(columns, rows)
     cpu = sum(sum(c["cpu_s"].values()) for c in cells)
     print(f"CPU time of the study {cpu / 60:.1f} min (generators "
@@ -291,7 +299,9 @@ def plot(cells: list[dict], path: Path) -> None:
             keys = ["real", *(f"+1:{r}" for r in c["ratios"])]
             stats = [spread(c["accuracy"][key]) for key in keys]
             cas_mean = spread(c["accuracy"]["gen"])[0]
-            tail = ", weak generator)" if c["weak_generator"] else ")"
+            tail = {"ok": ")", "WEAK": ", weak generator)", "no-signal": ", real ~ chance)"}[
+                c["status"]
+            ]
             label = f"{c['per_class']} real/class (CAS {cas_mean:.2f}{tail}"
             ax.errorbar(range(len(keys)), [m for m, _ in stats], yerr=[s for _, s in stats],
                         marker="o", capsize=3, label=label)  # fmt: skip

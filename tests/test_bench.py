@@ -146,7 +146,7 @@ def test_augment_study_quick(capsys, tmp_path):
     for cell in rows[0][2:-1]:
         assert 0 <= float(cell.split("+-")[0]) <= 1, rows
     assert all(re.search(r"\([+-]\d\.\d{3}\)$", c) for c in rows[0][3:-1]), rows
-    assert re.fullmatch(r"(ok|WEAK),\d+-steps", rows[0][-1]), rows
+    assert re.fullmatch(r"(ok|WEAK|no-signal),\d+-steps", rows[0][-1]), rows
     saved = json.loads((tmp_path / "augment_study.json").read_text())
     (cell,) = saved["cells"]
     assert cell["generated"] == 4 * 2 * 5  # k x the largest ratio, per class of 5
