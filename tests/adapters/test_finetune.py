@@ -293,7 +293,8 @@ def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, 
     line = refused(capsys, "finetune", "--run", str(runs["class"]), "--out", str(tmp_path / "x"),
                    "--name", "x")  # fmt: skip
     assert (
-        line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run)"
+        line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run, "
+        "or --export-peft ADAPTER)"
     )
 
 
