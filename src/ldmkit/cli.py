@@ -692,8 +692,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     for flag, value in (("--data", args.data), ("--name", args.name)):
         if value is None:
-            raise CLIError(f"finetune needs {flag} (or --merge ADAPTER to bake one into a run, "
-                           "or --export-peft ADAPTER)")
+            raise CLIError(
+                f"finetune needs {flag} (or --merge ADAPTER to bake one into a run, "
+                "or --export-peft ADAPTER)"
+            )
     given = {f.name: getattr(args, f.name) for f in declared.VERBS["finetune"].fields()}
     res = api.finetune(
         args.run, data=args.data, name=args.name, out=args.out, resume=args.resume,
