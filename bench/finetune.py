@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             row["new_acc"], row["new_fid"] = read(s, held)
             if a.guidance is not None:
                 g = api.sample(base, n=per_class, classes=a.held_out, seed=a.seed,
-                               guidance=a.guidance, **extra).images  # fmt: skip
+                               guidance_scale=a.guidance, **extra).images  # fmt: skip
                 row["new_acc_g"] = read(g, held)[0]
             row["nn_train"] = nearest(s, to_float(few_pool[: a.few]))
             row["nn_real"] = nearest(s, to_float(real_new[: max(a.few, 50)]))
