@@ -677,12 +677,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_float("--adapter-scale", args.merge_scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE,
                 hint=" (0 = off)")  # fmt: skip
     if args.export_peft is not None:
-        from .interop.lora_peft import PEFT_WEIGHTS_NAME, export_peft_lora
-
         if args.merge is not None:
             raise CLIError("give --merge or --export-peft, not both")
-        out = export_peft_lora(args.run, args.export_peft, args.out)
-        print(f"wrote {out / PEFT_WEIGHTS_NAME} (diffusers/peft LoRA keys) and its "
+        out = Path(api.export_adapter_peft(args.run, args.export_peft, args.out))
+        print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (diffusers/peft LoRA keys) and its "
               "adapter_config.json; see docs/interop.md to load it")  # fmt: skip
         return 0
     if args.merge is not None:

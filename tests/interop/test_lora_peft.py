@@ -212,3 +212,7 @@ def test_cli_export_peft(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True)  # --out is not empty now
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "not empty" in res.stderr
+    inside = [*cmd[:-1], str(tmp_path / "A" / "peft")]  # --out inside the adapter folder
+    res = subprocess.run(inside, capture_output=True, text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--out" in res.stderr and "--export-peft" in res.stderr

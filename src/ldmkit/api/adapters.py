@@ -119,3 +119,18 @@ def merge_adapter(
     from ..training.finetune import merge_run
 
     return merge_run(run, adapter, out, scale=scale)
+
+
+def export_adapter_peft(
+    run: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike
+) -> os.PathLike:
+    """Write `adapter` (made by `finetune` for `run`) as a diffusers/peft LoRA folder `out`
+    (`ldmkit finetune --export-peft`; `ldmkit.interop.lora_peft`, docs/interop.md)."""
+    from ..interop.lora_peft import export_peft_lora
+
+    for flag, folder in (("--run", run), ("--export-peft", adapter), ("--out", out)):
+        check_path(flag, folder)
+    for flag, folder in (("--run", run), ("--export-peft", adapter)):
+        check_apart("--out", out, flag, folder)
+    check_writable(out)
+    return export_peft_lora(run, adapter, out)
