@@ -45,6 +45,10 @@ RECIPES = {
     "locon-r8-flip": dict(rank=8, conv=True, flip=True),
     "locon-r8-keep": dict(rank=8, conv=True, new_label_dropout=0.0),  # no null label on the few
     "attn-r4-keep": dict(rank=4, conv=False, new_label_dropout=0.0),
+    # class-gated (session 10): the adapter acts on the new class only; no prior needed
+    "attn-r4-gate": dict(rank=4, conv=False, gate="class"),
+    "locon-r4-gate": dict(rank=4, conv=True, gate="class"),
+    "locon-r8-gate": dict(rank=8, conv=True, gate="class"),
 }
 DEFAULT_VARIANTS = "attn-r4@1,locon-r8@1,locon-r8@0"
 

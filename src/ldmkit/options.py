@@ -912,6 +912,11 @@ class FinetuneOptions(Options):
                           "text)", choices=("none", "flip"))  # fmt: skip
     seed: int = option(0, "seed of the fine-tuning's noise and of the prior samples", lo=0,
                        hi=max_seed)  # fmt: skip
+    gate: str = option(
+        "class", "class: a new class's adapter acts on that class only (the old classes and the "
+        "null label stay the base run's, bit for bit; cannot be merged); none: on every class",
+        choices=("class", "none"),
+    )  # fmt: skip
 
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
         if run.has_text():

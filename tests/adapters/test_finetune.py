@@ -61,14 +61,16 @@ def test_the_adapter_folder_holds_a_small_file_and_what_it_fits(runs, adapter):
     info = a.info()
     assert (info.kind, info.class_name, info.class_index) == ("class", "blob", 3)
     assert info.base_weights_hash == RunFolder(runs["class"]).weights_hash()
-    assert info.steps == 40 and info.num_images == 5 and info.prior_images == 6
+    assert info.steps == 40 and info.num_images == 5
+    # class-gated by default: it never acts on the old classes, so no prior samples are drawn
+    assert info.gate == "class" and info.prior_images == 0 and info.prior_weight == 0
     assert info.lora.rank == 4 and info.lora.targets == ("to_q", "to_k", "to_v", "to_out")
     tensors = a.tensors()
     assert tensors["class_rows"].shape == (1, 128)
     # 4 attention blocks (down, 2 up, mid) x 4 projections x (A, B), and the class row
     assert len(tensors) == 4 * 4 * 2 + 1
     assert a.weights_path.stat().st_size < 40_000  # the base UNet is ~0.1 M parameters
-    assert a.prior_path.is_file()
+    assert not a.prior_path.exists()
     assert json.loads(a.info_path.read_text())["format"] == "ldmkit-adapter"
 
 
@@ -297,7 +299,7 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
     section = text.split("## Fine-tuning: a new class from a few images")[1].split("\n## ")[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = [line.split("#")[0] for line in block.splitlines() if line.startswith("ldmkit")]
-    assert len(commands) == 5
+    assert len(commands) == 6
     run = tmp_path / "runs" / "shapes"
     shutil.copytree(runs["class"], run)
     shutil.copytree(runs["few"], tmp_path / "my_hearts")
@@ -315,6 +317,17 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
 
 
 def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, capsys):
+    # the default adapter acts on its class only: plain weights cannot, so merging is refused
+    line = refused(capsys, "finetune", "--run", str(runs["class"]), "--merge", str(adapter),
+                   "--out", str(tmp_path / "m0"))  # fmt: skip
+    assert "acts on its class only" in line and "--gate none" in line
+    assert not (tmp_path / "m0").exists()
+    gated, adapter = adapter, tmp_path / "all"
+    rc, _, err = run_cli(capsys, "finetune", "--run", str(runs["class"]), "--data",
+                         str(runs["few"]), "--name", "blob", "--out", str(adapter), "--gate",
+                         "none", *QUICK)  # fmt: skip
+    assert rc == 0, err
+    assert AdapterFolder(adapter).info().gate == "none" and gated != adapter
     merged = tmp_path / "merged"
     rc, out, err = run_cli(capsys, "finetune", "--run", str(runs["class"]), "--merge",
                            str(adapter), "--out", str(merged), "--adapter-scale", "0.8")  # fmt: skip

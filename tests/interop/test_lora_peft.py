@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,11 @@ def test_export_refusals(tmp_path):
         export_peft_lora(other, tmp_path / "A", tmp_path / "o2")
     with pytest.raises(InteropError, match="not an adapter|adapter.json|no adapter"):
         export_peft_lora(run, tmp_path / "run", tmp_path / "o3")
+    gated = json.loads((tmp_path / "A" / "adapter.json").read_text()) | {"gate": "class"}
+    shutil.copytree(tmp_path / "A", tmp_path / "G")
+    (tmp_path / "G" / "adapter.json").write_text(json.dumps(gated))
+    with pytest.raises(InteropError, match="acts on its class only.*--gate none"):
+        export_peft_lora(run, tmp_path / "G", tmp_path / "o4")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(InteropError, match="not empty"):

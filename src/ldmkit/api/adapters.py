@@ -92,6 +92,7 @@ def finetune(
         time_budget_s=o.time_budget,
         prior_weight=o.prior_weight, prior_images=o.prior_images, flip=o.augment == "flip",
         seed=o.seed, resume=resume, device=dev, progress=progress, stop=stop,
+        gate=o.gate,
     )  # fmt: skip
 
 
@@ -109,7 +110,13 @@ def merge_adapter(
     check_path("--out", out)
     check_float("--adapter-scale", scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)")
     folder = RunFolder(run).require_trained()
-    AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    info = AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    if info.gate == "class" and scale != 0:
+        raise ConfigError(
+            f"--merge {adapter} acts on its class only (fine-tuned with --gate class); merged "
+            "weights would act on every class: sample it with --adapter, or fine-tune again with "
+            "--gate none to merge"
+        )
     if RunFolder(out).exists() or overlap(out, run) is not None:
         raise ConfigError(
             f"--out {out} holds a run already or overlaps {run}; give a new folder for the "

@@ -106,6 +106,11 @@ def export_peft_lora(run: str | Path, adapter: str | Path, out: str | Path) -> P
         unet_cls, _ = unet_names.diffusers_unet_config(folder.config().unet)
     except (ConfigError, CheckpointError) as e:
         raise InteropError(f"{e}") from None
+    if info.gate == "class":
+        raise InteropError(
+            f"{adapter} acts on its class only (fine-tuned with --gate class); a diffusers/peft "
+            "LoRA acts on every class: fine-tune again with --gate none to export"
+        )
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise InteropError(f"--out {out} is not empty; give a new folder for the exported LoRA")

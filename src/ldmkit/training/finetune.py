@@ -42,6 +42,7 @@ from ..models.lora import (
     LoraConfig,
     add_class_rows,
     class_rows,
+    gate_by_class,
     inject_lora,
     lora_parameters,
     lora_state_dict,
@@ -213,6 +214,7 @@ def finetune_run(
     flip: bool = False,
     seed: int = 0,
     new_label_dropout: float | None = None,
+    gate: str = "none",
     resume: bool = False,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
@@ -229,6 +231,12 @@ def finetune_run(
     vae, unet = folder.load_vae(dev), folder.load_unet(dev)
     base_unet_config = cfg.unet
     is_class = bool(unet.config.num_classes)
+    gated = is_class and gate == "class"
+    if gated:
+        # the adapter never acts on the old classes or the null label: nothing to preserve, and
+        # a new image shown with the null label would train nothing
+        prior_weight = 0.0
+        new_label_dropout = 0.0 if new_label_dropout is None else new_label_dropout
 
     prior, prior_labels = None, None
     if prior_weight > 0:
@@ -253,6 +261,8 @@ def finetune_run(
     )  # fmt: skip
     layers = inject_lora(unet, lora, ADAPTER)
     label = add_class_rows(unet, ADAPTER, 1) if is_class else None
+    if label is not None and gated:  # the adapter acts on the new class only
+        gate_by_class(unet, ADAPTER, [label])
     trained = lora_parameters(unet, ADAPTER)
     rows = class_rows(unet, ADAPTER)
     if rows is not None:
@@ -295,6 +305,7 @@ def finetune_run(
         prior_weight=prior_weight if prior is not None else 0.0,
         prior_images=len(prior) if prior is not None else 0,
         seconds=round(time.perf_counter() - start, 1),
+        gate=gate if label is not None else "none",
     )  # fmt: skip
     adapter.save(info, tensors)
     log.info("wrote the adapter %s (%d steps, %s)", adapter.path, result.steps_done,
