@@ -65,7 +65,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__, api
-from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data.images import png_info, write_png
 from ..data.transforms import pil_image
@@ -690,7 +689,7 @@ def adapters_of(folder: RunFolder) -> list[dict[str, Any]]:
             entry.update(kind=info.kind, class_name=info.class_name, fits=True, why=None,
                          rank=info.lora.rank, steps=info.steps,
                          kb=round(adapter.weights_path.stat().st_size / 1024, 1))  # fmt: skip
-        except (ConfigError, CheckpointError, OSError) as e:
+        except (ConfigError, ValueError, OSError) as e:  # CheckpointError is a ValueError
             entry.update(kind=None, class_name=None, fits=False, why=str(e))
         found.append(entry)
     return found
