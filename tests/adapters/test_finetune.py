@@ -64,12 +64,15 @@ def test_the_adapter_folder_holds_a_small_file_and_what_it_fits(runs, adapter):
     assert info.steps == 40 and info.num_images == 5
     # class-gated by default: it never acts on the old classes, so no prior samples are drawn
     assert info.gate == "class" and info.prior_images == 0 and info.prior_weight == 0
-    assert info.lora.rank == 4 and info.lora.targets == ("to_q", "to_k", "to_v", "to_out")
+    targets = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2")
+    assert info.lora.rank == 8 and info.lora.targets == targets  # the defaults
     tensors = a.tensors()
     assert tensors["class_rows"].shape == (1, 128)
-    # 4 attention blocks (down, 2 up, mid) x 4 projections x (A, B), and the class row
-    assert len(tensors) == 4 * 4 * 2 + 1
-    assert a.weights_path.stat().st_size < 40_000  # the base UNet is ~0.1 M parameters
+    # 4 attention blocks (down, 2 up, mid) x 4 projections, and two convs in each resnet, x (A, B)
+    # and the class row
+    resnets = sum(1 for k in tensors if k.endswith("conv1.lora_down.weight"))
+    assert resnets >= 4 and len(tensors) == (4 * 4 + 2 * resnets) * 2 + 1
+    assert a.weights_path.stat().st_size < 400_000  # the base UNet is ~0.1 M parameters
     assert not a.prior_path.exists()
     assert json.loads(a.info_path.read_text())["format"] == "ldmkit-adapter"
 
