@@ -217,13 +217,16 @@ def test_finetune_quick(capsys, tmp_path):
     (with and without prior preservation), and its table."""
     import finetune
 
-    finetune.main(["--quick", "--out", str(tmp_path / "bench")])
+    finetune.main(["--quick", "--out", str(tmp_path / "bench"), "--guidance", "5"])
     out = capsys.readouterr().out
     rows = table(out, "variant", "new_acc", "new_fid")
-    assert [r[0] for r in rows] == ["base", "adapter,", "adapter,"]
+    assert [r[0] for r in rows] == ["base", "attn-r4,", "locon-r8,", "locon-r8,"]
+    assert [r[2] for r in rows[1:]] == ["1", "1", "0"]  # prior weights
     for r in rows[1:]:
         assert 0 <= float(r[3]) <= 1 and 0 <= float(r[5]) <= 1  # accuracies
         assert float(r[8]) > 0 and r[10] == "6"  # adapter KB, steps
+        assert 0 <= float(r[11]) <= 1  # the new class's accuracy at guidance 5
+    assert float(rows[2][8]) > float(rows[1][8])  # LoCon rank 8 is the larger adapter
     assert "base run classes: ['circle', 'square', 'star', 'triangle']" in out
 
 

@@ -658,6 +658,9 @@ def _add_finetune(sub: Any) -> None:
                    "into a copy of the run (a new run folder --out; its class an ordinary one)")  # fmt: skip
     f.add_argument("--adapter-scale", dest="merge_scale", type=_number, default=1.0,
                    help="with --merge: the adapter's strength (default 1)")  # fmt: skip
+    f.add_argument("--export-peft", metavar="ADAPTER", help="instead of fine-tuning: write this "
+                   "adapter's UNet LoRA in the diffusers/peft layout into the folder --out "
+                   "(docs/interop.md)")  # fmt: skip
     add_options(f, "finetune")
     f.add_argument("--resume", action="store_true",
                    help="continue an interrupted fine-tuning in --out from its checkpoint")  # fmt: skip
@@ -673,6 +676,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     check_float("--adapter-scale", args.merge_scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE,
                 hint=" (0 = off)")  # fmt: skip
+    if args.export_peft is not None:
+        if args.merge is not None:
+            raise CLIError("give --merge or --export-peft, not both")
+        out = Path(api.export_adapter_peft(args.run, args.export_peft, args.out))
+        print(f"wrote {out / 'pytorch_lora_weights.safetensors'} (diffusers/peft LoRA keys) and its "
+              "adapter_config.json; see docs/interop.md to load it")  # fmt: skip
+        return 0
     if args.merge is not None:
         merged = api.merge_adapter(args.run, args.merge, args.out, scale=args.merge_scale)
         print(f"wrote the run {merged.path} ({args.run} with {args.merge} merged); sample it "
@@ -680,7 +690,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     for flag, value in (("--data", args.data), ("--name", args.name)):
         if value is None:
-            raise CLIError(f"finetune needs {flag} (or --merge ADAPTER to bake one into a run)")
+            raise CLIError(
+                f"finetune needs {flag} (or --merge ADAPTER to bake one into a run, "
+                "or --export-peft ADAPTER)"
+            )
     given = {f.name: getattr(args, f.name) for f in declared.VERBS["finetune"].fields()}
     res = api.finetune(
         args.run, data=args.data, name=args.name, out=args.out, resume=args.resume,

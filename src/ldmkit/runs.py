@@ -636,6 +636,7 @@ class AdapterInfo:
     prior_weight: float = 0.0
     prior_images: int = 0
     seconds: float = 0.0
+    gate: str = "none"  # "class": the adapter acts on its new class only (lora.gate_by_class)
     format: str = ADAPTER_FORMAT
     version: int = 1
 
@@ -721,7 +722,13 @@ class AdapterFolder(RunFolder):
     def load_into(self, unet: UNet, name: str, scale: float = 1.0) -> AdapterInfo:
         """Add this adapter to `unet` (in place) as `name`, at `scale`; its new class, if any,
         becomes the next class label. The caller checked the run with `check_fits`."""
-        from .models.lora import add_class_rows, inject_lora, load_lora_state_dict, set_lora_scale
+        from .models.lora import (
+            add_class_rows,
+            gate_by_class,
+            inject_lora,
+            load_lora_state_dict,
+            set_lora_scale,
+        )
 
         info = self.info()
         tensors = self.tensors()
@@ -732,5 +739,7 @@ class AdapterFolder(RunFolder):
         if info.kind == "class":
             if rows is None:
                 raise CheckpointError(f"{self.weights_path} lacks its class row; it is corrupt")
-            add_class_rows(unet, name, rows)
+            label = add_class_rows(unet, name, rows)
+            if info.gate == "class":
+                gate_by_class(unet, name, range(label, label + len(rows)))
         return info

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "web"))  # serve_helpers: the page test
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adapter_helpers import few_images, make_adaptable_run  # noqa: E402

@@ -61,14 +61,19 @@ def test_the_adapter_folder_holds_a_small_file_and_what_it_fits(runs, adapter):
     info = a.info()
     assert (info.kind, info.class_name, info.class_index) == ("class", "blob", 3)
     assert info.base_weights_hash == RunFolder(runs["class"]).weights_hash()
-    assert info.steps == 40 and info.num_images == 5 and info.prior_images == 6
-    assert info.lora.rank == 4 and info.lora.targets == ("to_q", "to_k", "to_v", "to_out")
+    assert info.steps == 40 and info.num_images == 5
+    # class-gated by default: it never acts on the old classes, so no prior samples are drawn
+    assert info.gate == "class" and info.prior_images == 0 and info.prior_weight == 0
+    targets = ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2")
+    assert info.lora.rank == 8 and info.lora.targets == targets  # the defaults
     tensors = a.tensors()
     assert tensors["class_rows"].shape == (1, 128)
-    # 4 attention blocks (down, 2 up, mid) x 4 projections x (A, B), and the class row
-    assert len(tensors) == 4 * 4 * 2 + 1
-    assert a.weights_path.stat().st_size < 40_000  # the base UNet is ~0.1 M parameters
-    assert a.prior_path.is_file()
+    # 4 attention blocks (down, 2 up, mid) x 4 projections, and two convs in each resnet, x (A, B)
+    # and the class row
+    resnets = sum(1 for k in tensors if k.endswith("conv1.lora_down.weight"))
+    assert resnets >= 4 and len(tensors) == (4 * 4 + 2 * resnets) * 2 + 1
+    assert a.weights_path.stat().st_size < 400_000  # the base UNet is ~0.1 M parameters
+    assert not a.prior_path.exists()
     assert json.loads(a.info_path.read_text())["format"] == "ldmkit-adapter"
 
 
@@ -222,14 +227,56 @@ def test_refusals_of_sample_with_adapters(runs, adapter, capsys, tmp_path):
     assert not (tmp_path / "g.png").exists()
 
 
-def test_the_page_does_not_take_adapters_yet(runs, adapter):
+def test_the_page_lists_a_runs_adapters_and_samples_with_one(runs, adapter, tmp_path):
+    """The run panel lists RUN/adapters/* (class name, scale, fit); a sample request names one
+    of them (never a folder) and gets the CLI's images."""
+    import io
+
+    from PIL import Image
+    from serve_helpers import wait_for
     from starlette.testclient import TestClient
 
+    from ldmkit.data.transforms import to_uint8
     from ldmkit.web.app import create_app
 
-    with TestClient(create_app(runs["root"])) as client:
-        r = client.post("/api/sample", json={"run": "class", "n": 1, "adapters": [str(adapter)]})
-    assert r.status_code == 400 and "does not sample with adapters yet" in r.json()["error"]
+    root = tmp_path / "root"
+    shutil.copytree(runs["class"], root / "class")
+    shutil.copytree(adapter, root / "class" / "adapters" / "blob")
+    stranger = root / "class" / "adapters" / "other"
+    shutil.copytree(adapter, stranger)
+    info = json.loads((stranger / "adapter.json").read_text())
+    info["base_weights_hash"] = "0" * 16
+    (stranger / "adapter.json").write_text(json.dumps(info))
+    with TestClient(create_app(root)) as client:
+        listed = client.get("/api/run", params={"run": "class"}).json()["adapters"]
+        assert [(a["name"], a["class_name"], a["fits"], a["scale"]) for a in listed] == [
+            ("blob", "blob", True, 1.0), ("other", None, False, 1.0)]  # fmt: skip
+        assert "other weights" in listed[1]["why"]
+        request = {"run": "class", "n": 2, "classes": "blob", "seed": 3, "steps": 4}
+        r = client.post("/api/sample", json=request | {"adapter": "blob", "adapter_scale": 0.5})
+        assert r.status_code == 202, r.text
+        job = wait_for(client, r.json()["job"]["id"])
+        assert job["state"] == "done", job
+        got = [client.get("/api/job/image", params={"id": job["id"], "i": i}).content
+               for i in range(2)]  # fmt: skip
+        # refusals: a folder instead of a name, an unknown name, one that does not fit, a scale
+        # without an adapter, a scale out of range, the new class without its adapter
+        for body, says in (
+            ({"adapters": [str(adapter)]}, "a run's own adapters only"),
+            ({"adapter": "../class"}, "unknown adapter '../class' for this run; its adapters: "
+                                      "blob, other"),
+            ({"adapter": "other"}, "other weights"),
+            ({"adapter_scale": 1}, "adapter_scale without an adapter"),
+            ({"adapter": "blob", "adapter_scale": 9}, "--adapter-scale must be"),
+            ({"adapter": None}, "unknown class 'blob'"),
+        ):  # fmt: skip
+            r = client.post("/api/sample", json=request | body)
+            assert r.status_code == 400 and says in r.json()["error"], (body, r.text)
+    cli = api.sample(root / "class", n=2, classes="blob", seed=3, steps=4,
+                     adapters=[str(root / "class" / "adapters" / "blob")], adapter_scales=[0.5])  # fmt: skip
+    for png, image in zip(got, cli.images):
+        page = torch.as_tensor(list(Image.open(io.BytesIO(png)).convert("RGB").getdata()))
+        assert torch.equal(page.T.reshape(image.shape), to_uint8(image))  # the CLI's bytes
 
 
 def test_the_declared_rank_limit_is_the_models():
@@ -255,7 +302,7 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
     section = text.split("## Fine-tuning: a new class from a few images")[1].split("\n## ")[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = [line.split("#")[0] for line in block.splitlines() if line.startswith("ldmkit")]
-    assert len(commands) == 4
+    assert len(commands) == 6
     run = tmp_path / "runs" / "shapes"
     shutil.copytree(runs["class"], run)
     shutil.copytree(runs["few"], tmp_path / "my_hearts")
@@ -269,9 +316,21 @@ def test_the_readme_commands_run(runs, tmp_path, capsys):
         assert rc == 0, (command, err)
     assert (tmp_path / "hearts.png").is_file() and (tmp_path / "grid.png").is_file()
     assert RunFolder(tmp_path / "runs" / "shapes-heart").data_info().class_names[-1] == "heart"
+    assert (tmp_path / "runs" / "heart-peft" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, capsys):
+    # the default adapter acts on its class only: plain weights cannot, so merging is refused
+    line = refused(capsys, "finetune", "--run", str(runs["class"]), "--merge", str(adapter),
+                   "--out", str(tmp_path / "m0"))  # fmt: skip
+    assert "acts on its class only" in line and "--gate none" in line
+    assert not (tmp_path / "m0").exists()
+    gated, adapter = adapter, tmp_path / "all"
+    rc, _, err = run_cli(capsys, "finetune", "--run", str(runs["class"]), "--data",
+                         str(runs["few"]), "--name", "blob", "--out", str(adapter), "--gate",
+                         "none", *QUICK)  # fmt: skip
+    assert rc == 0, err
+    assert AdapterFolder(adapter).info().gate == "none" and gated != adapter
     merged = tmp_path / "merged"
     rc, out, err = run_cli(capsys, "finetune", "--run", str(runs["class"]), "--merge",
                            str(adapter), "--out", str(merged), "--adapter-scale", "0.8")  # fmt: skip
@@ -293,7 +352,8 @@ def test_merge_bakes_the_adapter_into_a_run_of_its_own(runs, adapter, tmp_path, 
     line = refused(capsys, "finetune", "--run", str(runs["class"]), "--out", str(tmp_path / "x"),
                    "--name", "x")  # fmt: skip
     assert (
-        line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run)"
+        line == "ldmkit: error: finetune needs --data (or --merge ADAPTER to bake one into a run, "
+        "or --export-peft ADAPTER)"
     )
 
 

@@ -14,7 +14,9 @@ from ldmkit.models.lora import (
     LoraLayer,
     adapter_names,
     add_class_rows,
+    class_gates,
     class_rows,
+    gate_by_class,
     inject_lora,
     load_lora_state_dict,
     lora_parameters,
@@ -176,3 +178,40 @@ def test_only_the_adapter_and_new_rows_receive_gradients():
     assert all(
         p.grad is None for n, p in unet.named_parameters() if "paths" not in n and "rows" not in n
     )
+
+
+@pytest.mark.parametrize("targets", [("to_q", "to_k", "to_v", "to_out"),
+                                     ("to_q", "to_k", "to_v", "to_out", "conv1", "conv2")])  # fmt: skip
+def test_a_class_gated_adapter_acts_on_its_class_only_in_a_mixed_batch(targets):
+    """gate_by_class: in one batch of old classes, the new class and the null label, only the
+    new class's samples change; every other sample is the base model's bit for bit; ungated,
+    the same adapter changes them all. Merging a gated adapter is refused."""
+    base = base_unet()
+    unet = copy.deepcopy(base)
+    inject_lora(unet, LoraConfig(rank=2, targets=targets), "a")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora_parameters(unet, "a"):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    label = add_class_rows(unet, "a", 1)
+    assert label == 3
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(5, 4, 8, 8, generator=g), torch.tensor([3, 50, 700, 900, 10])
+    mixed = torch.tensor([0, 3, 1, 4, 3])  # old, new, old, null, new
+    base_labels = torch.tensor([0, 0, 1, 3, 0])  # the base's own labels where they exist
+    with torch.no_grad():
+        ungated = unet(x, t, class_labels=mixed)
+        gate_by_class(unet, "a", [label])
+        assert class_gates(unet) == {"a": (3,)}
+        gated = unet(x, t, class_labels=mixed)
+        plain = base(x, t, class_labels=base_labels)
+        alone = unet(x[[1]], t[[1]], class_labels=mixed[[1]])
+    old = [0, 2, 3]
+    assert torch.equal(gated[old], plain[old])  # old classes and the null label: bit for bit
+    assert (ungated[old] - plain[old]).abs().max() > 1e-3  # the ungated adapter moves them
+    assert torch.equal(gated[[1, 4]], ungated[[1, 4]])  # the new class: the adapter acts
+    torch.testing.assert_close(alone, gated[[1]], rtol=0, atol=1e-5)  # whatever the batch
+    with pytest.raises(ConfigError, match="acts on its own class only"):
+        merge_lora(unet)
+    set_lora_scale(unet, "a", 0.0)
+    merge_lora(unet)  # at scale 0 there is nothing to bake

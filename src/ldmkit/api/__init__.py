@@ -21,7 +21,8 @@ function and its module is `ldmkit.api.sampling`:
 - `sampling`: `sample`, `save_grid`, `save_images`;
 - `edits`: `edit`, `save_edit`, `reproduce` and their checks;
 - `evaluation`: `evaluate` (an `Evaluation`), `cas`, `report`, `table_text`;
-- `synthetic`: `synth`; `students`: `distill`; `adapters`: `finetune`, `merge_adapter`;
+- `synthetic`: `synth`; `students`: `distill`; `adapters`: `finetune`, `merge_adapter`,
+  `export_adapter_peft`;
 - `conversion`: `convert_from_diffusers`, `export_to_diffusers`;
 - `serving`: `serve` (the local web page).
 """
@@ -29,6 +30,7 @@ function and its module is `ldmkit.api.sampling`:
 from .adapters import (
     MAX_NAME,
     check_new_name,
+    export_adapter_peft,
     finetune,
     merge_adapter,
 )
@@ -151,6 +153,7 @@ __all__ = [
     "export_to_diffusers",
     "finetune",
     "merge_adapter",
+    "export_adapter_peft",  # issue 28
     "open_server",
     "overlap",
     "read_prompts_file",

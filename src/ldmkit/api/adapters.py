@@ -92,6 +92,7 @@ def finetune(
         time_budget_s=o.time_budget,
         prior_weight=o.prior_weight, prior_images=o.prior_images, flip=o.augment == "flip",
         seed=o.seed, resume=resume, device=dev, progress=progress, stop=stop,
+        gate=o.gate,
     )  # fmt: skip
 
 
@@ -109,7 +110,13 @@ def merge_adapter(
     check_path("--out", out)
     check_float("--adapter-scale", scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)")
     folder = RunFolder(run).require_trained()
-    AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    info = AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    if info.gate == "class" and scale != 0:
+        raise ConfigError(
+            f"--merge {adapter} acts on its class only (fine-tuned with --gate class); merged "
+            "weights would act on every class: sample it with --adapter, or fine-tune again with "
+            "--gate none to merge"
+        )
     if RunFolder(out).exists() or overlap(out, run) is not None:
         raise ConfigError(
             f"--out {out} holds a run already or overlaps {run}; give a new folder for the "
@@ -119,3 +126,18 @@ def merge_adapter(
     from ..training.finetune import merge_run
 
     return merge_run(run, adapter, out, scale=scale)
+
+
+def export_adapter_peft(
+    run: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike
+) -> os.PathLike:
+    """Write `adapter` (made by `finetune` for `run`) as a diffusers/peft LoRA folder `out`
+    (`ldmkit finetune --export-peft`; `ldmkit.interop.lora_peft`, docs/interop.md)."""
+    from ..interop.lora_peft import export_peft_lora
+
+    for flag, folder in (("--run", run), ("--export-peft", adapter), ("--out", out)):
+        check_path(flag, folder)
+    for flag, folder in (("--run", run), ("--export-peft", adapter)):
+        check_apart("--out", out, flag, folder)
+    check_writable(out)
+    return export_peft_lora(run, adapter, out)

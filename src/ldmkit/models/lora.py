@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,7 @@ class LoraLayer(nn.Module):
         self.base = base
         self.paths = nn.ModuleDict()
         self.scales: dict[str, float] = {}
+        self.gates: dict[str, Tensor] = {}  # per sample (B,) bool: a class-gated adapter's
 
     def add(self, name: str, config: LoraConfig) -> None:
         self.paths[name] = LoraPath(self.base, config.rank, config.scaling)
@@ -126,8 +128,17 @@ class LoraLayer(nn.Module):
         out = self.base(x)
         for name, path in self.paths.items():
             scale = self.scales[name]
-            if scale != 0:
+            if scale == 0:
+                continue
+            gate = self.gates.get(name)
+            if gate is None:
                 out = out + path(x) * scale
+            elif bool(gate.any()):  # only the gated samples' rows change (the others add 0)
+                if gate.shape[0] != x.shape[0]:
+                    raise ValueError(f"adapter {name!r}: {gate.shape[0]} class labels for a "
+                                     f"batch of {x.shape[0]}")  # fmt: skip
+                mask = gate.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+                out = out + path(x) * (scale * mask)
         return out
 
 
@@ -186,6 +197,49 @@ def inject_lora(unet: nn.Module, config: LoraConfig, name: str = "default") -> i
             setattr(parent, attr, child)
         child.add(name, config)
     return len(layers)
+
+
+def _scales(unet: nn.Module) -> dict[str, float]:
+    """{adapter name: its largest scale over the layers}."""
+    out: dict[str, float] = {}
+    for layer in lora_layers(unet).values():
+        for name, scale in layer.scales.items():
+            out[name] = max(out.get(name, 0.0), abs(scale))
+    return out
+
+
+GATES = "_lora_class_gates"  # on the UNet: {adapter name: the class labels it acts on}
+
+
+def gate_by_class(unet: nn.Module, name: str, labels: Sequence[int]) -> None:
+    """Make adapter `name` act only on the samples whose class label is in `labels` (its new
+    classes): every other class and the null label run through the UNet without it, bit for
+    bit, in the same batch. A forward pre-hook reads each call's `class_labels`. Such an
+    adapter cannot be merged into plain weights (`merge_lora` refuses it)."""
+    gates = unet.__dict__.get(GATES)
+    if gates is None:
+        gates = unet.__dict__[GATES] = {}
+        unet.register_forward_pre_hook(_set_gates, with_kwargs=True)
+    _layers_of(unet, name)  # the adapter exists
+    gates[name] = tuple(int(k) for k in labels)
+
+
+def class_gates(unet: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{adapter name: class labels} of the class-gated adapters of `unet`."""
+    return dict(unet.__dict__.get(GATES) or {})
+
+
+def _set_gates(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    labels = kwargs.get("class_labels")
+    gates = unet.__dict__[GATES]
+    for layer in lora_layers(unet).values():
+        for name, acts_on in gates.items():
+            if name not in layer.paths:
+                continue
+            if labels is None:  # no class: the gated adapter is off
+                layer.gates[name] = torch.zeros(args[0].shape[0], dtype=torch.bool)
+            else:
+                layer.gates[name] = torch.isin(labels, torch.tensor(acts_on, device=labels.device))
 
 
 def lora_layers(unet: nn.Module) -> dict[str, LoraLayer]:
@@ -300,7 +354,15 @@ def merge_lora(unet: nn.Module) -> nn.Module:
     """Bake every adapter (at its scale) into the base weights, in place, and put the plain
     layers back: the UNet is then an ordinary `UNet` whose state dict saves like any other
     (new classes become rows of a plain nn.Embedding). Its outputs equal the adapted ones up
-    to float rounding. Returns `unet`."""
+    to float rounding. Returns `unet`. A class-gated adapter (`gate_by_class`) is refused:
+    plain weights act on every class alike."""
+    gated = [n for n, scale in _scales(unet).items() if n in class_gates(unet) and scale != 0]
+    if gated:
+        raise ConfigError(
+            f"adapter {gated[0]!r} acts on its own class only (trained with --gate class); "
+            "merged weights would act on every class: sample with --adapter instead, or "
+            "fine-tune with --gate none to merge"
+        )
     for path, layer in list(lora_layers(unet).items()):
         w = layer.base.weight
         for name, p in layer.paths.items():

@@ -42,6 +42,7 @@ from ..models.lora import (
     LoraConfig,
     add_class_rows,
     class_rows,
+    gate_by_class,
     inject_lora,
     lora_parameters,
     lora_state_dict,
@@ -145,13 +146,18 @@ def finetune_stage(
     cfg: TrainConfig,
     device: torch.device,
     class_lr: float = 0.0,
+    new_label_dropout: float | None = None,
 ) -> Stage:
     """The fine-tuning stage: the run's diffusion loss on the few images' latents (moments
     (N, 2 zc, h, w), all of class `label`, or None), plus `prior_weight` times the same loss on
     as many prior latents (drawn per sample from its own generator). Trains the parameters of
-    `unet` that require grad: the adapter at cfg.lr, the new class row at `class_lr`."""
+    `unet` that require grad: the adapter at cfg.lr, the new class row at `class_lr`.
+    `new_label_dropout`: the share of the few images' labels replaced by the null label (None:
+    the run's class dropout, as on the prior samples)."""
     schedule = diff.make_schedule()
     conditioner = ClassConditioner(unet.config.num_classes, dropout=diff.class_dropout)
+    new_dropout = diff.class_dropout if new_label_dropout is None else new_label_dropout
+    new_conditioner = ClassConditioner(unet.config.num_classes, dropout=new_dropout)
     rows = class_rows(unet, ADAPTER)
     lora = [p for p in unet.parameters() if p.requires_grad and p is not rows]
     groups: list[dict] = [{"params": lora, "lr": cfg.lr, "base_lr": cfg.lr}]
@@ -161,11 +167,11 @@ def finetune_stage(
     use_prior = prior is not None and prior_weight > 0
     kind = unet.config.prediction_type
 
-    def loss_of(mb: MicroBatch, z0: Tensor, y: Tensor | None) -> Tensor:
+    def loss_of(mb: MicroBatch, z0: Tensor, y: Tensor | None, c: ClassConditioner) -> Tensor:
         t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
         eps = mb.randn(*z0.shape[1:])
         cond = mb.per_sample(
-            lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
+            lambda rows, g: c.training_kwargs(None if y is None else y[rows], g, device)
         )
         return training_loss(
             unet, schedule, z0.to(device), prediction_type=kind, weighting=diff.loss_weighting,
@@ -176,12 +182,13 @@ def finetune_stage(
         post = DiagonalGaussian.from_moments(moments[mb.indices])
         z0 = post.sample(noise=mb.randn(*post.shape[1:])) * scaling_factor
         y = None if label is None else torch.full((len(mb),), label, dtype=torch.long)
-        new = loss_of(mb, z0, y)
+        new = loss_of(mb, z0, y, new_conditioner)
         if not use_prior:
             return new, {"loss_new": float(new.detach())}
         assert prior is not None
         picks = torch.cat([torch.randint(len(prior), (1,), generator=g) for g in mb.generators])
-        old = loss_of(mb, prior[picks], None if prior_labels is None else prior_labels[picks])
+        old = loss_of(mb, prior[picks], None if prior_labels is None else prior_labels[picks],
+                      conditioner)  # fmt: skip
         logs = {"loss_new": float(new.detach()), "loss_prior": float(old.detach())}
         return new + prior_weight * old, logs
 
@@ -206,6 +213,8 @@ def finetune_run(
     prior_images: int = 64,
     flip: bool = False,
     seed: int = 0,
+    new_label_dropout: float | None = None,
+    gate: str = "none",
     resume: bool = False,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
@@ -222,6 +231,12 @@ def finetune_run(
     vae, unet = folder.load_vae(dev), folder.load_unet(dev)
     base_unet_config = cfg.unet
     is_class = bool(unet.config.num_classes)
+    gated = is_class and gate == "class"
+    if gated:
+        # the adapter never acts on the old classes or the null label: nothing to preserve, and
+        # a new image shown with the null label would train nothing
+        prior_weight = 0.0
+        new_label_dropout = 0.0 if new_label_dropout is None else new_label_dropout
 
     prior, prior_labels = None, None
     if prior_weight > 0:
@@ -246,6 +261,8 @@ def finetune_run(
     )  # fmt: skip
     layers = inject_lora(unet, lora, ADAPTER)
     label = add_class_rows(unet, ADAPTER, 1) if is_class else None
+    if label is not None and gated:  # the adapter acts on the new class only
+        gate_by_class(unet, ADAPTER, [label])
     trained = lora_parameters(unet, ADAPTER)
     rows = class_rows(unet, ADAPTER)
     if rows is not None:
@@ -268,7 +285,7 @@ def finetune_run(
     )  # fmt: skip
     stage = finetune_stage(
         unet, moments, label, prior, prior_labels, prior_weight, vae.config.scaling_factor,
-        cfg.diffusion, tcfg, dev, class_lr=class_lr or 0.0,
+        cfg.diffusion, tcfg, dev, class_lr=class_lr or 0.0, new_label_dropout=new_label_dropout,
     )  # fmt: skip
     result = train_stage(
         stage, tcfg, folder=adapter, num_items=len(moments), seed=seed, resume=resume,
@@ -288,6 +305,7 @@ def finetune_run(
         prior_weight=prior_weight if prior is not None else 0.0,
         prior_images=len(prior) if prior is not None else 0,
         seconds=round(time.perf_counter() - start, 1),
+        gate=gate if label is not None else "none",
     )  # fmt: skip
     adapter.save(info, tensors)
     log.info("wrote the adapter %s (%d steps, %s)", adapter.path, result.steps_done,

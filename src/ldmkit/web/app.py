@@ -400,6 +400,7 @@ class Site:
         )
         return JSONResponse({
             "name": name,
+            "adapters": adapters_of(folder) if folder.is_trained() else [],  # issue 28
             "trained": folder.is_trained(),
             "training": RunLock.is_held(folder.path),
             "stop_requested": folder.stop_requested(),
@@ -499,12 +500,14 @@ class Site:
     # -------------------------------------------------------------- jobs
     async def sample(self, request: Request) -> Response:
         declared = sample_options()
-        body = await _json_body(request, {"run"} | forms.names(declared))
+        body = await _json_body(request, {"run", *ADAPTER_FIELDS} | forms.names(declared))
         folder = self.folder(body.get("run"))
-        given = forms.given(declared, {k: v for k, v in body.items() if k != "run"})
-        if given.get("adapters") or given.get("adapter_scales"):  # issue 28: a later step
-            raise WebError(400, "the page does not sample with adapters yet; use `ldmkit sample "
-                           "--adapter FOLDER`")  # fmt: skip
+        given = forms.given(declared, {k: v for k, v in body.items()
+                                       if k != "run" and k not in ADAPTER_FIELDS})  # fmt: skip
+        if given.get("adapters") or given.get("adapter_scales"):  # folders: only by their name
+            raise WebError(400, "the page samples with a run's own adapters only: name one of "
+                           "its adapter list as \"adapter\" (and \"adapter_scale\")")  # fmt: skip
+        given.update(_adapter_choice(folder, body))
         # checked now, against the run's files (nothing loaded), so that the page hears of a bad
         # number at once; the same check and messages as the CLI's (api.sample checks it again)
         options = declared(**given).check(folder, shown=body["run"])
@@ -519,8 +522,9 @@ class Site:
         ldm = self.model(folder)
         p = job.params
         options = sample_options().given(p)  # checked again by api.sample
-        progress = _progress(ldm, job, options.steps)
-        samples = api.sample(folder.path, options=options, ldm=ldm, callback=progress)
+        progress = _progress(ldm, job, options.steps)  # previews: the same autoencoder
+        with_adapters = {"ldm": None} if options.adapters else {"ldm": ldm}  # loaded with the run
+        samples = api.sample(folder.path, options=options, callback=progress, **with_adapters)
         meta = {"ldmkit": __version__, "method": "sample", "run": str(folder.path),
                 "weights": folder.weights_hash(), "options": p}  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
@@ -659,6 +663,61 @@ def sample_options() -> type:
 def _media_type(head: bytes) -> str:
     """image/gif for a GIF's bytes (a video run's clips), else image/png."""
     return "image/gif" if head.startswith(b"GIF8") else "image/png"
+
+
+# ------------------------------------------------------------------ adapters (issue 28)
+ADAPTERS_DIR = "adapters"  # a run's adapters: RUN/adapters/NAME (`ldmkit finetune --out ...`)
+ADAPTER_FIELDS = ("adapter", "adapter_scale")  # a sample request's choice of one of them
+
+
+def adapters_of(folder: RunFolder) -> list[dict[str, Any]]:
+    """The adapters in the run's adapters/ folder, by name: what each teaches (a class name or
+    a style), its default scale, and whether it fits the run's weights (else why not)."""
+    from ..runs import AdapterFolder
+
+    root = folder.path / ADAPTERS_DIR
+    found = []
+    try:
+        names = sorted(p.name for p in root.iterdir() if AdapterFolder(p).holds_adapter())
+    except OSError:
+        return []
+    for name in names[:MAX_ADAPTERS]:
+        adapter = AdapterFolder(root / name)
+        entry: dict[str, Any] = {"name": name, "scale": 1.0}
+        try:
+            info = adapter.check_fits(folder, shown=folder.path.name)
+            entry.update(kind=info.kind, class_name=info.class_name, fits=True, why=None,
+                         rank=info.lora.rank, steps=info.steps,
+                         kb=round(adapter.weights_path.stat().st_size / 1024, 1))  # fmt: skip
+        except (ConfigError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+            entry.update(kind=None, class_name=None, fits=False, why=str(e))
+        found.append(entry)
+    return found
+
+
+MAX_ADAPTERS = 100  # listed per run
+
+
+def _adapter_choice(folder: RunFolder, body: dict[str, Any]) -> dict[str, Any]:
+    """A sample request's "adapter" (a name of the run's adapter list) and "adapter_scale", as
+    SampleOptions' adapters / adapter_scales; nothing else names a folder."""
+    name, scale = body.get("adapter"), body.get("adapter_scale")
+    if name in (None, ""):
+        if scale is not None:
+            raise WebError(400, "adapter_scale without an adapter; pick one of the run's adapters")
+        return {}
+    listed = {a["name"]: a for a in adapters_of(folder)}
+    if not isinstance(name, str) or name not in listed:
+        known = ", ".join(listed) or "none"
+        raise WebError(
+            400, f"unknown adapter {str(name)[:80]!r} for this run; its adapters: {known}"
+        )
+    if not listed[name]["fits"]:
+        raise WebError(400, listed[name]["why"])
+    out: dict[str, Any] = {"adapters": (str(folder.path / ADAPTERS_DIR / name),)}
+    if scale is not None:
+        out["adapter_scales"] = (scale,)  # checked (a number in range) by SampleOptions
+    return out
 
 
 async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:

@@ -54,7 +54,9 @@ async function pickRun(name) {
   showRunImage("samples", info.images.samples);
   showRunImage("clips", info.clips);  // a video run's final clips: an animated GIF plays in an <img>
   showRunImage("loss", info.images.loss);
+  showAdapters(info.adapters || []);
   fillSampleForm(info);
+  adapterChanged();
   fillEditForm(info);
   if (!$("tab-train").hidden) refreshTraining();
 }
@@ -118,8 +120,40 @@ function fillSampleForm(info) {
   $("generate").disabled = !info.trained;
 }
 
+// A run's adapters (RUN/adapters/NAME, issue 28): listed in the run panel; the sample form
+// picks one that fits by name, with its scale (the new class joins the class names).
+function showAdapters(adapters) {
+  $("adapters").replaceChildren(...adapters.map((a) => el("li", a.fits
+    ? `${a.name}: ${a.class_name ? "class " + a.class_name : "style"}, scale ${a.scale}, rank ${a.rank}, ${a.kb} KB`
+    : `${a.name}: does not fit (${a.why})`)));
+  $("adapters-box").hidden = adapters.length === 0;
+  const fitting = adapters.filter((a) => a.fits);
+  $("adapter").replaceChildren(new Option("none", ""), ...fitting.map((a) =>
+    new Option(a.class_name ? `${a.name} (class ${a.class_name})` : a.name, a.name)));
+  $("adapter-pick").hidden = fitting.length === 0;
+  state.adapters = fitting;
+}
+
+// The chosen adapter's class joins the class choices (and leaves with it).
+function adapterChanged() {
+  const classes = $("sample-params").querySelector('select[name="classes"]');
+  if (!classes) return;
+  for (const o of [...classes.options]) if (o.dataset.adapter) o.remove();
+  const chosen = (state.adapters || []).find((a) => a.name === $("adapter").value);
+  if (chosen && chosen.class_name) {
+    const option = new Option(chosen.class_name, chosen.class_name);
+    option.dataset.adapter = chosen.name;
+    classes.add(option);
+  }
+}
+
 function sampleRequest() {
-  return { run: state.run, ...readFields($("sample-params")) };
+  const request = { run: state.run, ...readFields($("sample-params")) };
+  if ($("adapter").value) {
+    request.adapter = $("adapter").value;
+    request.adapter_scale = Number($("adapter-scale").value);
+  }
+  return request;
 }
 
 async function generate(event) {
@@ -400,6 +434,7 @@ document.addEventListener("DOMContentLoaded", () => {
   // runs started since the page opened join the list (not while it is open)
   setInterval(() => { if (document.activeElement !== $("run")) guarded(loadRuns); }, 10000);
   $("sample-form").addEventListener("submit", generate);
+  $("adapter").addEventListener("change", adapterChanged);
   document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   $("stop").addEventListener("click", stopTraining);
   $("new-plan").addEventListener("click", showPlan);
