@@ -36,6 +36,7 @@ from .options import (
     SynthOptions,
     TrainOptions,
     check_conditions,
+    check_student_guidance,
 )
 from .recipe import (
     GUIDANCE_HINT,
@@ -935,6 +936,7 @@ def evaluate(
                        ("--held-out", options.get("held_out"))):  # fmt: skip
         check_path(flag, path)
     folder = RunFolder(run).require_run()
+    check_student_guidance(folder, run, guidance_scale)  # issue 27: a fixed-scale student's
     out_dir = Path(out) if out is not None else folder.eval_dir
     for flag, data in (("--ref", options.get("ref")), ("--held-out", options.get("held_out")),
                        ("run's data", folder.config().data)):  # fmt: skip

@@ -361,6 +361,8 @@ def test_a_fixed_scale_student_refuses_another_guidance(teacher, student, tmp_pa
         api.sample(student, n=2, guidance=2.0)
     with pytest.raises(ConfigError, match="--guidance-mode input"):
         api.check_edit_options("img2img", {"guidance_scale": 0.0}, RunFolder(student))
+    with pytest.raises(ConfigError, match="--guidance 2: .* is a student distilled at guidance 3"):
+        api.evaluate(student, n=50, guidance_scale=2.0)
     assert api.sample(student, n=2, guidance=1.0).images.shape[0] == 2
     assert api.sample(teacher, n=2, steps=1, guidance=2.0).images.shape[0] == 2
     rc = main(["sample", "--run", str(student), "--n", "2", "--guidance", "4",
