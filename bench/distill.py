@@ -16,7 +16,8 @@ a run: the reference is 2n images of the run's training data (n compared, n more
 real-vs-real floor), read by the run's domain classifier (FID-cnn, the FID `ldmkit eval`
 reports), the labels are the reference images' own, and the seed is 0. Accuracy is the share
 the same classifier reads as the class asked for. Rows: the teacher with its default sampler
-(guided at its chosen scale) at --teacher-rows steps, and each student with DDIM at its steps
+(guided at its chosen scale) at --teacher-rows steps, the teacher with DDIM (guided; what the
+students learn from) at --ddim-rows steps, and each student with DDIM at its steps
 (no guidance: it is distilled in; one UNet call per step). Time: wall and process CPU seconds to
 draw the n images (batches of 64); the speed-up is the teacher-20 row's CPU time over the row's.
 The teacher's rows are kept in OUT/teacher-rows.json (by weights, n, seed and features) and
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=EMA_DECAY)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--teacher-rows", default="1,2,4,8,20", help="the teacher's step counts")
+    p.add_argument("--ddim-rows", default="8,16", help="the teacher's step counts with DDIM, "
+                   "the sampler the students are distilled from (empty: none)")  # fmt: skip
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a tiny run, for the tests")
@@ -148,11 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     cache = out / "teacher-rows.json"
     kept = json.loads(cache.read_text()) if cache.is_file() else {}
     kept = kept if kept.get("key") == key else {"key": key, "rows": {}}
-    for k in sorted({int(s) for s in a.teacher_rows.split(",")}):
-        if str(k) not in kept["rows"]:
-            kept["rows"][str(k)] = measure("teacher", t, t.default_sampler, k, None)
+    wanted = [(t.default_sampler, int(k)) for k in a.teacher_rows.split(",")]
+    wanted += [("ddim", int(k)) for k in a.ddim_rows.split(",") if k.strip()]
+    teacher_rows = []
+    for sampler, k in sorted(set(wanted), key=lambda r: (r[0] == "ddim", r[1])):
+        name = str(k) if sampler == t.default_sampler else f"{sampler}:{k}"
+        if name not in kept["rows"]:
+            kept["rows"][name] = measure("teacher", t, sampler, k, None)
             cache.write_text(json.dumps(kept, indent=1))
-    teacher_rows = [kept["rows"][str(k)] for k in sorted(map(int, kept["rows"]))]
+        teacher_rows.append(kept["rows"][name])
 
     # the students: distilled once, each halving's student saved; a later call reuses them
     student = out / a.name
@@ -188,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                                 default_steps=k)  # fmt: skip
             student_rows.append(measure(f"student-{k}", s, "ddim", k, 1.0))
 
-    base = next((r["cpu_s"] for r in teacher_rows if r["steps"] == 20), teacher_rows[-1]["cpu_s"])
-    ref20 = next((r for r in teacher_rows if r["steps"] == 20), teacher_rows[-1])
+    own = [r for r in teacher_rows if r["sampler"] == t.default_sampler]
+    ref20 = next((r for r in own if r["steps"] == 20), own[-1])
+    base = ref20["cpu_s"]
     rows = []
     for r in [*teacher_rows, *student_rows]:
         rows.append([r["model"], r["sampler"], r["steps"], r["guidance"] or "-", r["FID"],

@@ -121,6 +121,7 @@ def test_distill_quick(capsys, tmp_path):
     assert re.search(r"avx512_bf16=(yes|no) amx_bf16=(yes|no) avx512f=(yes|no) avx2=(yes|no)", out)
     rows = table(out, "model", "sampler", "steps")
     expected = [*[("teacher", "dpm++2m-sde", k) for k in (1, 2, 4, 8, 20)],
+                *[("teacher", "ddim", k) for k in (8, 16)],
                 *[(f"student-{k}", "ddim", k) for k in (8, 4, 2, 1)]]  # fmt: skip
     assert [(r[0], r[1], int(r[2])) for r in rows] == expected
     assert all(float(r[4]) >= 0 and float(r[7]) > 0 for r in rows)  # FID-cnn, CPU seconds
