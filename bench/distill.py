@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             idx = (torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(classes)])
                    if labels is not None else torch.arange(min(64, a.n)))  # fmt: skip
             grids.mkdir(exist_ok=True)
-            save_grid(x[idx], grids / f"{name}-{steps}.png", nrow=8, scale=2)
+            file = f"{name}.png" if name.startswith("student") else f"{name}-{sampler}-{steps}.png"
+            save_grid(x[idx], grids / file, nrow=8, scale=2)
         g = guidance if guidance is not None else ldm.default_guidance
         row = {"model": name, "sampler": sampler, "steps": steps,
                "guidance": g if classes else None, "FID": m["FID"], "accuracy": acc,
