@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     teacher = out / "teacher"
     t0 = time.perf_counter()
+    if a.quick:
+        a.n, a.teacher_steps = 64, 16
     if a.teacher:
         copy_teacher(Path(a.teacher), teacher)
     elif a.quick:
-        a.n, a.teacher_steps = 64, 16
         if not RunFolder(teacher).exists():
             train_run(run_config_from_dict(QUICK_TEACHER), teacher)
     elif not RunFolder(teacher).exists():

@@ -136,6 +136,13 @@ def test_distill_quick(capsys, tmp_path):
     assert (tmp_path / "teacher-rows.json").read_text() == first
     assert again.count("distillation 16 -> 1") == 0 and again.count('"model"') == 4
     assert [r[:7] for r in table(again, "model", "sampler", "steps")] == [r[:7] for r in rows]
+    # --teacher RUN is copied: the run given is left as it was
+    given = tmp_path / "teacher"
+    before = {p: p.stat().st_mtime_ns for p in given.rglob("*")}
+    distill.main(["--quick", "--teacher", str(given), "--out", str(tmp_path / "b"),
+                  "--threads", "1", "--ddim-rows", ""])  # fmt: skip
+    assert (tmp_path / "b" / "teacher" / "run.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in given.rglob("*")} == before
 
 
 if __name__ == "__main__":
