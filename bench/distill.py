@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             grids.mkdir(exist_ok=True)
             file = f"{name}.png" if name.startswith("student") else f"{name}-{sampler}-{steps}.png"
             save_grid(x[idx], grids / file, nrow=8, scale=2)
-        g = guidance if guidance is not None else ldm.default_guidance
+        g = guidance if guidance is not None else ldm.guidance_scale
         row = {"model": name, "sampler": sampler, "steps": steps,
                "guidance": g if classes else None, "FID": m["FID"], "accuracy": acc,
                "wall_s": wall, "cpu_s": cpu}  # fmt: skip
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     # the teacher's rows (kept by weights, n, seed and features: a second call reuses them)
-    key = f"{folder.weights_hash()}:{a.n}:0:{net.fingerprint}:{t.default_guidance}"
+    key = f"{folder.weights_hash()}:{a.n}:0:{net.fingerprint}:{t.guidance_scale}"
     cache = out / "teacher-rows.json"
     kept = json.loads(cache.read_text()) if cache.is_file() else {}
     kept = kept if kept.get("key") == key else {"key": key, "rows": {}}

@@ -84,7 +84,7 @@ def inpaint_rows(args, ldm, trained, clf, real_u8, held_u8, labels, floor) -> No
     cond = {"class_labels": labels} if ldm.conditioner.enabled else {}
     print(
         f"\nInpainting, n = {n} held-out images per row, conditioned on their class"
-        f"{f' at guidance {ldm.default_guidance:g}' if cond else ''}; FID floor "
+        f"{f' at guidance {ldm.guidance_scale:g}' if cond else ''}; FID floor "
         f"(real vs real, n = {n}) {floor:.2f}"
     )
     print(f"{'mask':>8} {'method':>8} {'steps':>5} {'max err outside':>15} {'FID-cnn':>8} "

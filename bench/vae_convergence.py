@@ -7,7 +7,7 @@ the same machine in one go, until its reconstructions reach a readability target
     python bench/vae_convergence.py --variants recipe --target 1.01 --cap 400 --curve
                                                      # the recipe's curve, past any target
 
-Each variant is `train_run(..., stage="vae")` with no time budget (the variant's step count and
+Each variant is `train_run(..., stage="autoencoder")` with no time budget (the variant's step count and
 LR schedule, so "today" is the recipe as a 10-minute main job ran it: cosine over 700 steps),
 stopped by a stop request once a measurement reaches the target or the cap. The stage measures itself as it trains
 (evaluation/reconstruction.py: PSNR, SSIM, and readability = the share of held-out
@@ -208,7 +208,7 @@ def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tm
                 state["stop"] = True
         return state["stop"]
 
-    train_run(cfg, out, stage="vae", stop=stop)
+    train_run(cfg, out, stage="autoencoder", stop=stop)
     rows = quality_rows(out)
     independent = independent_readability(out, args)
     hit = next((r for r in rows if r.get("readability", 0) >= args.target), None)

@@ -397,7 +397,7 @@ ELSEWHERE = {
     ("evaluation/feature_nets.py", "training.json"): "the domain classifier's folder in eval/",
     ("evaluation/report.py", "loss.png"): "the report's figures, in a temporary folder",
     ("evaluation/report.py", "samples.png"): "the report's figures, in a temporary folder",
-    ("api.py", "report.html"): "an example file name in a message",
+    ("api/checks.py", "report.html"): "an example file name in a message",
     ("training/loop.py", "samples"): "a TensorBoard tag (`autoencoder/samples`), not a path",
 }
 # (module, name): run folder paths built outside runs.py still (issue 24); drop each when fixed

@@ -95,7 +95,7 @@ def test_a_new_field_is_a_page_field_checked_by_the_server(extended, run_dir):
         assert r.status_code == 400 and r.json()["error"] == ETA, r.text
         buf = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buf, format="PNG")
-        r = client.post("/api/edit", data={"run": "run", "kind": "img2img",
+        r = client.post("/api/edit", data={"run": "run", "method": "img2img",
                                            "params": json.dumps({"eta": 2})},
                         files={"image": ("i.png", buf.getvalue(), "image/png")})  # fmt: skip
         assert r.status_code == 400 and r.json()["error"] == ETA, r.text
@@ -187,3 +187,19 @@ def test_a_new_train_field_is_a_train_flag_and_a_new_run_field_checked_by_both(
         r = client.post("/api/train/plan", json={"run": "new", "eta": 2})
         assert r.status_code == 400 and r.json()["error"] == ETA, r.text
     assert not (tmp_path / "runs" / "new").exists()
+
+
+def test_options_come_as_keywords_or_all_at_once_not_both(tmp_path):
+    """`api.sample(options=)` and `api.train(options=)` take a whole declaration; a keyword
+    off its default beside it is refused before anything is read or written."""
+    from ldmkit import api
+    from ldmkit.options import SampleOptions, TrainOptions
+
+    with pytest.raises(TypeError, match="give sample's options as keywords or as `options`"):
+        api.sample(tmp_path / "no-run", n=3, options=SampleOptions(n=2))
+    with pytest.raises(TypeError, match="give train's options as keywords or as `options`"):
+        api.train(tmp_path / "out", seed=3, options=TrainOptions(seed=2))
+    assert not (tmp_path / "out").exists()
+    given = SampleOptions(n=2)
+    assert SampleOptions().or_instead(given) is given
+    assert SampleOptions(n=5).or_instead(None) == SampleOptions(n=5)

@@ -8,14 +8,20 @@ target, so a crash or a full disk mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 _UMASK = os.umask(0)
@@ -225,3 +231,30 @@ def load_model_folder(
     state = load_tensors(directory / WEIGHTS_NAME)
     load_state_dict_strict(model, state, str(directory / WEIGHTS_NAME))
     return model
+
+
+class ModelFolder:
+    """`save_pretrained` / `from_pretrained` for a model class with a typed `config` (its
+    dataclass: `config_class`): a folder of `config.json` and `model.safetensors`, written
+    atomically and loaded strictly (see save_model_folder / load_model_folder). A model writes
+    `class Model(ModelFolder, nn.Module)` and sets `config_class`."""
+
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
+        assert isinstance(self, torch.nn.Module)
+        meta = {"format": "pt", "ldmkit_model": type(self).__name__}
+        save_model_folder(directory, self, self.config, metadata=meta)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu"
+    ) -> Self:
+        """Load a folder written by `save_pretrained` in eval mode; refuse corrupt or
+        mismatched files (CheckpointError)."""
+        model = load_model_folder(cls, cls.config_class, directory)
+        summary = getattr(model, "summary", None)
+        log.info("loaded %s from %s", summary() if summary else cls.__name__, directory)
+        return model.to(device).eval()  # type: ignore[return-value]

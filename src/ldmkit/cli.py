@@ -39,9 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import RunFolder
 
     given = {f.name: getattr(args, f.name) for f in declared.VERBS["train"].fields()}
+    inflate = [f"init_from={args.inflate}"] if args.inflate else []  # a video run grown from it
     res = api.train(
         args.out, options=declared.VERBS["train"](**given), device=args.device, config_file=args.config,
-        sets=[*(args.set or []), *(["unet_train.compile=true"] if args.compile else [])],
+        sets=[*(args.set or []), *(["unet_train.compile=true"] if args.compile else []), *inflate],
         resume=args.resume is not None, stage=args.stage,
         progress=None if args.quiet else api.tqdm_progress(), dist_backend=args.dist_backend,
     )  # fmt: skip
@@ -52,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     grid = RunFolder(res.run_dir).final_grid_path
     if grid.is_file():
         print(f"samples: {grid}")
+    clips = RunFolder(res.run_dir).final_clips_path  # a video run's
+    if clips.is_file():
+        print(f"clips: {clips} (frames: {RunFolder(res.run_dir).final_frames_path})")
     code = _cut_short(
         res.stopped_because, res.run_dir, f"ldmkit train --out {res.run_dir} --resume",
         "the loss was not finite for max_bad_steps steps in a row; the last good checkpoint is "
@@ -78,6 +82,8 @@ def _cut_short(why: str, folder: Any, resume: str, bad_loss: str) -> int | None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from . import api
 
+    if api.is_video_run(args.run):
+        return _sample_clips(args)
     if args.out is None and args.outdir is None:
         raise CLIError("give --out grid.png (one grid) and/or --outdir DIR (one file per image)")
     if args.out is not None:  # not over a file it reads: --prompts, the run's files
@@ -102,6 +108,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.outdir:
         api.save_images(samples, args.outdir)
         print(f"wrote {len(samples.images)} images to {args.outdir}")
+    return 0
+
+
+def _sample_clips(args: argparse.Namespace) -> int:
+    """`ldmkit sample` on a video run: animations (GIF/WebP) and strip PNGs of frames."""
+    from . import api
+
+    if args.out is None and args.outdir is None:
+        raise CLIError("give --out clips.gif (all clips in one animation, and clips.png: their "
+                       "frames) and/or --outdir DIR (one GIF per clip)")  # fmt: skip
+    if args.nrow is not None:
+        raise CLIError("--nrow lays out image grids; a video run's strip has one row per clip")
+    if args.out is not None:
+        api.check_animation_output("--out", args.out)
+        api.check_output_file("--out", args.out, inputs=[("--prompts", args.prompts_file),
+                                                          *api.run_inputs(args.run)])  # fmt: skip
+    if args.outdir is not None:
+        api.check_path("--outdir", args.outdir)
+        api.check_writable(args.outdir)
+    given = {f.name: getattr(args, f.name) for f in declared.VERBS["sample"].fields()}
+    clips = api.sample_clips(
+        args.run, options=declared.VERBS["sample"](**{**given, "prompts": _prompts(args)}),
+        device=args.device,
+    )  # fmt: skip
+    if args.out:
+        paths = api.save_clips(clips, args.out)
+        print(f"wrote {paths[0]} and {paths[1]} ({clips.description})")
+    if args.outdir:
+        paths = api.save_clip_files(clips, args.outdir)
+        print(f"wrote {len(paths) - 1} clips and clips.png (their frames) to {args.outdir}")
     return 0
 
 
@@ -189,7 +225,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for flag, value in (("--cas-per-class", args.cas_per_class), ("--cas-seeds", args.cas_seeds)):
         if value is not None:
-            api.check_count(flag, value, 1, api.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS)
+            api.check_count(
+                flag, value, 1, declared.MAX_IMAGES if "per" in flag else api.MAX_CAS_SEEDS
+            )
             if not args.cas:
                 raise CLIError(f"{flag} goes with --cas")
     if args.cas:
@@ -201,20 +239,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "--cas-seeds, --held-out, --samplers, --steps, --guidance, --seed")  # fmt: skip
         return _cas(args)
 
-    table, summary = api.evaluate(
+    if api.is_video_run(args.run):
+        return _eval_video(args)
+    result = api.evaluate(
         args.run, samplers=_list(args.samplers), steps=_list(args.steps, _number), n=args.n,
         full=args.full, out=args.out, ref=args.ref, held_out=args.held_out,
         features=args.features, seed=args.seed, batch_size=args.batch_size, device=args.device,
         guidance_scale=args.guidance, fresh=args.fresh,
     )  # fmt: skip
-    out = Path(summary["files"]["summary"]).parent
+    table, out = result.table, result.folder
     print(format_table(table))
     if table.kept:
         print(
             f"kept {table.kept} row(s) of the earlier table in {out} (same weights, data, "
             "features, n, seed and guidance); --fresh starts a new one"
         )
-    recon, mem = summary["vae_reconstruction"], summary["memorisation"]
+    recon, mem = result.reconstruction, result.memorisation
     print(
         f"VAE reconstruction on {recon['n']} {recon['on']}: MSE {recon['mse']:.4g} "
         f"(pixels in [0, 1]), PSNR {recon['psnr']:.2f} dB"
@@ -251,7 +291,7 @@ def _cas(args: argparse.Namespace) -> int:
         args.run, per_class=args.cas_per_class or api.CAS_PER_CLASS, seeds=args.cas_seeds,
         **sampling,
         held_out=args.held_out, out=args.out, seed=args.seed, batch_size=args.batch_size,
-        guidance=args.guidance, device=args.device,
+        guidance_scale=args.guidance, device=args.device,
     )  # fmt: skip
     cas, real = res["cas"], res["real"]
     print(
@@ -278,33 +318,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import api
 
-    api.check_count("--port", args.port, 1, 65535)
-    api.check_path("--runs", args.runs)
-    api.check_path("--host", args.host)
-    api.check_path("--data-root", args.data_root)
-    api.check_path("--train-config", args.train_config)
-    try:
-        from .web import app as web
-    except ImportError as e:
-        raise CLIError(
-            f"ldmkit serve needs Starlette and uvicorn ({e.name} is missing); install them with "
-            "pip install -e '.[serve]'"
-        ) from None
-    # on a loopback address, the page answers to its own names only (no DNS rebinding)
-    hosts = (*web.LOOPBACK, args.host) if web.is_loopback(args.host) else None
-    site = web.create_app(args.runs, device=args.device, hosts=hosts, data_root=args.data_root,
-                          train_config=args.train_config)  # fmt: skip
-    sock = web.listen(args.host, args.port)
-    if not web.is_loopback(args.host):
-        print(f"ldmkit: warning: --host {args.host} lets other machines on the network use this "
-              "page (sample, and stop trainings) without a password; serve on 127.0.0.1 "
-              "unless you mean it", file=sys.stderr)  # fmt: skip
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(
-        f"serving the runs in {args.runs} on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C stops)"
-    )
+    server = api.open_server(args.runs, host=args.host, port=args.port, device=args.device,
+                             data_root=args.data_root, train_config=args.train_config)  # fmt: skip
+    if server.warning:
+        print(f"ldmkit: warning: {server.warning}", file=sys.stderr)
+    print(f"serving the runs in {args.runs} on {server.url} (Ctrl-C stops)")
     sys.stdout.flush()
-    web.serve(site, sock)
+    server.run()
     return 0
 
 
@@ -427,7 +447,9 @@ def _add_train(sub: Any) -> None:
                    help="override any config field, e.g. --set unet_train.lr=1e-3 (repeatable)")  # fmt: skip
     t.add_argument("--resume", nargs="?", const="latest", choices=["latest"],
                    help="continue the run in --out from its latest checkpoint")  # fmt: skip
-    t.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    t.add_argument("--stage", choices=["all", "autoencoder", "diffusion", "vae", "unet"],
+                   default="all", type=lambda s: {"vae": "autoencoder", "unet": "diffusion"}.get(s, s),
+                   help="all (default), or one stage: autoencoder, diffusion (vae and unet: the same)")  # fmt: skip
     t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--compile", action="store_true",
@@ -435,6 +457,10 @@ def _add_train(sub: Any) -> None:
                    "a compile of 1-2 min, for long runs)")  # fmt: skip
     t.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="under torchrun: the processes' backend (auto: nccl on CUDA, gloo on CPU)")  # fmt: skip
+    t.add_argument("--inflate", metavar="RUN",
+                   help="video data: grow the video UNet from this image run's UNet and reuse "
+                   "its autoencoder (= --set init_from=RUN; add --set video.freeze_spatial=true "
+                   "to train the temporal layers only)")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
 
@@ -445,8 +471,9 @@ def _add_sample(sub: Any) -> None:
     s.add_argument("--prompts", dest="prompts_file", metavar="FILE",
                    help="a text file of prompts, one per line")  # fmt: skip
     s.add_argument("--nrow", type=_number)
-    s.add_argument("--out", help="grid PNG to write")
-    s.add_argument("--outdir", help="folder for one PNG per image")
+    s.add_argument("--out", help="grid PNG to write (a video run: clips.gif or .webp, and its "
+                   "frames as clips.png)")  # fmt: skip
+    s.add_argument("--outdir", help="folder for one PNG per image (a video run: one GIF per clip)")
     s.add_argument("--device")
     s.add_argument("--no-fast", dest="fast", action="store_false",
                    help="float32 throughout (default: bf16 autocast where the CPU/GPU runs bf16 "
@@ -517,6 +544,39 @@ def _add_convert(sub: Any) -> None:
     c.add_argument("--vae", metavar="DIR", help="AutoencoderKL folder, if not DIR/vae")
     c.add_argument("--scheduler", metavar="DIR", help="scheduler folder, if not DIR/scheduler")
     c.set_defaults(func=cmd_convert)
+
+
+def _eval_video(args: argparse.Namespace) -> int:
+    """`ldmkit eval` on a video run: per-frame FID, class kept, motion, flicker."""
+    from . import api
+
+    for flag, value in (("--ref", args.ref), ("--features", args.features),
+                        ("--full", args.full), ("--out", args.out), ("--fresh", args.fresh),
+                        ("--samplers", args.samplers and "," in args.samplers),
+                        ("--steps", args.steps and "," in args.steps)):  # fmt: skip
+        if value:
+            raise CLIError(f"{flag} is for an image run's table; a video run takes --n, --seed, "
+                           "--samplers and --steps (one each), --guidance, --held-out yes")  # fmt: skip
+    r = api.evaluate_video(
+        args.run, n=args.n if args.n is not None else 64, seed=args.seed,
+        sampler=args.samplers, steps=_number(args.steps) if args.steps else None,
+        guidance_scale=args.guidance, device=args.device, held_out=bool(args.held_out),
+    )  # fmt: skip
+
+    def show(v: Any, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    print(f"{r['sampled']}{' (held-out combinations)' if r['held_out'] else ''}")
+    print(f"  per-frame FID (domain classifier): {show(r['fid_frames'], '.2f')}")
+    print(f"  class constant across frames:      {show(r['class_constant'])}")
+    print(f"  class as asked:                    {show(r['class_accuracy'])}")
+    print(f"  direction as captioned:            {show(r['direction_accuracy'])}")
+    print(f"  moving (not still or lost):        {show(r['moving'])}, median speed "
+          f"{r['median_speed']:.2f} px/frame")  # fmt: skip
+    print(f"  flicker:                           {show(r['flicker'], '.2f')} (real clips: "
+          f"{show(r['real_flicker'], '.2f')})")  # fmt: skip
+    print(f"note: {r['note']}")
+    return 0
 
 
 def _add_eval(sub: Any) -> None:

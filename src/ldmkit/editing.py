@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import masks as masklib
-from .diffusion.editing import (
+from .diffusion.edit_math import (
     blend_known,
     invert_ddim,
     sample_repaint,

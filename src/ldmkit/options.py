@@ -194,13 +194,22 @@ class Options:
         """The declaration with `values` ({field or page name: value}) over its defaults."""
         return cls(**cls.named(values))
 
+    def or_instead(self, options: Options | None) -> Options:
+        """A call's options: these (built from its keywords), or `options` given all at once
+        instead; both at once (a keyword off its default beside `options`) is a TypeError."""
+        if options is None:
+            return self
+        if self != type(self)():
+            raise TypeError(f"give {self.verb}'s options as keywords or as `options`, not both")
+        return options
+
     def check(self, run: RunFolder | None = None, shown: Any = None) -> Any:
         """Every field checked in declaration order, once; with the run, also what depends on it
         (its models saved, first; steps up to its T; the conditions it follows: `check_run`;
         `shown`: the run as the user named it, for messages). Returns the options as the library
         takes them (e.g. a colour given as text as numbers)."""
         if run is not None:
-            run.require_trained()
+            self.require(run)
         values = {f.name: f.check(getattr(self, f.name), run) for f in self.fields()}
         if run is not None:
             self.check_run(run, shown if shown is not None else run.path, values)
@@ -208,6 +217,11 @@ class Options:
 
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
         """What a verb checks against the run beyond the fields' ranges (none by default)."""
+
+    def require(self, run: RunFolder) -> None:
+        """The run's saved models the verb needs: an image run's (a video run is refused in
+        one line); `SampleOptions` also takes a video run."""
+        run.require_trained()
 
 
 @functools.cache
@@ -455,6 +469,36 @@ def guidance_rescale_option() -> Any:
     )  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ video runs (issue 30)
+def max_given(run: RunFolder | None = None) -> int:
+    """The most frames --given may give: one fewer than a video run's clip (the model's most
+    without a run)."""
+    if run is not None and run.is_video():
+        video = run.config().video
+        if video is not None:
+            return video.frames - 1
+    return 255
+
+
+def check_video_options(run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+    """The video flags of `sample` against the run: refused by an image run; --given needs
+    --first-frames; adapters are image runs' only."""
+    video = run.is_video()
+    flags = [("--first-frames", values.get("first_frames")), ("--given", values.get("given_frames")),
+             ("--fps", values.get("fps"))]  # fmt: skip
+    if not video:
+        for flag, value in flags:
+            if value is not None:
+                raise ConfigError(
+                    f"{flag}: {shown} is an image run; {flag} applies to video runs only, drop it"
+                )
+        return
+    if values.get("given_frames") is not None and values.get("first_frames") is None:
+        raise ConfigError("--given counts frames of --first-frames; give --first-frames CLIP.gif")
+    if values.get("adapters"):
+        raise ConfigError(f"--adapter: {shown} is a video run; adapters apply to image runs only")
+
+
 @dataclass(frozen=True)
 class SampleOptions(Options):
     """`ldmkit sample`, `api.sample`, the page's Sample tab."""
@@ -490,7 +534,29 @@ class SampleOptions(Options):
         flag="--adapter-scale", check=check_adapter_scales, repeat=True, web=False,
     )  # fmt: skip
 
+    # issue 30: a video run's clips (flags that an image run refuses)
+    first_frames: str | None = option(
+        None, "video runs: an animation (GIF/WebP/APNG) whose first frames the clips continue",
+        flag="--first-frames", web=False,
+    )  # fmt: skip
+    given_frames: int | None = option(
+        None, "video runs: how many frames of --first-frames are given (default: all it has, "
+        "up to one fewer than the clip's)", lo=1, hi=lambda run: max_given(run), flag="--given",
+        web=False,
+    )  # fmt: skip
+    fps: float | None = option(
+        None, "video runs: frames per second of the animations written (default: the run's)",
+        lo=0, lo_open=True, hi=100, web=False,
+    )  # fmt: skip
+
+    def require(self, run: RunFolder) -> None:
+        if run.is_video():
+            run.require_trained_video()
+        else:
+            run.require_trained()
+
     def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        check_video_options(run, shown, values)
         check_conditions(run, shown, values["classes"], values["prompts"],
                          values["negative_prompt"])  # fmt: skip
         fill_run_sampling(run, values)

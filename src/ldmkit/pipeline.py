@@ -143,7 +143,7 @@ class LatentDiffusion:
         self.default_sampler, self.default_steps = default_sampler, int(default_steps)
         self.fast = fast
         self._gflop: float | None = None  # UNet forward per image, counted on first use
-        self.default_guidance = float(guidance_scale)  # used when sample() is given a condition
+        self.guidance_scale = float(guidance_scale)  # used when sample() is given a condition
         self.device = resolve_device(device)
         self.vae = vae.to(self.device).eval()
         self.unet = unet.to(self.device).eval()
@@ -227,18 +227,18 @@ class LatentDiffusion:
         return self.unet.config.in_channels != self.unet.config.out_channels
 
     def network(
-        self, mask: Tensor | None = None, known: Tensor | None = None, *, fast: bool = False
+        self, mask: Tensor | None = None, known: Tensor | None = None, *, float_out: bool = False
     ) -> Callable[..., Tensor]:
         """The network function the denoiser calls, model(x_t, t, **cond): the UNet (compiled
         when asked for), or for an inpainting model the UNet given the latent mask (B, 1, h, w;
         1 = regenerate) and the known latent outside it as extra inputs. Without a mask it
         regenerates everything (what it learned from its fully masked training images).
-        Guidance's doubled batch gets the extra inputs repeated. `fast`: the prediction is cast
-        back to float32, for a caller under the fast path's autocast (so the sampler's own
+        Guidance's doubled batch gets the extra inputs repeated. `float_out`: the prediction is
+        cast back to float32, for a caller under the fast path's autocast (so the sampler's own
         arithmetic stays float32)."""
         unet = self._compiled if self._compiled is not None else self.unet
         inpainting = self.is_inpainting_model
-        if not (fast or inpainting):
+        if not (float_out or inpainting):
             return unet
 
         def network(x: Tensor, t: Tensor, **cond: Any) -> Tensor:
@@ -251,7 +251,7 @@ class LatentDiffusion:
                     extra = extra.repeat(b // extra.shape[0], 1, 1, 1)
                 x = torch.cat([x, extra], 1)
             out = unet(x, t, **cond)
-            return out.float() if fast else out
+            return out.float() if float_out else out
 
         return network
 
@@ -336,7 +336,7 @@ class LatentDiffusion:
         all images, or n) and `negative_prompt` (the unconditional branch of guidance instead
         of ""); without them the model samples unconditionally. `guidance_scale`
         (classifier-free guidance; 1 = none) applies with a condition only; None takes the
-        run's default (`default_guidance`). `fast` (None: `self.fast`) runs the UNet and the
+        run's default (`guidance_scale`). `fast` (None: `self.fast`) runs the UNet and the
         decoder under bf16 autocast where that is fast (`uses_fast_path`); False keeps float32.
         `sampler`, `steps`: None takes the model's defaults (`default_sampler`, `default_steps`).
         """
@@ -387,7 +387,7 @@ class LatentDiffusion:
         guidance scale (None: the run's default with a condition, else 1)."""
         cond_all, negative = self._check_conditions(n, class_labels, prompt, negative_prompt)
         if guidance_scale is None:
-            guidance_scale = self.default_guidance if cond_all is not None else 1.0
+            guidance_scale = self.guidance_scale if cond_all is not None else 1.0
         return Conditions(cond_all, negative, float(guidance_scale), n)
 
     def denoiser(
@@ -412,7 +412,7 @@ class LatentDiffusion:
             cond, _ = self.conditioner.sampling_kwargs(conditions.cond, b, 1.0, self.device)
             cond["guidance"] = torch.full((b,), guidance, device=self.device)
             return make_denoiser(
-                network or self.network(fast=fast), self.schedule,
+                network or self.network(float_out=fast), self.schedule,
                 self.unet.config.prediction_type, cond=cond,
             )  # fmt: skip
         if conditions.negative is not None:
@@ -424,7 +424,7 @@ class LatentDiffusion:
                 conditions.cond, b, guidance, self.device
             )
         return make_denoiser(
-            network or self.network(fast=fast), self.schedule, self.unet.config.prediction_type, cond=cond,
+            network or self.network(float_out=fast), self.schedule, self.unet.config.prediction_type, cond=cond,
             uncond=uncond, guidance_scale=guidance, guidance_rescale=guidance_rescale,
         )  # fmt: skip
 

@@ -34,6 +34,7 @@ from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fiel
 from .models.text import MINILM_WIDTH
 from .models.unet import UNetConfig
 from .models.vae import AutoencoderConfig
+from .models.video import VideoUNetConfig
 
 # Ranges of the settings a user gives (flags and config fields alike; api checks the flags)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # px; the data readers need >= 8
@@ -217,6 +218,47 @@ class LogConfig:
             raise ConfigError("log.project must name a W&B project / MLflow experiment, got ''")
 
 
+# ---------------------------------------------------------------------------- video runs (issue 30)
+def _video_default(name: str) -> Any:
+    """A VideoUNetConfig field's default: the video recipe's defaults live there (models/video.py)."""
+    f = VideoUNetConfig.__dataclass_fields__[name]
+    return f.default
+
+
+MAX_FPS = 100.0  # frames per second of a run's clips (GIF frame times are whole milliseconds)
+
+
+@dataclass
+class VideoConfig:
+    """A video run's settings (run.json's `video`; None there: an image run). The temporal
+    layers' defaults are `models.video.VideoUNetConfig`'s, so the recipe has one home."""
+
+    frames: int = _video_default("frames")  # frames per clip, trained and sampled
+    fps: float = 8.0  # the clips' playback speed (the data's, and the animations written)
+    temporal_heads: int = _video_default("temporal_heads")
+    temporal_levels: tuple[int, ...] | None = _video_default("temporal_levels")
+    temporal_mid: bool = _video_default("temporal_mid")
+    temporal_kernel: int = _video_default("temporal_kernel")
+    # train the temporal layers only; needs init_from (`ldmkit train --inflate RUN`): a fresh
+    # image UNet's zero output layer, frozen, would pass the temporal layers no gradient
+    freeze_spatial: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("video.frames", self.frames, 2, 256)
+        check_float("video.fps", self.fps, 0, MAX_FPS, lo_open=True)
+        if self.temporal_levels is not None:
+            self.temporal_levels = tuple(self.temporal_levels)
+
+    def unet_config(self, unet: UNetConfig) -> VideoUNetConfig:
+        """The video UNet's config around the run's image `unet` config: every field of this
+        config that `VideoUNetConfig` has too (a field added there is one line here)."""
+        shared = {f.name for f in dataclasses.fields(VideoUNetConfig)} - {"unet"}
+        given = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared
+        }
+        return VideoUNetConfig(unet=unet, **given)
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as run.json."""
@@ -265,7 +307,7 @@ class RunConfig:
     preview_steps: int = 20
     # classifier-free guidance when a conditional model is sampled (previews, and the default of
     # `ldmkit sample` / `ldmkit eval`); 1 = none. None (not set): measured at the end of
-    # training when choose_guidance is on (evaluation/guidance.py), else DEFAULT_GUIDANCE
+    # training when choose_guidance is on (evaluation/guidance_choice.py), else DEFAULT_GUIDANCE
     guidance_scale: float | None = None
     choose_guidance: bool = True  # measure the guidance scale after the UNet stage (if unset)
     # "inpaint": the UNet also takes the mask and the masked latent (2 * latent + 1 input
@@ -274,6 +316,8 @@ class RunConfig:
     # a trained run to start from (fine-tuning): its autoencoder is reused as it is and its
     # UNet's weights start this one's (widened with zero weights for task=inpaint)
     init_from: str | None = None
+    # a video run (issue 30): the clips' frames and fps, the temporal layers; None: images
+    video: VideoConfig | None = None
 
     def __post_init__(self) -> None:
         if self.guidance_scale is not None:
@@ -290,6 +334,12 @@ class RunConfig:
         check_sampler(self.preview_sampler)
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        if self.video is not None and self.video.freeze_spatial and not self.init_from:
+            raise ConfigError(
+                "video.freeze_spatial trains the temporal layers only, which needs a trained "
+                "image UNet: grow the video run from one with --inflate RUN, or drop "
+                "freeze_spatial"
+            )
 
     @property
     def sampling_guidance(self) -> float:

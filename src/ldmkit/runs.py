@@ -22,6 +22,9 @@
       eval/                evaluation caches and tables (ldmkit.evaluation owns their format)
       distill.json         a distilled student's record: method, the teacher and the    distill_record(), ...
                            SHA-256 of its weights, step counts, guidance, each halving
+      video_unet/          a video run's UNet (models/video.py; run.json's `video` says     load_video_unet(), ...
+                           frames and fps); a video run has no unet/, and clips.gif and
+                           frames.png (its final clips and their frames) beside samples.png
 
 Like diffusers' pipeline folder (model_index.json + one sub-folder per component), nothing but
 `RunFolder` names these paths: training, the pipeline, evaluation, interop, the CLI and the
@@ -58,9 +61,11 @@ from .utils import hash_file
 
 if TYPE_CHECKING:
     from .data.dataset import ImageDataset
+    from .data.video import VideoData
     from .models.text import MiniLMEncoder, TextEncoder, Tokenizer
     from .models.unet import UNet
     from .models.vae import Autoencoder
+    from .models.video import VideoUNet
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,9 @@ class DataInfo:
     labels_from: str | None = None  # where the class labels came from, e.g. "sub-folder names"
     native_size: int | None = None  # the short side the data's images came in (most common)
     size_note: str | None = None  # how image_size was chosen (training/sizing.py)
+    # a video run's data (issue 30): clips, each of `frames` frames (num_images counts frames)
+    num_clips: int | None = None
+    frames: int | None = None
 
 
 def read_data(
@@ -112,6 +120,20 @@ def read_data(
 
     return load_dataset(
         spec, image_size=image_size, channels=channels, seed=seed,
+        labels_from_folders={"auto": "auto", "class": True}.get(conditioning, False),
+        skip_folder=RunFolder.holds_run,
+    )  # fmt: skip
+
+
+def read_video(
+    spec: str, *, image_size: int, frames: int, seed: int = 0, conditioning: str = "auto",
+) -> VideoData:  # fmt: skip
+    """`data.video.load_video_data` as a video run reads its clips (a folder of animations
+    with its sub-folders skipped when they hold an ldmkit run, as `read_data` does)."""
+    from .data.video import load_video_data
+
+    return load_video_data(
+        spec, frames=frames, image_size=image_size, seed=seed,
         labels_from_folders={"auto": "auto", "class": True}.get(conditioning, False),
         skip_folder=RunFolder.holds_run,
     )  # fmt: skip
@@ -225,6 +247,21 @@ class RunFolder:
     def tracker_ids_path(self) -> Path:
         return self.trackers_dir / "ids.json"
 
+    # a video run's files (issue 30)
+    @property
+    def video_unet_dir(self) -> Path:
+        return self.path / "video_unet"
+
+    @property
+    def final_clips_path(self) -> Path:
+        """The final clips of a video run's training, as one animated GIF (a grid per frame)."""
+        return self.path / "clips.gif"
+
+    @property
+    def final_frames_path(self) -> Path:
+        """The same clips' frames: one row per clip."""
+        return self.path / "frames.png"
+
     def preview_path(self, step: int, prefix: str = "") -> Path:
         return self.samples_dir / f"{prefix}step-{step:08d}.png"
 
@@ -294,17 +331,54 @@ class RunFolder:
             )
         return self
 
+    def is_trained(self) -> bool:
+        """Whether both models are saved: the autoencoder and the UNet (a video run's video
+        UNet)."""
+        return self.has_model("vae") and self.has_model("video_unet" if self.is_video() else "unet")
+
     def require_trained(self) -> RunFolder:
-        """Raise a one-line error unless both models are saved; return self."""
+        """Raise a one-line error unless both models are saved; return self. A video run is
+        refused here: what needs an image UNet (the edits, distill, finetune, ...) cannot use
+        one; `require_trained_video` is its door."""
         if not self.path.is_dir():
             raise CheckpointError(
                 f"run folder {self.path} does not exist; train one with `ldmkit train --out {self.path}`"
+            )
+        if self.is_video():
+            raise ConfigError(
+                f"{self.path} is a video run; this command works on image runs only (a video "
+                "run samples with `ldmkit sample` and is measured with `ldmkit eval`)"
             )
         for part in ("vae", "unet"):
             if not (self.path / part / WEIGHTS_NAME).is_file():
                 raise CheckpointError(
                     f"{self.path} has no trained {part} ({self.path / part / WEIGHTS_NAME} is "
                     "missing); finish or resume the training with `ldmkit train --resume`"
+                )
+        return self
+
+    def is_video(self) -> bool:
+        """Whether this is a video run (run.json's `video` is set, or it saved a video UNet)."""
+        if self.video_unet_dir.is_dir():
+            return True
+        try:
+            return isinstance(self.config_dict().get("video"), dict)
+        except (CheckpointError, OSError, ValueError, AttributeError):
+            return False
+
+    def require_trained_video(self) -> RunFolder:
+        """Raise a one-line error unless this is a video run with both models saved."""
+        self.require_run()
+        if not self.is_video():
+            raise ConfigError(
+                f"{self.path} is an image run; this needs a video run (train one with "
+                "`ldmkit train --data builtin:moving-shapes --out RUN`)"
+            )
+        for part in ("vae", "video_unet"):
+            if not self.has_model(part):
+                raise CheckpointError(
+                    f"{self.path} has no trained {part} ({self.path / part} is missing or "
+                    "incomplete); finish or resume the training with `ldmkit train --resume`"
                 )
         return self
 
@@ -394,6 +468,13 @@ class RunFolder:
         """Whether the run is text-conditional (it saved a tokenizer or a text encoder)."""
         return self.tokenizer_path.is_file() or self.text_encoder_dir.is_dir()
 
+    def conditioning(self) -> str:
+        """ "text", "class" or "none": what the run's model is conditioned on (read from its
+        files and run.json; nothing is loaded)."""
+        if self.has_text():
+            return "text"
+        return "class" if self.config().unet.num_classes else "none"
+
     def load_text_encoder(
         self, device: str | torch.device | None = None
     ) -> TextEncoder | MiniLMEncoder:
@@ -433,12 +514,21 @@ class RunFolder:
     def save_unet(self, unet: UNet) -> None:
         unet.save_pretrained(self.unet_dir)
 
+    def load_video_unet(self, device: str | torch.device | None = None) -> VideoUNet:
+        from .models.video import VideoUNet
+
+        return VideoUNet.from_pretrained(self.video_unet_dir, device=device or "cpu")
+
+    def save_video_unet(self, model: VideoUNet) -> None:
+        model.save_pretrained(self.video_unet_dir)
+
     def weights_hash(self) -> str:
         """SHA-256 (first 16 hex digits) of the weights a sample depends on: the autoencoder's,
         the UNet's and, for a text model, the text encoder's and the tokenizer's files. Edited
         PNGs record it, so that reproducing one from its metadata can tell a retrained run."""
         digest = hashlib.sha256()
-        files = [self.vae_dir / WEIGHTS_NAME, self.unet_dir / WEIGHTS_NAME]
+        unet_dir = self.video_unet_dir if self.video_unet_dir.is_dir() else self.unet_dir
+        files = [self.vae_dir / WEIGHTS_NAME, unet_dir / WEIGHTS_NAME]
         if self.has_text():
             files += [self.text_encoder_dir / WEIGHTS_NAME, self.tokenizer_path]
         for path in files:

@@ -45,7 +45,6 @@ from .checkpoint import atomic_write, read_json, write_json
 from .data.images import write_png
 from .diffusion.samplers import SAMPLERS, run_sampler
 from .pipeline import LatentDiffusion
-from .runs import RunFolder
 from .utils import safe_filename
 
 log = logging.getLogger(__name__)
@@ -120,13 +119,6 @@ def plan_groups(ldm_kind: str, *, class_names: Sequence[str] | None, num_classes
         return [Group(i, p, f"{i:03d}-{safe_filename(p, max_len=60)}", count)
                 for i, p in enumerate(prompts)]  # fmt: skip
     return [Group(0, "", "", count)]
-
-
-def run_kind(folder: RunFolder) -> str:
-    """ "text", "class" or "none": what a run's model is conditioned on."""
-    if folder.has_text():
-        return "text"
-    return "class" if folder.config().unet.num_classes else "none"
 
 
 # ---------------------------------------------------------------------------------- the manifest

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldmkit.diffusion.editing import (
+from ldmkit.diffusion.edit_math import (
     blend_known,
     invert_ddim,
     repaint_path,

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from reliability_helpers import error_line, make_run, run_cli, snapshot, tiny
 
-from ldmkit import api, cli
+from ldmkit import cli
+from ldmkit.api import sampling as sampling_api
 from ldmkit.checkpoint import CheckpointError, load_tensors, save_tensors
 from ldmkit.config import ConfigError
 from ldmkit.recipe import RunConfig, parse_duration, resolve_config, run_config_from_dict
@@ -460,7 +461,7 @@ def test_convert_and_eval_refuse_an_output_over_their_input(run_dir, tmp_path, c
 
 def test_outputs_that_are_no_usable_path(run_dir, tmp_path, capsys):
     """Found by the fuzz test: an empty path (the current folder), a folder where a file is
-    written, an image name Pillow cannot write, and --stage unet without an autoencoder are
+    written, an image name Pillow cannot write, and --stage diffusion without an autoencoder are
     refused before anything is computed or written."""
     before = snapshot(tmp_path)
     for argv, pattern in (
@@ -472,7 +473,7 @@ def test_outputs_that_are_no_usable_path(run_dir, tmp_path, capsys):
         (["sample", "--run", str(run_dir), "--out", str(tmp_path / "g.txt")], r"does not end in an image suffix Pillow can write; use .png"),
         (["report", "--run", str(run_dir), "--out", str(tmp_path)], r"is a folder; give a file name, e.g. .*report.html"),
         (["eval", "--run", str(run_dir), "--out", ""], r"--out must be a path, got ''"),
-        (["train", "--out", str(tmp_path / "o"), *tiny(1), "--stage", "unet"], r"--stage unet trains the UNet on the run's autoencoder, but .*o has none yet"),
+        (["train", "--out", str(tmp_path / "o"), *tiny(1), "--stage", "diffusion"], r"--stage diffusion trains the UNet on the run's autoencoder, but .*o has none yet"),
         (["train", "--out", str(tmp_path / "o"), *tiny(1)[2:], "--set", "data="], r"data must be a data spec or a folder, got ''"),
     ):  # fmt: skip
         rc, _, err = run_cli(capsys, *argv)
@@ -564,7 +565,7 @@ def test_long_jobs_say_how_long_before_they_start(run_dir, tmp_path, capsys, cap
         r"sampler table: 1 row\(s\) of 6 images \(ddim at 2 steps\): the sampling will take about [\d.]+ (s|min|h) here",
         caplog.text,
     )
-    monkeypatch.setattr(api, "ANNOUNCE_FROM", 4)
+    monkeypatch.setattr(sampling_api, "ANNOUNCE_FROM", 4)
     rc, _, err = run_cli(capsys, *base_argv("sample", run_dir, tmp_path))
     assert rc == 0, err
     assert re.search(

@@ -43,7 +43,7 @@ def requests_naming(client, name: str) -> list:
         client.get("/api/run/image", params={"run": name, "which": "loss"}),
         client.post("/api/run/stop", json={"run": name}),
         client.post("/api/sample", json={"run": name}),
-        client.post("/api/edit", data={"run": name, "kind": "img2img", "params": "{}"},
+        client.post("/api/edit", data={"run": name, "method": "img2img", "params": "{}"},
                     files={"image": ("i.png", image.getvalue(), "image/png")}),
     ]  # fmt: skip
 
@@ -129,7 +129,7 @@ def test_an_upload_that_cannot_be_used_is_one_line_without_python_reprs(client, 
         buf = io.BytesIO()
         Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="PNG")
         data = buf.getvalue()[:60]  # header whole, pixels cut
-    r = client.post("/api/edit", data={"run": "run", "kind": "img2img", "params": "{}"},
+    r = client.post("/api/edit", data={"run": "run", "method": "img2img", "params": "{}"},
                     files={"image": ("i.png", data, "image/png")})  # fmt: skip
     assert r.status_code == status and no_raw_text(r.json()["error"]) == message, r.text
 
@@ -142,7 +142,7 @@ def test_an_upload_that_cannot_be_used_is_one_line_without_python_reprs(client, 
 def test_edit_fields_of_the_wrong_kind_are_400_in_words(client, params, message):
     image = io.BytesIO()
     Image.new("RGB", (16, 16)).save(image, format="PNG")
-    r = client.post("/api/edit", data={"run": "run", "kind": "fill", "params": json.dumps(params)},
+    r = client.post("/api/edit", data={"run": "run", "method": "fill", "params": json.dumps(params)},
                     files={"image": ("i.png", image.getvalue(), "image/png")})  # fmt: skip
     assert r.status_code == 400 and no_raw_text(r.json()["error"]) == message, r.text
 

@@ -76,7 +76,7 @@ def test_one_halving_brings_the_student_to_the_teacher(teacher, student):
     0.50 -> 0.10 RMS in the latent space, 200 steps)."""
     t = LatentDiffusion.from_run(teacher, fast=False)
     s = LatentDiffusion.from_run(student, fast=False)
-    assert (s.default_sampler, s.default_steps, s.default_guidance) == ("ddim", 1, 1.0)
+    assert (s.default_sampler, s.default_steps, s.guidance_scale) == ("ddim", 1, 1.0)
     labels = torch.arange(16) % 5
     ref = latents(t, labels, sampler="ddim", steps=2, guidance_scale=GUIDANCE)
     baseline = rms(latents(t, labels, sampler="ddim", steps=1, guidance_scale=GUIDANCE), ref)
@@ -282,7 +282,7 @@ def test_a_student_with_a_guidance_input_follows_the_scale(teacher, tmp_path):
     assert h["gap_after"] < h["gap_before"] / 3
     t = LatentDiffusion.from_run(teacher, fast=False)
     s = LatentDiffusion.from_run(out, fast=False)
-    assert s.unet.config.guidance_input and s.default_guidance == GUIDANCE
+    assert s.unet.config.guidance_input and s.guidance_scale == GUIDANCE
     labels = torch.arange(16) % 5
     dt = latents(t, labels, sampler="ddim", steps=2, guidance_scale=6.0) - latents(
         t, labels, sampler="ddim", steps=2, guidance_scale=1.0)  # fmt: skip
@@ -358,13 +358,13 @@ def test_a_fixed_scale_student_refuses_another_guidance(teacher, student, tmp_pa
     """The student distilled at the run's guidance has it built in: sampling or editing it at
     another scale is refused in one line (scale 1, its default, is fine); the teacher takes any."""
     with pytest.raises(ConfigError, match="distilled at guidance 3, which is built into"):
-        api.sample(student, n=2, guidance=2.0)
+        api.sample(student, n=2, guidance_scale=2.0)
     with pytest.raises(ConfigError, match="--guidance-mode input"):
         api.check_edit_options("img2img", {"guidance_scale": 0.0}, RunFolder(student))
     with pytest.raises(ConfigError, match="--guidance 2: .* is a student distilled at guidance 3"):
         api.evaluate(student, n=50, guidance_scale=2.0)
-    assert api.sample(student, n=2, guidance=1.0).images.shape[0] == 2
-    assert api.sample(teacher, n=2, steps=1, guidance=2.0).images.shape[0] == 2
+    assert api.sample(student, n=2, guidance_scale=1.0).images.shape[0] == 2
+    assert api.sample(teacher, n=2, steps=1, guidance_scale=2.0).images.shape[0] == 2
     rc = main(["sample", "--run", str(student), "--n", "2", "--guidance", "4",
                "--out", str(tmp_path / "g.png")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()

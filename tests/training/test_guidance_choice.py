@@ -1,13 +1,13 @@
-"""The per-run guidance choice at the end of training (evaluation/guidance.py)."""
+"""The per-run guidance choice at the end of training (evaluation/guidance_choice.py)."""
 
 import json
 
 import pytest
 import torch
 
-import ldmkit.evaluation.guidance as guidance
+import ldmkit.evaluation.guidance_choice as guidance
 from ldmkit.cli import main
-from ldmkit.evaluation.guidance import GuidanceChoice, GuidanceRow, pick_scale
+from ldmkit.evaluation.guidance_choice import GuidanceChoice, GuidanceRow, pick_scale
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.recipe import DEFAULT_GUIDANCE, run_config_from_dict
 from ldmkit.training import run as run_module
@@ -68,7 +68,7 @@ def test_the_chosen_scale_is_stored_and_sampled_with(tmp_path, measured, capsys)
     saved = json.loads((out / "eval" / "guidance.json").read_text())
     assert saved["scale"] == 2.0 and len(saved["rows"]) == 2
     ldm = LatentDiffusion.from_run(out, device="cpu")
-    assert ldm.default_guidance == 2.0
+    assert ldm.guidance_scale == 2.0
     kw = dict(sampler="ddim", steps=2, seed=1, class_labels=[0, 1])
     assert torch.equal(ldm.sample(2, **kw), ldm.sample(2, guidance_scale=2.0, **kw))
     assert not torch.equal(ldm.sample(2, **kw), ldm.sample(2, guidance_scale=5.0, **kw))
@@ -90,7 +90,7 @@ def test_a_given_scale_or_choose_guidance_false_measures_nothing(
     assert measured == []
     assert json.loads((out / "run.json").read_text())["guidance_scale"] == stored
     expected = DEFAULT_GUIDANCE if stored is None else stored
-    assert LatentDiffusion.from_run(out, device="cpu").default_guidance == expected
+    assert LatentDiffusion.from_run(out, device="cpu").guidance_scale == expected
 
 
 def test_short_budgets_and_unconditional_runs_measure_nothing(tmp_path, measured):

@@ -91,7 +91,7 @@ def test_sampling_is_seeded_and_batch_independent(run_dir):
     lab = ldm.sample(2, sampler="euler", steps=2, class_labels=[0, 1], guidance_scale=3.0)
     assert lab.shape == (2, 3, 16, 16)
     # with labels and no scale, the run's guidance_scale (RunConfig default 5) applies
-    assert ldm.default_guidance == 5.0
+    assert ldm.guidance_scale == 5.0
     kw = dict(sampler="ddim", steps=3, seed=1, class_labels=[0, 1, 2, 3])
     d = ldm.sample(4, **kw)
     assert torch.equal(d, ldm.sample(4, guidance_scale=5.0, **kw))
@@ -201,13 +201,13 @@ def test_autoencoder_with_discriminator_and_resume(tmp_path):
         "perceptual_weight": 0.1,
     }
     cfg = tiny(vae=gan, vae_train={"steps": 3})
-    train_run(cfg, tmp_path / "a", stage="vae")
+    train_run(cfg, tmp_path / "a", stage="autoencoder")
     rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert "d_loss" in rows[-1] and "g_loss" in rows[-1] and "perceptual" in rows[-1]
     # the discriminator and its optimizer are part of the checkpoint, so resume stays exact
-    train_run(tiny(vae=gan, vae_train={"steps": 2}), tmp_path / "b", stage="vae")
+    train_run(tiny(vae=gan, vae_train={"steps": 2}), tmp_path / "b", stage="autoencoder")
     (tmp_path / "b" / "vae").rename(tmp_path / "b" / "vae-partial")  # as if killed before the end
-    train_run(cfg, tmp_path / "b", stage="vae", resume=True)
+    train_run(cfg, tmp_path / "b", stage="autoencoder", resume=True)
     a = load_tensors(tmp_path / "a" / "vae" / "model.safetensors")
     b = load_tensors(tmp_path / "b" / "vae" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

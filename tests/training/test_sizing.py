@@ -144,7 +144,7 @@ def test_a_folder_of_64px_images_trains_at_64px_with_no_flag(tmp_path, caplog, m
     data = write_folder(tmp_path / "photos", [(64, 64)] * 12)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
-        api.train(out, data=str(data), stage="vae", sets=TINY)
+        api.train(out, data=str(data), stage="autoencoder", sets=TINY)
     folder = RunFolder(out)
     assert folder.config().image_size == 64
     assert folder.load_vae().config.image_size == 64
@@ -155,9 +155,9 @@ def test_a_folder_of_64px_images_trains_at_64px_with_no_flag(tmp_path, caplog, m
 
 def test_an_explicit_image_size_wins(tmp_path):
     data = write_folder(tmp_path / "photos", [(64, 64)] * 12)
-    api.train(tmp_path / "flag", data=str(data), stage="vae", sets=TINY, image_size=32)
+    api.train(tmp_path / "flag", data=str(data), stage="autoencoder", sets=TINY, image_size=32)
     assert RunFolder(tmp_path / "flag").config().image_size == 32
-    api.train(tmp_path / "set", data=str(data), stage="vae", sets=[*TINY, "image_size=48"])
+    api.train(tmp_path / "set", data=str(data), stage="autoencoder", sets=[*TINY, "image_size=48"])
     assert RunFolder(tmp_path / "set").config().image_size == 48
     info = json.loads(RunFolder(tmp_path / "set").data_path.read_text())
     assert info["size_note"] is None  # nothing was chosen
@@ -210,7 +210,7 @@ def test_labelled_data_over_64px_keeps_the_judge_of_its_autoencoder(tmp_path, ca
     for k, name in enumerate(("cats", "dogs")):
         write_folder(tmp_path / "pets" / name, [(96, 96)] * 6, seed=k)
     with caplog.at_level(logging.INFO):
-        api.train(tmp_path / "run", data=str(tmp_path / "pets"), stage="vae", sets=TINY,
+        api.train(tmp_path / "run", data=str(tmp_path / "pets"), stage="autoencoder", sets=TINY,
                   image_size=96)  # fmt: skip
     messages = [r.getMessage() for r in caplog.records]
     assert any("trained the domain classifier" in m for m in messages), messages

@@ -131,7 +131,7 @@ def inpaint_a_stroke(page, url: str, tmp_path: Path) -> None:
 
     page.click("#tabs button[data-tab=edit]")
     page.click("#use-result")
-    page.select_option("#edit-kind", "inpaint")
+    page.select_option("#edit-method", "inpaint")
     page.fill("#edit-steps", "10")
     box = page.locator("#mask").bounding_box()
     size = page.locator("#mask").evaluate("c => c.width")  # the image's pixels

@@ -39,10 +39,10 @@ def image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def edit(client, kind: str, params: dict | None = None, **files: bytes):
+def edit(client, method: str, params: dict | None = None, **files: bytes):
     return client.post(
         "/api/edit",
-        data={"run": "shapes", "kind": kind, "params": json.dumps(params or {})},
+        data={"run": "shapes", "method": method, "params": json.dumps(params or {})},
         files={k: (f"{k}.png", v, "image/png") for k, v in files.items()},
     )
 
@@ -113,7 +113,7 @@ def test_an_upload_that_is_no_image_is_400(client):
 
 
 @pytest.mark.parametrize(
-    "kind, params, error",
+    "method, params, error",
     [("inpaint", {}, "inpaint needs a mask"),
      ("img2img", {"strength": 0}, "--strength must be a finite number in (0, 1], got 0"),
      ("img2img", {"steps": 0}, "--steps must be a whole number from 1 to 100, got 0"),
@@ -121,21 +121,21 @@ def test_an_upload_that_is_no_image_is_400(client):
      ("interpolate", {"between": "images"}, "needs a second image"),
      ("sharpen", {}, "unknown editing method 'sharpen'")],
 )  # fmt: skip
-def test_bad_edit_requests_are_400_with_one_line(client, image, kind, params, error):
-    r = edit(client, kind, params, image=png(image))
+def test_bad_edit_requests_are_400_with_one_line(client, image, method, params, error):
+    r = edit(client, method, params, image=png(image))
     assert r.status_code == 400 and error in r.json()["error"], r.text
 
 
 @pytest.mark.parametrize(
-    "kind, params, width",
+    "method, params, width",
     [("img2img", {"strength": 0.5}, SIZE), ("denoise", {"noise_std": 0.1}, SIZE),
      ("fill", {}, SIZE), ("interpolate", {"seed_a": 1, "seed_b": 2, "frames": 4}, 4 * SIZE)],
 )  # fmt: skip
-def test_every_method_gives_a_png_with_its_parameters(client, image, kind, params, width):
-    job, out = finished(client, edit(client, kind, {"steps": 3, **params}, image=png(image)))
+def test_every_method_gives_a_png_with_its_parameters(client, image, method, params, width):
+    job, out = finished(client, edit(client, method, {"steps": 3, **params}, image=png(image)))
     assert pixels(out).shape == (SIZE, width, 3)
     meta = read_png_params(io.BytesIO(out))
-    assert meta["method"] == kind and meta["options"]["steps"] == 3
+    assert meta["method"] == method and meta["options"]["steps"] == 3
     assert job["info"]["frames"] == width // SIZE
 
 

@@ -47,7 +47,7 @@ def test_same_parameters_and_seed_give_the_python_apis_images(client, runs, tmp_
     grid = client.get("/api/job/result", params={"id": job["id"]}).content
 
     ref = api.sample(runs / "shapes", n=6, sampler="ddim", steps=4, seed=7, classes="star",
-                     guidance=3.0)  # fmt: skip
+                     guidance_scale=3.0)  # fmt: skip
     api.save_grid(ref, tmp_path / "ref.png")
     assert np.array_equal(pixels(grid), pixels((tmp_path / "ref.png").read_bytes()))
     first = client.get("/api/job/image", params={"id": job["id"], "i": 0}).content

@@ -72,6 +72,13 @@ def read_animation(path: str | Path) -> np.ndarray:
             f"{path} has {len(frames)} frame; an animation needs at least 2 (a still image "
             "belongs in an image data set)"
         )
+    sizes = sorted({f.shape[:2] for f in frames})
+    if len(sizes) > 1:
+        (h0, w0), (h1, w1) = sizes[0], sizes[-1]
+        raise DataError(
+            f"{path} has frames of different sizes ({w0}x{h0} and {w1}x{h1}); a clip's frames "
+            "must share one size: re-export it with one canvas size"
+        )
     return np.stack(frames).transpose(0, 3, 1, 2).copy()
 
 
@@ -86,3 +93,30 @@ def read_animation_params(path: str | Path) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return data.get(PARAMS_KEY) if isinstance(data, dict) else None
+
+
+def tile(images: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """uint8 images (N, C, H, W) tiled `nrow` a row with `padding` px of black -> (C, GH, GW)."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    out = np.zeros((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + k * (w + padding)
+        out[:, top : top + h, left : left + w] = im
+    return out
+
+
+def clips_grid(clips: np.ndarray, nrow: int | None = None) -> np.ndarray:
+    """Clips (B, F, C, H, W) -> one clip (F, C, GH, GW) whose every frame tiles the B clips'
+    frames, `nrow` clips a row (default ceil(sqrt(B))): all clips in one animation."""
+    clips = np.asarray(clips)
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(len(clips)))))
+    return np.stack([tile(clips[:, f], nrow) for f in range(clips.shape[1])])
+
+
+def frames_strip(clips: np.ndarray) -> np.ndarray:
+    """Clips (B, F, C, H, W) -> one image (C, GH, GW): a row per clip, its frames left to right."""
+    clips = np.asarray(clips)
+    b, f = clips.shape[:2]
+    return tile(clips.reshape(b * f, *clips.shape[2:]), f)

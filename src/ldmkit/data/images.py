@@ -173,6 +173,15 @@ def read_mask(
     return mask_from_array(np.asarray(im))
 
 
+def png_info(params: dict[str, Any] | None) -> PngImagePlugin.PngInfo:
+    """The PNG text chunk "ldmkit" (PNG_KEY) holding `params` as JSON (empty for None): the one
+    place that writes a PNG's parameters."""
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    return info
+
+
 def write_png(
     images: torch.Tensor,
     target: str | os.PathLike | IO[bytes],
@@ -185,9 +194,7 @@ def write_png(
         raise ValueError(f"write_png writes one image, got a batch of {images.shape[0]}")
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
     im = pil_image(arr)
-    info = PngImagePlugin.PngInfo()
-    if params is not None:
-        info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))
+    info = png_info(params)
     if not isinstance(target, (str, os.PathLike)):
         im.save(target, format="PNG", pnginfo=info)
         return

@@ -104,7 +104,7 @@ def evaluate_run(
 
     # 2. the sampler table, grown from an earlier one of the same identity
     if guidance_scale is None:
-        guidance_scale = ldm.default_guidance
+        guidance_scale = ldm.guidance_scale
     identity = {
         "model_fingerprint": file_fingerprint(run.unet_dir / WEIGHTS_NAME),
         "reference_fingerprint": ref_ds.fingerprint(),

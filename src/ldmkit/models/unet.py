@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.checkpoint import ModelFolder
 from ldmkit.config import ConfigError, check_int
 from ldmkit.diffusion.process import PredictionType
 from ldmkit.models.layers import (
@@ -321,7 +320,7 @@ class UpLevel(nn.Module):
         return h
 
 
-class UNet(nn.Module):
+class UNet(ModelFolder, nn.Module):
     """Denoising UNet: `forward(x, t, *, class_labels=None, context=None) -> (B, out_channels, H, W)`.
 
     - `t`: integer or fractional timesteps, a number, a 0-d tensor or a (B,) tensor.
@@ -332,6 +331,8 @@ class UNet(nn.Module):
     - `context_mask`: bool (B, L), True for the context tokens to attend to (False for padding);
       None attends to all. With it, padding a prompt further leaves the output unchanged.
     """
+
+    config_class = UNetConfig
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -512,19 +513,6 @@ class UNet(nn.Module):
         )
 
     # ---------------------------------------------------------------- persistence
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        save_model_folder(
-            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "UNet"}
-        )
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> UNet:
-        """Load a folder written by `save_pretrained` in eval mode; refuse corrupt or mismatched files."""
-        model = load_model_folder(cls, UNetConfig, directory)
-        logger.info("loaded %s from %s", model.summary(), directory)
-        return model.to(device).eval()
 
 
 def widen_input(unet: UNet, extra: int) -> UNet:

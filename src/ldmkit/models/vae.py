@@ -22,7 +22,6 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.checkpoint import ModelFolder
 from ldmkit.config import ConfigError, check_int
 from ldmkit.models.distributions import DiagonalGaussian
 
@@ -368,13 +367,15 @@ class Decoder(nn.Module):
 # The autoencoder
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(ModelFolder, nn.Module):
     """KL autoencoder: `encode(x) -> DiagonalGaussian`, `decode(z) -> x`.
 
     Images are in [-1, 1], (B, image_channels, H, W) with H and W multiples of f. Latents are the
     raw z; multiply by `config.scaling_factor` before handing them to the diffusion model, and
     divide before decoding its output.
     """
+
+    config_class = AutoencoderConfig
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
@@ -464,21 +465,6 @@ class Autoencoder(nn.Module):
             f"{c.layers_per_block} layers/block, {attention}, "
             f"{self.num_parameters() / 1e6:.2f} M params, scaling_factor {c.scaling_factor:.5g}"
         )
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        save_model_folder(
-            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "Autoencoder"}
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device = "cpu"
-    ) -> Autoencoder:
-        """Load a folder written by `save_pretrained` in eval mode; refuse corrupt or mismatched files."""
-        model = load_model_folder(cls, AutoencoderConfig, directory)
-        logger.info("loaded %s from %s", model.summary(), directory)
-        return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------

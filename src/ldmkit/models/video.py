@@ -29,13 +29,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ldmkit.checkpoint import load_model_folder, save_model_folder
+from ldmkit.checkpoint import ModelFolder
 from ldmkit.config import ConfigError, check_int
 from ldmkit.models.layers import Attention, timestep_embedding, zero_module
 from ldmkit.models.unet import UNet, UNetConfig
@@ -154,9 +153,11 @@ class _TemporalHook:
         return None if frames is None else self.temporal(output, frames)
 
 
-class VideoUNet(nn.Module):
+class VideoUNet(ModelFolder, nn.Module):
     """`forward(x, t, *, class_labels=None, context=None, context_mask=None)` on clips
     x (B, F, C, H, W) -> (B, F, out_channels, H, W); see the module docstring."""
+
+    config_class = VideoUNetConfig
 
     def __init__(self, config: VideoUNetConfig):
         super().__init__()
@@ -258,18 +259,3 @@ class VideoUNet(nn.Module):
         )
 
     # ---------------------------------------------------------------- persistence
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        save_model_folder(
-            directory, self, self.config, metadata={"format": "pt", "ldmkit_model": "VideoUNet"}
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device = "cpu"
-    ) -> VideoUNet:
-        """Load a folder written by `save_pretrained` in eval mode."""
-        model = load_model_folder(cls, VideoUNetConfig, directory)
-        logger.info("loaded %s from %s", model.summary(), directory)
-        return model.to(device).eval()

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 # stop reasons after which no final grid is drawn and the run reports an early end
 STOPPED_EARLY = ("signal", "stop request", "bad loss")
 FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
-# the guidance measurement at the end (evaluation/guidance.py; ~25-40 s on 2 CPU cores): the
+# the guidance measurement at the end (evaluation/guidance_choice.py; ~25-40 s on 2 CPU cores): the
 # share of a time budget kept for it, at most GUIDANCE_MAX_S; budgets under GUIDANCE_MIN_BUDGET_S
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
@@ -107,6 +107,7 @@ class _Run:
     # the run's quick domain classifier (labelled data of at most 64 px): it reads the
     # autoencoder's reconstructions while it trains and the guidance choice's samples
     judge: Any | None = None
+    clips: int = 0  # a video run's clip count (its images are the clips' frames); 0: images
 
     def result(self, vae_steps: int, unet_steps: int, why: str) -> RunResult:
         return RunResult(
@@ -119,7 +120,7 @@ def train_run(
     out_dir: str | Path,
     *,
     resume: bool = False,
-    stage: Literal["all", "vae", "unet"] = "all",
+    stage: Literal["all", "autoencoder", "diffusion"] = "all",
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
     backend: str = "auto",
@@ -131,7 +132,8 @@ def train_run(
     Args:
         resume: continue from the newest checkpoints, with the run's saved config (only the
             training settings in `recipe.CHANGEABLE_ON_RESUME` may change).
-        stage: "vae" stops after the autoencoder; "unet" trains the UNet on a saved one.
+        stage: "autoencoder" stops after the autoencoder; "diffusion" trains the UNet on a
+        saved one.
         progress: called with a `loop.Progress` after every step (the CLI draws a tqdm bar).
         stop: a threading.Event (or a callable) that, once set, stops the training cleanly with
             a checkpoint, as SIGINT does. A stop request file in the run folder
@@ -158,13 +160,17 @@ def train_run(
             run = world.main_first(prepare)
             status = "failed"  # what the trackers hear unless the story ends
             try:
-                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "vae"))
-                if why in STOPPED_EARLY or stage == "vae":
+                vae, vae_steps, why = _autoencoder(run, train=stage in ("all", "autoencoder"))
+                if why in STOPPED_EARLY or stage == "autoencoder":
                     result = run.result(vae_steps, 0, why)
                 else:
                     moments = _latents(run, vae)
-                    model, unet_steps, why = _diffusion(run, vae, moments)
-                    _finish(run, vae, model, unet_steps, why)
+                    if run.clips:  # a video run (issue 30): the video UNet on the clips
+                        model, unet_steps, why = _video_diffusion(run, vae, moments)
+                        _finish_video(run, vae, model, why)
+                    else:
+                        model, unet_steps, why = _diffusion(run, vae, moments)
+                        _finish(run, vae, model, unet_steps, why)
                     result = run.result(vae_steps, unet_steps, why)
                 if world.is_main:
                     _track_summary(run, result)
@@ -239,8 +245,12 @@ def _prepare(
     cfg = _check_bf16(cfg, device)
     _cuda_speedups(device)
     torch.manual_seed(cfg.seed)
-    ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
-                   conditioning=cfg.conditioning)  # fmt: skip
+    clips = 0
+    if cfg.video is not None or _is_video_data(cfg.data):
+        cfg, ds, clips = _video_data(cfg)
+    else:
+        ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
+                       conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
     if mode == "text" and cfg.text.encoder == "minilm":
         minilm_dir()  # a one-line error, before anything is written, without the `text` extra
@@ -271,8 +281,8 @@ def _prepare(
 
         missing_packages(cfg.log)  # before anything is written
         _check_time_plan(
-            cfg, ds.images, device, train_vae=stage in ("all", "vae") and not folder.has_model("vae"),
-            train_unet=stage in ("all", "unet"), resumed=resumed,
+            cfg, ds.images, device, train_vae=stage in ("all", "autoencoder") and not folder.has_model("vae"),
+            train_unet=stage in ("all", "diffusion"), resumed=resumed,
         )  # fmt: skip
         folder.write_config(cfg)
         if cfg.init_from and not resumed:  # the base run's autoencoder, as it is: no stage 1
@@ -282,6 +292,7 @@ def _prepare(
             image_size=cfg.image_size, class_names=ds.class_names if num_classes else None,
             fingerprint=ds.fingerprint(), labels_from=labels_from if num_classes else None,
             native_size=size.native if size else None, size_note=size.note if size else None,
+            num_clips=clips or None, frames=cfg.video.frames if cfg.video else None,
         ))  # fmt: skip
     _sanity_check(ds.images, cfg)
     if world.is_main and len(ds.images) < 1000:
@@ -294,11 +305,13 @@ def _prepare(
         tokenizer, cond_data, prompts = _prepare_text(folder, cfg, ds, resumed)
     if mode != "class":  # the class case was logged above, with where its labels come from
         log.info("conditioning: %s", "text prompts" if mode == "text" else "none (unconditional)")
+    if clips and cond_data is not None:  # one condition per clip (its frames share it)
+        cond_data = cond_data[:: cfg.video.frames]
     return _Run(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
         parse_duration(cfg.time_budget) if cfg.time_budget else None, t_start,
-        _run_log(folder, cfg, resumed, world), progress, stop, world, ds,
+        _run_log(folder, cfg, resumed, world), progress, stop, world, ds, clips=clips,
     )  # fmt: skip
 
 
@@ -404,7 +417,7 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     if world.size > 1 and cfg.vae.disc_weight > 0:
         raise ConfigError(
             "vae.disc_weight > 0: the PatchGAN discriminator (BatchNorm, adaptive weight) trains "
-            "in one process only; train the autoencoder without torchrun (--stage vae), then "
+            "in one process only; train the autoencoder without torchrun (--stage autoencoder), then "
             "resume the run with torchrun"
         )
     probe_idx, train_idx = probe_split(len(images), cfg.seed)
@@ -695,9 +708,9 @@ def _guidance_reserve(run: _Run) -> float:
 
 
 def _choose_guidance(run: _Run, vae: Autoencoder, model: nn.Module, steps: int) -> None:
-    """Measure FID and accuracy per guidance scale (evaluation/guidance.py), store the pick as
+    """Measure FID and accuracy per guidance scale (evaluation/guidance_choice.py), store the pick as
     the run's guidance_scale (run.json) and the table in eval/; the final grid then uses it."""
-    from ..evaluation.guidance import measure_guidance, save_choice
+    from ..evaluation.guidance_choice import measure_guidance, save_choice
 
     if not _will_choose_guidance(run):
         return
@@ -912,8 +925,12 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
     folder.require_new()
     device = resolve_device(cfg.device)
     cfg = _check_bf16(cfg, device)
-    ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
-                   conditioning=cfg.conditioning)  # fmt: skip
+    clips = 0
+    if cfg.video is not None or _is_video_data(cfg.data):  # a video run: its clips' frames
+        cfg, ds, clips = _video_data(cfg)
+    else:
+        ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
+                       conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
     num_classes = len(ds.class_names) if mode == "class" else None
     if cfg.init_from:
@@ -923,6 +940,11 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
                      f"({', '.join(ds.class_names[:10])})" if num_classes else "",
             "text": "text prompts (the data's captions)", "none": "none (unconditional)"}[mode]  # fmt: skip
     lines = [f"data: {ds.name}, {len(ds.images)} images", *plan_lines(cfg, size)]
+    if clips and cfg.video is not None:  # the time below is the image UNet's: a lower bound
+        lines[0] = f"data: {ds.name}, {clips} clips of {cfg.video.frames} frames"
+        lines.append(f"video: a video UNet on clips of {cfg.video.frames} frames at "
+                     f"{cfg.video.fps:g} fps{', grown from ' + cfg.init_from if cfg.init_from else ''}"
+                     "; the time below is timed on single frames (a lower bound)")  # fmt: skip
     if size is not None and size.reduced:
         lines.append(f"image size: {size.note}")
     lines.append(f"conditioning: {what}")
@@ -981,3 +1003,215 @@ def _summary(model: torch.nn.Module) -> str:
     kind = "frozen MiniLM " if isinstance(encoder, MiniLMEncoder) else ""
     text = f"; {kind}text encoder {encoder.num_parameters() / 1e6:.2f} M params" if encoder else ""
     return (unet.summary() if hasattr(unet, "summary") else type(unet).__name__) + text
+
+
+# ---------------------------------------------------------------------------- video runs (issue 30)
+# A video run is the same story on clips: its images are the clips' frames (the autoencoder
+# stage, its gate and the latent cache are the image run's, fed frames), then the video UNet
+# (models/video.py) trains on the clips' latents (training/video.py) in place of the UNet stage.
+def _is_video_data(spec: str) -> bool:
+    from ..data.video import is_video_spec
+
+    return is_video_spec(spec)
+
+
+def _video_data(cfg: RunConfig) -> tuple[RunConfig, ImageDataset, int]:
+    """(the config with its `video` settings, the clips' frames as an image data set (labels
+    and captions repeated per frame), the clip count)."""
+    import numpy as np
+
+    from ..data.dataset import ImageDataset
+    from ..recipe import VideoConfig
+    from ..runs import read_video
+
+    if not _is_video_data(cfg.data):
+        raise ConfigError(
+            f"video.* is set but {cfg.data} is image data; give video data (builtin:moving-shapes, "
+            "builtin:moving-mnist or animations:DIR) or drop the video settings"
+        )
+    if cfg.video is None:
+        cfg = dataclasses.replace(cfg, video=VideoConfig())
+    if cfg.init_from:  # the image run it grows from decides the size
+        cfg = dataclasses.replace(cfg, image_size=RunFolder(cfg.init_from).config().image_size)
+    assert cfg.video is not None
+    vd = read_video(cfg.data, image_size=cfg.image_size, frames=cfg.video.frames, seed=cfg.seed,
+                    conditioning=cfg.conditioning)  # fmt: skip
+    n, f = vd.videos.shape[:2]
+    if cfg.channels is not None and cfg.channels != vd.videos.shape[2]:
+        raise ConfigError(
+            f"channels={cfg.channels}, but the clips of {cfg.data} have {vd.videos.shape[2]}; "
+            "drop the channels setting"
+        )
+    frames = torch.from_numpy(np.ascontiguousarray(vd.videos.reshape(n * f, *vd.videos.shape[2:])))
+    labels = None if vd.labels is None else torch.from_numpy(np.repeat(vd.labels, f)).long()
+    captions = None if vd.captions is None else [c for c in vd.captions for _ in range(f)]
+    ds = ImageDataset(frames, labels=labels, captions=captions, class_names=vd.class_names,
+                      name=vd.name, spec=cfg.data)  # fmt: skip
+    log.info("video data %s: %d clips of %d frames at %d px", vd.name, n, f, cfg.image_size)
+    return cfg, ds, n
+
+
+def _video_model(run: _Run) -> tuple[nn.Module, Any]:
+    """(the model the video stage trains: a VideoUNet, or a TextUNet around one; its
+    conditioner). From scratch, or grown from the image run `init_from` (its UNet the spatial
+    layers, the temporal ones starting at zero: exactly that model per frame)."""
+    from ..models.video import VideoUNet
+
+    cfg, device = run.cfg, run.device
+    assert cfg.video is not None
+    torch.manual_seed(cfg.seed + 1)
+    video = VideoUNet(cfg.video.unet_config(cfg.unet)).to(device)
+    if cfg.init_from:
+        video.unet.load_state_dict(_base_unet(cfg, device).state_dict())
+        log.info("video UNet grown from the image run %s%s", cfg.init_from,
+                 " (its spatial layers frozen)" if cfg.video.freeze_spatial else "")  # fmt: skip
+    model: nn.Module = video
+    if run.tokenizer is not None:
+        t = cfg.text
+        encoder: TextEncoder | MiniLMEncoder
+        if t.encoder == "minilm":
+            encoder = MiniLMEncoder().to(device)
+        else:
+            encoder = TextEncoder(TextEncoderConfig(
+                vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
+                layers=t.layers, heads=t.heads,
+            )).to(device)  # fmt: skip
+        video.unet.null_context.requires_grad_(False)
+        model = TextUNet(video, encoder)
+        return model, TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
+    num_classes = len(run.class_names) if run.class_names else None
+    return model, ClassConditioner(num_classes, dropout=cfg.diffusion.class_dropout)
+
+
+def _video_diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
+    """The video UNet on the clips' latents (training/video.py's stage in the shared loop):
+    checkpoints, resume, the time budget's rest, progress and stop as the UNet stage has them."""
+    from .video import STAGE, video_diffusion_stage
+
+    cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
+    assert cfg.video is not None
+    clips = moments.view(run.clips, cfg.video.frames, *moments.shape[1:])
+    model, conditioner = _video_model(run)
+    st = video_diffusion_stage(
+        model, clips, conditioner, run.cond_data, vae.config.scaling_factor, cfg.diffusion,
+        cfg.unet_train, device, wrap=world.wrap,
+    )  # fmt: skip
+    st.preview = _video_preview(run, vae)
+    mb = min(local_micro_batch(cfg.unet_train, world.size), run.clips)
+
+    def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
+        video, encoder = split_model(m)
+        x = torch.randn(mb, *clips.shape[1:2], cfg.unet.in_channels, *clips.shape[3:]).to(device)
+        t = torch.randint(0, cfg.diffusion.num_timesteps, (mb,)).to(device)
+        cond = {}
+        if encoder is not None:
+            cond = encoder.context(run.cond_data[:mb].to(device))
+        elif run.class_names:
+            cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
+        return video(x, t, **cond).square().mean()
+
+    per_step = None
+    if world.is_main:
+        per_step = estimate_step_time(model, probe, device) * cfg.unet_train.grad_accum
+        _announce("video diffusion", model, per_step / cfg.unet_train.grad_accum,
+                  cfg.unet_train, run.clips)  # fmt: skip
+    budget = None
+    if run.budget:
+        budget = max(run.budget - (time.perf_counter() - run.t_start) - FINAL_GRID_S, 10.0)
+    res = train_stage(
+        st, cfg.unet_train, folder=folder, num_items=run.clips, seed=cfg.seed + 1,
+        resume=run.resume and bool(list_checkpoints(folder.checkpoints_dir, STAGE)),
+        time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
+        world=world,
+    )  # fmt: skip
+    final = res.ema.model if res.ema is not None else model
+    video_final, encoder_final = split_model(final)
+    with world.together():
+        if world.is_main:
+            if encoder_final is not None:
+                folder.save_text_encoder(encoder_final)
+            folder.save_video_unet(video_final)
+            if res.stopped_because not in STOPPED_EARLY:
+                _report_diffusion(run, res, budget, per_step)
+    return final, res.steps_done, res.stopped_because
+
+
+def _video_clips(run: _Run, vae: Autoencoder, model: nn.Module, per_class: int) -> Tensor:
+    """Clips of the video stage's model for a preview: `per_class` a class (or preview prompt),
+    else per_class squared; uint8 (B, F, C, H, W)."""
+    from ..video_sampling import sample_video
+
+    cfg = run.cfg
+    assert cfg.video is not None
+    video, encoder = split_model(model)
+    if encoder is not None:
+        assert run.tokenizer is not None
+        prompts = [p for p in (run.preview_prompts or [""]) for _ in range(per_class)]
+        conditioner: Any = TextConditioner(run.tokenizer, encoder)
+        cond, uncond = conditioner.sampling_kwargs(prompts, len(prompts), cfg.sampling_guidance,
+                                                   run.device)  # fmt: skip
+    elif run.class_names:
+        n_classes = min(len(run.class_names), 8)
+        labels = torch.arange(n_classes).repeat_interleave(per_class)
+        conditioner = ClassConditioner(len(run.class_names))
+        cond, uncond = conditioner.sampling_kwargs(labels, len(labels), cfg.sampling_guidance,
+                                                   run.device)  # fmt: skip
+    else:
+        cond, uncond = {}, None
+    n = len(next(iter(cond.values()))) if cond else per_class * per_class
+    u = cfg.unet
+    return sample_video(
+        video, vae, cfg.diffusion.make_schedule(), n=n, frames=cfg.video.frames,
+        latent_shape=(u.out_channels, u.sample_size, u.sample_size),
+        scaling_factor=vae.config.scaling_factor, prediction_type=u.prediction_type,
+        sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0, cond=cond, uncond=uncond,
+        guidance_scale=cfg.sampling_guidance, device=run.device,
+    )  # fmt: skip
+
+
+def _video_preview(run: _Run, vae: Autoencoder, per_class: int = 2):
+    """A function that samples a few clips with the given model and saves their frames as a
+    preview PNG (a row per clip)."""
+    from ..evaluation.grids import save_grid
+
+    def preview(step: int, model: torch.nn.Module) -> Path | None:
+        was_training = model.training
+        model.eval()
+        try:
+            clips = _video_clips(run, vae, model, per_class)
+        except NonFiniteSampleError as e:
+            log.warning("step %d: no preview: %s", step, e)
+            return None
+        finally:
+            model.train(was_training)
+        path = run.folder.preview_path(step)
+        save_grid(clips.flatten(0, 1), path, nrow=clips.shape[1],
+                  scale=2 if run.cfg.image_size <= 64 else 1)  # fmt: skip
+        return path
+
+    return preview
+
+
+def _finish_video(run: _Run, vae: Autoencoder, model: nn.Module, why: str) -> None:
+    """The final clips (clips.gif: all clips in one animation; frames.png: a row per clip),
+    unless stopped early, and the loss curves."""
+    from ..data.animations import clips_grid, save_animation
+    from ..evaluation.grids import save_grid
+    from ..evaluation.plots import plot_loss_curves
+
+    with run.world.together():
+        if not run.world.is_main:
+            return
+        if why not in STOPPED_EARLY:
+            assert run.cfg.video is not None
+            try:
+                clips = _video_clips(run, vae, model.eval(), per_class=4).numpy()
+            except NonFiniteSampleError as e:
+                log.warning("no final clips: %s", e)
+            else:
+                folder = run.folder
+                save_animation(folder.final_clips_path, clips_grid(clips), fps=run.cfg.video.fps)
+                save_grid(clips.reshape(-1, *clips.shape[2:]), folder.final_frames_path,
+                          nrow=clips.shape[1])  # fmt: skip
+                run.run_log.add_image("video/final", folder.final_frames_path, 0)
+        plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)

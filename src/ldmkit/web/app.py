@@ -8,7 +8,8 @@ checks an argument or names a run file by itself.
     GET  /api/run?run=NAME              its data, classes or text, guidance, which grids exist,
                                         the fields of the sample and edit forms (web/forms.py)
     GET  /api/run/log?run=NAME          loss rows per stage (log.jsonl)
-    GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview
+    GET  /api/run/image?run=NAME&which=samples|loss|reconstructions|preview|clips  (clips: a
+                                        video run's final clips, an animated GIF)
     POST /api/run/stop   {"run"}        asks its training to stop with a checkpoint
     POST /api/sample     {"run", and options.SampleOptions' fields by their page names: "n",
                           "sampler", "steps", "seed", "guidance", "classes", "prompts",
@@ -18,7 +19,7 @@ checks an argument or names a run file by itself.
     GET  /api/job/result?id=ID          PNG with its parameters in the PNG text, as the CLI's
     GET  /api/job/image?id=ID&i=K       the K-th image of its grid, the same way
     POST /api/job/cancel {"id"}
-    POST /api/edit       multipart: run, kind (inpaint, img2img, interpolate, denoise, fill),
+    POST /api/edit       multipart: run, method (inpaint, img2img, interpolate, denoise, fill),
                          params (JSON), image, mask, image_b (uploads)  -> a queued job: api.edit
     GET  /api/job/input?id=ID&which=image|mask|image_b   an upload as the server received it
     GET  /api/train                     the New run form's fields (options.TrainOptions), the
@@ -53,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -66,7 +66,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__, api
 from ..config import ConfigError
-from ..data.images import PNG_KEY, write_png
+from ..data.images import png_info, write_png
 from ..data.transforms import pil_image
 from ..diffusion.samplers import SAMPLERS
 from ..options import VERBS, TrainOptions, adjusted
@@ -94,7 +94,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-RUN_IMAGES = ("samples", "loss", "reconstructions", "preview")
+RUN_IMAGES = ("samples", "loss", "reconstructions", "preview", "clips")
 
 
 class WebError(Exception):
@@ -379,7 +379,7 @@ class Site:
         runs = []
         for name in self.run_names():
             folder = RunFolder(self.root / name)
-            runs.append({"name": name, "trained": _trained(folder),
+            runs.append({"name": name, "trained": folder.is_trained(),
                          "training": RunLock.is_held(folder.path)})  # fmt: skip
         return JSONResponse({"root": str(self.root), "runs": runs})
 
@@ -387,10 +387,9 @@ class Site:
         name = request.query_params.get("run")
         folder = self.folder(name)
         cfg, data = folder.config(), folder.data_info()
-        text = folder.has_text()
-        classes = None if text else data.class_names
+        conditioning = folder.conditioning()
+        classes = data.class_names if conditioning == "class" else None
         preview = folder.newest_preview()
-        conditioning = "text" if text else "class" if classes else "none"
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
         own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
@@ -403,7 +402,7 @@ class Site:
         )
         return JSONResponse({
             "name": name,
-            "trained": _trained(folder),
+            "trained": folder.is_trained(),
             "training": RunLock.is_held(folder.path),
             "stop_requested": folder.stop_requested(),
             "conditioning": conditioning,
@@ -420,8 +419,12 @@ class Site:
                 "preview": preview.stem if preview else None,
             },
             "samplers": list(SAMPLERS), "default_sampler": own_sampler,
-            "max_images": MAX_WEB_IMAGES, "sampling": sampling, "editing": edits.methods(run),
+            "max_images": MAX_WEB_IMAGES, "sampling": sampling,
+            "editing": [] if cfg.video else edits.methods(run),  # a video run: sample only
             "warnings": folder.warnings(),  # a failed or cut-short stage (training.json)
+            # issue 30: a video run's clips (its sample results are animated GIFs)
+            "video": {"frames": cfg.video.frames, "fps": cfg.video.fps} if cfg.video else None,
+            "clips": folder.final_clips_path.is_file(),
         })  # fmt: skip
 
     async def run_log(self, request: Request) -> Response:
@@ -446,13 +449,13 @@ class Site:
         which = request.query_params.get("which")
         paths = {"samples": folder.final_grid_path, "loss": folder.loss_plot_path,
                  "reconstructions": folder.reconstructions_path,
-                 "preview": folder.newest_preview()}  # fmt: skip
+                 "preview": folder.newest_preview(), "clips": folder.final_clips_path}  # fmt: skip
         if which not in paths:
             raise WebError(400, f"which={which!r}: use one of {', '.join(RUN_IMAGES)}")
         path = paths[which]
         if path is None or not path.is_file():
             raise WebError(404, f"the run has no {which} image yet")
-        return Response(path.read_bytes(), media_type="image/png")
+        return Response(path.read_bytes(), media_type=_media_type(path.read_bytes()[:6]))
 
     async def stop_training(self, request: Request) -> Response:
         body = await _json_body(request, {"run"})
@@ -513,6 +516,8 @@ class Site:
         return self._submit(body["run"], "sample", params, lambda job: self._sample(folder, job))
 
     def _sample(self, folder: RunFolder, job: Job) -> Result:
+        if folder.is_video():
+            return self._sample_clips(folder, job)
         ldm = self.model(folder)
         p = job.params
         options = sample_options().given(p)  # checked again by api.sample
@@ -532,9 +537,24 @@ class Site:
                 "notes": samples.notes, "row_labels": samples.row_labels}  # fmt: skip
         return Result(png, info, images)
 
+    def _sample_clips(self, folder: RunFolder, job: Job) -> Result:
+        """A video run's sample job: its clips as one animated GIF (the result, each frame a
+        grid of the clips), the strip PNG of their frames and one GIF per clip (its images),
+        each with the parameters; the job's progress is the sampler's steps."""
+        options = sample_options().given(job.params)  # checked again by api.sample_clips
+        clips = api.sample_clips(folder.path, options=options, device=self.device,
+                                 progress=lambda done, total: job.report(done, total))  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            gif, strip = api.save_clips(clips, Path(tmp) / "sample.gif")
+            each = api.save_clip_files(clips, Path(tmp) / "each")[:-1]
+            result, images = gif.read_bytes(), [strip.read_bytes(), *(p.read_bytes() for p in each)]
+        info = {"description": clips.description, "images": len(images), "notes": clips.notes,
+                "row_labels": None, "clips": len(each)}  # fmt: skip
+        return Result(result, info, images)
+
     async def edit(self, request: Request) -> Response:
         form = await request.form(max_files=3, max_fields=8, max_part_size=MAX_BODY_BYTES)
-        run, kind = form.get("run"), form.get("kind")
+        run, method = form.get("run"), form.get("method")
         folder = self.folder(run)
         try:
             params = json.loads(str(form.get("params") or "{}"))
@@ -549,10 +569,10 @@ class Site:
                 uploads[name] = await part.read()
         store = self.root / edits.UPLOADS
         checked = await run_in_threadpool(
-            lambda: edits.prepare(self.model(folder), folder, kind, params, uploads, store)
+            lambda: edits.prepare(self.model(folder), folder, method, params, uploads, store)
         )
         return self._submit(
-            str(run), checked.kind, checked.options, lambda job: self._edit(folder, job, checked),
+            str(run), checked.method, checked.options, lambda job: self._edit(folder, job, checked),
             inputs=checked.uploads,
         )  # fmt: skip
 
@@ -560,7 +580,7 @@ class Site:
         ldm = self.model(folder)
         steps = request.checked.steps
         result, png, images = edits.run(ldm, folder.path, request, _progress(ldm, job, steps))
-        frames = len(images) if request.kind == "interpolate" else 1
+        frames = len(images) if request.method == "interpolate" else 1
         info = {"notes": result.notes, "frames": frames, "network_calls": result.network_calls}
         return Result(png, info, images)
 
@@ -594,11 +614,12 @@ class Site:
         if job.result is None:
             raise WebError(409, f"job {job.id} is {job.state}; its result comes when it is done")
         headers = {}
+        media = _media_type(job.result.png[:6])  # a video run's result is an animated GIF
         if request.query_params.get("download"):
             headers["Content-Disposition"] = (
-                f'attachment; filename="ldmkit-{job.kind}-{job.id}.png"'
+                f'attachment; filename="ldmkit-{job.kind}-{job.id}.{media.split("/")[1]}"'
             )
-        return Response(job.result.png, media_type="image/png", headers=headers)
+        return Response(job.result.png, media_type=media, headers=headers)
 
     async def job_image(self, request: Request) -> Response:
         """One image of a finished job's grid (?i=0 the first), a PNG with its parameters."""
@@ -609,7 +630,7 @@ class Site:
             raise WebError(
                 404, f"job {job.id} has no image {i!r} ({len(images)} images, {job.state})"
             )
-        return Response(images[int(i)], media_type="image/png")
+        return Response(images[int(i)], media_type=_media_type(images[int(i)][:6]))
 
     async def job_input(self, request: Request) -> Response:
         job = self._job(request)
@@ -637,8 +658,9 @@ def sample_options() -> type:
     return _page_sample(VERBS["sample"])
 
 
-def _trained(folder: RunFolder) -> bool:
-    return folder.has_model("vae") and folder.has_model("unet")
+def _media_type(head: bytes) -> str:
+    """image/gif for a GIF's bytes (a video run's clips), else image/png."""
+    return "image/gif" if head.startswith(b"GIF8") else "image/png"
 
 
 async def _json_body(request: Request, fields: set[str]) -> dict[str, Any]:
@@ -688,10 +710,8 @@ def _preview_png(ldm: LatentDiffusion, x0: Any) -> bytes | None:
 
 def png_with_params(image: Image.Image, params: dict[str, Any]) -> bytes:
     """`image` as PNG bytes with `params` (JSON) in its text chunk PNG_KEY."""
-    info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(params, sort_keys=True))  # as data.images.write_png
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=png_info(params))
     return buf.getvalue()
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 MAX_PIXELS = 4096 * 4096  # an uploaded image
 UPLOADS = ".ldmkit-serve/uploads"  # under --runs (hidden: never listed as a run)
-KINDS = ("inpaint", "img2img", "interpolate", "denoise", "fill")
+METHODS = ("inpaint", "img2img", "interpolate", "denoise", "fill")
 LABELS = {"denoise": "restore: denoise", "fill": "restore: fill (the mask, or white holes)"}
 
 
@@ -49,7 +49,7 @@ class Request:
     """A checked editing request: the method, api.edit's keywords, and the uploads by the
     keyword they go to (image, mask, image_b)."""
 
-    kind: str
+    method: str
     options: dict[str, Any]
     uploads: dict[str, bytes]  # as received (canvas alpha dropped)
     paths: dict[str, Path]  # where they are kept
@@ -64,11 +64,11 @@ def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     resize = {"name": "resize", "label": "other sizes", "options": ["refuse", "resize"],
               "value": "refuse"}  # fmt: skip
     out = {}
-    for kind in KINDS:
-        declared = VERBS[kind]
+    for method in METHODS:
+        declared = VERBS[method]
         fields = forms.fields(declared, run, _values(declared, run))
         uploads = []
-        if kind == "interpolate":  # two seeds as two boxes, or a second image
+        if method == "interpolate":  # two seeds as two boxes, or a second image
             uploads = [
                 {"name": "between", "label": "between", "options": ["seeds", "images"],
                  "value": "seeds"},
@@ -78,8 +78,8 @@ def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
                  "type": "number"},
                 {"name": "image_b", "label": "second image (between images)", "type": "file"},
             ]  # fmt: skip
-        out[kind] = {"label": LABELS.get(kind, kind), "image": kind != "interpolate",
-                     "mask": kind in ("inpaint", "fill"),
+        out[method] = {"label": LABELS.get(method, method), "image": method != "interpolate",
+                     "mask": method in ("inpaint", "fill"),
                      "fields": [*uploads, *fields, resize]}  # fmt: skip
     return out
 
@@ -112,17 +112,17 @@ def check_upload(data: bytes, what: str) -> None:
         raise UploadError(str(e)) from None
 
 
-def prepare(ldm: LatentDiffusion, run: RunFolder, kind: Any, params: dict[str, Any],
+def prepare(ldm: LatentDiffusion, run: RunFolder, method: Any, params: dict[str, Any],
             uploads: dict[str, bytes], folder: Path) -> Request:  # fmt: skip
     """The request as `api.edit` takes it, checked before the job is queued with api's own
     checks (`check_edit_options`, `edit_inputs`: the CLI's messages): its uploads are checked
     for pixels, then stored in `folder` by SHA-256."""
-    if kind not in KINDS:
-        raise UploadError(f"unknown editing method {kind!r}; use one of {', '.join(KINDS)}")
+    if method not in METHODS:
+        raise UploadError(f"unknown editing method {method!r}; use one of {', '.join(METHODS)}")
     p = dict(params)
     resize = p.pop("resize", "refuse") == "resize"
     files = dict(uploads)
-    if kind == "interpolate":
+    if method == "interpolate":
         if p.pop("between", "seeds") == "images":
             if "image_b" not in files:
                 raise UploadError("interpolating between images needs a second image: upload it")
@@ -130,20 +130,20 @@ def prepare(ldm: LatentDiffusion, run: RunFolder, kind: Any, params: dict[str, A
             p["seeds"] = [p.pop("seed_a", 0), p.pop("seed_b", 1)]
             files.pop("image", None), files.pop("image_b", None)
         p.pop("seed_a", None), p.pop("seed_b", None)
-    elif kind not in ("inpaint", "fill"):
+    elif method not in ("inpaint", "fill"):
         files.pop("mask", None)
-    if kind in ("inpaint", "fill", "img2img", "denoise") and "image" not in files:
-        raise UploadError(f"{kind} needs an image: upload one or use a generated one")
-    if kind == "inpaint" and "mask" not in files:
+    if method in ("inpaint", "fill", "img2img", "denoise") and "image" not in files:
+        raise UploadError(f"{method} needs an image: upload one or use a generated one")
+    if method == "inpaint" and "mask" not in files:
         raise UploadError("inpaint needs a mask: draw on the image (white = regenerate)")
-    given = forms.given(VERBS[kind], p)  # the page's empty inputs: the defaults
-    checked = api.check_edit_options(kind, given, run)
+    given = forms.given(VERBS[method], p)  # the page's empty inputs: the defaults
+    checked = api.check_edit_options(method, given, run)
     for name, data in files.items():
         check_upload(data, {"image_b": "second image"}.get(name, name))
         files[name] = _without_canvas_alpha(data, mask=name == "mask")
     paths = {name: store(data, folder) for name, data in files.items()}
-    api.edit_inputs(kind, ldm, {"image": None, "mask": None, "image_b": None, **paths}, resize)
-    return Request(kind, {**given, "resize": resize}, files, paths, checked)
+    api.edit_inputs(method, ldm, {"image": None, "mask": None, "image_b": None, **paths}, resize)
+    return Request(method, {**given, "resize": resize}, files, paths, checked)
 
 
 def _without_canvas_alpha(data: bytes, mask: bool) -> bytes:
@@ -173,7 +173,7 @@ def run(ldm: LatentDiffusion, run_dir: Path, request: Request,
     """`api.edit` on the stored uploads: (the edit, its PNG as `ldmkit` writes it (the strip of
     an interpolation), one PNG per image); `callback` follows the sampler's steps."""
     result = api.edit(
-        request.kind, run_dir, ldm=ldm, callback=callback, **request.paths, **request.options
+        request.method, run_dir, ldm=ldm, callback=callback, **request.paths, **request.options
     )
     with tempfile.TemporaryDirectory() as tmp:
         written = api.save_edit(result, Path(tmp) / "edit.png")

@@ -45,12 +45,14 @@ async function pickRun(name) {
   const facts = [["data", `${info.data.name || info.data.spec} (${info.data.num_images ?? "?"} images)`],
     ["image size", `${info.image_size} px, ${info.data.channels ?? "?"} channels`],
     ["condition", info.conditioning === "class" ? info.class_names.join(", ") : info.conditioning === "text" ? "text prompts" : "none"],
-    ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)]];
+    ["guidance", String(info.guidance)], ["timesteps", String(info.num_timesteps)],
+    ...(info.video ? [["video", `${info.video.frames} frames at ${info.video.fps} fps`]] : [])];
   $("facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", k), el("dd", v)]));
   const warnings = info.warnings || [];
   $("run-warnings").replaceChildren(...warnings.map((w) => Object.assign(document.createElement("li"), { textContent: w })));
   $("run-warnings").hidden = warnings.length === 0;
   showRunImage("samples", info.images.samples);
+  showRunImage("clips", info.clips);  // a video run's final clips: an animated GIF plays in an <img>
   showRunImage("loss", info.images.loss);
   fillSampleForm(info);
   fillEditForm(info);
@@ -220,12 +222,12 @@ function maskBlob() {
 function fillEditForm(info) {
   const methods = info.editing || {};
   $("edit-tab").hidden = !Object.keys(methods).length;
-  $("edit-kind").replaceChildren(...Object.keys(methods).map((k) => new Option(methods[k].label, k)));
+  $("edit-method").replaceChildren(...Object.keys(methods).map((k) => new Option(methods[k].label, k)));
   showEditParams();
 }
 
 function showEditParams() {
-  const spec = (state.info.editing || {})[$("edit-kind").value];
+  const spec = (state.info.editing || {})[$("edit-method").value];
   if (!spec) return;
   $("mask-tools").hidden = !spec.mask;
   $("mask").hidden = !spec.mask;
@@ -238,9 +240,9 @@ function editParams() {
 
 async function runEdit() {
   await guarded(async () => {
-    const kind = $("edit-kind").value, spec = state.info.editing[kind];
+    const method = $("edit-method").value, spec = state.info.editing[method];
     const form = new FormData();
-    form.append("run", state.run); form.append("kind", kind);
+    form.append("run", state.run); form.append("method", method);
     const params = editParams();
     form.append("params", JSON.stringify(params));
     if (spec.image || params.between === "images") form.append("image", await new Promise((r) => $("source").toBlob(r, "image/png")), "image.png");
@@ -403,7 +405,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("new-plan").addEventListener("click", showPlan);
   $("new-form").addEventListener("submit", startTraining);
   $("new-form").addEventListener("input", planChanged);
-  $("edit-kind").addEventListener("change", showEditParams);
+  $("edit-method").addEventListener("change", showEditParams);
   $("edit-run").addEventListener("click", runEdit);
   $("use-result").addEventListener("click", () => guarded(useLastResult));
   $("upload").addEventListener("change", (e) => guarded(async () => { if (e.target.files[0]) setSource(await createImageBitmap(e.target.files[0])); }));
