@@ -120,11 +120,29 @@ def test_distill_quick(capsys, tmp_path):
     out = capsys.readouterr().out
     assert re.search(r"avx512_bf16=(yes|no) amx_bf16=(yes|no) avx512f=(yes|no) avx2=(yes|no)", out)
     rows = table(out, "model", "sampler", "steps")
-    assert [(r[0], r[1], int(r[2])) for r in rows] == [
-        ("teacher", "dpm++2m-sde", 20), *[("teacher", "ddim", k) for k in (8, 4, 2, 1)],
-        *[(f"student-{k}", "ddim", k) for k in (8, 4, 2, 1)]]  # fmt: skip
-    assert all(float(r[4]) >= 0 and float(r[6]) > 0 for r in rows)  # FID-cnn, CPU seconds
+    expected = [*[("teacher", "dpm++2m-sde", k) for k in (1, 2, 4, 8, 20)],
+                *[("teacher", "ddim", k) for k in (8, 16)],
+                *[(f"student-{k}", "ddim", k) for k in (8, 4, 2, 1)]]  # fmt: skip
+    assert [(r[0], r[1], int(r[2])) for r in rows] == expected
+    assert all(float(r[4]) >= 0 and float(r[7]) > 0 for r in rows)  # FID-cnn, CPU seconds
+    assert all(0 <= float(r[6]) <= 1 for r in rows)  # accuracy
     assert out.count('"from"') == 4  # the four halvings, 16 -> 8 -> 4 -> 2 -> 1
+    assert (tmp_path / "student-table.md").is_file() and (tmp_path / "grids").is_dir()
+    # a second call (another teacher copy given) reuses the teacher's rows and the students
+    first = (tmp_path / "teacher-rows.json").read_text()
+    distill.main(["--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path), "--n", "64",
+                  "--threads", "1"])  # fmt: skip
+    again = capsys.readouterr().out
+    assert (tmp_path / "teacher-rows.json").read_text() == first
+    assert again.count("distillation 16 -> 1") == 0 and again.count('"model"') == 4
+    assert [r[:7] for r in table(again, "model", "sampler", "steps")] == [r[:7] for r in rows]
+    # --teacher RUN is copied: the run given is left as it was
+    given = tmp_path / "teacher"
+    before = {p: p.stat().st_mtime_ns for p in given.rglob("*")}
+    distill.main(["--quick", "--teacher", str(given), "--out", str(tmp_path / "b"),
+                  "--threads", "1", "--ddim-rows", ""])  # fmt: skip
+    assert (tmp_path / "b" / "teacher" / "run.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in given.rglob("*")} == before
 
 
 if __name__ == "__main__":

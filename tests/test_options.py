@@ -103,13 +103,30 @@ def test_a_new_field_is_a_page_field_checked_by_the_server(extended, run_dir):
 
 # ------------------------------------------------------------------------------ the declarations
 def test_the_library_defaults_are_the_declared_ones():
-    """editing's functions keep their defaults for Python callers; they must be the options'."""
+    """editing's functions keep their defaults for Python callers; they must be the options' (a
+    sampler or steps declared None is the run's own: for a trained run, `fill_run_sampling`
+    gives the default sampler and the verb's `run_steps`)."""
     for verb, declared in options.EDITS.items():
         fn = editing.inpaint if verb == "fill" else getattr(editing, verb)
         params = inspect.signature(fn).parameters
         for f in declared.fields():
             if f.name in params:
-                assert params[f.name].default == f.default, (verb, f.name)
+                expected = f.default
+                if expected is None and f.name in ("sampler", "steps"):
+                    values = {"sampler": None, "steps": None}
+                    options.fill_run_sampling(_TrainedRun(), values, declared.run_steps)
+                    expected = values[f.name]
+                assert params[f.name].default == expected, (verb, f.name)
+
+
+class _TrainedRun:
+    """A run trained by `ldmkit train` as `fill_run_sampling` sees it (no distill.json)."""
+
+    def default_sampling(self):
+        return options.DEFAULT_SAMPLER, options.DEFAULT_STEPS
+
+    def distill_record(self):
+        return None
 
 
 def test_every_declared_field_has_help_and_a_check():

@@ -620,9 +620,11 @@ def _add_report(sub: Any) -> None:
     r.add_argument("--run", required=True, help="run folder written by `ldmkit train`")
     r.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
     r.add_argument(
-        "--sampler", default=DEFAULT_SAMPLER, help="sampler for the samples and trajectory"
-    )
-    r.add_argument("--steps", type=_number, default=DEFAULT_STEPS)
+        "--sampler", default=None, help="sampler for the samples and trajectory (default: the "
+        f"run's own: {DEFAULT_SAMPLER}, DDIM for a distilled student)"
+    )  # fmt: skip
+    r.add_argument("--steps", type=_number, default=None, help="sampler steps (default: the "
+                   f"run's own: {DEFAULT_STEPS}, a distilled student's count)")  # fmt: skip
     r.add_argument("--seed", type=_number, default=0)
     r.add_argument("--device")
     r.set_defaults(func=cmd_report)

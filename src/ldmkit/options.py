@@ -443,6 +443,8 @@ def check_class_names(run: RunFolder, shown: Any, classes: str | None, new: Sequ
 SAMPLER_HELP = f"sampler: {', '.join(SAMPLER_NAMES)}"
 RUN_DEFAULT_SAMPLER = f" (default: the run's own: {DEFAULT_SAMPLER}, DDIM for a distilled student)"
 RUN_DEFAULT_STEPS = f" (default: the run's own: {DEFAULT_STEPS}, a distilled student's count)"
+INVERT_STEPS = 50  # `ldmkit invert`'s DDIM steps on a trained run
+RUN_INVERT_STEPS = f" (default: the run's own: {INVERT_STEPS}, a distilled student's count)"
 GUIDANCE_HELP = "classifier-free guidance scale (1 = none; default: the run's, with a condition)"
 
 
@@ -557,13 +559,44 @@ class SampleOptions(Options):
         check_video_options(run, shown, values)
         check_conditions(run, shown, values["classes"], values["prompts"],
                          values["negative_prompt"])  # fmt: skip
-        own_sampler, own_steps = run.default_sampling()
-        if values["sampler"] is None:
-            values["sampler"] = own_sampler
-        if values["steps"] is None:
-            values["steps"] = own_steps
+        fill_run_sampling(run, values)
+        check_student_guidance(run, shown, values["guidance_scale"])
         new = check_adapters(run, shown, values["adapters"], values["adapter_scales"])
         check_class_names(run, shown, values["classes"], new)
+
+
+# ------------------------------------------------------------------------------ run defaults
+# (issue 27) the sampler and steps a verb leaves to the run, and a distilled student's guidance
+def fill_run_sampling(run: RunFolder, values: dict[str, Any], steps: int = DEFAULT_STEPS) -> None:
+    """`values`' sampler and steps left None, filled with the run's own
+    (`RunFolder.default_sampling`): a distilled student's DDIM at its count; else DEFAULT_SAMPLER
+    and `steps` (the verb's count for a trained run)."""
+    own_sampler, own_steps = run.default_sampling()
+    if run.distill_record() is None:
+        own_steps = steps
+    if values.get("sampler", "") is None:
+        values["sampler"] = own_sampler
+    if values.get("steps", 0) is None:
+        values["steps"] = own_steps
+
+
+def check_student_guidance(run: RunFolder, shown: Any, scale: float | None) -> None:
+    """A student distilled at one guidance scale (no guidance input) has that scale built in:
+    its only scale is 1 (its default). Another would guide the distilled guidance again with an
+    unconditional branch it was never trained for; refused in one line."""
+    if scale is None or scale == 1.0:
+        return
+    record = run.distill_record()
+    if record is None or record.get("guidance_input"):
+        return
+    if not (run.has_text() or run.config().unet.num_classes):
+        return  # unconditional: no guidance to speak of
+    w = float(record.get("guidance_scale", 1.0))
+    raise ConfigError(
+        f"--guidance {scale:g}: {shown} is a student distilled at guidance {w:g}, which is built "
+        "into its weights (it samples with none: 1); drop --guidance, or distil the teacher "
+        "with --guidance-mode input for a student that takes the scale"
+    )
 
 
 # ------------------------------------------------------------------------------ edits
@@ -572,7 +605,8 @@ class EditOptions(Options):
     """What every edit takes: steps and a condition (an inversion takes no sampler and no seed:
     it runs DDIM's deterministic path)."""
 
-    steps: int = option(DEFAULT_STEPS, "sampler steps", lo=1, hi=timesteps)
+    # None: the run's own (`RunFolder.default_sampling`), filled in by `check_run` (issue 27)
+    steps: int | None = option(None, "sampler steps" + RUN_DEFAULT_STEPS, lo=1, hi=timesteps)
     classes: str | None = option(
         None, "class name or index of a class-conditional model", flag="--class", when="class",
         label="class", empty="(none)",
@@ -585,12 +619,19 @@ class EditOptions(Options):
     guidance_scale: float | None = guidance_scale_option()
     guidance_rescale: float = guidance_rescale_option()
 
+    # the step count a trained run takes when none is given (a student: its own count)
+    run_steps: ClassVar[int] = DEFAULT_STEPS
+
+    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
+        fill_run_sampling(run, values, self.run_steps)
+        check_student_guidance(run, shown, values["guidance_scale"])
+
 
 @dataclass(frozen=True)
 class SampledEditOptions(EditOptions):
     """An edit that runs a sampler from noise of its own."""
 
-    sampler: str = option(DEFAULT_SAMPLER, SAMPLER_HELP, choices=SAMPLER_NAMES)
+    sampler: str | None = option(None, SAMPLER_HELP + RUN_DEFAULT_SAMPLER, choices=SAMPLER_NAMES)
     seed: int = option(0, "seed of the edit's noise", lo=0, hi=max_seed)
 
 
@@ -635,7 +676,8 @@ class InvertOptions(EditOptions):
     """`ldmkit invert`: DDIM inversion, an image's noise and the round trip."""
 
     verb: ClassVar[str] = "invert"
-    steps: int = like(EditOptions, "steps", 50)
+    steps: int | None = like(EditOptions, "steps", None, help="DDIM steps" + RUN_INVERT_STEPS)
+    run_steps: ClassVar[int] = INVERT_STEPS
     refine: int = option(0, "fixed-point iterations per step (exact inverse steps)", lo=0,
                          hi=MAX_RESAMPLE)  # fmt: skip
 
@@ -645,7 +687,7 @@ class InterpolateOptions(SampledEditOptions):
     """`ldmkit interpolate`: frames between two seeds, images or conditions."""
 
     verb: ClassVar[str] = "interpolate"
-    sampler: str = like(SampledEditOptions, "sampler", "ddim")
+    sampler: str | None = like(SampledEditOptions, "sampler", "ddim", help=SAMPLER_HELP)
     seed: int = like(SampledEditOptions, "seed", 0, web=False)  # the page: seed A, seed B
     seeds: str | tuple[int, int] | None = option(
         None, "two seeds, e.g. 1,2", check=check_seeds, web=False

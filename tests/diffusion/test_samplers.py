@@ -626,7 +626,10 @@ def test_cli_defaults_name_the_library_defaults():
     assert sample.sampler is None and sample.steps is None  # the run's own: default_sampling
     sample_parser = p._subparsers._group_actions[0].choices["sample"]
     assert any(a.dest == "sampler" and DEFAULT_SAMPLER in a.help for a in sample_parser._actions)
-    assert p.parse_args(["report", "--run", "R"]).sampler == DEFAULT_SAMPLER
+    report = p.parse_args(["report", "--run", "R"])
+    assert report.sampler is None and report.steps is None  # the run's own, as for sample
+    report_parser = p._subparsers._group_actions[0].choices["report"]
+    assert any(a.dest == "sampler" and DEFAULT_SAMPLER in a.help for a in report_parser._actions)
     assert p.parse_args(["eval", "--run", "R"]).samplers is None  # api.evaluate's defaults
     eval_parser = p._subparsers._group_actions[0].choices["eval"]
     eval_help = " ".join(

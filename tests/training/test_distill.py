@@ -302,3 +302,70 @@ def test_a_text_student_with_a_guidance_input_refuses_a_negative_prompt(tmp_path
     assert ldm.sample(2, prompt="a red star", guidance_scale=4.0).shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="a negative prompt does not apply"):
         ldm.sample(2, prompt="a red star", negative_prompt="blue")
+
+
+# ------------------------------------------------------------------------------ session 10
+def test_edits_take_the_runs_own_sampler_and_steps(teacher, student):
+    """An edit (and an inversion) given no sampler or steps takes the run's own: a student's
+    DDIM at its count; a trained run's library defaults (20 steps, 50 for invert)."""
+    from ldmkit.diffusion.sampler_names import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    def checked(kind, run, **given):
+        o = api.check_edit_options(kind, given, RunFolder(run))
+        return getattr(o, "sampler", None), o.steps
+
+    assert checked("img2img", student) == ("ddim", 1)
+    assert checked("inpaint", student) == ("ddim", 1)
+    assert checked("invert", student) == (None, 1)
+    assert checked("interpolate", student) == ("ddim", 1)
+    assert checked("img2img", teacher) == (DEFAULT_SAMPLER, DEFAULT_STEPS)
+    assert checked("invert", teacher) == (None, 50)
+    assert checked("interpolate", teacher) == ("ddim", DEFAULT_STEPS)
+    assert checked("img2img", student, steps=3, sampler="euler") == ("euler", 3)  # given wins
+
+
+def test_the_pages_edit_forms_show_the_students_sampling(student):
+    from ldmkit.web import edits
+
+    run = {"conditioning": "class", "class_names": ["a"], "guidance": 1.0}
+    plain = {k: {f["name"]: f.get("value") for f in m["fields"]}
+             for k, m in edits.methods(run).items()}  # fmt: skip
+    assert (plain["img2img"]["sampler"], plain["img2img"]["steps"]) == ("dpm++2m-sde", 20)
+    assert plain["interpolate"]["sampler"] == "ddim" and plain["denoise"]["steps"] == 20
+    fast = {k: {f["name"]: f.get("value") for f in m["fields"]}
+            for k, m in edits.methods({**run, "student_sampling": ("ddim", 1)}).items()}  # fmt: skip
+    assert (fast["img2img"]["sampler"], fast["img2img"]["steps"]) == ("ddim", 1)
+    assert fast["interpolate"]["steps"] == 1 and fast["fill"]["sampler"] == "ddim"
+
+
+def test_the_report_samples_a_student_with_its_own_sampling(student, teacher, monkeypatch):
+    from ldmkit.evaluation import report
+
+    seen = []
+
+    def sections(ldm, t, *, sampler, steps, **kw):
+        seen.append((sampler, steps))
+        return {"samples": "", "trajectory": ""}
+
+    monkeypatch.setattr(report, "_sample_sections", sections)
+    api.report(student)
+    api.report(teacher)
+    api.report(student, sampler="euler", steps=3)
+    assert seen == [("ddim", 1), ("dpm++2m-sde", 20), ("euler", 3)]
+
+
+def test_a_fixed_scale_student_refuses_another_guidance(teacher, student, tmp_path, capsys):
+    """The student distilled at the run's guidance has it built in: sampling or editing it at
+    another scale is refused in one line (scale 1, its default, is fine); the teacher takes any."""
+    with pytest.raises(ConfigError, match="distilled at guidance 3, which is built into"):
+        api.sample(student, n=2, guidance_scale=2.0)
+    with pytest.raises(ConfigError, match="--guidance-mode input"):
+        api.check_edit_options("img2img", {"guidance_scale": 0.0}, RunFolder(student))
+    with pytest.raises(ConfigError, match="--guidance 2: .* is a student distilled at guidance 3"):
+        api.evaluate(student, n=50, guidance_scale=2.0)
+    assert api.sample(student, n=2, guidance_scale=1.0).images.shape[0] == 2
+    assert api.sample(teacher, n=2, steps=1, guidance_scale=2.0).images.shape[0] == 2
+    rc = main(["sample", "--run", str(student), "--n", "2", "--guidance", "4",
+               "--out", str(tmp_path / "g.png")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "built into its weights" in err[0], err

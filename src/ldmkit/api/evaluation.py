@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
-from ..diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from ..diffusion.samplers import check_sampler
 from ..options import (
     MAX_BATCH,
     MAX_IMAGES,
     SynthOptions,
+    check_student_guidance,
 )
 from ..runs import RunFolder
 
@@ -127,6 +128,7 @@ def evaluate(
                        ("--held-out", options.get("held_out"))):  # fmt: skip
         check_path(flag, path)
     folder = RunFolder(run).require_run()
+    check_student_guidance(folder, run, guidance_scale)  # issue 27: a fixed-scale student's
     out_dir = Path(out) if out is not None else folder.eval_dir
     for flag, data in (("--ref", options.get("ref")), ("--held-out", options.get("held_out")),
                        ("run's data", folder.config().data)):  # fmt: skip
@@ -241,23 +243,27 @@ def report(
     run: str | os.PathLike,
     *,
     out: str | os.PathLike | None = None,
-    sampler: str = DEFAULT_SAMPLER,
-    steps: int = DEFAULT_STEPS,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
     device: str | None = None,
 ) -> Path:
-    """One self-contained HTML page about a run (ldmkit.evaluation.report.build_report)."""
+    """One self-contained HTML page about a run (ldmkit.evaluation.report.build_report);
+    `sampler`, `steps` None: the run's own (issue 27: a distilled student's DDIM, its count)."""
     from ..evaluation.report import build_report
 
-    check_sampler(sampler)
-    check_steps("--steps", steps)
+    if sampler is not None:
+        check_sampler(sampler)
+    if steps is not None:
+        check_steps("--steps", steps)
     check_seed("--seed", seed)
     check_device(device)
     check_path("--run", run)
     if out is not None:
         check_output_file("--out", out, inputs=run_inputs(run))
     folder = RunFolder(run).require_run()
-    check_steps("--steps", steps, folder.config().diffusion.num_timesteps)
+    if steps is not None:
+        check_steps("--steps", steps, folder.config().diffusion.num_timesteps)
     return build_report(run, out_path=out, sampler=sampler, steps=steps, seed=seed, device=device)
 
 

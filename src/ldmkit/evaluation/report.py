@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from ldmkit.checkpoint import atomic_write
-from ldmkit.diffusion.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
 
@@ -201,14 +200,19 @@ def build_report(
     run_dir: str | os.PathLike,
     *,
     out_path: str | os.PathLike | None = None,
-    sampler: str = DEFAULT_SAMPLER,
-    steps: int = DEFAULT_STEPS,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
     per_class: int = 8,
     device: str | None = None,
 ) -> Path:
-    """Write the report of a run (default run_dir/report.html) and return its path."""
+    """Write the report of a run (default run_dir/report.html) and return its path. `sampler`
+    and `steps` None: the run's own (`RunFolder.default_sampling`: DEFAULT_SAMPLER at
+    DEFAULT_STEPS, a distilled student's DDIM at its count)."""
     run = RunFolder(run_dir).require_run()
+    own_sampler, own_steps = run.default_sampling()
+    sampler = sampler if sampler is not None else own_sampler
+    steps = steps if steps is not None else own_steps
     out_path = Path(out_path) if out_path is not None else run.report_path
     ldm = LatentDiffusion.from_run(run.path, device=device)
     ds = run.load_data()

@@ -327,6 +327,7 @@ def distill_run(
     on_halving: Callable[[int, nn.Module], None] | None = None,
     guidance_input: bool = False,
     max_guidance: float | None = None,
+    ema_decay: float = EMA_DECAY,
 ) -> DistillResult:
     """Distil the run in `teacher_dir` into a student run folder `out` (see the module's doc).
 
@@ -334,8 +335,9 @@ def distill_run(
     split evenly over the halvings left). `on_halving(steps, unet)`: after each halving, with
     the student of that many steps (a benchmark keeps each). `guidance_input`: the student takes
     the guidance scale as an input (Meng et al. 2023), trained on scales drawn uniformly from
-    [1, max_guidance] (default: twice the run's); else it learns the run's scale alone. The
-    caller checks the arguments' ranges (api)."""
+    [1, max_guidance] (default: twice the run's); else it learns the run's scale alone.
+    `ema_decay`: the student's EMA (the weights each halving keeps). The caller checks the
+    arguments' ranges (api)."""
     teacher = RunFolder(teacher_dir)
     cfg = check_teacher(teacher, teacher_dir, steps, teacher_steps)
     if guidance_input and not _conditional(teacher, cfg):
@@ -376,7 +378,7 @@ def distill_run(
             tc = TrainConfig(
                 steps=iterations, batch_size=min(batch_size, len(data.moments)), lr=lr,
                 warmup_steps=min(20, iterations // 10), lr_schedule="cosine",
-                ema_decay=EMA_DECAY, checkpoint_every=max(1, min(500, iterations)),
+                ema_decay=ema_decay, checkpoint_every=max(1, min(500, iterations)),
                 keep_last=1, sample_every=0, log_every=max(1, min(25, iterations // 4)),
             )  # fmt: skip
             model = copy.deepcopy(current).train().requires_grad_(True)

@@ -393,6 +393,8 @@ class Site:
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
         own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
+        if folder.distill_record() is not None:  # the edits' forms take a student's own too
+            run["student_sampling"] = (own_sampler, own_steps)
         sampling = forms.fields(
             sample_options(),
             run,

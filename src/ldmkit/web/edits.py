@@ -22,7 +22,7 @@ from PIL import Image
 from .. import api
 from ..config import ConfigError
 from ..data.images import ImageFileError, ImageTooLargeError, load_image, write_png
-from ..options import VERBS
+from ..options import DEFAULT_SAMPLER, VERBS
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from . import forms
@@ -66,7 +66,7 @@ def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for method in METHODS:
         declared = VERBS[method]
-        fields = forms.fields(declared, run, {"guidance_scale": run["guidance"]})
+        fields = forms.fields(declared, run, _values(declared, run))
         uploads = []
         if method == "interpolate":  # two seeds as two boxes, or a second image
             uploads = [
@@ -82,6 +82,20 @@ def methods(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
                      "mask": method in ("inpaint", "fill"),
                      "fields": [*uploads, *fields, resize]}  # fmt: skip
     return out
+
+
+def _values(declared: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """The values a method's form shows over its declared defaults: the run's guidance, and the
+    sampler and steps the run takes when none is given (`options.fill_run_sampling`: a distilled
+    student's, `run["student_sampling"]`, else the verb's own)."""
+    values: dict[str, Any] = {"guidance_scale": run["guidance"], "steps": declared.run_steps}
+    sampler, steps = run.get("student_sampling") or (DEFAULT_SAMPLER, None)
+    if "sampler" in declared.__dataclass_fields__:
+        default = declared.__dataclass_fields__["sampler"].default
+        values["sampler"] = default if default is not None else sampler
+    if steps is not None:
+        values["steps"] = steps
+    return values
 
 
 # ------------------------------------------------------------------------------ checks
