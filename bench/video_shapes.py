@@ -186,17 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", default="inflate-frozen,scratch", help=f"of {', '.join(ARMS)}")
     p.add_argument("--image-run", type=Path, default=Path("/work/runs/shapes-main10"),
                    help="the image run to inflate (its vae/ and unet/ folders)")  # fmt: skip
-    p.add_argument("--minutes", type=float, default=15.0, help="training time per arm")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time per arm")
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--clips", type=int, default=6000, help="training clips")
+    p.add_argument("--clips", type=int, default=2000, help="training clips")
     p.add_argument("--batch", type=int, default=None, help="clips per step (recipe's)")
     p.add_argument("--noise-mixing", type=float, default=None, help="alpha (recipe's)")
     p.add_argument("--temporal-levels", default=None, help="e.g. 1,2 (recipe's); 'all'")
-    p.add_argument("--per-direction", type=int, default=8, help="final samples per direction")
-    p.add_argument("--per-holdout", type=int, default=16, help="final samples per held-out pair")
-    p.add_argument("--gate-per-direction", type=int, default=3, help="0: no learning curve")
-    p.add_argument("--gate-share", type=float, default=0.12, help="of the time for the curve")
-    p.add_argument("--steps", type=int, default=16, help="sampler steps")
+    p.add_argument("--per-direction", type=int, default=4, help="final samples per direction")
+    p.add_argument("--per-holdout", type=int, default=8, help="final samples per held-out pair")
+    p.add_argument("--gate-per-direction", type=int, default=2, help="0: no learning curve")
+    p.add_argument("--gate-share", type=float, default=0.1, help="of the time for the curve")
+    p.add_argument("--steps", type=int, default=12, help="sampler steps")
     p.add_argument("--guidance", type=float, default=None, help="(recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -339,11 +339,16 @@ def main(argv: list[str] | None = None) -> None:
                 fps=4,
                 params={"arm": arm, "rows": DIRECTION_NAMES, "steps": result.steps_done},
             )
+            k = min(per, a.per_holdout)  # the first k clips of each held-out pair, a row each
+            rows_held = [
+                got_held[i * a.per_holdout : i * a.per_holdout + k]
+                for i in range(len(HELD_OUT_PAIRS))
+            ]
             save_animation(
                 a.out / f"{arm}-held-out.gif",
-                np.concatenate(list(got_held[: 2 * min(per, a.per_holdout)]), axis=-1),
+                np.concatenate([np.concatenate(list(r), axis=-1) for r in rows_held], axis=-2),
                 fps=4,
-                params={"arm": arm, "pairs": [list(h) for h in HELD_OUT_PAIRS]},
+                params={"arm": arm, "rows": [" ".join(h) for h in HELD_OUT_PAIRS]},
             )
         results[arm] = {"curve": curves[arm], "steps": result.steps_done, "minutes": minutes,
                         "last_loss": result.last_loss}  # fmt: skip
