@@ -46,7 +46,7 @@ VIDEO_RECIPE: dict = {
         "temporal_mid": True,
         "temporal_heads": 4,
         "temporal_lr_mult": 10.0,
-        "noise_mixing": 1.0,
+        "noise_mixing": 3.0,  # frames share 90 % of their noise variance (notes)
     },
     "lr": {"inflate": 1e-4, "scratch": 1e-3},
     "scratch_temporal_lr_mult": 1.0,
