@@ -183,7 +183,7 @@ def build(arm: str, image_unet: UNet, frames: int, recipe: dict) -> VideoUNet:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arms", default="inflate-frozen,scratch", help=f"of {', '.join(ARMS)}")
+    p.add_argument("--arms", default="inflate,scratch", help=f"of {', '.join(ARMS)}")
     p.add_argument("--image-run", type=Path, default=Path("/work/runs/shapes-main10"),
                    help="the image run to inflate (its vae/ and unet/ folders)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=10.0, help="training time per arm")

@@ -264,3 +264,27 @@ def test_mixed_frame_noise_has_unit_variance_and_the_prior_correlation():
     assert torch.allclose(mixed, (shared + own) / 2**0.5)
     with pytest.raises(ConfigError, match="noise_mixing"):
         VideoUNetConfig(unet=UNetConfig(sample_size=8), noise_mixing=-1)
+
+
+def test_frame_embedding_starts_at_zero_and_tells_each_frame_its_place():
+    unet = tiny_unet(num_classes=3)
+    video = VideoUNet.from_image_unet(unet, frames=4, temporal_heads=2, motion_classes=2,
+                                      frame_embedding=True).eval()  # fmt: skip
+    x = torch.randn(1, 1, 3, 8, 8).expand(2, 4, -1, -1, -1)  # the same image in every frame
+    y, t = torch.tensor([2, 3]), torch.tensor(300)  # image class 1; motion 0 and 1
+    with torch.no_grad():
+        out = video(x, t, class_labels=y)
+        ref = unet(x[0, :1], t, class_labels=torch.tensor([1]))
+    assert torch.allclose(out, ref.expand_as(out), atol=1e-5)  # fresh: the image model per frame
+    # a fresh (zero) embedding still gets a gradient, through the frozen image UNet
+    video.unet.requires_grad_(False)
+    video(x, t, class_labels=y).pow(2).mean().backward()
+    grad = video.temporal_frame_embedding.weight.grad  # rows: motion * frames + frame
+    assert grad[:8].abs().sum(1).gt(0).all() and grad[8:].abs().sum() == 0  # null rows unused
+    with torch.no_grad():
+        video.temporal_frame_embedding.weight.normal_()
+        out = video(x, t, class_labels=y)
+    assert all((out[0, f] - out[0, 0]).abs().max() > 1e-3 for f in range(1, 4))  # per frame
+    assert (out[0] - out[1]).abs().max() > 1e-3  # and per motion class
+    with pytest.raises(ValueError, match="frame positions up to 4"):
+        video(torch.randn(1, 5, 3, 8, 8), t)

@@ -64,6 +64,13 @@ class VideoUNetConfig:
     # block adds to its input, so an inflated model with frozen spatial layers can still be
     # told the direction, and an unseen (c, m) pair is a composition of two seen parts.
     motion_classes: int = 0
+    # A learned embedding of (motion class, frame index) added to every frame's time embedding,
+    # which conditions every resnet of the image UNet: each frame knows where it is in the clip
+    # and which way the clip moves, so the spatial layers can place the object per frame
+    # (against the clip's shared noise, see noise_mixing) without any exchange between frames.
+    # Zero-initialised: a fresh model is still the image model per frame. Trained with the
+    # temporal layers (it is one of them for temporal_parameters and freeze_spatial).
+    frame_embedding: bool = False
     temporal_lr_mult: float = 1.0  # for the trainer: the temporal layers' LR = lr * this
     # The "mixed" noise prior of Ge et al. 2023: each frame's noise is
     # (alpha * shared + own) / sqrt(1 + alpha^2), a share common to the clip (0: independent).
@@ -228,6 +235,18 @@ class _TemporalHook:
         return self.temporal(output, frames, self.owner._motion)
 
 
+class _FrameEmbeddingHook:
+    """Adds the owner's per-frame embedding (B*F, E) to the image UNet's time embedding while
+    the `VideoUNet` is inside forward (an object for deepcopy, as `_TemporalHook`)."""
+
+    def __init__(self, owner: VideoUNet):
+        self.owner = owner
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        extra = self.owner._frame_emb
+        return None if extra is None else output + extra.to(output.dtype)
+
+
 class VideoUNet(nn.Module):
     """`forward(x, t, *, class_labels=None, context=None, context_mask=None)` on clips
     x (B, F, C, H, W) -> (B, F, out_channels, H, W); see the module docstring."""
@@ -258,6 +277,13 @@ class VideoUNet(nn.Module):
         self.temporal_up = nn.ModuleDict({str(i): block(chs[i]) for i in cfg.levels})
         self._frames: int | None = None  # set during forward; the hooks act only then
         self._motion: Tensor | None = None  # the clips' motion embedding during forward
+        self._frame_emb: Tensor | None = None  # the frames' (motion, index) embedding, too
+        self.temporal_frame_embedding = None
+        if cfg.frame_embedding:
+            rows = (cfg.motion_classes + 1) * cfg.frames
+            self.temporal_frame_embedding = nn.Embedding(rows, ucfg.time_embed_dim)
+            nn.init.zeros_(self.temporal_frame_embedding.weight)
+            self.unet.time_embed.register_forward_hook(_FrameEmbeddingHook(self))
         for i in cfg.levels:
             down = self.unet.down_levels[i]
             up = self.unet.up_levels[levels - 1 - i]  # up_levels run from the lowest level
@@ -323,11 +349,22 @@ class VideoUNet(nn.Module):
         def per_frame(c: Tensor | None) -> Tensor | None:
             return None if c is None else c.repeat_interleave(frames, dim=0)
 
+        if self.temporal_frame_embedding is not None and frames > self.config.frames:
+            raise ValueError(
+                f"this model embeds frame positions up to {self.config.frames}; "
+                f"got clips of {frames} frames"
+            )
         class_labels, motion = self.split_labels(class_labels)
         if self.temporal_motion_embedding is not None:
             if motion is None:  # no labels: the unconditional (null) motion
                 motion = torch.full((B,), self.config.motion_classes, device=x.device)
             self._motion = self.temporal_motion_embedding(motion.to(x.device))
+        if self.temporal_frame_embedding is not None:
+            m = motion if motion is not None else torch.zeros(B, dtype=torch.long)
+            index = m.to(x.device)[:, None] * self.config.frames + torch.arange(
+                frames, device=x.device
+            )
+            self._frame_emb = self.temporal_frame_embedding(index.reshape(B * frames))
         self._frames = frames
         try:
             out = self.unet(
@@ -340,6 +377,7 @@ class VideoUNet(nn.Module):
         finally:
             self._frames = None
             self._motion = None
+            self._frame_emb = None
         return out.view(B, frames, *out.shape[1:])
 
     # ---------------------------------------------------------------- parameters

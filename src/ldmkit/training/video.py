@@ -45,10 +45,11 @@ VIDEO_RECIPE: dict = {
         "temporal_levels": [2],
         "temporal_mid": True,
         "temporal_heads": 4,
-        "temporal_lr_mult": 10.0,
+        "frame_embedding": True,  # each frame knows its place and the direction (notes)
+        "temporal_lr_mult": 3.0,
         "noise_mixing": 3.0,  # frames share 90 % of their noise variance (notes)
     },
-    "lr": {"inflate": 1e-4, "scratch": 1e-3},
+    "lr": {"inflate": 3e-4, "scratch": 1e-3},
     "scratch_temporal_lr_mult": 1.0,
     "batch_size": 8,  # clips per step
     "warmup_steps": 50,
