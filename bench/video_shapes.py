@@ -142,18 +142,29 @@ def shape_net() -> nn.Module:
     )  # fmt: skip
 
 
-def shape_classifier(path: Path | None, size: int, seed: int, quick: bool) -> nn.Module:
-    """A shape classifier of frames, trained on real moving-shape frames' object maps (cached in
-    `path` when given); prints its accuracy on frames of other clips."""
+def autoencoded(vae: Autoencoder, videos: np.ndarray) -> np.ndarray:
+    """Clips through the autoencoder (posterior mean), uint8 as they came."""
+    moments = encode_clip_moments(vae, torch.from_numpy(videos), torch.device("cpu"))
+    scale = vae.config.scaling_factor
+    return decode_clips(vae, moments[:, :, : moments.shape[2] // 2] * scale, scale).numpy()
+
+
+def shape_classifier(
+    path: Path | None, vae: Autoencoder, size: int, seed: int, quick: bool
+) -> nn.Module:
+    """A shape classifier of frames, trained on the object maps of real moving-shape frames and
+    of the same frames through the autoencoder (whose soft edges a generated frame has too);
+    cached in `path` when given. Prints its accuracy on frames of other clips, both kinds."""
     model = shape_net()
     if path is not None and path.exists():
         model.load_state_dict(load_file(path))
         return model.eval()
     data = generate_moving_shapes(40 if quick else 3000, frames=3, image_size=size, seed=seed + 7)
-    x, y = object_maps(data.videos), torch.from_numpy(np.repeat(data.labels, 3))
+    x = torch.cat([object_maps(data.videos), object_maps(autoencoded(vae, data.videos))])
+    y = torch.from_numpy(np.tile(np.repeat(data.labels, 3), 2))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(2 if quick else 250):
+    for _ in range(2 if quick else 400):
         i = torch.randint(len(x), (64,), generator=g)
         loss = nn.functional.cross_entropy(model(x[i]), y[i])
         opt.zero_grad()
@@ -161,10 +172,11 @@ def shape_classifier(path: Path | None, size: int, seed: int, quick: bool) -> nn
         opt.step()
     model.eval()
     test = generate_moving_shapes(8 if quick else 300, frames=8, image_size=size, seed=seed + 8)
-    with torch.no_grad():
-        pred = model(object_maps(test.videos)).argmax(1).view(len(test.labels), -1).numpy()
-    print(f"shape classifier: frames of other clips read right {np.mean(pred == test.labels[:, None]):.4f}"
-          f" ({pred.size} frames)")  # fmt: skip
+    for name, clips in (("real", test.videos), ("autoencoded", autoencoded(vae, test.videos))):
+        with torch.no_grad():
+            pred = model(object_maps(clips)).argmax(1).view(len(test.labels), -1).numpy()
+        print(f"shape classifier: {name} frames of other clips read right "
+              f"{np.mean(pred == test.labels[:, None]):.4f} ({pred.size} frames)")  # fmt: skip
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), path)
@@ -206,7 +218,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="folder caching the shape classifier and the encoded clips",
     )
-    p.add_argument("--out", type=Path, default=None, help="GIFs and results.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="GIFs, results.json and each arm's model (<arm>-model/)",
+    )
+    p.add_argument(
+        "--load",
+        type=Path,
+        default=None,
+        help="evaluate the models an earlier --out saved instead of training",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke test of seconds")
     a = p.parse_args(argv)
     if a.threads:
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"recipe: {recipe}")
 
     if a.quick:  # a random autoencoder and a UNet standing in for an image run
+        torch.manual_seed(a.seed)
         vae = Autoencoder(AutoencoderConfig(image_size=size, block_out_channels=(8, 8),
                                             norm_groups=4)).eval()  # fmt: skip
         torch.manual_seed(0)
@@ -246,8 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         vae = Autoencoder.from_pretrained(a.image_run / "vae").eval()
         image_unet = UNet.from_pretrained(a.image_run / "unet")
     scale = vae.config.scaling_factor
-    clf = shape_classifier(None if a.cache is None else a.cache / "shape-cnn.safetensors", size, a.seed,
-                           a.quick)  # fmt: skip
+    cnn = None if a.cache is None else a.cache / f"shape-cnn-{a.image_run.name}.safetensors"
+    clf = shape_classifier(None if a.quick else cnn, vae, size, a.seed, a.quick)
 
     t0 = time.perf_counter()
     data = generate_moving_shapes(a.clips, frames=a.frames, image_size=size, seed=a.seed,
@@ -302,18 +326,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{arm}: {model.summary()}; trainable "
               f"{sum(p.numel() for p in (model.temporal_parameters() if model.config.freeze_spatial else model.parameters())) / 1e6:.2f} M;"
               f" {load_line()}")  # fmt: skip
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            result = train_video_unet(
-                model, moments, RunFolder(Path(tmp) / "run"), diff=diff, cfg=cfg,
-                scaling_factor=scale, conditioner=ClassConditioner(
-                    model.config.num_classes, dropout=recipe["class_dropout"]),
-                cond_data=labels, seed=a.seed, time_budget_s=None if a.quick else a.minutes * 60,
-                gate=gate,
-            )  # fmt: skip
-        minutes = (time.perf_counter() - start) / 60
-        net = (result.ema.model if result.ema is not None else model).eval()
-        curves[arm] = gate.rows if gate else []
+        if a.load is not None:  # the model an earlier run saved, its training figures
+            net = VideoUNet.from_pretrained(a.load / f"{arm}-model")
+            before = json.loads((a.load / "results.json").read_text())[arm]
+            steps_done, minutes, gate = before["steps"], before["minutes"], None
+            curves[arm] = before["curve"]
+        else:
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                result = train_video_unet(
+                    model, moments, RunFolder(Path(tmp) / "run"), diff=diff, cfg=cfg,
+                    scaling_factor=scale, conditioner=ClassConditioner(
+                        model.config.num_classes, dropout=recipe["class_dropout"]),
+                    cond_data=labels, seed=a.seed, time_budget_s=None if a.quick else a.minutes * 60,
+                    gate=gate,
+                )  # fmt: skip
+            minutes = (time.perf_counter() - start) / 60
+            net = (result.ema.model if result.ema is not None else model).eval()
+            steps_done = result.steps_done
+            curves[arm] = gate.rows if gate else []
+            print(f"{arm}: stopped by {result.stopped_because}, last loss {result.last_loss:.4f}")
         t1 = time.perf_counter()
         got_seen = draw(net, vae, scale, seen, a.frames, steps=a.steps, guidance=guidance,
                         seed=a.seed + 1)  # fmt: skip
@@ -321,11 +353,11 @@ def main(argv: list[str] | None = None) -> None:
                         seed=a.seed + 2)  # fmt: skip
         eval_s = time.perf_counter() - t1
         for name, got, req in (("seen", got_seen, seen), ("held-out", got_held, held)):
-            rows.append([arm, name, *read(got, *map(list, zip(*req)), clf), result.steps_done,
+            rows.append([arm, name, *read(got, *map(list, zip(*req)), clf), steps_done,
                          minutes])  # fmt: skip
         print(
-            f"{arm}: {result.steps_done} steps in {minutes:.1f} min ({result.stopped_because}),"
-            f" last loss {result.last_loss:.4f}; final sampling {eval_s:.0f} s; {load_line()}"
+            f"{arm}: {steps_done} steps in {minutes:.1f} min; final sampling {eval_s:.0f} s; "
+            f"{load_line()}"
         )
         if a.out is not None:
             a.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
                 a.out / f"{arm}.gif",
                 grid,
                 fps=4,
-                params={"arm": arm, "rows": DIRECTION_NAMES, "steps": result.steps_done},
+                params={"arm": arm, "rows": DIRECTION_NAMES, "steps": steps_done},
             )
             k = min(per, a.per_holdout)  # the first k clips of each held-out pair, a row each
             rows_held = [
@@ -350,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
                 fps=4,
                 params={"arm": arm, "rows": [" ".join(h) for h in HELD_OUT_PAIRS]},
             )
-        results[arm] = {"curve": curves[arm], "steps": result.steps_done, "minutes": minutes,
-                        "last_loss": result.last_loss}  # fmt: skip
+            net.save_pretrained(a.out / f"{arm}-model")
+        results[arm] = {"curve": curves[arm], "steps": steps_done, "minutes": minutes}
 
     print(
         f"learning curves (direction right and class constant on {a.gate_per_direction} "

@@ -244,3 +244,7 @@ def test_video_shapes_quick(capsys, tmp_path):
     curve = table(out, "arm", "step", "train_s")
     assert {r[0] for r in curve} == {"inflate-frozen", "scratch"}
     assert len(list(tmp_path.glob("*.gif"))) == 4 and (tmp_path / "results.json").exists()
+    # the saved models evaluate to the same table without training
+    video_shapes.main(["--quick", "--arms", "scratch", "--threads", "1", "--load", str(tmp_path)])
+    again = table(capsys.readouterr().out, "clips", "asked", "direction")
+    assert again == [rows[0], rows[1], rows[4], rows[5]]
