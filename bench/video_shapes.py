@@ -195,7 +195,7 @@ def build(arm: str, image_unet: UNet, frames: int, recipe: dict) -> VideoUNet:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arms", default="inflate,scratch", help=f"of {', '.join(ARMS)}")
+    p.add_argument("--arms", default="inflate-frozen,scratch", help=f"of {', '.join(ARMS)}")
     p.add_argument("--image-run", type=Path, default=Path("/work/runs/shapes-main10"),
                    help="the image run to inflate (its vae/ and unet/ folders)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=10.0, help="training time per arm")
@@ -204,6 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=None, help="clips per step (recipe's)")
     p.add_argument("--noise-mixing", type=float, default=None, help="alpha (recipe's)")
     p.add_argument("--temporal-levels", default=None, help="e.g. 1,2 (recipe's); 'all'")
+    p.add_argument("--frame-embedding", type=int, choices=(0, 1), default=None, help="(recipe's)")
+    p.add_argument("--lr", type=float, default=None, help="the inflate arms' base LR (recipe's)")
+    p.add_argument(
+        "--temporal-lr-mult",
+        type=float,
+        default=None,
+        help="the inflate arms' temporal LR multiplier (recipe's)",
+    )
     p.add_argument("--per-direction", type=int, default=4, help="final samples per direction")
     p.add_argument("--per-holdout", type=int, default=8, help="final samples per held-out pair")
     p.add_argument("--gate-per-direction", type=int, default=2, help="0: no learning curve")
@@ -243,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     if a.batch is not None:
         recipe["batch_size"] = a.batch
+    if a.frame_embedding is not None:
+        recipe["model"]["frame_embedding"] = bool(a.frame_embedding)
+    if a.lr is not None:
+        recipe["lr"]["inflate"] = a.lr
+    if a.temporal_lr_mult is not None:
+        recipe["model"]["temporal_lr_mult"] = a.temporal_lr_mult
     guidance = recipe["guidance_scale"] if a.guidance is None else a.guidance
     arms = [s.strip() for s in a.arms.split(",") if s.strip()]
     for arm in arms:

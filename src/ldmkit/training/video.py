@@ -33,23 +33,29 @@ from .step import MicroBatch, Stage
 
 STAGE = "video"  # names the stage's checkpoints and log rows
 
-# The recipe measured on moving shapes (bench/video_shapes.py, docs/performance.md "Video"):
-# the settings a video run starts from. "model" are VideoUNetConfig fields; "lr" the base LR
-# when inflating an image run (the temporal layers at lr * temporal_lr_mult) and from scratch
-# (where the temporal layers take `scratch_temporal_lr_mult` instead); the rest TrainConfig /
-# DiffusionConfig / sampling settings. Plain JSON types, so it can be written into a run.json.
+# The settings a video run starts from, as measured on moving shapes (bench/video_shapes.py,
+# docs/performance.md "Video: does the video UNet learn motion?"). NONE of the variants tried
+# learned motion within 8-10 CPU-minutes (direction right <= 12.5 %, chance 12.5 %); these are
+# the ones that kept the frames most consistent (inflating with the spatial layers frozen).
+# "model" are VideoUNetConfig fields; "lr" the base LR when inflating an image run (the
+# temporal layers at lr * temporal_lr_mult) and from scratch (where the temporal layers take
+# `scratch_temporal_lr_mult`); `inflate_freeze_spatial` whether inflating freezes the image
+# UNet; the rest TrainConfig / DiffusionConfig / sampling settings. Plain JSON types.
 VIDEO_RECIPE: dict = {
     "model": {
         # the lowest level only (4x4 on 16x16 latents) and the middle: a step of 4 clips x 8
-        # frames cost 0.28 s against 0.72 s with the 8x8 level too (notes/issue30-motion.md)
+        # frames cost 0.28 s against 0.72 s with the 8x8 level too (frozen image UNet)
         "temporal_levels": [2],
         "temporal_mid": True,
         "temporal_heads": 4,
-        "frame_embedding": True,  # each frame knows its place and the direction (notes)
-        "temporal_lr_mult": 3.0,
-        "noise_mixing": 3.0,  # frames share 90 % of their noise variance (notes)
+        # (motion, frame) embedding in the time embedding: tried with unfrozen inflation and
+        # from scratch, no better in 8 minutes; off by default
+        "frame_embedding": False,
+        "temporal_lr_mult": 10.0,
+        "noise_mixing": 3.0,  # frames share 90 % of their noise variance: fewer colour jumps
     },
-    "lr": {"inflate": 3e-4, "scratch": 1e-3},
+    "inflate_freeze_spatial": True,
+    "lr": {"inflate": 1e-4, "scratch": 1e-3},
     "scratch_temporal_lr_mult": 1.0,
     "batch_size": 8,  # clips per step
     "warmup_steps": 50,
