@@ -205,3 +205,86 @@ def test_bad_video_configs(settings, words):
                       head_dim=8, norm_num_groups=4)  # fmt: skip
     with pytest.raises(ConfigError, match=words):
         VideoUNetConfig(unet=unet, **settings)
+
+
+# ---------------------------------------------------------------- motion classes, mixed noise
+
+
+def test_motion_classes_split_joint_labels_and_start_as_the_image_unet():
+    unet = tiny_unet(num_classes=3)
+    video = VideoUNet.from_image_unet(unet, frames=3, temporal_heads=2, motion_classes=4).eval()
+    assert video.config.num_classes == 12 and video.config.joint_label(2, 1) == 9
+    y = torch.tensor([0, 5, 11, 12])  # (0, 0), (1, 1), (2, 3), the null
+    image, motion = video.split_labels(y)
+    assert image.tolist() == [0, 1, 2, 3] and motion.tolist() == [0, 1, 3, 4]
+    x, t = torch.randn(4, 3, 3, 8, 8), torch.tensor([5, 300, 600, 999])
+    with torch.no_grad():
+        out = video(x, t, class_labels=y)
+        ref = unet(x.reshape(12, 3, 8, 8), t.repeat_interleave(3),
+                   class_labels=image.repeat_interleave(3))  # fmt: skip
+    assert torch.equal(out, ref.view_as(out))  # fresh: the image UNet on the image class
+    with pytest.raises(ValueError, match="joint labels in \\[0, 12\\]"):
+        video(x, t, class_labels=torch.tensor([0, 1, 2, 13]))
+    with pytest.raises(ConfigError, match="motion_classes needs a class-conditional"):
+        VideoUNetConfig(unet=UNetConfig(sample_size=8), motion_classes=4)
+
+
+def test_the_motion_class_acts_through_the_temporal_layers_only():
+    video = VideoUNet.from_image_unet(tiny_unet(num_classes=3), frames=3, temporal_heads=2,
+                                      motion_classes=4).eval()  # fmt: skip
+    randomise_temporal(video)
+    x, t = torch.randn(1, 3, 3, 8, 8).expand(4, -1, -1, -1, -1), torch.tensor(400)
+    y = torch.tensor([4, 5, 6, 5])  # image class 1 throughout; motion 0, 1, 2, 1
+    with torch.no_grad():
+        out = video(x, t, class_labels=y)
+    assert torch.equal(out[1], out[3])  # the same joint label: the same clip
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[1] - out[2]).abs().max() > 1e-3
+    # and a frozen image UNet still passes the gradient to the motion embedding
+    video.unet.requires_grad_(False)
+    video(x, t, class_labels=y).pow(2).mean().backward()
+    grad = video.temporal_motion_embedding.weight.grad
+    assert grad[:3].abs().sum(1).gt(0).all() and grad[3:].abs().sum() == 0  # rows 0-2 used only
+    assert all(p.grad is None for p in video.spatial_parameters())
+
+
+def test_mixed_frame_noise_has_unit_variance_and_the_prior_correlation():
+    from ldmkit.models.video import clip_noise, mix_frame_noise
+
+    g = torch.Generator().manual_seed(0)
+    for alpha in (0.5, 1.0, 2.0):
+        n = clip_noise((20000, 4, 1, 1, 1), alpha, generator=g).flatten(1)  # (N, F)
+        cov = torch.cov(n.T)
+        off = cov[~torch.eye(4, dtype=torch.bool)]
+        assert torch.allclose(cov.diagonal(), torch.ones(4), atol=0.04)
+        assert torch.allclose(off, torch.full_like(off, alpha**2 / (1 + alpha**2)), atol=0.04)
+    a = clip_noise((2, 3, 4, 2, 2), 0.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, torch.randn((2, 3, 4, 2, 2), generator=torch.Generator().manual_seed(7)))
+    own, shared = torch.randn(2, 3, 4, 2, 2), torch.randn(2, 1, 4, 2, 2)
+    mixed = mix_frame_noise(own, 1.0, shared=shared)
+    assert torch.allclose(mixed, (shared + own) / 2**0.5)
+    with pytest.raises(ConfigError, match="noise_mixing"):
+        VideoUNetConfig(unet=UNetConfig(sample_size=8), noise_mixing=-1)
+
+
+def test_frame_embedding_starts_at_zero_and_tells_each_frame_its_place():
+    unet = tiny_unet(num_classes=3)
+    video = VideoUNet.from_image_unet(unet, frames=4, temporal_heads=2, motion_classes=2,
+                                      frame_embedding=True).eval()  # fmt: skip
+    x = torch.randn(1, 1, 3, 8, 8).expand(2, 4, -1, -1, -1)  # the same image in every frame
+    y, t = torch.tensor([2, 3]), torch.tensor(300)  # image class 1; motion 0 and 1
+    with torch.no_grad():
+        out = video(x, t, class_labels=y)
+        ref = unet(x[0, :1], t, class_labels=torch.tensor([1]))
+    assert torch.allclose(out, ref.expand_as(out), atol=1e-5)  # fresh: the image model per frame
+    # a fresh (zero) embedding still gets a gradient, through the frozen image UNet
+    video.unet.requires_grad_(False)
+    video(x, t, class_labels=y).pow(2).mean().backward()
+    grad = video.temporal_frame_embedding.weight.grad  # rows: motion * frames + frame
+    assert grad[:8].abs().sum(1).gt(0).all() and grad[8:].abs().sum() == 0  # null rows unused
+    with torch.no_grad():
+        video.temporal_frame_embedding.weight.normal_()
+        out = video(x, t, class_labels=y)
+    assert all((out[0, f] - out[0, 0]).abs().max() > 1e-3 for f in range(1, 4))  # per frame
+    assert (out[0] - out[1]).abs().max() > 1e-3  # and per motion class
+    with pytest.raises(ValueError, match="frame positions up to 4"):
+        video(torch.randn(1, 5, 3, 8, 8), t)

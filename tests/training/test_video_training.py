@@ -125,3 +125,35 @@ def test_animation_round_trip_and_one_frame_refused(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="at least 2 frames"):
         save_animation(tmp_path / "b.gif", clip[:1])
+
+
+def test_temporal_layers_get_their_own_lr_and_mixed_noise_reaches_the_loss(toy, monkeypatch):
+    import ldmkit.training.video as tv
+
+    clips, _, moments = toy
+    seen = []
+
+    def spy(*args, eps, **kw):
+        seen.append(eps)
+        return real(*args, eps=eps, **kw)
+
+    real = tv.training_loss
+    monkeypatch.setattr(tv, "training_loss", spy)
+    corr = {}
+    for alpha in (0.0, 3.0):
+        model = video_unet(num_classes=5)
+        model.config.temporal_lr_mult, model.config.noise_mixing = 10.0, alpha
+        stage = video_diffusion_stage(
+            model, moments, ClassConditioner(5), torch.from_numpy(clips.labels), 1.0,
+            DiffusionConfig(), TrainConfig(lr=1e-4), torch.device("cpu"),
+        )  # fmt: skip
+        fast, slow = stage.optimizer.param_groups
+        assert {id(p) for p in fast["params"]} == {id(p) for p in model.temporal_parameters()}
+        assert fast["base_lr"] == pytest.approx(1e-3) and slow["base_lr"] == pytest.approx(1e-4)
+        mb = MicroBatch(torch.arange(8), torch.arange(8), step=0, batch_size=8, key="video/0")
+        optimizer_step(stage, [mb], grad_clip=1.0)
+        eps = seen[-1]  # (8, F, 4, 8, 8)
+        assert eps.shape == (8, FRAMES, 4, 8, 8) and abs(eps.std().item() - 1) < 0.1
+        a, b = eps[:, 0].flatten(), eps[:, 1].flatten()
+        corr[alpha] = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr[0.0]) < 0.1 and abs(corr[3.0] - 0.9) < 0.05, corr

@@ -27,6 +27,7 @@ finds the two groups of parameters with `temporal_parameters` and `spatial_param
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -55,6 +56,25 @@ class VideoUNetConfig:
     temporal_mid: bool = True  # a temporal block after the middle block too
     temporal_kernel: int = 3  # width of the temporal convolution (odd)
     freeze_spatial: bool = False  # for the trainer: train the temporal layers only
+    # Direction-like conditioning of the temporal layers (0: none). With M > 0 the model's class
+    # labels are joint: y = c * M + m for the image UNet's class c (unet.num_classes of them)
+    # and the motion class m (e.g. the direction); the null label is `num_classes` (= C * M).
+    # c conditions the image UNet as before; m selects a learned embedding that every temporal
+    # block adds to its input, so an inflated model with frozen spatial layers can still be
+    # told the direction, and an unseen (c, m) pair is a composition of two seen parts.
+    motion_classes: int = 0
+    # A learned embedding of (motion class, frame index) added to every frame's time embedding,
+    # which conditions every resnet of the image UNet: each frame knows where it is in the clip
+    # and which way the clip moves, so the spatial layers can place the object per frame
+    # (against the clip's shared noise, see noise_mixing) without any exchange between frames.
+    # Zero-initialised: a fresh model is still the image model per frame. Trained with the
+    # temporal layers (it is one of them for temporal_parameters and freeze_spatial).
+    frame_embedding: bool = False
+    temporal_lr_mult: float = 1.0  # for the trainer: the temporal layers' LR = lr * this
+    # The "mixed" noise prior of Ge et al. 2023: each frame's noise is
+    # (alpha * shared + own) / sqrt(1 + alpha^2), a share common to the clip (0: independent).
+    # The trainer draws eps this way; samplers start from `clip_noise` with the same alpha.
+    noise_mixing: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temporal_levels is not None:
@@ -63,6 +83,16 @@ class VideoUNetConfig:
         check_int("frames", self.frames, 1, MAX_FRAMES)
         check_int("temporal_heads", self.temporal_heads, 1, 4096)
         check_int("temporal_kernel", self.temporal_kernel, 1, 15)
+        check_int("motion_classes", self.motion_classes, 0, 4096)
+        if self.motion_classes and not self.unet.num_classes:
+            raise ConfigError(
+                "motion_classes needs a class-conditional UNet (unet.num_classes); for a model "
+                "conditioned on motion alone use num_classes=1"
+            )
+        if not self.temporal_lr_mult > 0:
+            raise ConfigError(f"temporal_lr_mult must be > 0, got {self.temporal_lr_mult}")
+        if not 0 <= self.noise_mixing <= 100:
+            raise ConfigError(f"noise_mixing must be in [0, 100], got {self.noise_mixing}")
         if self.temporal_kernel % 2 == 0:
             raise ConfigError(f"temporal_kernel must be odd, got {self.temporal_kernel}")
         for i in self.levels:
@@ -76,6 +106,19 @@ class VideoUNetConfig:
                     f"temporal_heads {self.temporal_heads} does not divide the {ch} channels of "
                     "a level with temporal layers; choose a divisor of it"
                 )
+
+    @property
+    def num_classes(self) -> int | None:
+        """Class labels the model takes (the null label is this number): the image UNet's,
+        times `motion_classes` when that is set."""
+        c = self.unet.num_classes
+        return c * self.motion_classes if c and self.motion_classes else c
+
+    def joint_label(self, image_class: int, motion_class: int) -> int:
+        """The class label for image class c and motion class m (see `motion_classes`)."""
+        if not self.motion_classes:
+            raise ValueError("joint_label needs motion_classes > 0")
+        return image_class * self.motion_classes + motion_class
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -95,15 +138,40 @@ def frame_encoding(frames: int, channels: int, device: torch.device) -> Tensor:
     return timestep_embedding(index, channels, flip_sin_to_cos=False)
 
 
+def clip_noise(
+    shape: tuple[int, ...], alpha: float = 0.0, *, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:  # fmt: skip
+    """Unit-variance noise for clips (B, F, ...): frames share a part of weight alpha (the
+    mixed prior of Ge et al. 2023); alpha = 0 gives independent frames, torch.randn's draws."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    return mix_frame_noise(noise, alpha, generator=generator) if alpha else noise
+
+
+def mix_frame_noise(
+    noise: Tensor, alpha: float, *, shared: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:  # fmt: skip
+    """(alpha * shared + noise) / sqrt(1 + alpha^2) for noise (..., F, C, H, W); `shared`
+    (..., 1, C, H, W) is drawn from `generator` unless given. Each frame stays N(0, I); two
+    frames correlate by alpha^2 / (1 + alpha^2)."""
+    if shared is None:
+        shape = (*noise.shape[:-4], 1, *noise.shape[-3:])
+        shared = torch.randn(shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return (alpha * shared + noise) / math.sqrt(1.0 + alpha * alpha)
+
+
 class TemporalBlock(nn.Module):
     """Attention over frames, then a 1-D convolution over frames, at every spatial position;
     each residual, each ending in a zero-initialised projection (module docstring)."""
 
     def __init__(
         self, channels: int, *, heads: int, kernel: int = 3, norm_groups: int = 16,
-        eps: float = 1e-5,
+        eps: float = 1e-5, cond_dim: int = 0,
     ):  # fmt: skip
         super().__init__()
+        # a per-clip condition (the motion class's embedding) added to both branches' inputs
+        self.cond_proj = nn.Linear(cond_dim, channels) if cond_dim else None
         self.attn_norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.attn = Attention(
             channels, heads=heads, head_dim=channels // heads, qkv_bias=True, zero_init=True
@@ -114,21 +182,32 @@ class TemporalBlock(nn.Module):
         self.conv = nn.Conv2d(channels, channels, (kernel, 1), padding=(kernel // 2, 0))
         self.conv_out = zero_module(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, h: Tensor, frames: int) -> Tensor:
-        """h (B*F, C, H, W), the frames of each clip consecutive -> the same shape."""
+    def forward(self, h: Tensor, frames: int, cond: Tensor | None = None) -> Tensor:
+        """h (B*F, C, H, W), the frames of each clip consecutive -> the same shape; `cond`
+        (B, cond_dim) a clip's condition when the block was built with cond_dim."""
         BF, C, H, W = h.shape
         if frames < 1 or BF % frames:
             raise ValueError(f"a batch of {BF} frames is not whole clips of {frames} frames")
         B = BF // frames
         x = h.view(B, frames, C, H, W)
+        bias = None
+        if self.cond_proj is not None:
+            if cond is None or cond.shape[0] != B:
+                raise ValueError(f"this temporal block needs a condition (B={B}, cond_dim)")
+            bias = self.cond_proj(cond).to(h.dtype)  # (B, C)
         # Attention over frames: one sequence of F tokens per clip and position.
         n = self.attn_norm(x.transpose(1, 2))  # (B, C, F, H, W): statistics over the clip
         tokens = n.permute(0, 3, 4, 2, 1).reshape(B * H * W, frames, C)
         tokens = tokens + frame_encoding(frames, C, h.device).to(tokens.dtype)
+        if bias is not None:
+            tokens = tokens + bias.repeat_interleave(H * W, dim=0)[:, None, :]
         a = self.attn(tokens).view(B, H, W, frames, C).permute(0, 3, 4, 1, 2)
         x = x + a
         # Convolution over frames, at each position.
-        n = F.silu(self.conv_norm(x.transpose(1, 2))).reshape(B, C, frames, H * W)
+        n = self.conv_norm(x.transpose(1, 2))
+        if bias is not None:
+            n = n + bias[:, :, None, None, None]
+        n = F.silu(n).reshape(B, C, frames, H * W)
         c = self.conv_out(F.silu(self.conv(n))).view(B, C, frames, H, W).transpose(1, 2)
         return (x + c).reshape(BF, C, H, W)
 
@@ -150,7 +229,21 @@ class _TemporalHook:
 
     def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         frames = self.owner._frames
-        return None if frames is None else self.temporal(output, frames)
+        if frames is None:
+            return None
+        return self.temporal(output, frames, self.owner._motion)
+
+
+class _FrameEmbeddingHook:
+    """Adds the owner's per-frame embedding (B*F, E) to the image UNet's time embedding while
+    the `VideoUNet` is inside forward (an object for deepcopy, as `_TemporalHook`)."""
+
+    def __init__(self, owner: VideoUNet):
+        self.owner = owner
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        extra = self.owner._frame_emb
+        return None if extra is None else output + extra.to(output.dtype)
 
 
 class VideoUNet(ModelFolder, nn.Module):
@@ -168,16 +261,30 @@ class VideoUNet(ModelFolder, nn.Module):
         ucfg, chs = cfg.unet, cfg.unet.block_out_channels
         levels = len(chs)
 
+        cond_dim = ucfg.time_embed_dim if cfg.motion_classes else 0
+        # the motion classes' embedding (row motion_classes: the null), shared by the blocks
+        self.temporal_motion_embedding = (
+            nn.Embedding(cfg.motion_classes + 1, cond_dim) if cfg.motion_classes else None
+        )
+
         def block(ch: int) -> TemporalBlock:
             return TemporalBlock(
                 ch, heads=cfg.temporal_heads, kernel=cfg.temporal_kernel,
-                norm_groups=ucfg.norm_num_groups, eps=ucfg.norm_eps,
+                norm_groups=ucfg.norm_num_groups, eps=ucfg.norm_eps, cond_dim=cond_dim,
             )  # fmt: skip
 
         self.temporal_down = nn.ModuleDict({str(i): block(chs[i]) for i in cfg.levels})
         self.temporal_mid = block(chs[-1]) if cfg.temporal_mid else None
         self.temporal_up = nn.ModuleDict({str(i): block(chs[i]) for i in cfg.levels})
         self._frames: int | None = None  # set during forward; the hooks act only then
+        self._motion: Tensor | None = None  # the clips' motion embedding during forward
+        self._frame_emb: Tensor | None = None  # the frames' (motion, index) embedding, too
+        self.temporal_frame_embedding = None
+        if cfg.frame_embedding:
+            rows = (cfg.motion_classes + 1) * cfg.frames
+            self.temporal_frame_embedding = nn.Embedding(rows, ucfg.time_embed_dim)
+            nn.init.zeros_(self.temporal_frame_embedding.weight)
+            self.unet.time_embed.register_forward_hook(_FrameEmbeddingHook(self))
         for i in cfg.levels:
             down = self.unet.down_levels[i]
             up = self.unet.up_levels[levels - 1 - i]  # up_levels run from the lowest level
@@ -185,6 +292,27 @@ class VideoUNet(ModelFolder, nn.Module):
             _last_block(up).register_forward_hook(_TemporalHook(self, self.temporal_up[str(i)]))
         if self.temporal_mid is not None:
             self.unet.mid.register_forward_hook(_TemporalHook(self, self.temporal_mid))
+
+    def split_labels(self, class_labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Joint labels (B,) -> (image classes, motion classes), the null mapping to both nulls;
+        without `motion_classes` the labels pass unchanged and the motion classes are None."""
+        m = self.config.motion_classes
+        if not m:
+            return class_labels, None
+        c = self.config.unet.num_classes
+        if class_labels is None:
+            return None, None
+        y = torch.as_tensor(class_labels, device=self.unet.conv_in.weight.device).long()
+        if y.ndim != 1 or (y < 0).any() or (y > c * m).any():
+            raise ValueError(
+                f"class_labels must be (B,) joint labels in [0, {c * m}] (class * {m} + motion "
+                f"class; {c * m} the null), got {tuple(y.shape)} in "
+                f"[{int(y.min()) if y.numel() else 0}, {int(y.max()) if y.numel() else 0}]"
+            )
+        null = y == c * m
+        image = torch.where(null, torch.full_like(y, c), y // m)
+        motion = torch.where(null, torch.full_like(y, m), y % m)
+        return image, motion
 
     @classmethod
     def from_image_unet(cls, unet: UNet, **settings) -> VideoUNet:
@@ -222,6 +350,22 @@ class VideoUNet(ModelFolder, nn.Module):
         def per_frame(c: Tensor | None) -> Tensor | None:
             return None if c is None else c.repeat_interleave(frames, dim=0)
 
+        if self.temporal_frame_embedding is not None and frames > self.config.frames:
+            raise ValueError(
+                f"this model embeds frame positions up to {self.config.frames}; "
+                f"got clips of {frames} frames"
+            )
+        class_labels, motion = self.split_labels(class_labels)
+        if self.temporal_motion_embedding is not None:
+            if motion is None:  # no labels: the unconditional (null) motion
+                motion = torch.full((B,), self.config.motion_classes, device=x.device)
+            self._motion = self.temporal_motion_embedding(motion.to(x.device))
+        if self.temporal_frame_embedding is not None:
+            m = motion if motion is not None else torch.zeros(B, dtype=torch.long)
+            index = m.to(x.device)[:, None] * self.config.frames + torch.arange(
+                frames, device=x.device
+            )
+            self._frame_emb = self.temporal_frame_embedding(index.reshape(B * frames))
         self._frames = frames
         try:
             out = self.unet(
@@ -233,6 +377,8 @@ class VideoUNet(ModelFolder, nn.Module):
             )
         finally:
             self._frames = None
+            self._motion = None
+            self._frame_emb = None
         return out.view(B, frames, *out.shape[1:])
 
     # ---------------------------------------------------------------- parameters

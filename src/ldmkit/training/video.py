@@ -24,14 +24,46 @@ from ..diffusion.losses import training_loss
 from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.vae import Autoencoder
-from ..models.video import VideoUNet
+from ..models.video import VideoUNet, mix_frame_noise
 from ..recipe import DiffusionConfig, TrainConfig
 from ..runs import RunFolder
-from .loop import StageResult, train_stage
+from .loop import QualityGate, StageResult, train_stage
 from .stages import Wrap, _layout, _unwrapped, autocast, encode_moments, prepare_model, split_model
 from .step import MicroBatch, Stage
 
 STAGE = "video"  # names the stage's checkpoints and log rows
+
+# The settings a video run starts from, as measured on moving shapes (bench/video_shapes.py,
+# docs/performance.md "Video: does the video UNet learn motion?"). NONE of the variants tried
+# learned motion within 8-10 CPU-minutes (direction right <= 12.5 %, chance 12.5 %); these are
+# the ones that kept the frames most consistent (inflating with the spatial layers frozen).
+# "model" are VideoUNetConfig fields; "lr" the base LR when inflating an image run (the
+# temporal layers at lr * temporal_lr_mult) and from scratch (where the temporal layers take
+# `scratch_temporal_lr_mult`); `inflate_freeze_spatial` whether inflating freezes the image
+# UNet; the rest TrainConfig / DiffusionConfig / sampling settings. Plain JSON types.
+VIDEO_RECIPE: dict = {
+    "model": {
+        # the lowest level only (4x4 on 16x16 latents) and the middle: a step of 4 clips x 8
+        # frames cost 0.28 s against 0.72 s with the 8x8 level too (frozen image UNet)
+        "temporal_levels": [2],
+        "temporal_mid": True,
+        "temporal_heads": 4,
+        # (motion, frame) embedding in the time embedding: tried with unfrozen inflation and
+        # from scratch, no better in 8 minutes; off by default
+        "frame_embedding": False,
+        "temporal_lr_mult": 10.0,
+        "noise_mixing": 3.0,  # frames share 90 % of their noise variance: fewer colour jumps
+    },
+    "inflate_freeze_spatial": True,
+    "lr": {"inflate": 1e-4, "scratch": 1e-3},
+    "scratch_temporal_lr_mult": 1.0,
+    "batch_size": 8,  # clips per step
+    "warmup_steps": 50,
+    "ema_decay": 0.995,
+    "class_dropout": 0.1,
+    "guidance_scale": 2.0,
+    "frames": 8,
+}
 
 
 @torch.no_grad()
@@ -44,6 +76,20 @@ def encode_clip_moments(
     n, f = videos.shape[:2]
     moments = encode_moments(vae, videos.reshape(n * f, *videos.shape[2:]), device, batch)
     return moments.view(n, f, *moments.shape[1:])
+
+
+def _param_groups(model: torch.nn.Module, video: VideoUNet, lr: float) -> list[dict]:
+    """The trainable parameters in two optimiser groups: the temporal layers at lr *
+    temporal_lr_mult, the rest at lr (`base_lr` is what the loop's LR plan scales)."""
+    temporal = {id(p) for p in video.temporal_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = [p for p in params if id(p) in temporal]
+    rest = [p for p in params if id(p) not in temporal]
+    mult = video.config.temporal_lr_mult
+    groups = [{"params": fast, "lr": lr * mult, "base_lr": lr * mult}]
+    if rest:
+        groups.append({"params": rest, "lr": lr, "base_lr": lr})
+    return [g for g in groups if g["params"]]
 
 
 def video_diffusion_stage(
@@ -75,8 +121,10 @@ def video_diffusion_stage(
             )
         video.unet.requires_grad_(False)
     prepare_model(video, cfg, device)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        _param_groups(model, video, cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    alpha = video.config.noise_mixing
     net = wrap(model)
     forward = torch.compile(net) if cfg.compile else net
     frames, zc2, h, w = moments.shape[1:]
@@ -94,6 +142,8 @@ def video_diffusion_stage(
         z0 = (post.sample(noise=noise) * scaling_factor).view(len(mb), frames, zc2 // 2, h, w)
         t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
         eps = mb.randn(*z0.shape[1:])
+        if alpha:  # the mixed prior: a share common to the clip's frames, from its generator
+            eps = mix_frame_noise(eps, alpha, shared=mb.randn(1, *z0.shape[2:]))
         y = cond_data[mb.indices] if cond_data is not None else None
         cond = mb.per_sample(
             lambda rows, g: conditioner.training_kwargs(None if y is None else y[rows], g, device)
@@ -120,6 +170,7 @@ def train_video_unet(
     seed: int = 0,
     device: torch.device | str = "cpu",
     time_budget_s: float | None = None,
+    gate: QualityGate | None = None,
 ) -> StageResult:
     """Train `model` (a VideoUNet) on the clips' moments with the shared loop, checkpoints in
     `folder`; returns the loop's `StageResult` (its `ema` holds the EMA model when enabled)."""
@@ -131,5 +182,11 @@ def train_video_unet(
         model, moments, conditioner, cond_data, scaling_factor, diff, cfg, device
     )
     return train_stage(
-        stage, cfg, folder=folder, num_items=len(moments), seed=seed, time_budget_s=time_budget_s
+        stage,
+        cfg,
+        folder=folder,
+        num_items=len(moments),
+        seed=seed,
+        time_budget_s=time_budget_s,
+        gate=gate,
     )
