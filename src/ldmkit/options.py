@@ -972,7 +972,7 @@ class FinetuneOptions(Options):
         "attention+conv", "layers adapted: attention (q, k, v, out projections) or attention+conv "
         "(also the residual blocks' convolutions: LoCon)", choices=FINETUNE_TARGETS,
     )  # fmt: skip
-    steps: int = option(400, "optimizer steps (a --time-budget may end it sooner)", lo=1,
+    steps: int = option(600, "optimizer steps (a --time-budget may end it sooner)", lo=1,
                         hi=1_000_000)  # fmt: skip
     time_budget: str | None = option(None, "wall-clock budget, e.g. 5m",
                                      check=check_duration_option)  # fmt: skip

@@ -204,7 +204,7 @@ def finetune_run(
     rank: int = 4,
     alpha: float | None = None,
     conv: bool = False,
-    steps: int = 400,
+    steps: int = 600,
     lr: float = 1e-3,
     class_lr: float | None = None,
     batch_size: int = 8,
