@@ -216,3 +216,31 @@ def test_inflate_grows_the_video_unet_from_an_image_run(tmp_path, capsys, monkey
     assert RunFolder(out).stage_report().get("autoencoder") is None
     assert torch.equal(grown.load_vae().encoder.conv_in.weight,
                        RunFolder(image).load_vae().encoder.conv_in.weight)  # fmt: skip
+
+
+def test_the_readme_commands_run(video_run, tmp_path, monkeypatch, capsys):
+    """The README's video section, on the tiny run (its train command is the fixture's run; the
+    others run as written, with few steps and images)."""
+    import re
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    from ldmkit.evaluation import feature_nets
+
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text.split("## Video (experimental)")[1].split("\n## ")[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines()]
+    assert [c[1] for c in commands] == ["train", "sample", "sample", "eval"]
+    assert commands[0][commands[0].index("--out") + 1] == "runs/moving"
+    shutil.copytree(video_run, tmp_path / "runs" / "moving")
+    monkeypatch.chdir(tmp_path)
+    for argv in commands[1:]:
+        extra = ["--steps", "2"] + (["--n", "4"] if argv[1] == "eval" else [])
+        assert main([*argv[1:], *extra]) == 0, argv
+    assert read_animation(tmp_path / "clips" / "clip-00000.gif").shape[0] == FRAMES
+    assert (tmp_path / "clips" / "clips.png").is_file()
+    assert read_animation(tmp_path / "continued.gif").shape[0] == FRAMES
+    assert (RunFolder(tmp_path / "runs" / "moving").eval_dir / "video.json").is_file()
