@@ -203,3 +203,12 @@ def test_options_come_as_keywords_or_all_at_once_not_both(tmp_path):
     given = SampleOptions(n=2)
     assert SampleOptions().or_instead(given) is given
     assert SampleOptions(n=5).or_instead(None) == SampleOptions(n=5)
+
+
+def test_synth_takes_its_options_as_keywords_or_all_at_once_not_both(tmp_path):
+    from ldmkit import api
+    from ldmkit.options import SynthOptions
+
+    with pytest.raises(TypeError, match="give synth's options as keywords or as `options`"):
+        api.synth(tmp_path / "no-run", tmp_path / "out", n=3, options=SynthOptions(n=2))
+    assert not (tmp_path / "out").exists()

@@ -95,11 +95,7 @@ def synth(
         per_class=per_class, n=n, prompts_file=None if prompts_file is None else str(prompts_file),
         classes=classes, sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, batch_size=batch_size, keep=keep,
-    )  # fmt: skip
-    if options is not None:
-        if o != _SYNTH:
-            raise TypeError("give synth's options as keywords or as `options`, not both")
-        o = options
+    ).or_instead(options)  # fmt: skip
     check_path("--prompts", o.prompts_file)
     o = o.check(RunFolder(run), shown=run)
     folder = RunFolder(run)
