@@ -163,6 +163,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "f8-z8": {"vae.latent_channels": 8},
     "f8-z16": {"vae.latent_channels": 16},
     "f4": {"vae.block_out_channels": [16, 32, 64]},
+    # detail terms beside the recipe at any size (issue 26): without the judge's feature term,
+    # with the PatchGAN from step 300, with the MS-SSIM term
+    "recipe-nofeat": {"vae.feature_weight": 0.0},
+    "recipe-disc": {"vae.disc_weight": 0.5, "vae.disc_start": 300},
+    "recipe-ssim": {"vae.perceptual_weight": 0.5},
 }
 QUICK = {"vae_train.steps": 30, "vae_train.batch_size": 8}
 
@@ -211,6 +216,7 @@ def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tm
     train_run(cfg, out, stage="autoencoder", stop=stop)
     rows = quality_rows(out)
     independent = independent_readability(out, args)
+    fid = reconstruction_fid(out, args) if args.fid else (None, None)
     hit = next((r for r in rows if r.get("readability", 0) >= args.target), None)
     within = [r for r in rows if r["cpu_s"] <= args.cap] or rows[:1]
     last = rows[-1]
@@ -219,40 +225,94 @@ def run_variant(name: str, sets: dict[str, object], args: argparse.Namespace, tm
         "best": max(r.get("readability", 0) for r in within),
         "best_psnr": max(r["psnr"] for r in within), "last_ssim": last["ssim"],
         "s_per_step": last["cpu_s"] / max(last["step"], 1), "independent": independent,
-        "last_readability": last.get("readability"),
+        "last_readability": last.get("readability"), "last_psnr": last["psnr"],
+        "last_step": last["step"], "recon_fid": fid[0], "floor": fid[1],
     }  # fmt: skip
 
 
 _INDEPENDENT: dict = {}
+_REFERENCE: dict = {}
+
+
+def independent_classifier(ds, args: argparse.Namespace):
+    """A classifier trained apart from the run's (another seed, 5 epochs), once per data."""
+    from ldmkit.evaluation.features import train_domain_classifier
+
+    if args.data not in _INDEPENDENT:
+        net, _ = train_domain_classifier(ds.images, ds.labels, epochs=5, seed=args.seed + 1)
+        _INDEPENDENT[args.data] = net
+    return _INDEPENDENT[args.data]
+
+
+def final_autoencoder(out: Path):
+    """The newest checkpoint's autoencoder (its EMA weights where it keeps them)."""
+    from ldmkit.checkpoint import load_tensors
+    from ldmkit.models.vae import Autoencoder
+    from ldmkit.runs import RunFolder
+    from ldmkit.training.state import list_checkpoints
+
+    folder = RunFolder(out)
+    vae = Autoencoder(folder.config().vae)
+    weights = load_tensors(
+        list_checkpoints(folder.checkpoints_dir, "autoencoder")[-1].path / "modules.safetensors"
+    )
+    prefix = "ema." if any(k.startswith("ema.") for k in weights) else "model."
+    vae.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    return vae.eval()
+
+
+def reconstruction_fid(out: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(FID of reconstructions, the real-vs-real floor), both against the same --fid real
+    images: the reconstructions are of --fid other real images (held out where the data has
+    them, or --held-out), so a perfect autoencoder scores the floor."""
+    from ldmkit.data import load_dataset
+    from ldmkit.data.transforms import to_float
+    from ldmkit.evaluation.feature_nets import get_feature_net
+    from ldmkit.evaluation.reference import (
+        evaluate_samples,
+        held_out_spec,
+        real_vs_real_floor,
+        reference_features,
+    )
+    from ldmkit.runs import RunFolder
+
+    n = args.fid
+    if "ref" not in _REFERENCE:
+        ds = RunFolder(out).load_data()
+        spec, seed = (
+            (args.held_out, 0) if args.held_out else (held_out_spec(args.data) or (None, 0))
+        )
+        test = ds if spec is None else load_dataset(spec, image_size=ds.image_size,
+                                                    channels=ds.channels, seed=seed)  # fmt: skip
+        net = (independent_classifier(ds, args) if args.fid_features == "domain"
+               else get_feature_net(args.fid_features))  # fmt: skip
+        ref = reference_features(test, net, n=2 * n, cache_dir=None)
+        _REFERENCE.update(ref=ref, net=net, test=test, floor=real_vs_real_floor(ref, n)["FID"])
+    ref, net, test = _REFERENCE["ref"], _REFERENCE["net"], _REFERENCE["test"]
+    vae = final_autoencoder(out)
+    with torch.no_grad():
+        recon = torch.cat([
+            vae.decode(vae.encode(to_float(x)).mode()).clamp(-1, 1)
+            for x in test.images[ref.indices[n : 2 * n]].split(100)
+        ])  # fmt: skip
+    return evaluate_samples(recon, ref, net)["FID"], _REFERENCE["floor"]
 
 
 def independent_readability(out: Path, args: argparse.Namespace) -> float | None:
     """Readability of the newest checkpoint's (EMA) autoencoder by a second classifier,
     trained apart from the run's (another seed, 5 epochs): a feature-matching term in the
     run's own classifier must not simply teach the autoencoder that classifier's quirks."""
-    from ldmkit.checkpoint import load_tensors
-    from ldmkit.evaluation.features import train_domain_classifier
     from ldmkit.evaluation.reconstruction import ReconstructionProbe, probe_split
-    from ldmkit.models.vae import Autoencoder
     from ldmkit.runs import RunFolder
-    from ldmkit.training.state import list_checkpoints
 
     folder = RunFolder(out)
     ds = folder.load_data()
     if ds.labels is None:
         return None
-    if args.data not in _INDEPENDENT:
-        net, _ = train_domain_classifier(ds.images, ds.labels, epochs=5, seed=args.seed + 1)
-        _INDEPENDENT[args.data] = net
-    vae = Autoencoder(folder.config().vae)
-    weights = load_tensors(
-        list_checkpoints(RunFolder(out).checkpoints_dir, "autoencoder")[-1].path
-        / "modules.safetensors"
-    )
-    prefix = "ema." if any(k.startswith("ema.") for k in weights) else "model."
-    vae.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    vae = final_autoencoder(out)
     idx, _ = probe_split(len(ds.images), args.seed)
-    return ReconstructionProbe(ds.images[idx], _INDEPENDENT[args.data]).measure(vae)["readability"]
+    reader = independent_classifier(ds, args)
+    return ReconstructionProbe(ds.images[idx], reader).measure(vae)["readability"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,6 +326,16 @@ def main(argv: list[str] | None = None) -> None:
                     "the models follow the size (recipe.size_settings)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fid", type=int, default=0, help="also FID of the final autoencoder's "
+                    "reconstructions of this many real images (0: no)")  # fmt: skip
+    ap.add_argument(
+        "--fid-features",
+        default="domain",
+        choices=["domain", "inception"],
+        help="the features of --fid: the independent classifier's, or Inception's",
+    )
+    ap.add_argument("--held-out", default=None, help="real images for --fid (default: the "
+                    "data's held-out part, or the data itself where it has none)")  # fmt: skip
     ap.add_argument("--curve", action="store_true",
                     help="also print each variant's measurements at about 10 points")  # fmt: skip
     args = ap.parse_args(argv)
@@ -298,9 +368,13 @@ def main(argv: list[str] | None = None) -> None:
             r["hit_step"] or "-", ratio, f"{r['best']:.3f}" if r["best"] is not None else "-",
             f"{r['best_psnr']:.1f}", f"{r['s_per_step']:.3f}",
             f"{r['independent']:.3f}" if r["independent"] is not None else "-",
+            *([f"{r['last_step']}", f"{r['last_psnr']:.1f}", f"{r['last_ssim']:.3f}",
+               f"{r['recon_fid']:.2f}", f"{r['floor']:.2f}"] if args.fid else []),
         ])  # fmt: skip
+    fid_cols = ["end step", "end PSNR", "end SSIM", f"recon FID-{args.fid_features}",
+                "floor"] if args.fid else []  # fmt: skip
     print_table(["variant", f"CPU-s to {args.target:.0%}", "step", "vs first", "best readability",
-                 "best PSNR", "CPU-s/step", "independent reader (end)"], rows)  # fmt: skip
+                 "best PSNR", "CPU-s/step", "independent reader (end)", *fid_cols], rows)  # fmt: skip
     print(load_line())
 
 

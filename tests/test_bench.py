@@ -189,7 +189,7 @@ def test_augment_study_quick(capsys, tmp_path):
 def test_vae_convergence_quick(capsys):
     import vae_convergence
 
-    vae_convergence.main(["--quick", "--variants", "feat0.3-b16", "--curve"])
+    vae_convergence.main(["--quick", "--variants", "feat0.3-b16", "--curve", "--fid", "40"])
     out = capsys.readouterr().out
     curve = table(out, "feat0.3-b16: step", "CPU-s")
     steps = [int(r[0]) for r in curve]
@@ -202,7 +202,29 @@ def test_vae_convergence_quick(capsys):
     assert [r[0] for r in rows] == ["feat0.3-b16"]
     # 30 steps reach no target: "> 300", then the step column's "-"
     assert rows[0][1:4] == [">", "300", "-"]
-    assert 0.0 <= float(rows[0][-1]) <= 1.0  # the independent reader's share
+    assert 0.0 <= float(rows[0][-6]) <= 1.0  # the independent reader's share
+    end_step, end_psnr, recon_fid, floor = rows[0][-5], rows[0][-4], rows[0][-2], rows[0][-1]
+    assert int(end_step) == steps[-1]
+    assert float(end_psnr) == pytest.approx(float(curve[-1][2]), abs=0.05)
+    # 30 steps of an autoencoder are far from the real images: its reconstructions' FID is
+    # above the real-vs-real floor measured on the same images
+    assert float(recon_fid) > float(floor) > 0
+
+
+def test_busy_machine_judges_a_finished_run_at_each_guidance(capsys, tmp_path):
+    """--judge: no training; one row per --guidance scale, the run's own choice starred."""
+    import busy_machine
+
+    sys.path.insert(0, str(Path(__file__).parent / "evaluation"))
+    from eval_helpers import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    busy_machine.main(["--judge", str(run), "--guidance", "1,2", "--n", "20", "--epochs", "1"])
+    out = capsys.readouterr().out
+    rows = table(out, "run", "AE", "steps")
+    assert [r[5].rstrip("*") for r in rows] == ["1", "2"] and [r[-1] for r in rows] == ["-"] * 2
+    assert all(0 <= float(r[6]) <= 1 and float(r[7]) >= 0 for r in rows)
+    assert "(judged again: --judge)" in out and "1 epochs" in out
 
 
 @pytest.mark.slow
@@ -214,6 +236,7 @@ def test_busy_machine_quick(capsys, tmp_path):
     rows = table(out, "run", "AE", "steps")
     assert len(rows) == 1 and rows[0][0] == "shapes-hog1"
     assert rows[0][-1] in ("yes", "no") and 0 <= float(rows[0][6]) <= 1
+    assert float(rows[0][8]) > 0  # the reconstructions' FID against the reference's first half
 
 
 def test_sizes_quick(capsys):
