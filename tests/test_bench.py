@@ -227,6 +227,22 @@ def test_busy_machine_judges_a_finished_run_at_each_guidance(capsys, tmp_path):
     assert "(judged again: --judge)" in out and "1 epochs" in out
 
 
+def test_guidance_pick_prints_each_seeds_pick_under_each_tie(capsys, tmp_path):
+    import guidance_pick
+
+    sys.path.insert(0, str(Path(__file__).parent / "evaluation"))
+    from eval_helpers import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    guidance_pick.main(["--run", str(run), "--settings", "8x2,10x2", "--seeds", "2"])
+    rows = table(capsys.readouterr().out, "images", "x", "steps")
+    assert [r[0] for r in rows] == ["8x2", "10x2"]
+    from ldmkit.evaluation.guidance_choice import GUIDANCE_SCALES
+
+    for r in rows:  # "s each", then two picks per tie, each one of the scales measured
+        assert len(r) == 2 + 3 * 2 and all(float(v) in GUIDANCE_SCALES for v in r[2:])
+
+
 @pytest.mark.slow
 def test_busy_machine_quick(capsys, tmp_path):
     import busy_machine

@@ -1,0 +1,65 @@
+"""How stable is a run's own guidance choice? The quick measurement again, at several seeds.
+
+    python bench/guidance_pick.py --run RUN [--settings 64x8,128x8,128x20] [--seeds 5]
+
+At the end of its training a conditional run measures FID and class accuracy at each guidance
+scale on a few images (evaluation/guidance_choice.py: QUICK_N images per scale, QUICK_STEPS
+sampler steps) and keeps the lowest FID, the most accurate among those within FID_TIE of it.
+This repeats that measurement on a finished run for --seeds seeds (of the real images drawn and
+of the noise) at each NxSTEPS setting, with the run's quick reader trained again as the run
+trained it (its seed, its step count), and prints each seed's pick under today's tie and looser
+ones: a pick that changes with the seed is a draw, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+from benchlib import load_line, machine_line, print_table
+
+from ldmkit.evaluation import feature_nets as fn
+from ldmkit.evaluation.guidance_choice import FID_TIE, measure_guidance, pick_scale
+from ldmkit.pipeline import LatentDiffusion
+from ldmkit.runs import RunFolder
+from ldmkit.training.run import JUDGE_BUDGET_S, JUDGE_STEPS
+
+TIES = (FID_TIE, 0.25, 0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished class- or text-conditional run")
+    p.add_argument("--settings", default="64x8,128x8,128x20", help="images per scale x steps")
+    p.add_argument("--seeds", type=int, default=5)
+    a = p.parse_args(argv)
+    settings = [tuple(int(v) for v in s.split("x")) for s in a.settings.split(",")]
+    print(machine_line())
+    folder = RunFolder(a.run)
+    ds = folder.load_data()
+    per_epoch = math.ceil(len(ds) * (1 - fn.DOMAIN_HELD_OUT) / fn.DOMAIN_BATCH_SIZE)
+    net = fn.get_feature_net("domain", dataset=ds, epochs=math.ceil(JUDGE_STEPS / per_epoch),
+                             seed=folder.config().seed, time_budget_s=JUDGE_BUDGET_S)  # fmt: skip
+    ldm = LatentDiffusion.from_run(a.run)
+    rows = []
+    for n, steps in settings:
+        picks: dict[float, list[str]] = {t: [] for t in TIES}
+        t0 = time.perf_counter()
+        for seed in range(a.seeds):
+            choice = measure_guidance(ldm, folder, n=n, steps=steps, seed=seed, net=net)
+            if choice is None:
+                raise SystemExit(f"{a.run}: no guidance to measure (an unconditional run?)")
+            print(f"  {n}x{steps} seed {seed}: " + ", ".join(
+                f"{r.scale:g}: FID {r.fid:.2f} acc {r.accuracy:.3f}" for r in choice.rows
+            ))  # fmt: skip
+            for t in TIES:
+                picks[t].append(f"{pick_scale(choice.rows, tie=t):g}")
+        seconds = (time.perf_counter() - t0) / a.seeds
+        rows.append([f"{n}x{steps}", f"{seconds:.0f}", *(" ".join(picks[t]) for t in TIES)])
+    print_table(["images x steps", "s each", *(f"picks, tie {t:.0%}" for t in TIES)], rows)
+    print(load_line())
+
+
+if __name__ == "__main__":
+    main()
