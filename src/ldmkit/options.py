@@ -480,12 +480,56 @@ def max_given(run: RunFolder | None = None) -> int:
     return 255
 
 
+# issue 30: --direction (SampleOptions.directions), the motion class of a video run's clips
+def direction_names() -> list[str]:
+    """The directions a clip may move in (data.moving_shapes' eight, in its order: the motion
+    class m of a run with video.motion_classes is the index here)."""
+    from .data.moving_shapes import DIRECTION_NAMES
+
+    return list(DIRECTION_NAMES)
+
+
+def direction_indices(text: str) -> list[int]:
+    """'left' or 'left,up-right' -> their motion classes; an unknown name is one line."""
+    names = direction_names()
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if part not in names:
+            raise ConfigError(
+                f"--direction {part!r}: not a direction; use one of {', '.join(names)} "
+                "(comma-separated for several)"
+            )
+        out.append(names.index(part))
+    return out
+
+
+def check_direction_names(name: str, value: Any) -> str:
+    """--direction's value: direction names, comma-separated."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must name a direction (e.g. left), got {value!r}")
+    direction_indices(value)
+    return value
+
+
+def check_video_motion(run: RunFolder, shown: Any, directions: str | None) -> None:
+    """--direction needs a video run trained with motion classes (an image run's refusal is
+    `check_video_options`')."""
+    if directions is None or not run.is_video():
+        return
+    video = run.config().video
+    if video is None or not video.motion_classes:
+        raise ConfigError(
+            f"--direction: {shown} was trained without motion classes (video.motion_classes=0), "
+            "so it cannot be told a direction; drop --direction"
+        )
+
+
 def check_video_options(run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
     """The video flags of `sample` against the run: refused by an image run; --given needs
     --first-frames; adapters are image runs' only."""
     video = run.is_video()
     flags = [("--first-frames", values.get("first_frames")), ("--given", values.get("given_frames")),
-             ("--fps", values.get("fps"))]  # fmt: skip
+             ("--fps", values.get("fps")), ("--direction", values.get("directions"))]  # fmt: skip
     if not video:
         for flag, value in flags:
             if value is not None:
@@ -497,6 +541,7 @@ def check_video_options(run: RunFolder, shown: Any, values: dict[str, Any]) -> N
         raise ConfigError("--given counts frames of --first-frames; give --first-frames CLIP.gif")
     if values.get("adapters"):
         raise ConfigError(f"--adapter: {shown} is a video run; adapters apply to image runs only")
+    check_video_motion(run, shown, values.get("directions"))
 
 
 @dataclass(frozen=True)
@@ -547,6 +592,12 @@ class SampleOptions(Options):
     fps: float | None = option(
         None, "video runs: frames per second of the animations written (default: the run's)",
         lo=0, lo_open=True, hi=100, web=False,
+    )  # fmt: skip
+    # issue 30: the direction of a video run trained with motion classes (video.motion_classes)
+    directions: str | None = option(
+        None, "video runs with motion classes: direction(s) of the clips' motion, comma-separated "
+        "(left, up-right, ...; cycled over the clips; default: every direction in turn)",
+        flag="--direction", check=check_direction_names, web=False,
     )  # fmt: skip
 
     def require(self, run: RunFolder) -> None:

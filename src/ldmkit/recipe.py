@@ -242,6 +242,12 @@ class VideoConfig:
     # train the temporal layers only; needs init_from (`ldmkit train --inflate RUN`): a fresh
     # image UNet's zero output layer, frozen, would pass the temporal layers no gradient
     freeze_spatial: bool = False
+    # the motion conditioning and the trainer's settings (models/video.py says what each does);
+    # motion_classes > 0: joint labels c * M + m, m the direction a clip's caption names
+    motion_classes: int = _video_default("motion_classes")
+    frame_embedding: bool = _video_default("frame_embedding")
+    temporal_lr_mult: float = _video_default("temporal_lr_mult")
+    noise_mixing: float = _video_default("noise_mixing")
 
     def __post_init__(self) -> None:
         check_int("video.frames", self.frames, 2, 256)

@@ -243,8 +243,32 @@ def run_config(
         check_resume_settings(base, given, str(folder.config_path))
     from ..config import deep_update
 
+    if not base:  # a new run: a video run starts from the video recipe, under the user's settings
+        base = video_recipe_layer(given)
     deep_update(base, given)
     return run_config_from_dict(base)
+
+
+# issue 30: the video recipe (training/video.py VIDEO_RECIPE) for a new video run
+def video_recipe_layer(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings `training.video.recipe_settings` gives a new run of `given` (the user's
+    settings, which are laid over them) when its data is video, else none. Inflating (init_from)
+    counts the levels of that run's UNet; else those of the UNet `given` alone builds."""
+    from ..data.video import is_video_spec
+    from ..recipe import RunConfig
+    from ..training.video import recipe_settings
+
+    spec = given.get("data", RunConfig.data)
+    if not isinstance(spec, str) or not (is_video_spec(spec) or given.get("video")):
+        return {}
+    base_run = given.get("init_from")
+    if isinstance(base_run, str) and RunFolder(base_run).config_path.is_file():
+        levels = len(RunFolder(base_run).config().unet.block_out_channels)
+    else:
+        levels = len(run_config_from_dict(given).unet.block_out_channels)
+    conditioning = given.get("conditioning") or "auto"
+    return recipe_settings(spec, inflate=bool(base_run), levels=levels,
+                           conditioning=str(conditioning))  # fmt: skip
 
 
 def package_version() -> str:

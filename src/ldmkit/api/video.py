@@ -135,6 +135,9 @@ def sample_clips(
         else:  # every class in turn
             y = torch.arange(o.n) % cfg.unet.num_classes
         labels = [names[int(c)] if names else str(int(c)) for c in y]
+        if model.config.motion_classes:  # joint labels: each clip's class and direction
+            y, labels = _with_directions(model.config, y, labels, o.directions)
+            conditioner = ClassConditioner(model.config.num_classes)  # its null label: C * M
 
         def conditions(rows: slice) -> tuple[dict, dict | None]:
             part = y[rows]
@@ -176,7 +179,7 @@ def sample_clips(
     params = {
         "ldmkit": __version__, "run": str(run), "weights": folder.weights_hash(),
         "n": o.n, "frames": frames, "fps": fps, "sampler": o.sampler, "steps": o.steps,
-        "seed": o.seed, "guidance": guidance, "classes": o.classes,
+        "seed": o.seed, "guidance": guidance, "classes": o.classes, "directions": o.directions,
         "prompts": list(o.prompts) if o.prompts else None,
         "negative_prompt": o.negative_prompt, "first_frames": o.first_frames, "given": given,
         "batch_clips": per_batch,
@@ -187,6 +190,39 @@ def sample_clips(
     if given:
         how += f", the first {given} frames given"
     return Clips(clips, fps, labels, params, f"{o.n} clips of {frames} frames, {how}", given)
+
+
+def _with_directions(config: Any, y: Any, labels: list[str], directions: str | None) -> tuple:
+    """(the joint labels c * M + m of a run with motion classes, `VideoUNetConfig.joint_label`,
+    and each clip's label with its direction): the directions of --direction cycled over the
+    clips, else every direction in turn."""
+    import torch
+
+    from ..options import direction_indices, direction_names
+
+    names = direction_names()
+    n = len(y)
+    if directions is not None:
+        given = direction_indices(directions)
+        m = [given[i % len(given)] for i in range(n)]
+    else:
+        m = [i % config.motion_classes for i in range(n)]
+    joint = torch.tensor([config.joint_label(int(c), d) for c, d in zip(y, m, strict=True)])
+    return joint, [f"{label} moving {names[d]}" for label, d in zip(labels, m, strict=True)]
+
+
+def _data_directions(captions: list[str] | None, pick: Any, spec: str) -> list[str]:
+    """The direction each picked data clip's caption names (`evaluation.video.caption_direction`):
+    a run with motion classes is asked for these and measured against them."""
+    from ..evaluation.video import caption_direction
+
+    found = [caption_direction(captions[int(i)]) if captions else None for i in pick]
+    if any(d is None for d in found):
+        raise ConfigError(
+            f"eval: the clips of {spec} do not all name their direction in their captions, which "
+            "a run with motion classes is measured against; evaluate it on its own data"
+        )
+    return [d for d in found if d is not None]
 
 
 def check_animation_output(flag: str, path: str | os.PathLike) -> Path:
@@ -315,6 +351,9 @@ def evaluate_video(
     elif cfg.unet.num_classes and labels is not None:
         want_labels = np.asarray(labels)[pick]
         opts["classes"] = ",".join(str(int(c)) for c in want_labels)
+        if cfg.video.motion_classes:  # each clip asked to move as its data clip's caption says
+            directions = _data_directions(captions, pick, spec)
+            opts["directions"] = ",".join(directions)
     sample_opts = SampleOptions(**{k: v for k, v in opts.items() if v is not None},
                                 batch_size=max(cfg.video.frames, 64))  # fmt: skip
     clips = sample_clips(run, options=sample_opts, device=device)

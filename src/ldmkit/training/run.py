@@ -22,7 +22,6 @@ import math
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,8 +39,8 @@ from ..evaluation.reconstruction import (
     probe_split,
 )
 from ..models.conditioning import ClassConditioner, TextConditioner
-from ..models.text import MiniLMEncoder, TextEncoder, TextEncoderConfig, Tokenizer, minilm_dir
-from ..models.unet import UNet, widen_input
+from ..models.text import Tokenizer, minilm_dir
+from ..models.unet import UNet
 from ..models.vae import Autoencoder, measure_scaling_factor
 from ..recipe import CHANGEABLE_ON_RESUME, RunConfig, TrainConfig, parse_duration, resolve_config
 from ..runs import DataInfo, RunFolder, read_data
@@ -53,66 +52,40 @@ if TYPE_CHECKING:
     from ..data.dataset import ImageDataset
     from ..pipeline import LatentDiffusion
 from .loop import ProgressFn, QualityGate, RunLog, StageResult, StopRequest, train_stage
+from .run_parts import (  # noqa: F401  (_report_diffusion: also read from here)
+    FINAL_GRID_S,
+    GUIDANCE_MIN_STEPS,
+    STOPPED_EARLY,
+    RunResult,
+    _announce,
+    _base_unet,
+    _report_diffusion,
+    _Run,
+    _text_encoder,
+    _train_diffusion,
+)
 from .sizing import SizeChoice, estimate_step_time, plan_lines, unet_step_time, vae_step_time
 from .stages import TextUNet, autoencoder_stage, diffusion_stage, encode_moments, split_model
 from .state import RunLock, list_checkpoints
+from .video_run import (
+    _clip_conditions,
+    _clip_motion,
+    _finish_video,
+    _is_video_data,
+    _video_data,
+    _video_diffusion,
+)
 
 log = logging.getLogger(__name__)
 
-# stop reasons after which no final grid is drawn and the run reports an early end
-STOPPED_EARLY = ("signal", "stop request", "bad loss")
-FINAL_GRID_S = 20.0  # seconds of a time budget kept for the final grid
+# (STOPPED_EARLY, FINAL_GRID_S, GUIDANCE_MIN_STEPS and MIN_STAGE_SHARE: run_parts.py)
 # the guidance measurement at the end (evaluation/guidance_choice.py; ~25-40 s on 2 CPU cores): the
 # share of a time budget kept for it, at most GUIDANCE_MAX_S; budgets under GUIDANCE_MIN_BUDGET_S
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
-GUIDANCE_MIN_STEPS = 200
 JUDGE_BUDGET_S = 60.0  # longest the run's quick domain classifier trains
 JUDGE_STEPS = 300  # its optimiser steps (at least; whole epochs)
 JUDGE_MIN_ACCURACY = 0.8  # held-out accuracy below which it does not judge readability
-# a stage that ran fewer than this share of its planned steps says so
-MIN_STAGE_SHARE = 0.5
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    vae_steps: int
-    unet_steps: int
-    seconds: float
-    stopped_because: str  # "finished", "time budget", or one of STOPPED_EARLY
-
-
-@dataclass
-class _Run:
-    """What the steps of one training share."""
-
-    folder: RunFolder
-    cfg: RunConfig
-    device: torch.device
-    images: Tensor  # (N, C, H, W) uint8
-    # per-image condition: class labels (N,) long, caption token ids (N, L), or None
-    cond_data: Tensor | None
-    class_names: list[str] | None  # of a class-conditional run
-    tokenizer: Tokenizer | None  # of a text-conditional run
-    preview_prompts: list[str] | None  # one preview row each, for a text-conditional run
-    resume: bool
-    budget: float | None  # seconds, for both stages
-    t_start: float
-    run_log: RunLog
-    progress: ProgressFn | None
-    stop: StopRequest | None
-    world: World  # this process among the training's processes (one by default)
-    dataset: ImageDataset | None = None  # the data as read (its labels train the judge)
-    # the run's quick domain classifier (labelled data of at most 64 px): it reads the
-    # autoencoder's reconstructions while it trains and the guidance choice's samples
-    judge: Any | None = None
-    clips: int = 0  # a video run's clip count (its images are the clips' frames); 0: images
-
-    def result(self, vae_steps: int, unet_steps: int, why: str) -> RunResult:
-        return RunResult(
-            self.folder.path, vae_steps, unet_steps, time.perf_counter() - self.t_start, why
-        )
 
 
 def train_run(
@@ -252,6 +225,7 @@ def _prepare(
         ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
                        conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
+    motion = _clip_motion(cfg, ds, mode) if clips else None  # a video run's directions, or None
     if mode == "text" and cfg.text.encoder == "minilm":
         minilm_dir()  # a one-line error, before anything is written, without the `text` extra
     num_classes = len(ds.class_names) if mode == "class" else None
@@ -306,7 +280,7 @@ def _prepare(
     if mode != "class":  # the class case was logged above, with where its labels come from
         log.info("conditioning: %s", "text prompts" if mode == "text" else "none (unconditional)")
     if clips and cond_data is not None:  # one condition per clip (its frames share it)
-        cond_data = cond_data[:: cfg.video.frames]
+        cond_data = _clip_conditions(cfg, cond_data, motion)
     return _Run(
         folder, cfg, device, ds.images, cond_data,
         ds.class_names if mode == "class" else None, tokenizer, prompts, resume,
@@ -347,21 +321,6 @@ def _from_base(cfg: RunConfig, num_classes: int | None, mode: str) -> RunConfig:
     return dataclasses.replace(
         cfg, image_size=b.image_size, vae=b.vae, unet=b.unet, diffusion=b.diffusion
     )
-
-
-def _base_unet(cfg: RunConfig, device: torch.device) -> UNet:
-    """The UNet of the run `init_from`, widened with zero weights to take the mask and the
-    masked latent when this run learns inpainting (so it starts as exactly that model)."""
-    unet = RunFolder(cfg.init_from).load_unet(device)
-    extra = cfg.unet.in_channels - unet.config.in_channels
-    if extra:
-        unet = widen_input(unet, extra)
-    if unet.config != cfg.unet:
-        raise ConfigError(
-            f"init_from {cfg.init_from}: its UNet differs from this run's ({unet.config} vs "
-            f"{cfg.unet}); do not --set unet.* together with init_from"
-        )
-    return unet.train()
 
 
 def _conditioning(cfg: RunConfig, ds: ImageDataset) -> str:
@@ -578,24 +537,16 @@ def _latents(run: _Run, vae: Autoencoder) -> Tensor:
 def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
     """Stage 2: the UNet (and a text encoder) on the latents; returns (the EMA weights, steps,
     stop reason). A text-conditional run trains its encoder and UNet as one `TextUNet`."""
-    cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
+    cfg, device, world = run.cfg, run.device, run.world
     # The UNet's init must not depend on whether stage 1 ran in this process (a resumed run)
     torch.manual_seed(cfg.seed + 1)
     unet = UNet(cfg.unet).to(device) if not cfg.init_from else _base_unet(cfg, device)
     model: nn.Module = unet
     if run.tokenizer is not None:
-        t = cfg.text
-        encoder: TextEncoder | MiniLMEncoder
-        if t.encoder == "minilm":  # frozen: loaded from its package, trained no further
-            encoder = MiniLMEncoder().to(device)
-        else:
-            encoder = TextEncoder(TextEncoderConfig(
-                vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
-                layers=t.layers, heads=t.heads,
-            )).to(device)  # fmt: skip
+        encoder = _text_encoder(run)
         unet.null_context.requires_grad_(False)  # the null condition is the encoder's ""
         model = TextUNet(unet, encoder)
-        conditioner = TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
+        conditioner = TextConditioner(run.tokenizer, encoder, dropout=cfg.text.caption_dropout)
     else:
         num_classes = len(run.class_names) if run.class_names else None
         conditioner = ClassConditioner(num_classes, dropout=cfg.diffusion.class_dropout)
@@ -619,62 +570,11 @@ def _diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module,
             cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
         return unet_copy(x, t, **cond).square().mean()
 
-    per_step = None
-    if world.is_main:
-        per_step = estimate_step_time(model, probe, device) * cfg.unet_train.grad_accum
-        _announce("diffusion", model, per_step / cfg.unet_train.grad_accum, cfg.unet_train,
-                  len(run.images))  # fmt: skip
-    budget = None
-    if run.budget:  # what the autoencoder left, less margins for the final grid and guidance
-        keep = FINAL_GRID_S + (_guidance_reserve(run) if _will_choose_guidance(run) else 0.0)
-        budget = max(run.budget - (time.perf_counter() - run.t_start) - keep, 10.0)
-    res = train_stage(
-        st, cfg.unet_train, folder=folder, num_items=len(run.images), seed=cfg.seed + 1,
-        resume=run.resume and bool(list_checkpoints(folder.checkpoints_dir, "diffusion")),
-        time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
-        world=world,
+    return _train_diffusion(
+        run, st, model, probe, name="diffusion", stage="diffusion", num_items=len(run.images),
+        reserve_s=_guidance_reserve(run) if _will_choose_guidance(run) else 0.0,
+        save=run.folder.save_unet,
     )  # fmt: skip
-    final = res.ema.model if res.ema is not None else model
-    unet_final, encoder_final = split_model(final)
-    with world.together():
-        if world.is_main:
-            if encoder_final is not None:
-                folder.save_text_encoder(encoder_final)
-            folder.save_unet(unet_final)
-            if res.stopped_because not in STOPPED_EARLY:
-                _report_diffusion(run, res, budget, per_step)
-    return final, res.steps_done, res.stopped_because
-
-
-def _report_diffusion(
-    run: _Run, res: StageResult, budget: float | None, per_step: float | None
-) -> None:
-    """The UNet stage's record in training.json; a stage that got far fewer steps than its
-    start promised (a machine busier than at the probe), or too few to draw anything, says so."""
-    # without a budget the configured steps ran (the user chose them): nothing to report
-    expected = run.cfg.unet_train.steps
-    if budget is not None:  # what the budget promised at the probe's speed
-        expected = min(expected, int(budget / per_step)) if per_step else None
-    problems = []
-    if budget is not None and res.steps_done < GUIDANCE_MIN_STEPS:
-        problems.append(
-            f"only {res.steps_done} UNet steps: its samples will be mostly noise; resume with "
-            "a longer --time-budget"
-        )
-    elif budget is not None and expected and res.steps_done < MIN_STAGE_SHARE * expected:
-        problems.append(
-            f"the UNet got {res.steps_done} steps where its start promised about {expected} "
-            "(the machine was busier than when the speed was measured); resume with a longer "
-            "--time-budget for a better model"
-        )
-    run.folder.write_stage_report("diffusion", {
-        "steps": res.steps_done, "planned_steps": res.planned, "expected_steps": expected,
-        "configured_steps": run.cfg.unet_train.steps, "seconds": round(res.seconds, 1),
-        "stopped_because": res.stopped_because, "budget_s": budget,
-        "thread_changes": res.threads, "problems": problems,
-    })  # fmt: skip
-    for p in problems:
-        log.warning("diffusion: %s", p)
 
 
 def _finish(run: _Run, vae: Autoencoder, model: nn.Module, steps: int, why: str) -> None:
@@ -834,18 +734,6 @@ def _sanity_check(images: Tensor, cfg: RunConfig) -> None:
         raise ValueError(f"images are {images.shape[-1]} px but image_size is {cfg.image_size}")
 
 
-def _announce(
-    name: str, model: torch.nn.Module, per_micro: float, cfg: TrainConfig, n: int
-) -> None:
-    steps_per_epoch = max(1, n // cfg.batch_size)
-    per_step = per_micro * cfg.grad_accum
-    log.info(
-        "%s: %s; ~%.2f s/step (%.0f img/s), ~%.0f s/epoch of %d images; model state ~%.0f MB",
-        name, _summary(model), per_step,
-        cfg.batch_size / per_step, per_step * steps_per_epoch, n, _model_memory_mb(model),
-    )  # fmt: skip
-
-
 def _check_time_plan(
     cfg: RunConfig, images: Tensor, device: torch.device, *, train_vae: bool, train_unet: bool,
     resumed: bool,
@@ -932,6 +820,8 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
         ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, seed=cfg.seed,
                        conditioning=cfg.conditioning)  # fmt: skip
     mode = _conditioning(cfg, ds)
+    if clips:
+        _clip_motion(cfg, ds, mode)  # its refusals, as a training makes them
     num_classes = len(ds.class_names) if mode == "class" else None
     if cfg.init_from:
         cfg = _from_base(cfg, num_classes, mode)
@@ -953,11 +843,6 @@ def plan_run(cfg: RunConfig, folder: RunFolder, size: SizeChoice | None = None) 
     if said is not None:
         lines.append(("warning: " if said[0] >= logging.WARNING else "time: ") + said[1])
     return lines
-
-
-def _model_memory_mb(model: torch.nn.Module) -> float:
-    n = sum(p.numel() for p in model.parameters())
-    return n * 4 * 4 / 2**20  # weights, grads, two AdamW moments (fp32)
 
 
 def _check_bf16(cfg: RunConfig, device: torch.device) -> RunConfig:
@@ -996,222 +881,3 @@ def _cuda_speedups(device: torch.device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-
-
-def _summary(model: torch.nn.Module) -> str:
-    unet, encoder = split_model(model)
-    kind = "frozen MiniLM " if isinstance(encoder, MiniLMEncoder) else ""
-    text = f"; {kind}text encoder {encoder.num_parameters() / 1e6:.2f} M params" if encoder else ""
-    return (unet.summary() if hasattr(unet, "summary") else type(unet).__name__) + text
-
-
-# ---------------------------------------------------------------------------- video runs (issue 30)
-# A video run is the same story on clips: its images are the clips' frames (the autoencoder
-# stage, its gate and the latent cache are the image run's, fed frames), then the video UNet
-# (models/video.py) trains on the clips' latents (training/video.py) in place of the UNet stage.
-def _is_video_data(spec: str) -> bool:
-    from ..data.video import is_video_spec
-
-    return is_video_spec(spec)
-
-
-def _video_data(cfg: RunConfig) -> tuple[RunConfig, ImageDataset, int]:
-    """(the config with its `video` settings, the clips' frames as an image data set (labels
-    and captions repeated per frame), the clip count)."""
-    import numpy as np
-
-    from ..data.dataset import ImageDataset
-    from ..recipe import VideoConfig
-    from ..runs import read_video
-
-    if not _is_video_data(cfg.data):
-        raise ConfigError(
-            f"video.* is set but {cfg.data} is image data; give video data (builtin:moving-shapes, "
-            "builtin:moving-mnist or animations:DIR) or drop the video settings"
-        )
-    if cfg.video is None:
-        cfg = dataclasses.replace(cfg, video=VideoConfig())
-    if cfg.init_from:  # the image run it grows from decides the size
-        cfg = dataclasses.replace(cfg, image_size=RunFolder(cfg.init_from).config().image_size)
-    assert cfg.video is not None
-    vd = read_video(cfg.data, image_size=cfg.image_size, frames=cfg.video.frames, seed=cfg.seed,
-                    conditioning=cfg.conditioning)  # fmt: skip
-    n, f = vd.videos.shape[:2]
-    if cfg.channels is not None and cfg.channels != vd.videos.shape[2]:
-        raise ConfigError(
-            f"channels={cfg.channels}, but the clips of {cfg.data} have {vd.videos.shape[2]}; "
-            "drop the channels setting"
-        )
-    frames = torch.from_numpy(np.ascontiguousarray(vd.videos.reshape(n * f, *vd.videos.shape[2:])))
-    labels = None if vd.labels is None else torch.from_numpy(np.repeat(vd.labels, f)).long()
-    captions = None if vd.captions is None else [c for c in vd.captions for _ in range(f)]
-    ds = ImageDataset(frames, labels=labels, captions=captions, class_names=vd.class_names,
-                      name=vd.name, spec=cfg.data)  # fmt: skip
-    log.info("video data %s: %d clips of %d frames at %d px", vd.name, n, f, cfg.image_size)
-    return cfg, ds, n
-
-
-def _video_model(run: _Run) -> tuple[nn.Module, Any]:
-    """(the model the video stage trains: a VideoUNet, or a TextUNet around one; its
-    conditioner). From scratch, or grown from the image run `init_from` (its UNet the spatial
-    layers, the temporal ones starting at zero: exactly that model per frame)."""
-    from ..models.video import VideoUNet
-
-    cfg, device = run.cfg, run.device
-    assert cfg.video is not None
-    torch.manual_seed(cfg.seed + 1)
-    video = VideoUNet(cfg.video.unet_config(cfg.unet)).to(device)
-    if cfg.init_from:
-        video.unet.load_state_dict(_base_unet(cfg, device).state_dict())
-        log.info("video UNet grown from the image run %s%s", cfg.init_from,
-                 " (its spatial layers frozen)" if cfg.video.freeze_spatial else "")  # fmt: skip
-    model: nn.Module = video
-    if run.tokenizer is not None:
-        t = cfg.text
-        encoder: TextEncoder | MiniLMEncoder
-        if t.encoder == "minilm":
-            encoder = MiniLMEncoder().to(device)
-        else:
-            encoder = TextEncoder(TextEncoderConfig(
-                vocab_size=run.tokenizer.vocab_size, max_length=t.max_length, width=t.width,
-                layers=t.layers, heads=t.heads,
-            )).to(device)  # fmt: skip
-        video.unet.null_context.requires_grad_(False)
-        model = TextUNet(video, encoder)
-        return model, TextConditioner(run.tokenizer, encoder, dropout=t.caption_dropout)
-    num_classes = len(run.class_names) if run.class_names else None
-    return model, ClassConditioner(num_classes, dropout=cfg.diffusion.class_dropout)
-
-
-def _video_diffusion(run: _Run, vae: Autoencoder, moments: Tensor) -> tuple[nn.Module, int, str]:
-    """The video UNet on the clips' latents (training/video.py's stage in the shared loop):
-    checkpoints, resume, the time budget's rest, progress and stop as the UNet stage has them."""
-    from .video import STAGE, video_diffusion_stage
-
-    cfg, device, folder, world = run.cfg, run.device, run.folder, run.world
-    assert cfg.video is not None
-    clips = moments.view(run.clips, cfg.video.frames, *moments.shape[1:])
-    model, conditioner = _video_model(run)
-    st = video_diffusion_stage(
-        model, clips, conditioner, run.cond_data, vae.config.scaling_factor, cfg.diffusion,
-        cfg.unet_train, device, wrap=world.wrap,
-    )  # fmt: skip
-    st.preview = _video_preview(run, vae)
-    mb = min(local_micro_batch(cfg.unet_train, world.size), run.clips)
-
-    def probe(m: nn.Module) -> Tensor:  # one forward of a copy, for the time estimate
-        video, encoder = split_model(m)
-        x = torch.randn(mb, *clips.shape[1:2], cfg.unet.in_channels, *clips.shape[3:]).to(device)
-        t = torch.randint(0, cfg.diffusion.num_timesteps, (mb,)).to(device)
-        cond = {}
-        if encoder is not None:
-            cond = encoder.context(run.cond_data[:mb].to(device))
-        elif run.class_names:
-            cond = {"class_labels": torch.zeros(mb, dtype=torch.long, device=device)}
-        return video(x, t, **cond).square().mean()
-
-    per_step = None
-    if world.is_main:
-        per_step = estimate_step_time(model, probe, device) * cfg.unet_train.grad_accum
-        _announce("video diffusion", model, per_step / cfg.unet_train.grad_accum,
-                  cfg.unet_train, run.clips)  # fmt: skip
-    budget = None
-    if run.budget:
-        budget = max(run.budget - (time.perf_counter() - run.t_start) - FINAL_GRID_S, 10.0)
-    res = train_stage(
-        st, cfg.unet_train, folder=folder, num_items=run.clips, seed=cfg.seed + 1,
-        resume=run.resume and bool(list_checkpoints(folder.checkpoints_dir, STAGE)),
-        time_budget_s=budget, run_log=run.run_log, progress=run.progress, stop=run.stop,
-        world=world,
-    )  # fmt: skip
-    final = res.ema.model if res.ema is not None else model
-    video_final, encoder_final = split_model(final)
-    with world.together():
-        if world.is_main:
-            if encoder_final is not None:
-                folder.save_text_encoder(encoder_final)
-            folder.save_video_unet(video_final)
-            if res.stopped_because not in STOPPED_EARLY:
-                _report_diffusion(run, res, budget, per_step)
-    return final, res.steps_done, res.stopped_because
-
-
-def _video_clips(run: _Run, vae: Autoencoder, model: nn.Module, per_class: int) -> Tensor:
-    """Clips of the video stage's model for a preview: `per_class` a class (or preview prompt),
-    else per_class squared; uint8 (B, F, C, H, W)."""
-    from ..video_sampling import sample_video
-
-    cfg = run.cfg
-    assert cfg.video is not None
-    video, encoder = split_model(model)
-    if encoder is not None:
-        assert run.tokenizer is not None
-        prompts = [p for p in (run.preview_prompts or [""]) for _ in range(per_class)]
-        conditioner: Any = TextConditioner(run.tokenizer, encoder)
-        cond, uncond = conditioner.sampling_kwargs(prompts, len(prompts), cfg.sampling_guidance,
-                                                   run.device)  # fmt: skip
-    elif run.class_names:
-        n_classes = min(len(run.class_names), 8)
-        labels = torch.arange(n_classes).repeat_interleave(per_class)
-        conditioner = ClassConditioner(len(run.class_names))
-        cond, uncond = conditioner.sampling_kwargs(labels, len(labels), cfg.sampling_guidance,
-                                                   run.device)  # fmt: skip
-    else:
-        cond, uncond = {}, None
-    n = len(next(iter(cond.values()))) if cond else per_class * per_class
-    u = cfg.unet
-    return sample_video(
-        video, vae, cfg.diffusion.make_schedule(), n=n, frames=cfg.video.frames,
-        latent_shape=(u.out_channels, u.sample_size, u.sample_size),
-        scaling_factor=vae.config.scaling_factor, prediction_type=u.prediction_type,
-        sampler=cfg.preview_sampler, steps=cfg.preview_steps, seed=0, cond=cond, uncond=uncond,
-        guidance_scale=cfg.sampling_guidance, device=run.device,
-    )  # fmt: skip
-
-
-def _video_preview(run: _Run, vae: Autoencoder, per_class: int = 2):
-    """A function that samples a few clips with the given model and saves their frames as a
-    preview PNG (a row per clip)."""
-    from ..evaluation.grids import save_grid
-
-    def preview(step: int, model: torch.nn.Module) -> Path | None:
-        was_training = model.training
-        model.eval()
-        try:
-            clips = _video_clips(run, vae, model, per_class)
-        except NonFiniteSampleError as e:
-            log.warning("step %d: no preview: %s", step, e)
-            return None
-        finally:
-            model.train(was_training)
-        path = run.folder.preview_path(step)
-        save_grid(clips.flatten(0, 1), path, nrow=clips.shape[1],
-                  scale=2 if run.cfg.image_size <= 64 else 1)  # fmt: skip
-        return path
-
-    return preview
-
-
-def _finish_video(run: _Run, vae: Autoencoder, model: nn.Module, why: str) -> None:
-    """The final clips (clips.gif: all clips in one animation; frames.png: a row per clip),
-    unless stopped early, and the loss curves."""
-    from ..data.animations import clips_grid, save_animation
-    from ..evaluation.grids import save_grid
-    from ..evaluation.plots import plot_loss_curves
-
-    with run.world.together():
-        if not run.world.is_main:
-            return
-        if why not in STOPPED_EARLY:
-            assert run.cfg.video is not None
-            try:
-                clips = _video_clips(run, vae, model.eval(), per_class=4).numpy()
-            except NonFiniteSampleError as e:
-                log.warning("no final clips: %s", e)
-            else:
-                folder = run.folder
-                save_animation(folder.final_clips_path, clips_grid(clips), fps=run.cfg.video.fps)
-                save_grid(clips.reshape(-1, *clips.shape[2:]), folder.final_frames_path,
-                          nrow=clips.shape[1])  # fmt: skip
-                run.run_log.add_image("video/final", folder.final_frames_path, 0)
-        plot_loss_curves(run.folder.log_path, run.folder.loss_plot_path)

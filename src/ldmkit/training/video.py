@@ -66,6 +66,39 @@ VIDEO_RECIPE: dict = {
 }
 
 
+def recipe_settings(spec: str, *, inflate: bool, levels: int, conditioning: str = "auto") -> dict:
+    """VIDEO_RECIPE as a layer of run settings (RunConfig's dict form) for a new video run on
+    the data `spec`, laid under the user's own (api.checks.run_config: theirs win): the model's
+    temporal settings and the clips' frames (`video.*`), the base LR (`inflate`: growing an image
+    run, whose spatial layers the recipe freezes; else from scratch, where the temporal layers
+    take `scratch_temporal_lr_mult`), the batch of clips, warm-up and EMA (`unet_train.*`), the
+    class dropout (`diffusion.*`) and the guidance scale. The recipe's temporal levels are
+    counted for a 3-level UNet; a UNet of `levels` levels gets its deepest instead of one it
+    lacks. On moving shapes, whose captions name each clip's direction, a class-conditional run
+    is also conditioned on the direction (`video.motion_classes`: the 8 directions)."""
+    from ..data.moving_shapes import DIRECTION_NAMES
+
+    r = VIDEO_RECIPE
+    video = dict(r["model"], frames=r["frames"])
+    if video.get("temporal_levels") is not None:
+        video["temporal_levels"] = sorted({min(i, levels - 1) for i in video["temporal_levels"]})
+    if inflate:
+        video["freeze_spatial"] = r["inflate_freeze_spatial"]
+    else:
+        video["temporal_lr_mult"] = r["scratch_temporal_lr_mult"]
+    if spec.split("?")[0] == "builtin:moving-shapes" and conditioning in ("auto", "class"):
+        video["motion_classes"] = len(DIRECTION_NAMES)
+    return {
+        "video": video,
+        "unet_train": {
+            "lr": r["lr"]["inflate" if inflate else "scratch"], "batch_size": r["batch_size"],
+            "warmup_steps": r["warmup_steps"], "ema_decay": r["ema_decay"],
+        },
+        "diffusion": {"class_dropout": r["class_dropout"]},
+        "guidance_scale": r["guidance_scale"],
+    }  # fmt: skip
+
+
 @torch.no_grad()
 def encode_clip_moments(
     vae: Autoencoder, videos: Tensor, device: torch.device, batch: int = 256
