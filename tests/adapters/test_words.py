@@ -308,3 +308,26 @@ def test_prior_prompts_need_the_runs_training_data(text, tmp_path):
     with pytest.raises(ConfigError, match=r"its data .*gone cannot be read .*--prior-weight 0"):
         api.finetune(moved, data=str(text["few"]), name=WORD, out=tmp_path / "A", steps=2,
                      gate="none", prior_images=2)  # fmt: skip
+
+
+def test_the_readme_commands_of_a_new_word_run(text, tmp_path, capsys):
+    """The fine-tuning section's text-run commands (its second bash block), on the tiny run."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Fine-tuning: a new class from a few images")[1].split("\n## ")[0]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[1]
+    commands = [line for line in block.splitlines() if line.startswith("ldmkit")]
+    assert len(commands) == 2
+    shutil.copytree(text["run"], tmp_path / "runs" / "captions")
+    shutil.copytree(text["few"], tmp_path / "my_zorbs")
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        argv = [str(tmp_path / a) if a.startswith(("runs/", "my_zorbs")) or a.endswith(".png")
+                else a for a in argv]  # fmt: skip
+        extra = ["--steps", "2", "--n", "2"] if argv[0] == "sample" else ["--steps", "3", "--quiet"]
+        rc, _, err = run_cli(capsys, *argv, *extra)
+        assert rc == 0, (command, err)
+    assert (tmp_path / "zorbs.png").is_file()
