@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", action="store_true", help="a text base run learns a new word")
     p.add_argument("--word", help="--text: the new word (default: the held-out class's name)")
     p.add_argument("--base-steps", type=int, help="the base run's UNet steps (with the budget)")
+    p.add_argument(
+        "--base-set",
+        action="append",
+        default=[],
+        help="a --set of the base run's training, e.g. budget_split=0.15 (repeatable)",
+    )
     p.add_argument("--few", type=int, default=10, help="images of the held-out class")
     p.add_argument("--base-budget", default="10m", help="time budget of the base run")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         sets = list(QUICK_SETS if a.quick else [])
         if a.base_steps:
             sets.append(f"unet_train.steps={a.base_steps}")
+        sets += a.base_set
         api.train(base, data=str(data), time_budget=None if a.quick else a.base_budget,
                   sets=sets, image_size=size, conditioning="text" if a.text else None)  # fmt: skip
         print(f"base run: {base} trained in {(time.perf_counter() - t0) / 60:.1f} min")
