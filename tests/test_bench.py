@@ -287,6 +287,24 @@ def test_finetune_quick(capsys, tmp_path):
     assert "base run classes: ['circle', 'square', 'star', 'triangle']" in out
 
 
+def test_finetune_quick_text(capsys, tmp_path):
+    """bench/finetune.py --quick --text: a tiny text base run of four shapes' captions, the
+    fifth's word learned gated and ungated (with prior prompts from its captions), its table."""
+    import finetune
+
+    finetune.main(["--quick", "--text", "--out", str(tmp_path / "bench"),
+                   "--variants", "locon-r8-gate@0,locon-r8@1"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = table(out, "variant", "new_acc", "new_fid")
+    assert [r[0] for r in rows] == ["base", "locon-r8-gate,", "locon-r8,"]
+    assert rows[0][1:3] == ["(cross", "unknown)"] and 0 <= float(rows[0][3]) <= 1
+    gated, free = rows[1], rows[2]
+    assert gated[5:7] == rows[0][5:7]  # the old prompts' accuracy and FID: the base's exactly
+    for r in (gated, free):
+        assert 0 <= float(r[3]) <= 1 and float(r[8]) > 0 and r[10] == "6"
+    assert "new word: 'cross' (the held-out cross)" in out
+
+
 def test_video_motion_probe_quick(capsys, tmp_path):
     import video_motion_probe
 

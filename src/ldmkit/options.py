@@ -403,14 +403,17 @@ def check_adapters(
             f"--adapter-scale: {len(scales)} scales for {len(adapters)} adapters; give one for "
             "all, or one per --adapter"
         )
-    if run.has_text():
-        raise ConfigError(
-            f"--adapter: the model in {shown} follows text prompts; adapters of text runs are "
-            "not supported yet"
-        )
     new: list[str] = []
+    words: list[str] = []
     for path in adapters:
         info = AdapterFolder(path).check_fits(run, shown)
+        if info.word is not None:  # a text run's new word (issue 28): once per word
+            if info.word.lower() in words:
+                raise ConfigError(
+                    f"--adapter {path} teaches the word {info.word!r}, which another --adapter "
+                    "teaches already; give only one of them"
+                )
+            words.append(info.word.lower())
         if info.class_name is not None:
             if info.class_name in new or info.class_name in (run.data_info().class_names or []):
                 raise ConfigError(
@@ -1046,16 +1049,10 @@ class FinetuneOptions(Options):
                        hi=max_seed)  # fmt: skip
     gate: str = option(
         "class", "class: a new class's adapter acts on that class only (the old classes and the "
-        "null label stay the base run's, bit for bit; cannot be merged); none: on every class",
+        "null label stay the base run's, bit for bit; cannot be merged), a text run's on prompts "
+        "holding the new word only; none: on every class or prompt",
         choices=("class", "none"),
     )  # fmt: skip
-
-    def check_run(self, run: RunFolder, shown: Any, values: dict[str, Any]) -> None:
-        if run.has_text():
-            raise ConfigError(
-                f"finetune: the model in {shown} follows text prompts; teaching a text run a new "
-                "word is not supported yet (class-conditional and unconditional runs are)"
-            )
 
 
 VERBS["finetune"] = FinetuneOptions

@@ -96,9 +96,11 @@ class Conditions:
 def with_adapters(
     folder: RunFolder, unet: UNet, class_names: Sequence[str] | None,
     adapters: Sequence[tuple[str | os.PathLike, float]],
+    text: tuple[AnyTextEncoder, Tokenizer] | None = None,
 ) -> tuple[UNet, list[str] | None]:  # fmt: skip
     """The run's UNet with the adapters (folder, scale) added in order, and the class names
-    with their new classes behind the run's (indices as names where the run has none)."""
+    with their new classes behind the run's (indices as names where the run has none). A text
+    run's adapters teach their new words to `text` (its encoder and tokenizer, in place)."""
     names = list(class_names) if class_names else None
     base = unet.config.num_classes or 0
     if names is None or len(names) != base:
@@ -106,11 +108,12 @@ def with_adapters(
     for i, (path, scale) in enumerate(adapters):
         adapter = AdapterFolder(path)
         adapter.check_fits(folder)
-        info = adapter.load_into(unet, f"adapter{i}", scale)
+        info = adapter.load_into(unet, f"adapter{i}", scale, text=text)
         if info.class_name is not None and names is not None:
             names.append(info.class_name)
         log.info("adapter %s (scale %g)%s", adapter.path, scale,
-                 f": class {info.class_name!r}" if info.class_name else "")  # fmt: skip
+                 f": class {info.class_name!r}" if info.class_name else
+                 f": word {info.word!r}" if info.word else "")  # fmt: skip
     return unet, names
 
 
@@ -198,7 +201,8 @@ class LatentDiffusion:
         sampler, steps = folder.default_sampling()
         unet, class_names = folder.load_unet(dev), folder.data_info().class_names
         if adapters:
-            unet, class_names = with_adapters(folder, unet, class_names, adapters)
+            words = (text["text_encoder"], text["tokenizer"]) if text else None
+            unet, class_names = with_adapters(folder, unet, class_names, adapters, text=words)
         return cls(
             folder.load_vae(dev), unet, cfg.diffusion.make_schedule(),
             class_names=class_names, device=dev,

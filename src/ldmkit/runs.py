@@ -637,6 +637,9 @@ class AdapterInfo:
     prior_images: int = 0
     seconds: float = 0.0
     gate: str = "none"  # "class": the adapter acts on its new class only (lora.gate_by_class)
+    # a text run's adapter (kind "word"): the new word, learned as a new token row of the text
+    # encoder (text.add_word); gate "word": the LoRA acts on prompts holding it only
+    word: str | None = None
     format: str = ADAPTER_FORMAT
     version: int = 1
 
@@ -655,6 +658,7 @@ class AdapterFolder(RunFolder):
     writes them as it does for a run."""
 
     CLASS_ROWS = "class_rows"
+    WORD_ROW = "word_row"  # a text adapter's new token row (1, width)
 
     @property
     def info_path(self) -> Path:
@@ -719,20 +723,38 @@ class AdapterFolder(RunFolder):
             )
         return info
 
-    def load_into(self, unet: UNet, name: str, scale: float = 1.0) -> AdapterInfo:
+    def load_into(
+        self, unet: UNet, name: str, scale: float = 1.0, text: tuple[Any, Any] | None = None
+    ) -> AdapterInfo:
         """Add this adapter to `unet` (in place) as `name`, at `scale`; its new class, if any,
-        becomes the next class label. The caller checked the run with `check_fits`."""
+        becomes the next class label. A text adapter's new word goes into `text` (the run's
+        text encoder and tokenizer, in place). The caller checked the run with `check_fits`."""
         from .models.lora import (
             add_class_rows,
             gate_by_class,
+            gate_by_words,
             inject_lora,
             load_lora_state_dict,
             set_lora_scale,
+            watch_prompts,
         )
 
         info = self.info()
         tensors = self.tensors()
         rows = tensors.pop(self.CLASS_ROWS, None)
+        word_row = tensors.pop(self.WORD_ROW, None)
+        if info.kind == "word":
+            from .models.text import add_word
+
+            if word_row is None or info.word is None:
+                raise CheckpointError(f"{self.weights_path} lacks its word's row; it is corrupt")
+            if text is None:
+                raise ConfigError(
+                    f"{self.path} teaches a text run the word {info.word!r}; it needs the run's "
+                    "text encoder (ldmkit sample --run R --adapter A)"
+                )
+            token = add_word(text[0], text[1], info.word, word_row)
+            watch_prompts(unet)
         inject_lora(unet, info.lora, name)
         load_lora_state_dict(unet, tensors, name)
         set_lora_scale(unet, name, scale)
@@ -742,4 +764,6 @@ class AdapterFolder(RunFolder):
             label = add_class_rows(unet, name, rows)
             if info.gate == "class":
                 gate_by_class(unet, name, range(label, label + len(rows)))
+        if info.kind == "word" and info.gate == "word":
+            gate_by_words(unet, name, [token])
         return info

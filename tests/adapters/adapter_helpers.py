@@ -53,3 +53,58 @@ def few_images(folder: Path, n: int = 5) -> Path:
     for i in range(n):
         Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     return folder
+
+
+SHAPE_CAPTIONS = ["a red square", "a blue circle", "a large red circle", "a small blue square",
+                  "a green star on a blue background"]  # fmt: skip
+
+
+def make_text_adaptable_run(folder: Path, *, seed: int = 0) -> Path:
+    """A small text-conditional run folder (the trained-from-scratch encoder, words tokenizer
+    of SHAPE_CAPTIONS) whose UNet has cross-attention at 4x4 and non-zero weights everywhere,
+    16 px RGB, T = 100 (as `make_adaptable_run`)."""
+    from ldmkit.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+    from ldmkit.models.unet import UNet
+    from ldmkit.models.vae import Autoencoder
+    from ldmkit.recipe import resolve_config, run_config_from_dict
+    from ldmkit.runs import DataInfo, RunFolder
+
+    cfg = run_config_from_dict(
+        {"data": "builtin:shapes?n=64", "image_size": 16, "conditioning": "text",
+         "text": {"width": 16, "layers": 1, "heads": 2, "max_length": 12},
+         "vae": {"block_out_channels": [8, 8], "norm_groups": 4, "layers_per_block": 1,
+                 "mid_attention": False},
+         "unet": {"block_out_channels": [8, 16], "attention_resolutions": [4],
+                  "norm_num_groups": 4, "head_dim": 8, "num_res_blocks": 1,
+                  "mid_attention": False},
+         "diffusion": {"num_timesteps": 100}}
+    )  # fmt: skip
+    cfg = resolve_config(cfg, 3, None, text=True)
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(folder)
+    run.write_data_info(DataInfo(channels=3))
+    tok = Tokenizer.from_captions(SHAPE_CAPTIONS, max_length=12)
+    run.save_tokenizer(tok)
+    run.save_vae(Autoencoder(cfg.vae))
+    unet = UNet(cfg.unet)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    run.save_unet(unet)
+    t = cfg.text
+    enc = TextEncoder(TextEncoderConfig(tok.vocab_size, t.max_length, t.width, t.layers, t.heads))
+    with torch.no_grad():
+        enc.token_embed.weight.mul_(20)  # rows of a trained encoder's size (RMS ~0.4)
+    run.save_text_encoder(enc)
+    run.write_config(cfg)
+    return folder
+
+
+def captioned_few(folder: Path, word: str, n: int = 5) -> Path:
+    """n images of the built-in shapes, each with a caption holding `word` (a .txt beside it)."""
+    few_images(folder, n)
+    for i in range(n):
+        (folder / f"{i}.txt").write_text(f"a {['red', 'blue'][i % 2]} {word}")
+    return folder

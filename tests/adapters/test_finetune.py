@@ -188,15 +188,6 @@ def test_refusals_of_finetune(runs, capsys, tmp_path):
     assert not (tmp_path / "A").exists()
 
 
-def test_a_text_run_is_refused_for_now(capsys, tmp_path, runs):
-    from reliability_helpers import make_text_run
-
-    text = make_text_run(tmp_path / "text")
-    line = refused(capsys, "finetune", "--run", str(text), "--data", str(runs["few"]), "--name",
-                   "x", "--out", str(tmp_path / "A"))  # fmt: skip
-    assert "teaching a text run a new word is not supported yet" in line
-
-
 def test_refusals_of_sample_with_adapters(runs, adapter, capsys, tmp_path):
     run = str(runs["class"])
     sample = ["sample", "--run", run, "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png")]

@@ -30,6 +30,9 @@ def check_new_name(run: RunFolder, name: Any, shown: Any = None) -> str:
             f"--name {name!r} cannot be picked with --class: use up to {MAX_NAME} characters, "
             "no comma, no spaces around it, not a number"
         )
+    if run.has_text():
+        check_new_word(run, name, shown)
+        return name
     names = run.data_info().class_names or []
     if run.config().unet.num_classes and name in names:
         raise ConfigError(
@@ -37,6 +40,23 @@ def check_new_name(run: RunFolder, name: Any, shown: Any = None) -> str:
             "choose a new name"
         )
     return name
+
+
+def check_new_word(run: RunFolder, name: str, shown: Any = None) -> None:
+    """A text run's new word: one word of letters and digits (so that a prompt can hold it),
+    not a word its tokenizer reads as one token already (`Tokenizer.known_as_one_token`)."""
+    from ..models.text import WORD_NAME
+
+    if not WORD_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--name {name!r} is not one word: a text run learns NAME as a new word that prompts "
+            "use, so give letters and digits starting with a letter, e.g. --name zorb"
+        )
+    if run.load_tokenizer().known_as_one_token(name):
+        raise ConfigError(
+            f"--name {name!r} is a word the text encoder of {shown or run.path} knows already "
+            "(one token of its vocabulary); choose a new word, e.g. a made-up one like zorb"
+        )
 
 
 def finetune(
@@ -53,8 +73,9 @@ def finetune(
     **keywords: Any,
 ) -> Any:
     """Teach the trained `run` what the 3-50 images of `data` show, as an adapter folder `out`
-    (ldmkit.training.finetune): for a class-conditional run the new class `name`, for an
-    unconditional one a style. Its options (`options.FinetuneOptions`, checked once) come as
+    (ldmkit.training.finetune): for a class-conditional run the new class `name`, for a text
+    run the new word `name` (a learned token row, usable in any prompt), for an unconditional
+    one a style. Its options (`options.FinetuneOptions`, checked once) come as
     keywords (rank=, steps=, time_budget=, prior_weight=, ...) or all at once as `options`.
     `resume` continues an interrupted fine-tuning from its checkpoint. Returns a
     `FinetuneResult` (the folder, its `AdapterInfo`, why it ended)."""
@@ -111,6 +132,11 @@ def merge_adapter(
     check_float("--adapter-scale", scale, MIN_ADAPTER_SCALE, MAX_ADAPTER_SCALE, hint=" (0 = off)")
     folder = RunFolder(run).require_trained()
     info = AdapterFolder(adapter).check_fits(folder, shown=f"{run}")
+    if info.kind == "word":
+        raise ConfigError(
+            f"--merge {adapter} teaches the text run the word {info.word!r}, a new row of its "
+            "text encoder that a merged UNet cannot hold: sample it with --adapter"
+        )
     if info.gate == "class" and scale != 0:
         raise ConfigError(
             f"--merge {adapter} acts on its class only (fine-tuned with --gate class); merged "

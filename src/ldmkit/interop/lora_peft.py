@@ -106,6 +106,11 @@ def export_peft_lora(run: str | Path, adapter: str | Path, out: str | Path) -> P
         unet_cls, _ = unet_names.diffusers_unet_config(folder.config().unet)
     except (ConfigError, CheckpointError) as e:
         raise InteropError(f"{e}") from None
+    if info.kind == "word":
+        raise InteropError(
+            f"{adapter} teaches a text run the word {info.word!r}, a row of ldmkit's own text "
+            "encoder that a diffusers/peft UNet LoRA cannot carry; sample it with --adapter"
+        )
     if info.gate == "class":
         raise InteropError(
             f"{adapter} acts on its class only (fine-tuned with --gate class); a diffusers/peft "

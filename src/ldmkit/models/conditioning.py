@@ -202,8 +202,13 @@ class TextConditioner:
     num_classes = None
 
     def encode(self, ids: Tensor, device: torch.device) -> Cond:
-        """Token ids (B, L) -> {"context": (B, L, D), "context_mask": (B, L)} on device."""
-        return self.encoder.context(ids.to(device))
+        """Token ids (B, L) -> {"context": (B, L, D), "context_mask": (B, L)} on device; with
+        words taught by a text adapter (`text.add_word`) also "prompt_ids": the ids, which the
+        UNet's word gate reads (`lora.gate_by_words`) to know which prompts hold its word."""
+        cond = self.encoder.context(ids.to(device))
+        if self.tokenizer.added:
+            cond["prompt_ids"] = ids.to(device)
+        return cond
 
     def prompts(self, texts: Sequence[str], device: torch.device) -> Cond:
         return self.encode(self.tokenizer.encode(list(texts))[0], device)

@@ -242,6 +242,51 @@ def _set_gates(unet: nn.Module, args: tuple, kwargs: dict) -> None:
                 layer.gates[name] = torch.isin(labels, torch.tensor(acts_on, device=labels.device))
 
 
+WORD_GATES = "_lora_word_gates"  # on the UNet: {adapter name: the token ids it acts on}
+PROMPT_IDS = "prompt_ids"  # the keyword a text conditioner adds for the word gates
+
+
+def watch_prompts(unet: nn.Module) -> None:
+    """Let `unet` take the keyword `prompt_ids` (B, L): the prompts' token ids, which the text
+    conditioner adds once a new word is taught (`text.add_word`). A forward pre-hook takes it
+    out of the call and sets the word-gated adapters' per-sample masks (`gate_by_words`)."""
+    if WORD_GATES not in unet.__dict__:
+        unet.__dict__[WORD_GATES] = {}
+        unet.register_forward_pre_hook(_set_word_gates, with_kwargs=True)
+
+
+def gate_by_words(unet: nn.Module, name: str, token_ids: Sequence[int]) -> None:
+    """Make adapter `name` act only on the samples whose prompt holds one of `token_ids` (its
+    new words): every other prompt, the empty one of guidance included, runs through the UNet
+    without it, bit for bit, in the same batch. A call without `prompt_ids` runs without it.
+    The text run's analogue of `gate_by_class`; `merge_lora` refuses it likewise."""
+    watch_prompts(unet)
+    _layers_of(unet, name)  # the adapter exists
+    unet.__dict__[WORD_GATES][name] = tuple(int(k) for k in token_ids)
+
+
+def word_gates(unet: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{adapter name: token ids} of the word-gated adapters of `unet`."""
+    return dict(unet.__dict__.get(WORD_GATES) or {})
+
+
+def _set_word_gates(unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    kwargs = dict(kwargs)
+    ids = kwargs.pop(PROMPT_IDS, None)
+    gates = unet.__dict__[WORD_GATES]
+    if gates:
+        for layer in lora_layers(unet).values():
+            for name, acts_on in gates.items():
+                if name not in layer.paths:
+                    continue
+                if ids is None:  # no prompt: the gated adapter is off
+                    layer.gates[name] = torch.zeros(args[0].shape[0], dtype=torch.bool)
+                else:
+                    words = torch.tensor(acts_on, device=ids.device)
+                    layer.gates[name] = torch.isin(ids, words).any(-1)
+    return args, kwargs
+
+
 def lora_layers(unet: nn.Module) -> dict[str, LoraLayer]:
     """Every adapted layer of `unet` by its module path."""
     return {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
@@ -356,7 +401,8 @@ def merge_lora(unet: nn.Module) -> nn.Module:
     (new classes become rows of a plain nn.Embedding). Its outputs equal the adapted ones up
     to float rounding. Returns `unet`. A class-gated adapter (`gate_by_class`) is refused:
     plain weights act on every class alike."""
-    gated = [n for n, scale in _scales(unet).items() if n in class_gates(unet) and scale != 0]
+    gated = [n for n, scale in _scales(unet).items()
+             if (n in class_gates(unet) or n in word_gates(unet)) and scale != 0]  # fmt: skip
     if gated:
         raise ConfigError(
             f"adapter {gated[0]!r} acts on its own class only (trained with --gate class); "

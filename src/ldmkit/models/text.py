@@ -53,6 +53,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)  # ids 0..3 in both kinds
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+WORD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")  # what a new word (`Tokenizer.add_word`) may be
 
 
 def split_words(text: str) -> list[str]:
@@ -81,6 +82,10 @@ class Tokenizer:
         self._index = {w: i + len(SPECIALS) for i, w in enumerate(config.vocab)}
         self._warned_unknown = self._warned_long = False
         self._wordpiece = _minilm_wordpiece() if config.kind == "minilm" else None
+        # words taught by `ldmkit finetune` (a text adapter): word -> its new token id, past the
+        # encoder's own rows (`add_word`); not saved in tokenizer.json, added at every load
+        self.added: dict[str, int] = {}
+        self._added_re: re.Pattern[str] | None = None
 
     @classmethod
     def from_captions(
@@ -136,6 +141,8 @@ class Tokenizer:
 
     def _sequence(self, text: str) -> tuple[int, list[int], int, list[str]]:
         """(BOS id, token ids, EOS id, unknown words) of one text."""
+        if self._added_re is not None and self._added_re.search(text):
+            return self._sequence_with_words(text)
         if self._wordpiece is None:
             toks, unknown = self._tokens(text)
             return BOS_ID, toks, EOS_ID, unknown
@@ -143,6 +150,55 @@ class Tokenizer:
         unk_id = self._wordpiece.token_to_id("[UNK]")
         unknown = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk_id]
         return enc.ids[0], enc.ids[1:-1], enc.ids[-1], unknown
+
+    # ------------------------------------------------------------------ added words (issue 28)
+    def _pieces(self, text: str) -> tuple[list[int], list[str]]:
+        """Token ids of a piece of text (no specials) and the words it did not know."""
+        if self._wordpiece is None:
+            return self._tokens(text)
+        enc = self._wordpiece.encode(text, add_special_tokens=False)
+        unk_id = self._wordpiece.token_to_id("[UNK]")
+        return list(enc.ids), [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk_id]
+
+    def _sequence_with_words(self, text: str) -> tuple[int, list[int], int, list[str]]:
+        """`_sequence` of a text holding added words: the text between them tokenized as
+        always, each added word (a whole word, any case) its own id."""
+        assert self._added_re is not None
+        if self._wordpiece is None:
+            bos, eos = BOS_ID, EOS_ID
+        else:
+            bos, eos = (self._wordpiece.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+        toks: list[int] = []
+        unknown: list[str] = []
+        pos = 0
+        for m in self._added_re.finditer(text):
+            t, u = self._pieces(text[pos : m.start()])
+            toks += [*t, self.added[m.group(0).lower()]]
+            unknown += u
+            pos = m.end()
+        t, u = self._pieces(text[pos:])
+        return bos, toks + t, eos, unknown + u
+
+    def known_as_one_token(self, word: str) -> bool:
+        """Whether `word` reads as one token of the vocabulary (not unknown), or is an added
+        word: then it cannot become a new word."""
+        if word.lower() in self.added:
+            return True
+        if self.config.kind == "bytes":
+            return len(word.encode("utf-8")) == 1
+        toks, unknown = self._pieces(word)
+        return len(toks) == 1 and not unknown
+
+    def add_word(self, word: str, token_id: int) -> None:
+        """Read `word` (a whole word of letters and digits, any case) as `token_id` from now on;
+        texts without it tokenize exactly as before."""
+        if not WORD_NAME.fullmatch(word):
+            raise ConfigError(f"{word!r} is not one word of letters and digits")
+        if self.known_as_one_token(word):
+            raise ConfigError(f"{word!r} is a word of the tokenizer already")
+        self.added[word.lower()] = int(token_id)
+        words = "|".join(sorted(map(re.escape, self.added), key=len, reverse=True))
+        self._added_re = re.compile(rf"(?<![A-Za-z0-9])(?:{words})(?![A-Za-z0-9])", re.IGNORECASE)
 
     def _warn(self, unknown: Counter[str], cut: int, n: int, L: int) -> None:
         if unknown and not self._warned_unknown:
@@ -231,8 +287,9 @@ class TextEncoder(nn.Module):
             raise ValueError(
                 f"{L} tokens is more than the encoder's max_length {self.config.max_length}"
             )
-        if ids.max() >= self.config.vocab_size or ids.min() < 0:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        rows = self.token_embed.num_embeddings  # the vocabulary and any added words
+        if ids.max() >= rows or ids.min() < 0:
+            raise ValueError(f"token ids must lie in [0, {rows})")
         x = self.token_embed(ids) + self.pos_embed[:L]  # (B, L, D)
         for block in self.blocks:
             x = block(x, mask)
@@ -339,14 +396,18 @@ class MiniLMEncoder(nn.Module):
     def __deepcopy__(self, memo: dict) -> MiniLMEncoder:
         return self  # fixed weights: copies may share them
 
-    @torch.no_grad()
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        # no parameter of it requires grad, so no graph is built unless an added word's row
+        # (`add_word`) is being learned
         return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
     def context(self, ids: Tensor) -> dict[str, Tensor]:
         """As `TextEncoder.context`: {"context": (B, L, 384), "context_mask": (B, L)}. The
         states of a token sequence never change, so those of up to CACHE_ROWS sequences are
         kept (a training sees the same captions every epoch; the built-in shapes have ~4000)."""
+        embed = self.model.embeddings.word_embeddings
+        if isinstance(embed, TokenRows) and bool((ids >= embed.num_base).any()):
+            return {"context": self(ids, ids != PAD_ID), "context_mask": ids != PAD_ID}
         keys = [bytes(row.cpu().numpy()) for row in ids]
         first: dict[bytes, int] = {}  # sequences not cached yet -> their first row
         for i, k in enumerate(keys):
@@ -384,3 +445,95 @@ def is_pretrained_reference(directory: str | Path) -> bool:
     """Whether a text_encoder/ folder holds a reference to a pretrained encoder (no weights)."""
     path = Path(directory) / "config.json"
     return path.is_file() and "pretrained" in read_json(path)
+
+
+# ------------------------------------------------------------------------- new words (issue 28)
+class TokenRows(nn.Module):
+    """A token embedding with new rows: ids below the base embedding's size read its rows,
+    exactly as before (a text without new words encodes bit for bit as without them); the ids
+    after them read the new rows, one per added word, in the order they were added."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.base = base
+        self.rows = nn.ParameterDict()
+
+    @property
+    def num_base(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.num_base + sum(len(r) for r in self.rows.values())
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> Tensor:
+        return torch.cat([self.base.weight, *self.rows.values()])
+
+    def forward(self, ids: Tensor) -> Tensor:
+        n = self.num_base
+        new = ids >= n
+        if not self.rows or not bool(new.any()):
+            return self.base(ids)
+        out = self.base(ids.clamp(max=n - 1))
+        extra = nn.functional.embedding((ids - n).clamp(min=0), torch.cat(list(self.rows.values())))
+        return torch.where(new[..., None], extra.to(out.dtype), out)
+
+
+def _input_embedding(encoder: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of a text encoder's token embedding."""
+    if isinstance(encoder, MiniLMEncoder):
+        return encoder.model.embeddings, "word_embeddings"
+    return encoder, "token_embed"
+
+
+def token_rows(encoder: nn.Module) -> TokenRows:
+    """The encoder's token embedding as a `TokenRows` (wrapped in place the first time)."""
+    parent, attr = _input_embedding(encoder)
+    embed = getattr(parent, attr)
+    if not isinstance(embed, TokenRows):
+        embed = TokenRows(embed)
+        setattr(parent, attr, embed)
+    return embed
+
+
+def word_key(word: str) -> str:
+    return f"w_{word.lower()}"
+
+
+def add_word(encoder: nn.Module, tokenizer: Tokenizer, word: str, row: Tensor | None = None) -> int:
+    """Teach `encoder` and `tokenizer` the new word `word` (textual inversion, Gal et al. 2023):
+    a new row of the token embedding, `row` (1, width) or, when None, the mean of the existing
+    rows (a neutral start), read wherever `word` stands in a text as a whole word, in any case.
+    Texts without it encode exactly as before. Returns its token id. A word the tokenizer reads
+    as one token already (or an added one) is refused."""
+    if tokenizer.known_as_one_token(word):
+        raise ConfigError(f"{word!r} is a word the text encoder knows already; choose a new word")
+    embed = token_rows(encoder)
+    base = embed.base.weight
+    if row is None:
+        start = base.detach().mean(0, keepdim=True).clone()
+    else:
+        start = row.detach().to(base).clone()
+        if start.shape != (1, base.shape[1]):
+            raise ConfigError(
+                f"a word's row must be (1, {base.shape[1]}), got {tuple(start.shape)}; the adapter "
+                "was made for another text encoder"
+            )
+    token_id = embed.num_embeddings
+    tokenizer.add_word(word, token_id)
+    embed.rows[word_key(word)] = nn.Parameter(start, requires_grad=False)
+    return token_id
+
+
+def word_row(encoder: nn.Module, word: str) -> nn.Parameter | None:
+    """The row of the added word `word` (None: not added)."""
+    parent, attr = _input_embedding(encoder)
+    embed = getattr(parent, attr)
+    if isinstance(embed, TokenRows) and word_key(word) in embed.rows:
+        return embed.rows[word_key(word)]
+    return None

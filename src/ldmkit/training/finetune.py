@@ -4,8 +4,12 @@ adapter (issue 28).
 For a class-conditional run the new thing is a new class: a new row of the UNet's class
 embedding (started at the mean of the old rows) and LoRA adapters on the UNet's attention
 projections (optionally its convolutions) learn it, the base weights frozen
-(`models.lora`). For an unconditional run the adapter is LoRA alone (a style). Text runs (a new
-word) are refused for now.
+(`models.lora`). For a text run the new thing is a new word (textual inversion, Gal et al.
+2023): a new row of the text encoder's token embedding (`models.text.add_word`), read wherever
+the word stands in a prompt, learned together with the LoRA, which by default acts on prompts
+holding the word only (`lora.gate_by_words`). The few images' captions must hold the word (an
+image without a caption is captioned with the word alone). For an unconditional run the adapter
+is LoRA alone (a style).
 
 The loss is the run's own diffusion loss (`diffusion.losses.training_loss` with the run's
 weighting), on the few images encoded by the run's autoencoder (and their mirror images with
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +40,7 @@ from ..checkpoint import load_tensors, save_tensors
 from ..config import ConfigError, to_dict
 from ..diffusion.losses import training_loss
 from ..diffusion.sampler_names import DEFAULT_SAMPLER
-from ..models.conditioning import ClassConditioner
+from ..models.conditioning import ClassConditioner, TextConditioner
 from ..models.distributions import DiagonalGaussian
 from ..models.lora import (
     ATTENTION_TARGETS,
@@ -43,10 +49,13 @@ from ..models.lora import (
     add_class_rows,
     class_rows,
     gate_by_class,
+    gate_by_words,
     inject_lora,
     lora_parameters,
     lora_state_dict,
+    watch_prompts,
 )
+from ..models.text import WORD_NAME, AnyTextEncoder, Tokenizer, add_word, token_rows, word_row
 from ..models.unet import UNet
 from ..pipeline import LatentDiffusion
 from ..recipe import DiffusionConfig, TrainConfig
@@ -79,6 +88,13 @@ def default_class_lr(unet: UNet) -> float:
     return CLASS_LR_SHARE * float(old.detach().pow(2).mean().sqrt())
 
 
+def default_word_lr(encoder: AnyTextEncoder) -> float:
+    """CLASS_LR_SHARE of the RMS of the encoder's token rows: a new word's row, like a new
+    class's, must be able to travel between the words in a few hundred steps."""
+    base = token_rows(encoder).base.weight
+    return CLASS_LR_SHARE * float(base.detach().pow(2).mean().sqrt())
+
+
 @dataclass
 class FinetuneResult:
     adapter: Path
@@ -89,6 +105,33 @@ class FinetuneResult:
 def few_images(spec: str, run: RunFolder) -> tuple[Tensor, str]:
     """The images to learn from (uint8 (N, C, H, W) at the run's size and channels) and their
     fingerprint; fewer than MIN_IMAGES or more than MAX_IMAGES is a one-line error."""
+    ds = few_data(spec, run)
+    return ds.images, ds.fingerprint()
+
+
+def word_captions(captions: list[str] | None, word: str, spec: str) -> list[str]:
+    """The few images' captions for learning the new word `word`: their own (from .txt files or
+    captions.jsonl), each of which must hold the word; an image without one gets the word alone."""
+    pattern = re.compile(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", re.IGNORECASE)
+    out, lacking = [], []
+    for c in captions or []:
+        if not c:
+            out.append(word)
+        elif pattern.search(c):
+            out.append(c)
+        else:
+            lacking.append(c)
+    if lacking:
+        raise ConfigError(
+            f"--data {spec}: {len(lacking)} caption(s) do not hold the new word {word!r} (e.g. "
+            f"{lacking[0]!r}); write it where the thing it names is meant, e.g. 'a red {word}', "
+            "or leave the captions out"
+        )
+    return out
+
+
+def few_data(spec: str, run: RunFolder):  # -> data.dataset.ImageDataset
+    """The few images as `read_data` reads them (images, captions, fingerprint), checked."""
     cfg = run.config()
     ds = read_data(
         spec, image_size=cfg.image_size, channels=cfg.vae.image_channels, seed=cfg.seed,
@@ -105,14 +148,17 @@ def few_images(spec: str, run: RunFolder) -> tuple[Tensor, str]:
             f"--data {spec} holds {n} images; fine-tuning takes at most {MAX_IMAGES} (pick the "
             "best, or train a run on them with --set init_from=RUN)"
         )
-    return ds.images, ds.fingerprint()
+    if ds.captions is None:
+        ds.captions = [""] * n
+    return ds
 
 
 def prior_samples(
     run: RunFolder, adapter: AdapterFolder, ldm: LatentDiffusion, n: int, seed: int
 ) -> tuple[Tensor, Tensor | None]:
     """n of the base run's own samples as latents (what the UNet sees), one class after the
-    other for a class run (labels), cached in the adapter folder for this run's weights."""
+    other for a class run (labels), for a text run of n of its training captions drawn with
+    `seed` (their token ids), cached in the adapter folder for this run's weights."""
     key = f"{run.weights_hash()}:{n}:{seed}:{DEFAULT_SAMPLER}:{PRIOR_STEPS}"
     if adapter.prior_path.is_file():
         from safetensors import safe_open
@@ -125,8 +171,13 @@ def prior_samples(
             return cached["latents"], cached.get("labels")
     k = ldm.conditioner.num_classes
     labels = torch.arange(n) % k if k else None
+    prompts = None
+    if isinstance(ldm.conditioner, TextConditioner):
+        prompts = run_captions(run, n, seed)
+        labels = ldm.conditioner.tokenizer.encode(prompts)[0]
     t0 = time.perf_counter()
-    latents = ldm.sample(n, steps=PRIOR_STEPS, seed=seed, class_labels=labels, return_latents=True)
+    latents = ldm.sample(n, steps=PRIOR_STEPS, seed=seed, class_labels=None if prompts else labels,
+                         prompt=prompts, return_latents=True)  # fmt: skip
     log.info("prior samples: drew %d in %.1f s (cached in %s)", n, time.perf_counter() - t0,
              adapter.prior_path)  # fmt: skip
     tensors = {"latents": latents} | ({"labels": labels} if labels is not None else {})
@@ -134,10 +185,31 @@ def prior_samples(
     return latents, labels
 
 
+def run_captions(run: RunFolder, n: int, seed: int) -> list[str]:
+    """n captions of the run's training data (drawn with `seed`): the prompts of a text run's
+    prior samples. Data that is gone is a one-line error."""
+    cfg = run.config()
+    try:
+        ds = read_data(cfg.data, image_size=cfg.image_size, channels=cfg.vae.image_channels,
+                       seed=cfg.seed)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- any reader's error: the data is not there
+        raise ConfigError(
+            f"prior preservation of a text run draws prompts from its training captions, but "
+            f"its data {cfg.data} cannot be read ({str(e).splitlines()[0]}); fine-tune with "
+            "--prior-weight 0 or the default --gate class"
+        ) from None
+    captions = [c for c in ds.captions or [] if c]
+    if not captions:
+        raise ConfigError(f"the run's data {cfg.data} has no captions to draw prior prompts from; "
+                          "fine-tune with --prior-weight 0")  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    return [captions[int(i)] for i in torch.randint(len(captions), (n,), generator=g)]
+
+
 def finetune_stage(
     unet: UNet,
     moments: Tensor,
-    label: int | None,
+    label: int | Tensor | None,
     prior: Tensor | None,
     prior_labels: Tensor | None,
     prior_weight: float,
@@ -147,18 +219,36 @@ def finetune_stage(
     device: torch.device,
     class_lr: float = 0.0,
     new_label_dropout: float | None = None,
+    text: tuple[AnyTextEncoder, Tokenizer] | None = None,
+    caption_dropout: float = 0.0,
 ) -> Stage:
     """The fine-tuning stage: the run's diffusion loss on the few images' latents (moments
     (N, 2 zc, h, w), all of class `label`, or None), plus `prior_weight` times the same loss on
     as many prior latents (drawn per sample from its own generator). Trains the parameters of
     `unet` that require grad: the adapter at cfg.lr, the new class row at `class_lr`.
     `new_label_dropout`: the share of the few images' labels replaced by the null label (None:
-    the run's class dropout, as on the prior samples)."""
+    the run's class dropout, as on the prior samples).
+
+    A text run (`text`: its encoder and tokenizer, the new word added): `label` is the few
+    images' caption token ids (N, L), `prior_labels` the prior prompts'; the new word's row
+    (trainable, in the encoder) learns at `class_lr`, and the UNet sees the prompts' states
+    and ids (`prompt_ids`, for the word gate); `caption_dropout` (the run's) stands for the
+    class dropout."""
     schedule = diff.make_schedule()
-    conditioner = ClassConditioner(unet.config.num_classes, dropout=diff.class_dropout)
-    new_dropout = diff.class_dropout if new_label_dropout is None else new_label_dropout
-    new_conditioner = ClassConditioner(unet.config.num_classes, dropout=new_dropout)
-    rows = class_rows(unet, ADAPTER)
+    dropout = caption_dropout if text is not None else diff.class_dropout
+    new_dropout = dropout if new_label_dropout is None else new_label_dropout
+    conditioner: ClassConditioner | TextConditioner
+    if text is None:
+        conditioner = ClassConditioner(unet.config.num_classes, dropout=diff.class_dropout)
+        new_conditioner: ClassConditioner | TextConditioner = ClassConditioner(
+            unet.config.num_classes, dropout=new_dropout
+        )
+        rows = class_rows(unet, ADAPTER)
+    else:
+        encoder, tokenizer = text
+        conditioner = TextConditioner(tokenizer, encoder, dropout=dropout)
+        new_conditioner = TextConditioner(tokenizer, encoder, dropout=new_dropout)
+        rows = next((p for p in token_rows(encoder).rows.values() if p.requires_grad), None)
     lora = [p for p in unet.parameters() if p.requires_grad and p is not rows]
     groups: list[dict] = [{"params": lora, "lr": cfg.lr, "base_lr": cfg.lr}]
     if rows is not None and rows.requires_grad:  # its own rate (train_stage scales base_lr)
@@ -167,12 +257,15 @@ def finetune_stage(
     use_prior = prior is not None and prior_weight > 0
     kind = unet.config.prediction_type
 
-    def loss_of(mb: MicroBatch, z0: Tensor, y: Tensor | None, c: ClassConditioner) -> Tensor:
+    def loss_of(mb: MicroBatch, z0: Tensor, y: Tensor | None, c: Any) -> Tensor:
         t = mb.timesteps(schedule.num_timesteps, diff.timestep_sampling)
         eps = mb.randn(*z0.shape[1:])
         cond = mb.per_sample(
             lambda rows, g: c.training_kwargs(None if y is None else y[rows], g, device)
         )
+        if text is not None:  # caption ids (after dropout) -> states, ids for the word gate
+            ids = cond.pop("text_ids")
+            cond = {**text[0].context(ids), "prompt_ids": ids}
         return training_loss(
             unet, schedule, z0.to(device), prediction_type=kind, weighting=diff.loss_weighting,
             gamma=diff.min_snr_gamma, t=t, eps=eps, cond=cond,
@@ -181,7 +274,10 @@ def finetune_stage(
     def loss(mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         post = DiagonalGaussian.from_moments(moments[mb.indices])
         z0 = post.sample(noise=mb.randn(*post.shape[1:])) * scaling_factor
-        y = None if label is None else torch.full((len(mb),), label, dtype=torch.long)
+        if isinstance(label, Tensor):  # a text run: the few images' caption ids
+            y: Tensor | None = label[mb.indices]
+        else:
+            y = None if label is None else torch.full((len(mb),), label, dtype=torch.long)
         new = loss_of(mb, z0, y, new_conditioner)
         if not use_prior:
             return new, {"loss_new": float(new.detach())}
@@ -192,7 +288,8 @@ def finetune_stage(
         logs = {"loss_new": float(new.detach()), "loss_prior": float(old.detach())}
         return new + prior_weight * old, logs
 
-    return Stage("finetune", unet, opt, loss)
+    extra = {"word_rows": token_rows(text[0]).rows} if text is not None else {}
+    return Stage("finetune", unet, opt, loss, extra_modules=extra)
 
 
 def finetune_run(
@@ -226,12 +323,24 @@ def finetune_run(
     folder = RunFolder(run).require_trained()
     cfg = folder.config()
     adapter = AdapterFolder(out)
-    images, fingerprint = few_images(data, folder)
+    ds = few_data(data, folder)
+    images, fingerprint = ds.images, ds.fingerprint()
     dev = resolve_device(device)
     vae, unet = folder.load_vae(dev), folder.load_unet(dev)
     base_unet_config = cfg.unet
-    is_class = bool(unet.config.num_classes)
-    gated = is_class and gate == "class"
+    is_text = folder.has_text()
+    is_class = bool(unet.config.num_classes) and not is_text
+    text: tuple[AnyTextEncoder, Tokenizer] | None = None
+    captions: list[str] = []
+    if is_text:
+        if not WORD_NAME.fullmatch(name):
+            raise ConfigError(f"--name {name!r} is not one word of letters and digits")
+        captions = word_captions(ds.captions, name, data)
+        encoder = folder.load_text_encoder(dev).eval()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        text = (encoder, folder.load_tokenizer())
+    gated = (is_class or is_text) and gate == "class"
     if gated:
         # the adapter never acts on the old classes or the null label: nothing to preserve, and
         # a new image shown with the null label would train nothing
@@ -240,9 +349,10 @@ def finetune_run(
 
     prior, prior_labels = None, None
     if prior_weight > 0:
+        words = {"text_encoder": text[0], "tokenizer": text[1]} if text else {}
         ldm = LatentDiffusion(
             vae, unet, cfg.diffusion.make_schedule(), device=dev,
-            guidance_scale=cfg.sampling_guidance, fast=False,
+            guidance_scale=cfg.sampling_guidance, fast=False, **words,
         )  # fmt: skip
         prior, prior_labels = prior_samples(folder, adapter, ldm, prior_images, seed)
 
@@ -260,22 +370,34 @@ def finetune_run(
         targets=ATTENTION_TARGETS + (CONV_TARGETS if conv else ()),
     )  # fmt: skip
     layers = inject_lora(unet, lora, ADAPTER)
-    label = add_class_rows(unet, ADAPTER, 1) if is_class else None
+    label: int | Tensor | None = add_class_rows(unet, ADAPTER, 1) if is_class else None
     if label is not None and gated:  # the adapter acts on the new class only
-        gate_by_class(unet, ADAPTER, [label])
+        gate_by_class(unet, ADAPTER, [int(label)])
     trained = lora_parameters(unet, ADAPTER)
     rows = class_rows(unet, ADAPTER)
+    token = None
+    if text is not None:  # the new word: a token row of the encoder, and the prompts' ids
+        token = add_word(text[0], text[1], name)
+        rows = word_row(text[0], name)
+        watch_prompts(unet)
+        if gated:  # the adapter acts on prompts holding the word only
+            gate_by_words(unet, ADAPTER, [token])
+        label = text[1].encode(captions)[0]
+        if flip:
+            label = torch.cat([label, label])
+        log.info("the new word %r is token %d; captions such as %r", name, token, captions[0])
     if rows is not None:
         trained.append(rows)
         if class_lr is None:
-            class_lr = default_class_lr(unet)
+            class_lr = default_word_lr(text[0]) if text is not None else default_class_lr(unet)
     for p in trained:
         p.requires_grad_(True)
     unet.to(dev).train()
     n_trained = sum(p.numel() for p in trained)
+    what = ", a new word's row" if text is not None else ", a new class row" if rows is not None \
+        else ""  # fmt: skip
     log.info("adapter: rank %d on %d layers%s, %d trained parameters (%.1f KB in float32)",
-             rank, layers, ", a new class row" if rows is not None else "", n_trained,
-             n_trained * 4 / 1024)  # fmt: skip
+             rank, layers, what, n_trained, n_trained * 4 / 1024)  # fmt: skip
 
     tcfg = dataclasses.replace(
         cfg.unet_train, steps=steps, batch_size=batch_size, grad_accum=1, lr=lr,
@@ -286,6 +408,7 @@ def finetune_run(
     stage = finetune_stage(
         unet, moments, label, prior, prior_labels, prior_weight, vae.config.scaling_factor,
         cfg.diffusion, tcfg, dev, class_lr=class_lr or 0.0, new_label_dropout=new_label_dropout,
+        text=text, caption_dropout=cfg.text.caption_dropout if text is not None else 0.0,
     )  # fmt: skip
     result = train_stage(
         stage, tcfg, folder=adapter, num_items=len(moments), seed=seed, resume=resume,
@@ -295,17 +418,20 @@ def finetune_run(
 
     tensors = lora_state_dict(unet, ADAPTER)
     if rows is not None:
-        tensors[AdapterFolder.CLASS_ROWS] = rows.detach().clone()
+        key = AdapterFolder.WORD_ROW if text is not None else AdapterFolder.CLASS_ROWS
+        tensors[key] = rows.detach().clone()
+    gate_kind = "word" if text is not None and gated else gate if is_class else "none"
     info = AdapterInfo(
         lora=lora, base_weights_hash=folder.weights_hash(), unet=to_dict(base_unet_config),
-        kind="class" if is_class else "style", class_name=name if is_class else None,
-        class_index=label, base_run=str(run), steps=result.steps_done, lr=lr,
+        kind="word" if is_text else "class" if is_class else "style",
+        class_name=name if is_class else None, word=name if is_text else None,
+        class_index=label if is_class else None, base_run=str(run), steps=result.steps_done, lr=lr,
         class_lr=class_lr if rows is not None else None, data=str(data),
         data_fingerprint=fingerprint, num_images=len(images), flip=flip,
         prior_weight=prior_weight if prior is not None else 0.0,
         prior_images=len(prior) if prior is not None else 0,
         seconds=round(time.perf_counter() - start, 1),
-        gate=gate if label is not None else "none",
+        gate=gate_kind,
     )  # fmt: skip
     adapter.save(info, tensors)
     log.info("wrote the adapter %s (%d steps, %s)", adapter.path, result.steps_done,

@@ -691,8 +691,9 @@ def adapters_of(folder: RunFolder) -> list[dict[str, Any]]:
             entry.update(kind=info.kind, class_name=info.class_name, fits=True, why=None,
                          rank=info.lora.rank, steps=info.steps,
                          kb=round(adapter.weights_path.stat().st_size / 1024, 1))  # fmt: skip
+            entry["word"] = info.word  # a text run's new word (issue 28), else None
         except (ConfigError, ValueError, OSError) as e:  # CheckpointError is a ValueError
-            entry.update(kind=None, class_name=None, fits=False, why=str(e))
+            entry.update(kind=None, class_name=None, word=None, fits=False, why=str(e))
         found.append(entry)
     return found
 
