@@ -446,9 +446,10 @@ def sample_lcm(
     z_s = a_s x0 + s_s z), and the last step returns x0. Nothing of the state's own noise is
     kept, unlike DDIM (all of it) and DDPM (part of it).
 
-    Made for few-step students (`ldmkit distill`): their x-predictions are sharp, and the fresh
-    noise between their steps corrects errors that the deterministic path keeps (on the shapes
-    run a 4-step student's FID-cnn about 6 -> 4; docs/performance.md, issue 27). As k-diffusion's
+    For few-step students (`ldmkit distill`), where the run's stochastic sampler beats its ODE
+    path: the fresh noise between their steps corrects errors that the deterministic path keeps
+    (the shapes run: a 4-step student's FID-cnn 6.1 -> 4.0); where DDIM is the better sampler
+    it loses (MNIST: 6.8 -> 10.4). docs/performance.md, issue 27. As k-diffusion's
     `sample_lcm` and diffusers' LCMScheduler (one step each), on ldmkit's sigmas.
     """
     check_sigmas(sigmas)
