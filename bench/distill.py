@@ -17,8 +17,9 @@ real-vs-real floor), read by the run's domain classifier (FID-cnn, the FID `ldmk
 reports), the labels are the reference images' own, and the seed is 0. Accuracy is the share
 the same classifier reads as the class asked for. Rows: the teacher with its default sampler
 (guided at its chosen scale) at --teacher-rows steps, the teacher with DDIM (guided; what the
-students learn from) at --ddim-rows steps, and each student with DDIM at its steps
-(no guidance: it is distilled in; one UNet call per step). Time: wall and process CPU seconds to
+students learn from) at --ddim-rows steps, and each student at its steps with each of
+--student-samplers (default ddim, the path it learns, and lcm, its x-predictions noised afresh
+between steps; no guidance: it is distilled in; one UNet call per step). Time: wall and process CPU seconds to
 draw the n images (batches of 64); the speed-up is the teacher-20 row's CPU time over the row's.
 The teacher's rows are kept in OUT/teacher-rows.json (by weights, n, seed and features) and
 reused by a later call with the same teacher and n; the table goes to OUT/NAME-table.md and
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-rows", default="1,2,4,8,20", help="the teacher's step counts")
     p.add_argument("--ddim-rows", default="8,16", help="the teacher's step counts with DDIM, "
                    "the sampler the students are distilled from (empty: none)")  # fmt: skip
+    p.add_argument("--student-samplers", default="ddim,lcm", help="the samplers of the students' "
+                   "rows: ddim (the path they learn), lcm (fresh noise between their steps)")  # fmt: skip
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a tiny run, for the tests")
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             idx = (torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(classes)])
                    if labels is not None else torch.arange(min(64, a.n)))  # fmt: skip
             grids.mkdir(exist_ok=True)
-            file = f"{name}.png" if name.startswith("student") else f"{name}-{sampler}-{steps}.png"
+            file = f"{name}-{sampler}-{steps}.png"
+            if name.startswith("student"):
+                file = f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"
             save_grid(x[idx], grids / file, nrow=8, scale=2)
         g = guidance if guidance is not None else ldm.guidance_scale
         row = {"model": name, "sampler": sampler, "steps": steps,
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             s = LatentDiffusion(t.vae, UNet.from_pretrained(saved / str(k)).eval(), t.schedule,
                                 class_names=t.class_names, default_sampler="ddim",
                                 default_steps=k)  # fmt: skip
-            student_rows.append(measure(f"student-{k}", s, "ddim", k, 1.0))
+            for sampler in a.student_samplers.split(","):
+                student_rows.append(measure(f"student-{k}", s, sampler.strip(), k, 1.0))
 
     own = [r for r in teacher_rows if r["sampler"] == t.default_sampler]
     ref20 = next((r for r in own if r["steps"] == 20), own[-1])

@@ -122,7 +122,8 @@ def test_distill_quick(capsys, tmp_path):
     rows = table(out, "model", "sampler", "steps")
     expected = [*[("teacher", "dpm++2m-sde", k) for k in (1, 2, 4, 8, 20)],
                 *[("teacher", "ddim", k) for k in (8, 16)],
-                *[(f"student-{k}", "ddim", k) for k in (8, 4, 2, 1)]]  # fmt: skip
+                *[(f"student-{k}", sampler, k) for k in (8, 4, 2, 1)
+                  for sampler in ("ddim", "lcm")]]  # fmt: skip
     assert [(r[0], r[1], int(r[2])) for r in rows] == expected
     assert all(float(r[4]) >= 0 and float(r[7]) > 0 for r in rows)  # FID-cnn, CPU seconds
     assert all(0 <= float(r[6]) <= 1 for r in rows)  # accuracy
@@ -134,7 +135,7 @@ def test_distill_quick(capsys, tmp_path):
                   "--threads", "1"])  # fmt: skip
     again = capsys.readouterr().out
     assert (tmp_path / "teacher-rows.json").read_text() == first
-    assert again.count("distillation 16 -> 1") == 0 and again.count('"model"') == 4
+    assert again.count("distillation 16 -> 1") == 0 and again.count('"model"') == 8
     assert [r[:7] for r in table(again, "model", "sampler", "steps")] == [r[:7] for r in rows]
     # --teacher RUN is copied: the run given is left as it was
     given = tmp_path / "teacher"

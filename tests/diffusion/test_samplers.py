@@ -279,6 +279,39 @@ def test_euler_is_ddim_eta0_and_ddim_eta1_is_ddpm_small():
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["v", "eps"])
+def test_lcm_is_consistency_multistep_sampling_in_vp_terms(prediction_type):
+    """Song et al. 2023 Alg. 1 written in VP terms on the integer steps, independently of the
+    VE code: x0 = the network's x-prediction at (z, t); z = a_next x0 + s_next * noise; the
+    last step returns x0 (no noise). The same noises go to `SAMPLERS["lcm"]`."""
+    schedule, net = make_schedule("linear", T), FixedNet()
+    steps = 4
+    ts = get_timesteps(T, steps, "trailing").tolist()
+    ab = schedule.alphas_cumprod
+    noises = torch.randn((steps, *SHAPE), generator=torch.Generator().manual_seed(9),
+                         dtype=torch.float64)  # fmt: skip
+    z = _x_T(torch.float64)
+    for i, t in enumerate(ts):
+        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        out = net(z, torch.tensor([t]))
+        x0 = a * z - s * out if prediction_type == "v" else (z - s * out) / a
+        if i + 1 < steps:
+            n = ts[i + 1]
+            z = ab[n].sqrt() * x0 + (1 - ab[n]).sqrt() * noises[i]
+    sigmas = get_sigmas(schedule, steps, "trailing")
+    it = iter(noises)
+    got = SAMPLERS["lcm"](
+        VPDenoiser(net, schedule, prediction_type), _ve_start(_x_T(torch.float64), sigmas),
+        sigmas, noise_sampler=lambda sigma, sigma_next: next(it),
+    )  # fmt: skip
+    torch.testing.assert_close(got, x0, atol=1e-8, rtol=0)
+    assert next(it, None) is not None  # the last step drew no noise: one noise left over
+    # and it is not DDIM: the state's own noise is dropped between steps
+    ddim = sample_ddim(VPDenoiser(net, schedule, prediction_type),
+                       _ve_start(_x_T(torch.float64), sigmas), sigmas)  # fmt: skip
+    assert (ddim - got).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_callback_sees_every_step_and_can_replace_x(name):
     schedule, denoise = _net_pair()

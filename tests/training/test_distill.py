@@ -149,6 +149,35 @@ def test_a_chain_of_halvings_stop_and_resume(teacher, tmp_path):
     assert {r["stage"] for r in log} == {"distill_4to2", "distill_2to1"}
 
 
+def test_only_the_first_halvings_teacher_is_guided(teacher, tmp_path, monkeypatch):
+    """The run's own UNet is guided (classifier-free, at the run's scale) in the first halving;
+    from the second on the teacher is the previous student, whose guidance is built in: calling
+    it with the unconditional branch again would compound the scale (w^k at the k-th halving;
+    the MNIST students of issue 27 were over-guided by it). Spied on every network call that
+    `guided_v` makes (the teacher's targets and the gap measurements): an unconditional batch is
+    passed in the first halving, and never after it."""
+    from ldmkit.training import distill as d
+
+    halving, seen = {"k": 0}, []
+    real = d.guided_v
+
+    def spy(unet, z, t, cond, uncond, w):
+        seen.append((halving["k"], uncond is not None, torch.is_grad_enabled()))
+        return real(unet, z, t, cond, uncond, w)
+
+    def next_halving(n, unet):
+        halving["k"] += 1
+
+    monkeypatch.setattr(d, "guided_v", spy)
+    res = d.distill_run(teacher, tmp_path / "s", steps=1, teacher_steps=8, iterations=2,
+                        batch_size=4, on_halving=next_halving)  # fmt: skip
+    assert res.complete and halving["k"] == 3
+    assert all(not grad for _, _, grad in seen)  # the student's own training call is direct
+    guided = {k: any(g for kk, g, _ in seen if kk == k) for k in range(3)}
+    assert guided == {0: True, 1: False, 2: False}, guided
+    assert {k for k, _, _ in seen} == {0, 1, 2}  # every halving called its teacher
+
+
 def test_refusals(teacher, student, tmp_path):
     def refused(match, run=teacher, **kw):
         with pytest.raises(ConfigError, match=match):

@@ -4,7 +4,7 @@ so that the command line's --help and the option declarations (`ldmkit.options`)
 
 from __future__ import annotations
 
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpm++2m", "dpm++2m-sde", "langevin")
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpm++2m", "dpm++2m-sde", "langevin", "lcm")
 
 # The sampler `LatentDiffusion.sample`, `ldmkit sample`, the edits, the report and the training
 # previews use unless told otherwise. On the default 10-minute shapes run (guidance 5, n = 300,

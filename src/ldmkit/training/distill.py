@@ -15,6 +15,11 @@ teacher and the count halves again, N -> N/2 -> ... -> the target (default 64 ->
   with guidance 1 (none); distill.json records w. With `guidance_input` the student takes w as
   an input instead (Meng et al. 2023; `UNetConfig.guidance_input`), trained on scales drawn
   per sample from [1, max_guidance]; its run.json keeps the run's scale as its default.
+  Only the first halving's teacher (the run's own UNet) is guided by classifier-free guidance:
+  from the second halving on, the teacher is the previous student, whose guidance is built in,
+  and it is called on the condition alone (or with w as its input). Guiding it again would
+  compound the scale (about w^k at the k-th halving: over-guided few-step students, with
+  high class accuracy and little diversity; measured in docs/performance.md, issue 27).
 - The student is a run folder (`RunFolder.start_student`: the teacher's config, data record,
   autoencoder, text encoder) with its own UNet and distill.json (method, the teacher, the
   SHA-256 of its weights, step counts, guidance, each halving's measurements). Its UNet is saved
@@ -225,11 +230,13 @@ def guided_x(unet: nn.Module, schedule: Any) -> Any:
 def halving_stage(
     name: str, student: nn.Module, teacher: nn.Module, data: _Data, conditions: _Conditions,
     schedule: Any, n_teacher: int, tc: TrainConfig, device: torch.device, weighting: str,
-    scales: tuple[float, float],
+    scales: tuple[float, float], teacher_guided: bool = True,
 ) -> Stage:  # fmt: skip
     """One halving as a `Stage`: the student (trained) learns one DDIM step of the teacher's two
     on the teacher's grid of n_teacher steps, at guidance scales drawn from `scales` (lo, hi;
-    lo = hi: a fixed scale)."""
+    lo = hi: a fixed scale). `teacher_guided`: the teacher is guided by classifier-free
+    guidance (the run's own UNet); False: it is a student with the guidance built in (or taken
+    as an input), called on the condition alone."""
     grid = pd.trailing_grid(schedule.num_timesteps, n_teacher)
     half = n_teacher // 2
     bind = guided_x(teacher, schedule)
@@ -251,7 +258,8 @@ def halving_stage(
         if hi > lo:  # a scale per sample, from its generator (after its other draws)
             w = lo + (hi - lo) * torch.cat([torch.rand(1, generator=g) for g in mb.generators])
         w = w.to(device)
-        _, x_tilde = pd.distillation_target(bind(cond, uncond, w), schedule, z, grid, j)
+        teacher_uncond = uncond if teacher_guided else None
+        _, x_tilde = pd.distillation_target(bind(cond, teacher_uncond, w), schedule, z, grid, j)
         extra = {"guidance": w} if student.config.guidance_input else {}
         v = student(z, t.to(device), **cond, **extra)
         return pd.distillation_loss(v, z, t, x_tilde, schedule, weighting), {}
@@ -263,10 +271,11 @@ def halving_stage(
 def sample_gap(
     student: nn.Module, teacher: nn.Module, data: _Data, conditions: _Conditions, schedule: Any,
     n_teacher: int, device: torch.device, seed: int = 0, n: int = MEASURE_N, scale: float = 1.0,
+    teacher_guided: bool = True,
 ) -> float:  # fmt: skip
     """RMS (latent space) between the student's DDIM samples at n_teacher / 2 steps and the
     teacher's at n_teacher, from the same n noises and the conditions of the first n images,
-    at the guidance scale `scale`."""
+    at the guidance scale `scale` (`teacher_guided`: as in `halving_stage`)."""
     g = torch.Generator().manual_seed(seed)
     shape = (n, *data.moments.shape[1:])
     x_T = torch.randn(shape[0], shape[1] // 2, *shape[2:], generator=g).to(device)
@@ -287,7 +296,7 @@ def sample_gap(
     common = dict(sampler="ddim", prediction_type="v", spacing="trailing")
     was = student.training
     student.eval()
-    ref = run_sample(net(teacher.eval(), True), schedule, x_T, steps=n_teacher, **common)
+    ref = run_sample(net(teacher.eval(), teacher_guided), schedule, x_T, steps=n_teacher, **common)
     out = run_sample(net(student, False), schedule, x_T, steps=n_teacher // 2, **common)
     student.train(was)
     return float((out - ref).square().mean().sqrt())
@@ -386,10 +395,12 @@ def distill_run(
                 frozen = _frozen(teacher.load_unet(dev))
             else:
                 frozen = _frozen(current)
-            first = False
+            # the run's own UNet is guided; a student (later halvings) has it built in already
+            guided, first = first, False
             stage = halving_stage(name, model, frozen, data, conditions, schedule, n, tc, dev,
-                                  record["weighting"], scales)  # fmt: skip
-            before = sample_gap(model, frozen, data, conditions, schedule, n, dev, seed, scale=w)
+                                  record["weighting"], scales, teacher_guided=guided)  # fmt: skip
+            before = sample_gap(model, frozen, data, conditions, schedule, n, dev, seed, scale=w,
+                                teacher_guided=guided)  # fmt: skip
             res = train_stage(
                 stage, tc, folder=student, num_items=len(data.moments), seed=seed + n,
                 resume=resume and bool(list_checkpoints(student.checkpoints_dir, name)),
@@ -399,7 +410,8 @@ def distill_run(
                 why = res.stopped_because
                 break
             current = (res.ema.model if res.ema is not None else model).eval()
-            after = sample_gap(current, frozen, data, conditions, schedule, n, dev, seed, scale=w)
+            after = sample_gap(current, frozen, data, conditions, schedule, n, dev, seed, scale=w,
+                               teacher_guided=guided)  # fmt: skip
             row = {"from": n, "to": n // 2, "iterations": res.steps_done,
                    "seconds": round(res.seconds, 1), "loss": res.last_loss,
                    "gap_before": before, "gap_after": after, "ended": res.stopped_because}  # fmt: skip
