@@ -6,13 +6,42 @@ from pathlib import Path
 import torch
 
 
+def noisy_unet(config, seed: int):
+    """A fresh UNet with seeded noise on every weight (its zero-initialised output conv would
+    otherwise block every gradient)."""
+    from ldmkit.models.unet import UNet
+
+    unet = UNet(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return unet
+
+
+def fixed_noise_loss(unet, run, z0, cond) -> float:
+    """The run's diffusion loss of `unet` on latents z0 under `cond`, at t and noise drawn from
+    seed 0: the same draws for every model compared."""
+    from ldmkit.diffusion.losses import training_loss
+    from ldmkit.runs import RunFolder
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 100, (len(z0),), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    cfg = RunFolder(run).config().diffusion
+    with torch.no_grad():
+        return float(training_loss(
+            unet, cfg.make_schedule(), z0, prediction_type=unet.config.prediction_type,
+            weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma, t=t, eps=eps, cond=cond,
+        ))  # fmt: skip
+
+
 def make_adaptable_run(
     folder: Path, *, num_classes: int | None = 3, channels=(8, 16), seed: int = 0
 ) -> Path:
     """A small run folder whose UNet has attention (at 4x4) and non-zero weights everywhere
     (noise on a fresh UNet: its zero-initialised output conv would otherwise block every
     gradient), 16 px RGB shapes, T = 100; classes c0, c1, c2 (or unconditional)."""
-    from ldmkit.models.unet import UNet
     from ldmkit.models.vae import Autoencoder
     from ldmkit.recipe import resolve_config, run_config_from_dict
     from ldmkit.runs import DataInfo, RunFolder
@@ -32,12 +61,7 @@ def make_adaptable_run(
     run.write_data_info(DataInfo(channels=3, class_names=[f"c{i}" for i in range(num_classes)]
                                  if num_classes else None))  # fmt: skip
     run.save_vae(Autoencoder(cfg.vae))
-    unet = UNet(cfg.unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    run.save_unet(unet)
+    run.save_unet(noisy_unet(cfg.unet, seed))
     run.write_config(cfg)
     return folder
 
@@ -64,7 +88,6 @@ def make_text_adaptable_run(folder: Path, *, seed: int = 0) -> Path:
     of SHAPE_CAPTIONS) whose UNet has cross-attention at 4x4 and non-zero weights everywhere,
     16 px RGB, T = 100 (as `make_adaptable_run`)."""
     from ldmkit.models.text import TextEncoder, TextEncoderConfig, Tokenizer
-    from ldmkit.models.unet import UNet
     from ldmkit.models.vae import Autoencoder
     from ldmkit.recipe import resolve_config, run_config_from_dict
     from ldmkit.runs import DataInfo, RunFolder
@@ -87,12 +110,7 @@ def make_text_adaptable_run(folder: Path, *, seed: int = 0) -> Path:
     tok = Tokenizer.from_captions(SHAPE_CAPTIONS, max_length=12)
     run.save_tokenizer(tok)
     run.save_vae(Autoencoder(cfg.vae))
-    unet = UNet(cfg.unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    run.save_unet(unet)
+    run.save_unet(noisy_unet(cfg.unet, seed))
     t = cfg.text
     enc = TextEncoder(TextEncoderConfig(tok.vocab_size, t.max_length, t.width, t.layers, t.heads))
     with torch.no_grad():

@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from adapter_helpers import few_images, make_adaptable_run
+from adapter_helpers import few_images, fixed_noise_loss, make_adaptable_run
 from reliability_helpers import error_line, run_cli
 
 from ldmkit import api
-from ldmkit.diffusion.losses import training_loss
 from ldmkit.models.lora import add_class_rows
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import AdapterFolder, RunFolder
@@ -40,16 +39,7 @@ def few_loss(unet, run, label: int) -> float:
     from ldmkit.data.transforms import to_float
 
     z0 = ldm.encode(to_float(images)).repeat(8, 1, 1, 1)
-    g = torch.Generator().manual_seed(0)
-    t = torch.randint(0, 100, (len(z0),), generator=g)
-    eps = torch.randn(z0.shape, generator=g)
-    cfg = RunFolder(run).config().diffusion
-    with torch.no_grad():
-        return float(training_loss(
-            unet, cfg.make_schedule(), z0, prediction_type=unet.config.prediction_type,
-            weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma, t=t, eps=eps,
-            cond={"class_labels": torch.full((len(z0),), label)},
-        ))  # fmt: skip
+    return fixed_noise_loss(unet, run, z0, {"class_labels": torch.full((len(z0),), label)})
 
 
 def few_dir(run):

@@ -10,13 +10,12 @@ import shutil
 
 import pytest
 import torch
-from adapter_helpers import captioned_few, few_images, make_text_adaptable_run
+from adapter_helpers import captioned_few, few_images, fixed_noise_loss, make_text_adaptable_run
 from reliability_helpers import error_line, run_cli
 
 from ldmkit import api
 from ldmkit.checkpoint import load_tensors
 from ldmkit.config import ConfigError
-from ldmkit.diffusion.losses import training_loss
 from ldmkit.models.lora import (
     LoraConfig,
     gate_by_words,
@@ -219,16 +218,9 @@ def test_the_adapter_round_trips_and_learned_the_word(text, word_adapter):
 
         z0 = ldm.encode(to_float(few)).repeat(8, 1, 1, 1)
         ids = tok.encode(captions * 8)[0]
-        g = torch.Generator().manual_seed(0)
-        t = torch.randint(0, 100, (len(z0),), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        cfg = RunFolder(run).config().diffusion
         with torch.no_grad():
-            return float(training_loss(
-                unet, cfg.make_schedule(), z0, prediction_type=unet.config.prediction_type,
-                weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma, t=t, eps=eps,
-                cond={**enc.context(ids), "prompt_ids": ids},
-            ))  # fmt: skip
+            cond = {**enc.context(ids), "prompt_ids": ids}
+        return fixed_noise_loss(unet, run, z0, cond)
 
     watch_prompts(start_unet)
     before = loss(start_unet, start_enc, start_tok)
