@@ -33,7 +33,10 @@ VAES = {
     "vae (64,128,128) x2 [anchor]": dict(block_out_channels=(64, 128, 128), layers_per_block=2),
 }
 UNETS = {
-    "unet16 (32,64,128) x1 att 4 adagn [default]": to_dict(UNetConfig()),
+    "unet16 (32,64,64) x1 att 4 adagn [default]": to_dict(UNetConfig()),
+    "unet16 (32,64,128) x1 att 4 adagn [default before issue 25]": to_dict(
+        UNetConfig(block_out_channels=(32, 64, 128))
+    ),
     "unet16 (32,64,128) x2 att 4": dict(
         sample_size=16,
         block_out_channels=(32, 64, 128),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -338,3 +339,43 @@ def test_video_shapes_quick(capsys, tmp_path):
     video_shapes.main(["--quick", "--arms", "scratch", "--threads", "1", "--load", str(tmp_path)])
     again = table(capsys.readouterr().out, "clips", "asked", "direction")
     assert again == [rows[0], rows[1], rows[4], rows[5]]
+
+
+def test_unet_recipe_trains_variants_on_the_runs_autoencoder_and_judges_them(capsys, tmp_path):
+    """Each variant: RUN's autoencoder as it is, its settings on top of RUN's config, a fresh
+    UNet of the asked steps; judge: one row per variant and scale, accuracy per class."""
+    import unet_recipe
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent / "evaluation"))
+    from eval_helpers import make_tiny_run
+
+    from ldmkit.checkpoint import read_json
+
+    run, out = make_tiny_run(tmp_path / "run"), tmp_path / "variants"
+    unet_recipe.main(["train", "--run", str(run), "--out", str(out), "--steps", "3",
+                      "--variants", "recipe,wsd"])  # fmt: skip
+    for name in ("recipe", "wsd"):
+        assert load_file(out / name / "vae" / "model.safetensors").keys()
+        for k, v in load_file(run / "vae" / "model.safetensors").items():
+            assert torch.equal(v, load_file(out / name / "vae" / "model.safetensors")[k]), k
+    assert read_json(out / "wsd" / "run.json")["unet_train"]["lr_schedule"] == "wsd"
+    assert (
+        read_json(out / "recipe" / "run.json")["unet_train"]["lr_schedule"]
+        == (read_json(run / "run.json")["unet_train"]["lr_schedule"])
+    )
+    with pytest.raises(SystemExit, match="unknown variant"):
+        unet_recipe.main(["train", "--run", str(run), "--out", str(out), "--variants", "nope"])
+    capsys.readouterr()
+    unet_recipe.main(["judge", "--run", str(run), "--out", str(out), "--n", "10",
+                      "--epochs", "1", "--guidance", "1,2"])  # fmt: skip
+    rows = table(capsys.readouterr().out, "variant", "UNet", "steps")
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("recipe", "3", "1"),
+        ("recipe", "3", "2"),
+        ("wsd", "3", "1"),
+        ("wsd", "3", "2"),
+    ]
+    classes = len(read_json(run / "data.json")["class_names"])
+    for r in rows:
+        assert 0 <= float(r[4]) <= 1 and len(r) == 5 + classes + 1 and float(r[-1]) >= 0
