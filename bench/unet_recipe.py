@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from benchlib import load_line, machine_line, print_table
+from busy_machine import stage_steps
 
 from ldmkit.checkpoint import read_json, write_json
 from ldmkit.config import deep_update, to_dict
@@ -105,11 +106,6 @@ def train(a: argparse.Namespace) -> None:
         print(f"{name}: {wall:.0f} s wall, {cpu:.0f} CPU-s; {load_line()}", flush=True)
 
 
-def unet_steps(folder: RunFolder) -> int:
-    return max((int(r["step"]) for r in folder.read_log()
-                if r.get("stage") == "diffusion" and "loss" in r), default=0)  # fmt: skip
-
-
 def judge(a: argparse.Namespace) -> None:
     from ldmkit.data import load_dataset
     from ldmkit.evaluation.features import DomainClassifier, train_domain_classifier
@@ -145,7 +141,7 @@ def judge(a: argparse.Namespace) -> None:
         out = Path(a.out) / name
         ldm = LatentDiffusion.from_run(out)
         info = read_json(out / "bench.json") if (out / "bench.json").exists() else {}
-        steps = unet_steps(RunFolder(out))
+        steps = stage_steps(RunFolder(out)).get("diffusion", 0)
         for g in [float(x) for x in a.guidance.split(",")]:
             x = ldm.sample(a.n, class_labels=labels if k > 1 else None, seed=0, guidance_scale=g)
             m = evaluate_samples(x, ref, net)
