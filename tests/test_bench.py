@@ -229,20 +229,32 @@ def test_busy_machine_judges_a_finished_run_at_each_guidance(capsys, tmp_path):
     assert "(judged again: --judge)" in out and "1 epochs" in out
 
 
-def test_guidance_pick_prints_each_seeds_pick_under_each_tie(capsys, tmp_path):
+def test_guidance_pick_prints_each_seeds_pick_under_both_rules(capsys, tmp_path):
     import guidance_pick
 
     sys.path.insert(0, str(Path(__file__).parent / "evaluation"))
     from eval_helpers import make_tiny_run
 
-    run = make_tiny_run(tmp_path / "run")
-    guidance_pick.main(["--run", str(run), "--settings", "8x2,10x2", "--seeds", "2"])
-    rows = table(capsys.readouterr().out, "images", "x", "steps")
-    assert [r[0] for r in rows] == ["8x2", "10x2"]
-    from ldmkit.evaluation.guidance_choice import GUIDANCE_SCALES
+    from ldmkit.evaluation.guidance_choice import GUIDANCE_SCALES, GuidanceRow, pick_scale
 
-    for r in rows:  # "s each", then two picks per tie, each one of the scales measured
-        assert len(r) == 2 + 3 * 2 and all(float(v) in GUIDANCE_SCALES for v in r[2:])
+    run = make_tiny_run(tmp_path / "run")
+    argv = ["--run", str(run), "--settings", "8x2,10x2", "--seeds", "2", "--first-seed", "3"]
+    guidance_pick.main(argv)
+    out = capsys.readouterr().out
+    assert "picks, seeds 3-4" in out
+    rows = table(out, "images", "x", "steps")
+    assert [r[0] for r in rows] == ["8x2", "10x2"]
+    for r in rows:  # "s each", then two picks per rule, each one of the scales measured
+        assert len(r) == 2 + 2 * 2 and all(float(v) in GUIDANCE_SCALES for v in r[2:])
+    # each printed measurement, picked again here, gives the pick in the table
+    lines = [ln for ln in out.splitlines() if ln.lstrip().startswith(("8x2 seed", "10x2 seed"))]
+    assert [ln.split()[2] for ln in lines] == ["3:", "4:"] * 2
+    for i, ln in enumerate(lines):
+        measured = re.findall(r"([\d.]+): FID ([\d.]+) acc ([\d.]+)", ln)
+        table_rows = [GuidanceRow(float(g), float(f), float(a), 0.0) for g, f, a in measured]
+        n = int(ln.split()[0].split("x")[0])
+        assert float(rows[i // 2][2 + i % 2]) == pick_scale(table_rows, n=n)
+        assert float(rows[i // 2][4 + i % 2]) == guidance_pick.lowest_fid(table_rows)
 
 
 @pytest.mark.slow
