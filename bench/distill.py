@@ -23,7 +23,8 @@ between steps; no guidance: it is distilled in; one UNet call per step). Time: w
 draw the n images (batches of 64); the speed-up is the teacher-20 row's CPU time over the row's.
 The teacher's rows are kept in OUT/teacher-rows.json (by weights, n, seed and features) and
 reused by a later call with the same teacher and n; the table goes to OUT/NAME-table.md and
-.json, and grids (8 per class, teacher at 20 and 4 steps, each student) to OUT/grids/.
+.json, and grids (8 per class, teacher at 20 and 4 steps, each student: NAME-K.png and
+NAME-K-SAMPLER.png) to OUT/grids/.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                    if labels is not None else torch.arange(min(64, a.n)))  # fmt: skip
             grids.mkdir(exist_ok=True)
             file = f"{name}-{sampler}-{steps}.png"
-            if name.startswith("student"):
-                file = f"{name}.png" if sampler == "ddim" else f"{name}-{sampler}.png"
+            if name.startswith("student"):  # named by --name: a second student keeps the first's
+                stem = f"{a.name}-{steps}"
+                file = f"{stem}.png" if sampler == "ddim" else f"{stem}-{sampler}.png"
             save_grid(x[idx], grids / file, nrow=8, scale=2)
         g = guidance if guidance is not None else ldm.guidance_scale
         row = {"model": name, "sampler": sampler, "steps": steps,

@@ -138,6 +138,15 @@ def test_distill_quick(capsys, tmp_path):
     assert (tmp_path / "teacher-rows.json").read_text() == first
     assert again.count("distillation 16 -> 1") == 0 and again.count('"model"') == 8
     assert [r[:7] for r in table(again, "model", "sampler", "steps")] == [r[:7] for r in rows]
+    # a second student (--name) writes grids of its own and leaves the first's alone
+    grids = tmp_path / "grids"
+    assert {"student-4.png", "student-4-lcm.png"} <= {f.name for f in grids.iterdir()}
+    before = (grids / "student-4.png").read_bytes()
+    distill.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--name", "other",
+                  "--student-samplers", "ddim"])  # fmt: skip
+    capsys.readouterr()
+    assert {f"other-{k}.png" for k in (8, 4, 2, 1)} <= {f.name for f in grids.iterdir()}
+    assert (grids / "student-4.png").read_bytes() == before
     # --teacher RUN is copied: the run given is left as it was
     given = tmp_path / "teacher"
     before = {p: p.stat().st_mtime_ns for p in given.rglob("*")}
