@@ -271,3 +271,58 @@ def test_every_class_a_sharp_grid_and_a_new_run_started_from_the_page(browser_pa
     refused = [p for p in problems if p.startswith("400: ")]
     assert refused == [f"400: {url}/api/train/plan"]  # the /etc plan, and nothing else failed
     assert [p for p in problems if not p.startswith("400: ") and "status of 400" not in p] == []
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("LDMKIT_SERVE_RUNS")), reason="it writes an adapter into the served run"
+)
+def test_a_runs_adapter_is_listed_picked_and_sampled_from_the_page(browser_page, runs, tmp_path):
+    """The adapter widgets (issue 28): the run panel lists RUN/adapters/*; the sample form's
+    picker offers the adapters that fit, adds the adapter's class to the class choices while
+    it is picked (and takes it away after), and the request carries the adapter and its scale;
+    the grid comes back."""
+    import json
+
+    from ldmkit import api
+
+    page, url, run, problems = browser_page
+    folder = runs / run
+    few = tmp_path / "few"
+    few.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # a red disc on grey, jittered
+        yy, xx = np.mgrid[0:32, 0:32]
+        disc = (yy - 16 - rng.integers(-3, 4)) ** 2 + (xx - 16 - rng.integers(-3, 4)) ** 2 < 64
+        img = np.full((32, 32, 3), 128, np.uint8)
+        img[disc] = (220, 30, 30)
+        Image.fromarray(img).save(few / f"{i}.png")
+    api.finetune(folder, data=str(few), name="blob", out=folder / "adapters" / "blob",
+                 steps=2, prior_images=2, batch_size=2)  # fmt: skip
+
+    page.goto(url + "/")
+    page.wait_for_selector(f"#run option[value='{run}']", state="attached")
+    page.select_option("#run", run)
+    page.wait_for_selector("#adapters-box:not([hidden])")
+    assert page.inner_text("#adapters").startswith("blob: class blob, scale 1, rank 8")
+    assert page.is_visible("#adapter-pick")
+    options = "o => [...o.options].map(x => x.value)"
+    assert page.eval_on_selector("#adapter", options) == ["", "blob"]
+    assert "blob" not in page.eval_on_selector("#classes", options)
+    page.select_option("#adapter", "blob")
+    assert page.eval_on_selector("#classes", options)[-1] == "blob"
+    page.select_option("#classes", "blob")
+    page.fill("#adapter-scale", "0.5")
+    page.fill("#steps", "4")
+    page.fill("#n", "2")
+    with page.expect_request("**/api/sample") as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data)
+    assert (body["adapter"], body["adapter_scale"], body["classes"]) == ("blob", 0.5, "blob")
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    page.wait_for_function("() => document.getElementById('result').naturalWidth > 0")
+    assert "2 images" in page.inner_text("#result-text")
+    assert not_blank(page.locator("#result").screenshot()) > 5
+    # no adapter: its class leaves the choices, and a request names none
+    page.select_option("#adapter", "")
+    assert "blob" not in page.eval_on_selector("#classes", options)
+    assert problems == []
