@@ -147,6 +147,22 @@ def test_distill_quick(capsys, tmp_path):
     capsys.readouterr()
     assert {f"other-{k}.png" for k in (8, 4, 2, 1)} <= {f.name for f in grids.iterdir()}
     assert (grids / "student-4.png").read_bytes() == before
+    # the sampler choice over seeds on those students (bench/student_sampler.py)
+    import student_sampler
+
+    from ldmkit.evaluation.sampler_choice import SamplerRow, pick_sampler
+
+    student_sampler.main(["--bench", str(tmp_path), "--seeds", "2"])
+    out = capsys.readouterr().out
+    rows = table(out, "student", "steps", "picks")
+    n = int(re.search(r"n = (\d+) per sampler", out).group(1))
+    assert [(r[0], r[1]) for r in rows] == [("student-8", "8"), ("student-4", "4"),
+                                            ("student-2", "2")]  # fmt: skip
+    for r in rows:  # two picks; seed 0's is the rule's pick of the figures printed
+        picks = r[2:4]
+        ddim = SamplerRow("ddim", float(r[4]), float(r[6]), 0.0)
+        lcm = SamplerRow("lcm", float(r[5]), float(r[7]), 0.0)
+        assert set(picks) <= {"ddim", "lcm"} and picks[0] == pick_sampler([ddim, lcm], n=n)
     # --teacher RUN is copied: the run given is left as it was
     given = tmp_path / "teacher"
     before = {p: p.stat().st_mtime_ns for p in given.rglob("*")}

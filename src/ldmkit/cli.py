@@ -501,7 +501,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if code is not None:
         return code
-    print(f"student of {res.steps} DDIM steps in {res.seconds / 60:.1f} min -> {res.out}; "
+    from .runs import RunFolder
+
+    sampler, _ = RunFolder(res.out).default_sampling()
+    print(f"student of {res.steps} {sampler} steps in {res.seconds / 60:.1f} min -> {res.out}; "
           f"sample it with `ldmkit sample --run {res.out} --out grid.png`")  # fmt: skip
     return 0
 

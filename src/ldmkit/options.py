@@ -910,6 +910,11 @@ class DistillOptions(Options):
         None, "with --guidance-mode input: the largest scale it learns (default: twice the "
         "run's)", lo=1, hi=max_guidance, web=False,
     )  # fmt: skip
+    sampler: str = option(
+        "auto", "the student's default sampler: ddim (the path it learned), lcm (fresh noise "
+        "between its steps), or auto: measured at the end, ddim unless lcm is clearly better",
+        choices=("auto", "ddim", "lcm"), web=False,
+    )  # fmt: skip
 
 
 # Every verb's declaration by the verb's name: the fronts look them up here (so a test can

@@ -398,3 +398,69 @@ def test_a_fixed_scale_student_refuses_another_guidance(teacher, student, tmp_pa
                "--out", str(tmp_path / "g.png")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "built into its weights" in err[0], err
+
+
+def test_the_student_sampler_rule_keeps_ddim_unless_lcm_is_clearly_better():
+    from ldmkit.evaluation.sampler_choice import SamplerRow, pick_sampler
+
+    def rows(ddim, lcm):
+        return [SamplerRow("ddim", *ddim, 0.0), SamplerRow("lcm", *lcm, 0.0)]
+
+    # the 4-step students of docs/performance.md (issue 27): shapes, then MNIST
+    assert pick_sampler(rows((12.1, 0.671), (6.17, 0.791)), n=256) == "lcm"
+    assert pick_sampler(rows((1.23, 0.983), (3.13, 0.996)), n=256) == "ddim"
+    # 10 % lower FID is within the noise; 50 % lower at lower accuracy does not count
+    assert pick_sampler(rows((5.0, 0.80), (4.5, 0.80)), n=256) == "ddim"
+    assert pick_sampler(rows((5.0, 0.80), (2.5, 0.70)), n=256) == "ddim"
+
+
+def test_a_students_sampler_is_measured_at_the_end_and_becomes_its_default(teacher, tmp_path,
+                                                                           capsys):  # fmt: skip
+    """`--sampler auto` (the default): a 2-step student measures ddim against lcm on the run's
+    data, records both rows and its pick, and samples with the pick; `--sampler lcm` sets it
+    without measuring; a 1-step student is not measured."""
+    from ldmkit.evaluation.sampler_choice import SamplerRow, pick_sampler
+
+    out = tmp_path / "auto"
+    rc = main(["distill", "--run", str(teacher), "--out", str(out), "--steps", "2",
+               "--teacher-steps", "4", "--iterations", "3", "--batch-size", "8", "--quiet"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    record = RunFolder(out).distill_record()
+    measured = record["sampler_choice"]
+    assert set(measured) == {"ddim", "lcm", "n"} and measured["n"] == 32  # half of 64 images
+    rows = [SamplerRow(k, measured[k]["fid"], measured[k]["accuracy"], 0) for k in ("ddim", "lcm")]
+    assert all(r.fid > 0 and 0 <= r.accuracy <= 1 for r in rows)
+    assert record["sampler"] == pick_sampler(rows, n=32)
+    saved = json.loads((out / "eval" / "sampler.json").read_text())
+    assert saved["sampler"] == record["sampler"] and saved["steps"] == 2
+    assert f"student of 2 {record['sampler']} steps" in printed
+    ldm = LatentDiffusion.from_run(out)
+    assert (ldm.default_sampler, ldm.default_steps) == (record["sampler"], 2)
+
+    fixed = tmp_path / "lcm"
+    rc = main(["distill", "--run", str(teacher), "--out", str(fixed), "--steps", "2",
+               "--teacher-steps", "4", "--iterations", "3", "--batch-size", "8", "--quiet",
+               "--sampler", "lcm"])  # fmt: skip
+    assert rc == 0 and "student of 2 lcm steps" in capsys.readouterr().out
+    assert RunFolder(fixed).default_sampling() == ("lcm", 2)
+    assert "sampler_choice" not in RunFolder(fixed).distill_record()
+    assert not (fixed / "eval" / "sampler.json").exists()
+    # both samplers ran: the lcm student's samples differ from the same student's DDIM ones
+    lcm = LatentDiffusion.from_run(fixed)
+    labels = torch.tensor([0, 1])
+    assert not torch.equal(latents(lcm, labels), latents(lcm, labels, sampler="ddim"))
+
+
+def test_a_one_step_student_keeps_ddim_unmeasured(student):
+    record = RunFolder(student).distill_record()
+    assert record["sampler"] == "ddim" and record["sampler_choice"] is None
+    assert not (student / "eval" / "sampler.json").exists()
+
+
+def test_a_bad_sampler_is_refused_in_one_line(teacher, tmp_path, capsys):
+    rc = main(["distill", "--run", str(teacher), "--out", str(tmp_path / "z"), "--sampler",
+               "heun"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown sampler 'heun'" in err[0], err
+    assert err[0].endswith("choose one of auto, ddim, lcm")

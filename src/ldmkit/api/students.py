@@ -41,9 +41,11 @@ def distill(
 ) -> DistillResult:
     """Distil the run `run` into a few-step student run folder `out` (progressive distillation,
     ldmkit.training.distill). Its options (`options.DistillOptions`: steps, teacher_steps,
-    iterations, time_budget, batch_size, lr, weighting, seed) come as keywords or all at once
-    as `options`; without `iterations`, a halving runs DISTILL_ITERATIONS optimizer steps, or
-    with a time budget as many as its share of the budget allows. `ldmkit sample --run OUT` then samples with DDIM at the student's steps.
+    iterations, time_budget, batch_size, lr, weighting, seed, guidance_mode, max_guidance,
+    sampler) come as keywords or all at once as `options`; without `iterations`, a halving runs DISTILL_ITERATIONS optimizer steps, or
+    with a time budget as many as its share of the budget allows. `ldmkit sample --run OUT` then
+    samples at the student's steps with its sampler (`sampler`: DDIM, or lcm where "auto"
+    measured it clearly better).
 
         api.distill("runs/shapes", "runs/shapes-fast", steps=4, time_budget="20m")
     """
@@ -69,5 +71,5 @@ def distill(
         time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
         batch_size=o.batch_size, lr=o.lr, weighting=o.weighting, seed=o.seed, resume=resume,
         device=device, progress=progress, stop=stop, guidance_input=o.guidance_mode == "input",
-        max_guidance=o.max_guidance,
+        max_guidance=o.max_guidance, sampler=o.sampler,
     )  # fmt: skip

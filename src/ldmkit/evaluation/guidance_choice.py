@@ -98,17 +98,18 @@ class GuidanceChoice:
 
 
 def pick_scale(rows: Sequence[GuidanceRow], n: int, prior: float = PRIOR_SCALE) -> float:
-    """The measured scale nearest `prior` (the lower of two as near), unless another is clearly better (the module
-    docstring); `n` is the number of images per scale, for the accuracies' standard errors."""
+    """The measured scale nearest `prior` (the lower of two as near), unless another is clearly
+    better (the module docstring); `n`: images per scale, for the accuracies' standard errors."""
     anchor = min(rows, key=lambda r: (abs(r.scale - prior), r.scale))
-    better = [r for r in rows if r is anchor or _beats(r, anchor, n)]
+    better = [r for r in rows if r is anchor or clearly_better(r, anchor, n)]
     best = min(r.fid for r in better)
     tied = [r for r in better if r.fid <= best * (1 + FID_TIE)]
     return min(tied, key=lambda r: (-r.accuracy, r.scale)).scale
 
 
-def _beats(r: GuidanceRow, anchor: GuidanceRow, n: int) -> bool:
-    """Is `r` better than `anchor` on one measure beyond the noise, and no worse on the other?"""
+def clearly_better(r: Any, anchor: Any, n: int) -> bool:
+    """Is `r` better than `anchor` on one measure beyond the noise of n images, and no worse on
+    the other? (Rows with `fid` and `accuracy`: FID_MARGIN, ACCURACY_SE, FID_TIE.)"""
     p, q = r.accuracy, anchor.accuracy
     se = math.sqrt((p * (1 - p) + q * (1 - q)) / max(n, 1))
     lower_fid = r.fid < anchor.fid * (1 - FID_MARGIN) and p >= q
@@ -141,17 +142,60 @@ def measure_guidance(
     is trained or reused (for images of at most 64 px, `can_measure`)."""
     scales = GUIDANCE_SCALES if scales is None else scales
     n, steps = n or QUICK_N, steps or QUICK_STEPS
+    t0 = time.perf_counter()
+    qs = quick_set(ldm, folder, n=n, seed=seed, net=net, what="guidance")
+    if qs is None:
+        return None
+    rows = []
+    for g in scales:
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            x = ldm.sample(qs.n, steps=steps, seed=seed, guidance_scale=g, **qs.condition)
+        fid, accuracy = qs.score(x)
+        rows.append(GuidanceRow(float(g), fid, accuracy, time.perf_counter() - t1))
+    return GuidanceChoice(
+        pick_scale(rows, qs.n), rows, qs.net.name, qs.n, steps, qs.floor,
+        time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+@dataclass
+class QuickSet:
+    """What a quick measurement scores samples against: n real training images' conditions
+    (`condition`, for `LatentDiffusion.sample`), their labels, their features' statistics in
+    the domain classifier `net`, and the real-vs-real floor at this n."""
+
+    net: FeatureNet
+    n: int
+    labels: torch.Tensor
+    condition: dict[str, Any]
+    ref: FeatureStats
+    floor: float
+
+    def score(self, x: torch.Tensor) -> tuple[float, float]:
+        """(FID against the real images, the share read as the asked-for class) of samples x."""
+        with torch.no_grad():
+            accuracy = float((self.net.logits(x).argmax(1) == self.labels).double().mean())
+            return _fid(FeatureStats().update(self.net.features(x).double()), self.ref), accuracy
+
+
+def quick_set(
+    ldm: LatentDiffusion, folder: RunFolder, *, n: int, seed: int = 0,
+    net: FeatureNet | None = None, what: str = "guidance",
+) -> QuickSet | None:  # fmt: skip
+    """The real side of a quick measurement on the run's data (n images drawn with `seed`, n
+    others for the floor), or None, logged as `what` "not measured" with the reason, where the
+    run has no domain classifier to measure with (`can_measure`, labels, captions)."""
     why = can_measure(folder) if net is None else None
     if why is not None:
-        logger.info("guidance: not measured, because %s", why)
+        logger.info("%s: not measured, because %s", what, why)
         return None
-    t0 = time.perf_counter()
     ds = folder.load_data()
     if ds.labels is None or (ldm.is_text_conditional and ds.captions is None):
         logger.info(
-            "guidance: not measured, because its data has no class labels to train the domain "
-            "classifier on (or no captions)"
-        )
+            "%s: not measured, because its data has no class labels to train the domain "
+            "classifier on (or no captions)", what,
+        )  # fmt: skip
         return None
     # the run's cached classifier (`ldmkit eval`'s); else a quick one of DOMAIN_MIN_STEPS steps
     # (one epoch of MNIST: 1/5 of eval's), not cached, so that eval still trains its own
@@ -172,16 +216,7 @@ def measure_guidance(
     with torch.no_grad():
         ref = FeatureStats().update(net.features(real).double())
         floor = _fid(FeatureStats().update(net.features(other).double()), ref)
-        rows = []
-        for g in scales:
-            t1 = time.perf_counter()
-            x = ldm.sample(n, steps=steps, seed=seed, guidance_scale=g, **condition)
-            accuracy = float((net.logits(x).argmax(1) == labels).double().mean())
-            fid = _fid(FeatureStats().update(net.features(x).double()), ref)
-            rows.append(GuidanceRow(float(g), fid, accuracy, time.perf_counter() - t1))
-    return GuidanceChoice(
-        pick_scale(rows, n), rows, net.name, n, steps, floor, time.perf_counter() - t0
-    )
+    return QuickSet(net, n, labels, condition, ref, floor)
 
 
 def _fid(a: FeatureStats, b: FeatureStats) -> float:

@@ -29,6 +29,10 @@ teacher and the count halves again, N -> N/2 -> ... -> the target (default 64 ->
 - Each halving is measured on fixed noise before and after it: the student's samples at N/2
   DDIM steps against the teacher's at N (RMS in the latent space, through `samplers.sample`,
   an independent path from the training target's code).
+- The student's default sampler (distill.json's `sampler`): `sampler="auto"` measures DDIM
+  against multistep consistency sampling (`lcm`) once the last halving is done
+  (evaluation/sampler_choice.py) and keeps DDIM unless lcm is clearly better; "ddim" or "lcm"
+  sets it without measuring.
 """
 
 from __future__ import annotations
@@ -337,6 +341,7 @@ def distill_run(
     guidance_input: bool = False,
     max_guidance: float | None = None,
     ema_decay: float = EMA_DECAY,
+    sampler: str = SAMPLER,
 ) -> DistillResult:
     """Distil the run in `teacher_dir` into a student run folder `out` (see the module's doc).
 
@@ -345,8 +350,9 @@ def distill_run(
     the student of that many steps (a benchmark keeps each). `guidance_input`: the student takes
     the guidance scale as an input (Meng et al. 2023), trained on scales drawn uniformly from
     [1, max_guidance] (default: twice the run's); else it learns the run's scale alone.
-    `ema_decay`: the student's EMA (the weights each halving keeps). The caller checks the
-    arguments' ranges (api)."""
+    `ema_decay`: the student's EMA (the weights each halving keeps). `sampler`: the student's
+    default sampler, or "auto" to measure it at the end (module docstring). The caller checks
+    the arguments' ranges (api)."""
     teacher = RunFolder(teacher_dir)
     cfg = check_teacher(teacher, teacher_dir, steps, teacher_steps)
     if guidance_input and not _conditional(teacher, cfg):
@@ -428,8 +434,33 @@ def distill_run(
             record.update(steps=n, complete=n == steps)
             student.write_distill_record(record)
             resume = False  # the next halving starts afresh
+        if why == "finished":
+            record["sampler"] = _student_sampler(student, sampler, record, seed)
+            student.write_distill_record(record)
     return DistillResult(student.path, record["steps"] or teacher_steps, bool(record["complete"]),
                          why, record["halvings"], time.perf_counter() - t0)  # fmt: skip
+
+
+def _student_sampler(student: RunFolder, sampler: str, record: dict[str, Any], seed: int) -> str:
+    """The student's default sampler: `sampler`, or for "auto" the measured pick (DDIM where
+    nothing can be measured); the measurement goes to record["sampler_choice"] and
+    eval/sampler.json."""
+    if sampler != "auto":
+        return sampler
+    from ..evaluation import sampler_choice as sc
+    from ..pipeline import LatentDiffusion
+
+    ldm = LatentDiffusion.from_run(student.path)
+    choice = sc.measure_student_sampler(ldm, student, int(record["steps"]), seed=seed)
+    if choice is None:
+        record["sampler_choice"] = None
+        return SAMPLER
+    log.info("the student's sampler, chosen by measurement (--sampler ddim or lcm sets one):\n%s",
+             choice.table())  # fmt: skip
+    sc.save_choice(student, choice)
+    record["sampler_choice"] = {r.sampler: {"fid": r.fid, "accuracy": r.accuracy}
+                                for r in choice.rows} | {"n": choice.n}  # fmt: skip
+    return choice.sampler
 
 
 def _start(
