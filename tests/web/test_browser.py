@@ -302,6 +302,7 @@ def test_a_runs_adapter_is_listed_picked_and_sampled_from_the_page(browser_page,
     page.goto(url + "/")
     page.wait_for_selector(f"#run option[value='{run}']", state="attached")
     page.select_option("#run", run)
+    page.wait_for_load_state("networkidle")  # the page's own first load of the run, and this one
     page.wait_for_selector("#adapters-box:not([hidden])")
     assert page.inner_text("#adapters").startswith("blob: class blob, scale 1, rank 8")
     assert page.is_visible("#adapter-pick")
@@ -309,6 +310,10 @@ def test_a_runs_adapter_is_listed_picked_and_sampled_from_the_page(browser_page,
     assert page.eval_on_selector("#adapter", options) == ["", "blob"]
     assert "blob" not in page.eval_on_selector("#classes", options)
     page.select_option("#adapter", "blob")
+    assert page.eval_on_selector("#classes", options)[-1] == "blob"
+    # the run's panel loaded again (another pick of the run, a new adapter) keeps the pick
+    page.evaluate("() => pickRun(state.run)")
+    assert page.input_value("#adapter") == "blob"
     assert page.eval_on_selector("#classes", options)[-1] == "blob"
     page.select_option("#classes", "blob")
     page.fill("#adapter-scale", "0.5")

@@ -127,9 +127,10 @@ function showAdapters(adapters) {
     ? `${a.name}: ${a.class_name ? "class " + a.class_name : "style"}, scale ${a.scale}, rank ${a.rank}, ${a.kb} KB`
     : `${a.name}: does not fit (${a.why})`)));
   $("adapters-box").hidden = adapters.length === 0;
-  const fitting = adapters.filter((a) => a.fits);
+  const fitting = adapters.filter((a) => a.fits), kept = $("adapter").value;
   $("adapter").replaceChildren(new Option("none", ""), ...fitting.map((a) =>
     new Option(a.class_name ? `${a.name} (class ${a.class_name})` : a.name, a.name)));
+  if (fitting.some((a) => a.name === kept)) $("adapter").value = kept;  // a reload keeps the pick
   $("adapter-pick").hidden = fitting.length === 0;
   state.adapters = fitting;
 }
