@@ -85,16 +85,23 @@ class GuidanceChoice:
 
     def table(self) -> str:
         """The measurement as text lines, the pick marked."""
-        head = f"{'guidance':>8} {'FID-' + self.feature_name:>16} {'accuracy':>8} {'s':>5}"
-        lines = [head]
-        for r in self.rows:
-            mark = "  <- chosen" if r.scale == self.scale else ""
-            lines.append(f"{r.scale:8g} {r.fid:16.2f} {r.accuracy:8.3f} {r.seconds:5.1f}{mark}")
+        rows = [(f"{r.scale:g}", r, r.scale == self.scale) for r in self.rows]
+        lines = table_lines("guidance", self.feature_name, rows)
         lines.append(
             f"(n = {self.n} per scale, {self.steps} {DEFAULT_SAMPLER} steps, real-vs-real "
             f"floor {self.floor:.2f}; {self.seconds:.0f} s in all)"
         )
         return "\n".join(lines)
+
+
+def table_lines(key: str, feature_name: str, rows: Sequence[tuple[str, Any, bool]]) -> list[str]:
+    """A quick measurement's table: a header, then per (label, row with fid / accuracy /
+    seconds, chosen) a line, the chosen one marked."""
+    lines = [f"{key:>8} {'FID-' + feature_name:>16} {'accuracy':>8} {'s':>5}"]
+    for label, r, chosen in rows:
+        mark = "  <- chosen" if chosen else ""
+        lines.append(f"{label:>8} {r.fid:16.2f} {r.accuracy:8.3f} {r.seconds:5.1f}{mark}")
+    return lines
 
 
 def pick_scale(rows: Sequence[GuidanceRow], n: int, prior: float = PRIOR_SCALE) -> float:

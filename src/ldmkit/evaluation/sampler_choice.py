@@ -32,7 +32,7 @@ from ldmkit.checkpoint import write_json
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
 
-from .guidance_choice import clearly_better, quick_set
+from .guidance_choice import clearly_better, quick_set, table_lines
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ class SamplerChoice:
     seconds: float
 
     def table(self) -> str:
-        lines = [f"{'sampler':>8} {'FID-' + self.feature_name:>16} {'accuracy':>8} {'s':>5}"]
-        for r in self.rows:
-            mark = "  <- chosen" if r.sampler == self.sampler else ""
-            lines.append(f"{r.sampler:>8} {r.fid:16.2f} {r.accuracy:8.3f} {r.seconds:5.1f}{mark}")
+        rows = [(r.sampler, r, r.sampler == self.sampler) for r in self.rows]
+        lines = table_lines("sampler", self.feature_name, rows)
         lines.append(
             f"(n = {self.n} per sampler, {self.steps} steps, real-vs-real floor {self.floor:.2f}; "
             f"{self.seconds:.0f} s in all)"
