@@ -42,10 +42,10 @@ def distill(
     """Distil the run `run` into a few-step student run folder `out` (progressive distillation,
     ldmkit.training.distill). Its options (`options.DistillOptions`: steps, teacher_steps,
     iterations, time_budget, batch_size, lr, weighting, seed, guidance_mode, max_guidance,
-    sampler) come as keywords or all at once as `options`; without `iterations`, a halving runs DISTILL_ITERATIONS optimizer steps, or
-    with a time budget as many as its share of the budget allows. `ldmkit sample --run OUT` then
-    samples at the student's steps with its sampler (`sampler`: DDIM, or lcm where "auto"
-    measured it clearly better).
+    sampler) come as keywords or all at once as `options`; without `iterations`, a halving runs
+    DISTILL_ITERATIONS optimizer steps, or with a time budget as many as its share of the budget
+    allows. `ldmkit sample --run OUT` then samples at the student's steps with its sampler
+    (`sampler`: DDIM, or lcm where "auto" measured it clearly better).
 
         api.distill("runs/shapes", "runs/shapes-fast", steps=4, time_budget="20m")
     """

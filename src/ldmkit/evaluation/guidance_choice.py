@@ -15,12 +15,13 @@ images per scale the quick FIDs' noise is as large as their differences (a real-
 this n is often larger than the samples' own), and a rule that took the lowest FID picked
 scales from 1 to 5 on one run as the seed changed (docs/performance.md, "the quick guidance
 choice"). 1.5 is the best scale, or next to it, in every 500-sample measurement of the built-in
-shapes and MNIST runs since issue 25's recipe. Another scale replaces it when it is better on one measure by more than the
-noise and no worse on the other: a quick FID lower by FID_MARGIN (25 %) at no lower accuracy, or
-an accuracy higher by ACCURACY_SE (2) standard errors of the difference at an FID within FID_TIE
-(10 %); among several such scales, the lowest FID, the most accurate within FID_TIE of it, then
-the lowest scale. The FIDs are of small n and few steps, biased upward: they rank the scales of
-one run, they are no figure to quote.
+shapes and MNIST runs since issue 25's recipe. Another scale replaces it when it is better on
+one measure by more than the noise and no worse on the other (`clearly_better`): a quick FID
+lower by FID_MARGIN (25 %) at no lower accuracy, or an accuracy higher by ACCURACY_SE (2)
+standard errors of the difference at an FID within FID_TIE (10 %); among several such scales,
+the lowest FID, the most accurate within FID_TIE of it, then the lowest scale. The FIDs are of
+small n and few steps, biased upward: they rank the scales of one run, they are no figure to
+quote.
 
 It needs the domain classifier (`feature_nets`: images of at most 64 px, data with labels); the
 classifier is cached in the run folder, where `ldmkit eval` reuses it. Without one nothing is
@@ -33,7 +34,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,13 +154,12 @@ def measure_guidance(
     qs = quick_set(ldm, folder, n=n, seed=seed, net=net, what="guidance")
     if qs is None:
         return None
-    rows = []
-    for g in scales:
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            x = ldm.sample(qs.n, steps=steps, seed=seed, guidance_scale=g, **qs.condition)
-        fid, accuracy = qs.score(x)
-        rows.append(GuidanceRow(float(g), fid, accuracy, time.perf_counter() - t1))
+    rows = [
+        GuidanceRow(float(g), *qs.measure(
+            lambda g=g: ldm.sample(qs.n, steps=steps, seed=seed, guidance_scale=g, **qs.condition)
+        ))
+        for g in scales
+    ]  # fmt: skip
     return GuidanceChoice(
         pick_scale(rows, qs.n), rows, qs.net.name, qs.n, steps, qs.floor,
         time.perf_counter() - t0,
@@ -179,11 +179,15 @@ class QuickSet:
     ref: FeatureStats
     floor: float
 
-    def score(self, x: torch.Tensor) -> tuple[float, float]:
-        """(FID against the real images, the share read as the asked-for class) of samples x."""
+    def measure(self, draw: Callable[[], torch.Tensor]) -> tuple[float, float, float]:
+        """(FID against the real images, the share read as the asked-for class, seconds) of the
+        samples `draw()` returns (n of them, for `condition`)."""
+        t0 = time.perf_counter()
         with torch.no_grad():
+            x = draw()
             accuracy = float((self.net.logits(x).argmax(1) == self.labels).double().mean())
-            return _fid(FeatureStats().update(self.net.features(x).double()), self.ref), accuracy
+            fid = _fid(FeatureStats().update(self.net.features(x).double()), self.ref)
+        return fid, accuracy, time.perf_counter() - t0
 
 
 def quick_set(

@@ -26,8 +26,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ldmkit.checkpoint import write_json
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.runs import RunFolder
@@ -86,7 +84,8 @@ def measure_student_sampler(
     seed: int = 0,
 ) -> SamplerChoice | None:
     """Measure each sampler at the student's `steps` (module docstring) and pick one; None where
-    nothing can be measured (no domain classifier for the data, or a 1-step student)."""
+    nothing is measured (a 1-step or unconditional student, or no domain classifier for the
+    data)."""
     if steps < 2:
         logger.info("sampler: not measured, because at 1 step every sampler is the same")
         return None
@@ -97,13 +96,12 @@ def measure_student_sampler(
     qs = quick_set(ldm, folder, n=n, seed=seed, what="sampler")
     if qs is None:
         return None
-    rows = []
-    for name in samplers:
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            x = ldm.sample(qs.n, sampler=name, steps=steps, seed=seed, **qs.condition)
-        fid, accuracy = qs.score(x)
-        rows.append(SamplerRow(name, fid, accuracy, time.perf_counter() - t1))
+    rows = [
+        SamplerRow(name, *qs.measure(
+            lambda name=name: ldm.sample(qs.n, sampler=name, steps=steps, seed=seed, **qs.condition)
+        ))
+        for name in samplers
+    ]  # fmt: skip
     return SamplerChoice(
         pick_sampler(rows, qs.n), rows, qs.net.name, qs.n, steps, qs.floor,
         time.perf_counter() - t0,
