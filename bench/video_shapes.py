@@ -9,6 +9,8 @@ the image run, the direction a learned embedding in every temporal block. Arms:
     inflate-frozen  the image run's UNet, spatial layers frozen; the temporal layers train
     inflate         the image run's UNet, everything trains (temporal layers at a higher LR)
     scratch         a fresh UNet of the same shape, everything trains
+    stacked         a fresh 2-D UNet that sees a clip's frames as channels (layout=stacked,
+                    `--stacked-channels` wide), the joint label as its class
 
 Each arm trains for `--minutes` (the shared loop, EMA); while it trains a gate samples a few
 clips per direction and logs the direction accuracy against the training seconds (measurement
@@ -37,6 +39,7 @@ GIF of samples per arm. Figures are for the seeds given, on a shared CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -63,7 +66,7 @@ from ldmkit.training.loop import QualityGate
 from ldmkit.training.video import VIDEO_RECIPE, encode_clip_moments, train_video_unet
 from ldmkit.video_sampling import decode_clips
 
-ARMS = ("inflate-frozen", "inflate", "scratch")
+ARMS = ("inflate-frozen", "inflate", "scratch", "stacked")
 # (shape, direction) pairs held out of the training clips in every colour: the model never sees
 # a star moving left or a circle moving up-right, and is asked for them at the end.
 HELD_OUT_PAIRS = (("star", "left"), ("circle", "up-right"))
@@ -183,8 +186,19 @@ def shape_classifier(
     return model
 
 
-def build(arm: str, image_unet: UNet, frames: int, recipe: dict) -> VideoUNet:
+def build(
+    arm: str, image_unet: UNet, frames: int, recipe: dict, stacked_channels=None
+) -> VideoUNet:
     settings = dict(frames=frames, motion_classes=len(DIRECTION_NAMES), **recipe["model"])
+    if arm == "stacked":
+        settings.update(layout="stacked", frame_embedding=False, freeze_spatial=False,
+                        noise_mixing=recipe["scratch_noise_mixing"])  # fmt: skip
+        unet_cfg = image_unet.config
+        if stacked_channels:
+            unet_cfg = dataclasses.replace(unet_cfg, block_out_channels=stacked_channels,
+                                           time_embed_dim=None)  # fmt: skip
+        torch.manual_seed(0)
+        return VideoUNet(VideoUNetConfig(unet=unet_cfg, **settings))
     if arm == "scratch":
         settings["temporal_lr_mult"] = recipe["scratch_temporal_lr_mult"]
         torch.manual_seed(0)
@@ -200,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the image run to inflate (its vae/ and unet/ folders)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=10.0, help="training time per arm")
     p.add_argument("--frames", type=int, default=8)
+    p.add_argument(
+        "--stacked-channels",
+        default=None,
+        help="the stacked arm's UNet widths per level (recipe's scratch ones)",
+    )
     p.add_argument("--clips", type=int, default=2000, help="training clips")
     p.add_argument("--batch", type=int, default=None, help="clips per step (recipe's)")
     p.add_argument("--noise-mixing", type=float, default=None, help="alpha (recipe's)")
@@ -244,13 +263,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     recipe = json.loads(json.dumps(VIDEO_RECIPE))  # a deep copy
     if a.noise_mixing is not None:
-        recipe["model"]["noise_mixing"] = a.noise_mixing
+        recipe["model"]["noise_mixing"] = recipe["scratch_noise_mixing"] = a.noise_mixing
     if a.temporal_levels is not None:
         recipe["model"]["temporal_levels"] = (
             None if a.temporal_levels == "all" else [int(v) for v in a.temporal_levels.split(",")]
         )
     if a.batch is not None:
-        recipe["batch_size"] = a.batch
+        recipe["batch_size"] = recipe["scratch_batch_size"] = a.batch
     if a.frame_embedding is not None:
         recipe["model"]["frame_embedding"] = bool(a.frame_embedding)
     if a.lr is not None:
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     size = 32
     if a.quick:
         size, a.frames, a.clips, a.per_direction, a.per_holdout, a.steps = 16, 4, 16, 1, 1, 2
-        a.gate_per_direction, recipe["batch_size"] = 1, 2
+        a.gate_per_direction, recipe["batch_size"], recipe["scratch_batch_size"] = 1, 2, 2
         recipe["model"]["temporal_levels"] = None
     print(machine_line())
     print(f"settings: {vars(a)}")
@@ -317,10 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     curves, results = {}, {"settings": {k: str(v) for k, v in vars(a).items()}, "recipe": recipe}
     diff = DiffusionConfig(class_dropout=recipe["class_dropout"])
     for arm in arms:
-        model = build(arm, image_unet, a.frames, recipe)
+        widths = tuple(recipe["scratch_unet_channels"] if a.stacked_channels is None else
+                       (int(v) for v in a.stacked_channels.split(",")))  # fmt: skip
+        model = build(arm, image_unet, a.frames, recipe, (16, 32) if a.quick else widths)
         lr = recipe["lr"]["inflate" if arm.startswith("inflate") else "scratch"]
         cfg = TrainConfig(
-            steps=3 if a.quick else 1_000_000, batch_size=recipe["batch_size"], lr=lr,
+            steps=3 if a.quick else 1_000_000, lr=lr,
+            batch_size=recipe["scratch_batch_size" if arm == "stacked" else "batch_size"],
             warmup_steps=1 if a.quick else recipe["warmup_steps"], lr_schedule="constant",
             ema_decay=recipe["ema_decay"], checkpoint_every=1_000_000, sample_every=0,
             log_every=100, grad_clip=1.0,

@@ -358,20 +358,21 @@ def test_video_motion_probe_quick(capsys, tmp_path):
 def test_video_shapes_quick(capsys, tmp_path):
     import video_shapes
 
-    video_shapes.main(["--quick", "--arms", "inflate-frozen,scratch", "--threads", "1",
+    video_shapes.main(["--quick", "--arms", "inflate-frozen,scratch,stacked", "--threads", "1",
                        "--out", str(tmp_path)])  # fmt: skip
     out = capsys.readouterr().out
     rows = table(out, "clips", "asked", "direction")
     assert [r[:2] for r in rows] == [
         ["real", "seen"], ["real-autoencoded", "seen"], ["inflate-frozen", "seen"],
         ["inflate-frozen", "held-out"], ["scratch", "seen"], ["scratch", "held-out"],
+        ["stacked", "seen"], ["stacked", "held-out"],
     ]  # fmt: skip
     real = rows[0]
     assert float(real[2]) == 1.0 and float(real[3]) == 1.0  # the tracker reads real clips right
     assert rows[-1][7] == "3" and 0 <= float(rows[-1][2]) <= 1  # three steps, a share
     curve = table(out, "arm", "step", "train_s")
-    assert {r[0] for r in curve} == {"inflate-frozen", "scratch"}
-    assert len(list(tmp_path.glob("*.gif"))) == 4 and (tmp_path / "results.json").exists()
+    assert {r[0] for r in curve} == {"inflate-frozen", "scratch", "stacked"}
+    assert len(list(tmp_path.glob("*.gif"))) == 6 and (tmp_path / "results.json").exists()
     # the saved models evaluate to the same table without training
     video_shapes.main(["--quick", "--arms", "scratch", "--threads", "1", "--load", str(tmp_path)])
     again = table(capsys.readouterr().out, "clips", "asked", "direction")

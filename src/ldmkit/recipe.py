@@ -34,7 +34,7 @@ from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fiel
 from .models.text import MINILM_WIDTH
 from .models.unet import UNetConfig
 from .models.vae import AutoencoderConfig
-from .models.video import VideoUNetConfig
+from .models.video import LAYOUTS, VideoUNetConfig
 
 # Ranges of the settings a user gives (flags and config fields alike; api checks the flags)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # px; the data readers need >= 8
@@ -248,10 +248,19 @@ class VideoConfig:
     frame_embedding: bool = _video_default("frame_embedding")
     temporal_lr_mult: float = _video_default("temporal_lr_mult")
     noise_mixing: float = _video_default("noise_mixing")
+    # "temporal" (the image UNet per frame plus temporal layers; can be grown from an image
+    # run) or "stacked" (one 2-D UNet on a clip's frames as channels; from scratch only)
+    layout: str = _video_default("layout")
 
     def __post_init__(self) -> None:
         check_int("video.frames", self.frames, 2, 256)
         check_float("video.fps", self.fps, 0, MAX_FPS, lo_open=True)
+        if self.layout not in LAYOUTS:
+            raise ConfigError(
+                f"video.layout={self.layout!r}: choose {' or '.join(LAYOUTS)} (temporal: the "
+                "image UNet per frame plus temporal layers; stacked: one UNet on the frames as "
+                "channels)"
+            )
         if self.temporal_levels is not None:
             self.temporal_levels = tuple(self.temporal_levels)
 
@@ -346,6 +355,12 @@ class RunConfig:
                 "video.freeze_spatial trains the temporal layers only, which needs a trained "
                 "image UNet: grow the video run from one with --inflate RUN, or drop "
                 "freeze_spatial"
+            )
+        if self.video is not None and self.video.layout == "stacked" and self.init_from:
+            raise ConfigError(
+                "video.layout=stacked sees a clip's frames as the channels of one 2-D UNet, "
+                "which cannot start as an image run's UNet: drop --inflate/init_from, or use "
+                "video.layout=temporal"
             )
 
     @property

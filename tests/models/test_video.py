@@ -288,3 +288,80 @@ def test_frame_embedding_starts_at_zero_and_tells_each_frame_its_place():
     assert (out[0] - out[1]).abs().max() > 1e-3  # and per motion class
     with pytest.raises(ValueError, match="frame positions up to 4"):
         video(torch.randn(1, 5, 3, 8, 8), t)
+
+
+# ---------------------------------------------------------------- the stacked layout
+
+
+def test_stacked_layout_is_one_unet_on_the_clip_as_channels(tmp_path):
+    """layout=stacked: the clip (B, F, C, H, W) is one image of F * C channels for a 2-D UNet;
+    checked against that UNet called directly, after a save and load, and frames do interact (a
+    change in frame 0 moves the output of the last frame)."""
+    base = tiny_unet(num_classes=2).config
+    cfg = VideoUNetConfig(unet=base, frames=3, layout="stacked")
+    torch.manual_seed(0)
+    video = VideoUNet(cfg).eval()
+    assert video.unet.config.in_channels == 9 and video.unet.config.out_channels == 9
+    assert video.unet.config.num_classes == 2 and not list(video.temporal_parameters())
+    with torch.no_grad():
+        for p in video.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 3, 3, 8, 8)
+    y = torch.tensor([1, 2])  # class 1 and the null
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        out = video(x, t, class_labels=y)
+        ref = video.unet(x.reshape(2, 9, 8, 8), t, class_labels=y).view(2, 3, 3, 8, 8)
+        assert torch.equal(out, ref)
+        assert torch.equal(video(x, t[:, None].expand(2, 3), class_labels=y), out)
+        x2 = x.clone()
+        x2[:, 0] += 1.0
+        assert (video(x2, t, class_labels=y)[:, 2] - out[:, 2]).abs().max() > 1e-3
+    video.save_pretrained(tmp_path / "v")
+    loaded = VideoUNet.from_pretrained(tmp_path / "v").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, class_labels=y), out)
+    assert "stacked" in loaded.summary()
+
+
+def test_stacked_motion_classes_are_a_sum_of_two_embeddings():
+    """With motion classes, a stacked UNet's joint label c * M + m is its image class c plus a
+    motion row m added to the time embedding: with that row zero the output is the UNet's for
+    class c; the joint null is both nulls; each motion row moves the output."""
+    base = tiny_unet(num_classes=2).config
+    video = VideoUNet(VideoUNetConfig(unet=base, frames=3, motion_classes=4, layout="stacked"))
+    assert video.unet.config.num_classes == 2 and video.config.num_classes == 8
+    with torch.no_grad():
+        for p in video.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    video.eval()
+    emb = video.stacked_motion_embedding.weight
+    x, t = torch.randn(1, 3, 3, 8, 8), torch.tensor([300])
+    plain = lambda c: video.unet(x.reshape(1, 9, 8, 8), t, class_labels=torch.tensor([c]))  # noqa: E731
+    with torch.no_grad():
+        moved = video(x, t, class_labels=torch.tensor([video.config.joint_label(1, 3)]))
+        assert (moved.reshape(1, 9, 8, 8) - plain(1)).abs().max() > 1e-3
+        emb[3] = 0
+        got = video(x, t, class_labels=torch.tensor([video.config.joint_label(1, 3)]))
+        assert torch.equal(got.reshape(1, 9, 8, 8), plain(1))
+        emb[4] = 0  # the null motion row
+        assert torch.equal(
+            video(x, t, class_labels=torch.tensor([8])).reshape(1, 9, 8, 8), plain(2)
+        )
+        with pytest.raises(ValueError, match="joint labels"):
+            video(x, t, class_labels=torch.tensor([9]))
+
+
+def test_stacked_layout_refusals():
+    base = tiny_unet(num_classes=2).config
+    video = VideoUNet(VideoUNetConfig(unet=base, frames=3, layout="stacked"))
+    with pytest.raises(ValueError, match="exactly 3 frames"):
+        video(torch.randn(1, 4, 3, 8, 8), 1)
+    with pytest.raises(ValueError, match="one step per clip"):
+        video(torch.randn(1, 3, 3, 8, 8), torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ConfigError, match="layout"):
+        VideoUNetConfig(unet=base, layout="sideways")
+    with pytest.raises(ConfigError, match="temporal only"):
+        VideoUNetConfig(unet=base, layout="stacked", freeze_spatial=True)
+    with pytest.raises(ConfigError, match="from scratch"):
+        VideoUNet.from_image_unet(tiny_unet(num_classes=2), frames=3, layout="stacked")

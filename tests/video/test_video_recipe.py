@@ -30,7 +30,10 @@ TINY_UNET = ["unet.block_out_channels=[16,32]", "unet.attention_resolutions=[8]"
 def test_a_new_video_run_starts_from_the_recipe(tmp_path):
     c = run_config(tmp_path / "r", data="builtin:moving-shapes")
     v = c.video
-    assert v.frames == R["frames"] and v.noise_mixing == R["model"]["noise_mixing"]
+    # from scratch: the stacked layout, without mixed noise, at the scratch batch and widths
+    assert v.layout == R["scratch_layout"] == "stacked"
+    assert v.frames == R["frames"] and v.noise_mixing == R["scratch_noise_mixing"]
+    assert list(c.unet.block_out_channels) == R["scratch_unet_channels"]
     assert v.temporal_levels == tuple(R["model"]["temporal_levels"]) and v.temporal_mid
     assert v.temporal_heads == R["model"]["temporal_heads"]
     assert v.frame_embedding == R["model"]["frame_embedding"]
@@ -39,12 +42,12 @@ def test_a_new_video_run_starts_from_the_recipe(tmp_path):
     assert v.motion_classes == len(DIRECTION_NAMES)  # moving shapes: the 8 directions
     t = c.unet_train
     assert (t.lr, t.batch_size, t.warmup_steps, t.ema_decay) == (
-        R["lr"]["scratch"], R["batch_size"], R["warmup_steps"], R["ema_decay"])  # fmt: skip
+        R["lr"]["scratch"], R["scratch_batch_size"], R["warmup_steps"], R["ema_decay"])  # fmt: skip
     assert c.diffusion.class_dropout == R["class_dropout"]
     assert c.guidance_scale == R["guidance_scale"]
     # the recipe's numbers differ from the image defaults, so the test above could fail
     d = RunConfig()
-    assert (d.unet_train.batch_size, d.guidance_scale) != (R["batch_size"], R["guidance_scale"])
+    assert d.guidance_scale != R["guidance_scale"] and d.unet_train.ema_decay != R["ema_decay"]
 
 
 def test_the_users_settings_win_over_the_recipe(tmp_path):
@@ -81,7 +84,9 @@ def test_image_runs_text_runs_small_unets_and_inflating(tmp_path):
     grown = run_config(
         tmp_path / "r", data="builtin:moving-shapes", sets=[f"init_from={base.path}"]
     )
-    assert grown.unet_train.lr == R["lr"]["inflate"]
+    assert grown.unet_train.lr == R["lr"]["inflate"] and grown.video.layout == "temporal"
+    assert grown.unet_train.batch_size == R["batch_size"]
+    assert grown.video.noise_mixing == R["model"]["noise_mixing"]
     assert grown.video.freeze_spatial == R["inflate_freeze_spatial"]
     assert grown.video.temporal_lr_mult == R["model"]["temporal_lr_mult"]
 

@@ -136,6 +136,10 @@ def test_eval_measures_a_video_run(video_run, capsys, monkeypatch):
 def test_bad_video_training_settings(tmp_path):
     with pytest.raises(ConfigError, match="video.freeze_spatial trains the temporal layers only"):
         run_config_from_dict(tiny_video(video={"freeze_spatial": True}))
+    with pytest.raises(ConfigError, match="video.layout='sideways': choose temporal or stacked"):
+        run_config_from_dict(tiny_video(video={"layout": "sideways"}))
+    with pytest.raises(ConfigError, match="stacked sees a clip's frames as the channels"):
+        run_config_from_dict(tiny_video(video={"layout": "stacked"}, init_from=str(tmp_path)))
     cfg = run_config_from_dict(tiny_video(data="builtin:shapes?n=8"))
     with pytest.raises(ConfigError, match=r"video.\* is set but builtin:shapes\?n=8 is image data"):
         train_run(cfg, tmp_path / "r")
@@ -244,3 +248,35 @@ def test_the_readme_commands_run(video_run, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "clips" / "clips.png").is_file()
     assert read_animation(tmp_path / "continued.gif").shape[0] == FRAMES
     assert (RunFolder(tmp_path / "runs" / "moving").eval_dir / "video.json").is_file()
+
+
+def test_a_stacked_video_run_trains_samples_continues_and_is_evaluated(
+    tmp_path, capsys, monkeypatch
+):
+    """video.layout=stacked through the run: the saved model is the stacked one, conditioned
+    on (shape, direction); sample --direction, given first frames and eval all work on it."""
+    from ldmkit import api
+    from ldmkit.evaluation import feature_nets
+
+    out = tmp_path / "r"
+    cfg = tiny_video(video={"layout": "stacked", "motion_classes": 8})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "JUDGE_STEPS", 10)
+        res = train_run(run_config_from_dict(cfg), out)
+    assert res.stopped_because == "finished" and res.unet_steps == 6
+    model = RunFolder(out).load_video_unet()
+    assert model.config.layout == "stacked" and model.config.motion_classes == 8
+    assert model.unet.config.in_channels == FRAMES * model.config.unet.in_channels
+    gif = tmp_path / "left.gif"
+    assert main(["sample", "--run", str(out), "--n", "2", "--steps", "2", "--class", "star",
+                 "--direction", "left", "--out", str(gif)]) == 0  # fmt: skip
+    assert read_animation_params(gif)["steps"] == 2
+    first = np.random.default_rng(0).integers(0, 255, (FRAMES, 3, 16, 16), dtype=np.uint8)
+    save_animation(tmp_path / "first.webp", first)
+    clips = api.sample_clips(out, n=2, steps=2, first_frames=str(tmp_path / "first.webp"),
+                             given_frames=1)  # fmt: skip
+    assert tuple(clips.clips.shape) == (2, FRAMES, 3, 16, 16)
+    monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 10)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--n", "4", "--steps", "2"]) == 0
+    assert "per-frame FID" in capsys.readouterr().out

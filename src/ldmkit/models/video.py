@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ from ldmkit.models.unet import UNet, UNetConfig
 logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 256  # frames a forward accepts (the attention over frames is quadratic in F)
+LAYOUTS = ("temporal", "stacked")  # VideoUNetConfig.layout
 
 
 @dataclass
@@ -75,6 +76,14 @@ class VideoUNetConfig:
     # (alpha * shared + own) / sqrt(1 + alpha^2), a share common to the clip (0: independent).
     # The trainer draws eps this way; samplers start from `clip_noise` with the same alpha.
     noise_mixing: float = 0.0
+    # How frames meet. "temporal": the image UNet per frame plus the temporal layers above (can
+    # start as an image run: inflating). "stacked": one 2-D UNet sees a clip's F frames as F * C
+    # channels (its first convolution mixes them all, every level sees the whole clip); the
+    # joint class label conditions it directly; cheaper per clip by about F, but it cannot start
+    # as an image model (from scratch only) and samples exactly `frames` frames. `unet` stays
+    # the per-frame description (in_channels, sample_size: what a frame's latent is); the
+    # temporal_* fields, frame_embedding and freeze_spatial do not apply to it.
+    layout: str = "temporal"
 
     def __post_init__(self) -> None:
         if self.temporal_levels is not None:
@@ -93,6 +102,13 @@ class VideoUNetConfig:
             raise ConfigError(f"temporal_lr_mult must be > 0, got {self.temporal_lr_mult}")
         if not 0 <= self.noise_mixing <= 100:
             raise ConfigError(f"noise_mixing must be in [0, 100], got {self.noise_mixing}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"video layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.layout == "stacked" and (self.freeze_spatial or self.frame_embedding):
+            raise ConfigError(
+                "a stacked video UNet trains from scratch as one model: freeze_spatial and "
+                "frame_embedding apply to layout=temporal only; drop them"
+            )
         if self.temporal_kernel % 2 == 0:
             raise ConfigError(f"temporal_kernel must be odd, got {self.temporal_kernel}")
         for i in self.levels:
@@ -121,15 +137,27 @@ class VideoUNetConfig:
         return image_class * self.motion_classes + motion_class
 
     @property
+    def stacked_unet(self) -> UNetConfig:
+        """The 2-D UNet of a stacked layout: the frame's UNet with F times its channels in and
+        out (its class labels the image classes; the motion class has its own embedding)."""
+        u = self.unet
+        return replace(
+            u, in_channels=u.in_channels * self.frames, out_channels=u.out_channels * self.frames
+        )
+
+    @property
     def levels(self) -> tuple[int, ...]:
         """The indices of the resolution levels that get temporal layers."""
+        if self.layout == "stacked":
+            return ()
         n = len(self.unet.block_out_channels)
         return tuple(range(n)) if self.temporal_levels is None else self.temporal_levels
 
     @property
     def temporal_channels(self) -> list[int]:
         chs = self.unet.block_out_channels
-        return [chs[i] for i in self.levels] + ([chs[-1]] if self.temporal_mid else [])
+        mid = self.temporal_mid and self.layout == "temporal"
+        return [chs[i] for i in self.levels] + ([chs[-1]] if mid else [])
 
 
 def frame_encoding(frames: int, channels: int, device: torch.device) -> Tensor:
@@ -257,14 +285,16 @@ class VideoUNet(ModelFolder, nn.Module):
         if not isinstance(config, VideoUNetConfig):
             raise TypeError(f"VideoUNet takes a VideoUNetConfig, got {type(config).__name__}")
         self.config = cfg = config
-        self.unet = UNet(cfg.unet)
+        stacked = cfg.layout == "stacked"
+        self.unet = UNet(cfg.stacked_unet if stacked else cfg.unet)
         ucfg, chs = cfg.unet, cfg.unet.block_out_channels
         levels = len(chs)
 
-        cond_dim = ucfg.time_embed_dim if cfg.motion_classes else 0
+        # a stacked layout takes the joint labels in its UNet: no motion embedding of its own
+        cond_dim = ucfg.time_embed_dim if cfg.motion_classes and not stacked else 0
         # the motion classes' embedding (row motion_classes: the null), shared by the blocks
         self.temporal_motion_embedding = (
-            nn.Embedding(cfg.motion_classes + 1, cond_dim) if cfg.motion_classes else None
+            nn.Embedding(cfg.motion_classes + 1, cond_dim) if cond_dim else None
         )
 
         def block(ch: int) -> TemporalBlock:
@@ -274,12 +304,20 @@ class VideoUNet(ModelFolder, nn.Module):
             )  # fmt: skip
 
         self.temporal_down = nn.ModuleDict({str(i): block(chs[i]) for i in cfg.levels})
-        self.temporal_mid = block(chs[-1]) if cfg.temporal_mid else None
+        self.temporal_mid = block(chs[-1]) if cfg.temporal_mid and not stacked else None
         self.temporal_up = nn.ModuleDict({str(i): block(chs[i]) for i in cfg.levels})
         self._frames: int | None = None  # set during forward; the hooks act only then
         self._motion: Tensor | None = None  # the clips' motion embedding during forward
         self._frame_emb: Tensor | None = None  # the frames' (motion, index) embedding, too
         self.temporal_frame_embedding = None
+        # stacked: the motion class's embedding added to the UNet's time embedding (beside the
+        # image class's), so an unseen (class, motion) pair is a sum of two trained rows
+        self.stacked_motion_embedding = None
+        if stacked and cfg.motion_classes:
+            self.stacked_motion_embedding = nn.Embedding(
+                cfg.motion_classes + 1, ucfg.time_embed_dim
+            )
+            self.unet.time_embed.register_forward_hook(_FrameEmbeddingHook(self))
         if cfg.frame_embedding:
             rows = (cfg.motion_classes + 1) * cfg.frames
             self.temporal_frame_embedding = nn.Embedding(rows, ucfg.time_embed_dim)
@@ -318,6 +356,11 @@ class VideoUNet(ModelFolder, nn.Module):
     def from_image_unet(cls, unet: UNet, **settings) -> VideoUNet:
         """A video UNet whose spatial layers are a copy of `unet`'s weights ("inflating" an
         image model); `settings` are the other `VideoUNetConfig` fields."""
+        if settings.get("layout", "temporal") != "temporal":
+            raise ConfigError(
+                "only layout=temporal can start as an image run (a stacked UNet sees a clip's "
+                "frames as channels); train a stacked video run from scratch"
+            )
         model = cls(VideoUNetConfig(unet=unet.config, **settings))
         model.unet.load_state_dict(unet.state_dict())
         return model.to(next(unet.parameters()).device)
@@ -337,6 +380,8 @@ class VideoUNet(ModelFolder, nn.Module):
             raise ValueError(f"x must be clips (B, F, C, H, W), got {tuple(x.shape)}")
         B, frames = x.shape[:2]
         check_int("frames", frames, 1, MAX_FRAMES)
+        if self.config.layout == "stacked":
+            return self._forward_stacked(x, t, class_labels, context, context_mask)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
@@ -381,6 +426,38 @@ class VideoUNet(ModelFolder, nn.Module):
             self._frame_emb = None
         return out.view(B, frames, *out.shape[1:])
 
+    def _forward_stacked(
+        self, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None,
+        context: Tensor | None, context_mask: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        """The stacked layout: (B, F, C, H, W) -> one 2-D UNet on (B, F * C, H, W)."""
+        B, frames, C, H, W = x.shape
+        if frames != self.config.frames:
+            raise ValueError(
+                f"this stacked video UNet sees clips of exactly {self.config.frames} frames "
+                f"(its frames are channels); got {frames}"
+            )
+        t = torch.as_tensor(t, device=x.device)
+        if t.shape == (B, frames):
+            if not (t == t[:, :1]).all():
+                raise ValueError("a stacked video UNet takes one step per clip, not per frame")
+            t = t[:, 0]
+        elif t.ndim not in (0, 1) or (t.ndim == 1 and t.shape != (B,)):
+            raise ValueError(f"t must be a scalar, ({B},) or ({B}, {frames}), got {tuple(t.shape)}")
+        class_labels, motion = self.split_labels(class_labels)
+        if self.stacked_motion_embedding is not None:
+            if motion is None:  # no labels: the unconditional (null) motion
+                motion = torch.full((B,), self.config.motion_classes, device=x.device)
+            self._frame_emb = self.stacked_motion_embedding(motion.to(x.device))
+        try:
+            out = self.unet(
+                x.reshape(B, frames * C, H, W), t, class_labels=class_labels, context=context,
+                context_mask=context_mask,
+            )  # fmt: skip
+        finally:
+            self._frame_emb = None
+        return out.view(B, frames, -1, H, W)
+
     # ---------------------------------------------------------------- parameters
 
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
@@ -397,6 +474,11 @@ class VideoUNet(ModelFolder, nn.Module):
     def summary(self) -> str:
         cfg = self.config
         temporal = sum(p.numel() for p in self.temporal_parameters())
+        if cfg.layout == "stacked":
+            return (
+                f"VideoUNet (stacked): {cfg.frames} frames as {cfg.frames} x "
+                f"{cfg.unet.in_channels} channels of one {self.unet.summary()}"
+            )
         where = ", ".join(str(cfg.unet.resolutions[i]) for i in cfg.levels) or "none"
         return (
             f"VideoUNet: {cfg.frames} frames, temporal layers at {where}"
