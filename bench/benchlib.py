@@ -107,7 +107,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
         return str(v)
 
     text = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in text)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in text)]) for i, c in enumerate(columns)]
     print(
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths)))
     )

@@ -417,3 +417,23 @@ def test_unet_recipe_trains_variants_on_the_runs_autoencoder_and_judges_them(cap
     classes = len(read_json(run / "data.json")["class_names"])
     for r in rows:
         assert 0 <= float(r[4]) <= 1 and len(r) == 5 + classes + 1 and float(r[-1]) >= 0
+
+
+def test_video_predict_scores_and_quick_table(capsys):
+    """The frame-prediction bench: its PSNR against an analytic value (a constant error of 0.4
+    on [-1, 1]: 10 log10(4 / 0.16) dB), and its table on a toy run: the run, the autoencoder
+    and copy-last."""
+    import math
+
+    import numpy as np
+    import video_predict
+
+    truth = np.zeros((2, 3, 1, 8, 8), dtype=np.uint8)
+    got = np.full_like(truth, 51)  # 51 / 127.5 - 1 = -0.6 against -1
+    per = video_predict.scores(got, truth)
+    assert len(per) == 3
+    assert all(abs(p - 10 * math.log10(4 / 0.16)) < 1e-9 for p, _ in per)
+    assert video_predict.scores(truth, truth)[0][0] == 100.0  # identical: capped
+    video_predict.main(["--quick", "--threads", "1"])
+    rows = table(capsys.readouterr().out, "frames", "frame 2")
+    assert [r[0] for r in rows] == ["run", "autoencoder", "copy-last"]
