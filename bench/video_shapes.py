@@ -10,7 +10,8 @@ the image run, the direction a learned embedding in every temporal block. Arms:
     inflate         the image run's UNet, everything trains (temporal layers at a higher LR)
     scratch         a fresh UNet of the same shape, everything trains
     stacked         a fresh 2-D UNet that sees a clip's frames as channels (layout=stacked,
-                    `--stacked-channels` wide), the joint label as its class
+                    `--stacked-channels` wide), the shape as its class, the direction its
+                    own embedding
 
 Each arm trains for `--minutes` (the shared loop, EMA); while it trains a gate samples a few
 clips per direction and logs the direction accuracy against the training seconds (measurement
@@ -335,9 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     curves, results = {}, {"settings": {k: str(v) for k, v in vars(a).items()}, "recipe": recipe}
     diff = DiffusionConfig(class_dropout=recipe["class_dropout"])
+    widths = tuple(recipe["scratch_unet_channels"] if a.stacked_channels is None else
+                   (int(v) for v in a.stacked_channels.split(",")))  # fmt: skip
     for arm in arms:
-        widths = tuple(recipe["scratch_unet_channels"] if a.stacked_channels is None else
-                       (int(v) for v in a.stacked_channels.split(",")))  # fmt: skip
         model = build(arm, image_unet, a.frames, recipe, (16, 32) if a.quick else widths)
         lr = recipe["lr"]["inflate" if arm.startswith("inflate") else "scratch"]
         cfg = TrainConfig(

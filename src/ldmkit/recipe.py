@@ -34,7 +34,7 @@ from .diffusion.schedules import NoiseSchedule, ScheduleName, schedule_from_fiel
 from .models.text import MINILM_WIDTH
 from .models.unet import UNetConfig
 from .models.vae import AutoencoderConfig
-from .models.video import LAYOUTS, VideoUNetConfig
+from .models.video import VideoUNetConfig, check_layout
 
 # Ranges of the settings a user gives (flags and config fields alike; api checks the flags)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # px; the data readers need >= 8
@@ -255,12 +255,7 @@ class VideoConfig:
     def __post_init__(self) -> None:
         check_int("video.frames", self.frames, 2, 256)
         check_float("video.fps", self.fps, 0, MAX_FPS, lo_open=True)
-        if self.layout not in LAYOUTS:
-            raise ConfigError(
-                f"video.layout={self.layout!r}: choose {' or '.join(LAYOUTS)} (temporal: the "
-                "image UNet per frame plus temporal layers; stacked: one UNet on the frames as "
-                "channels)"
-            )
+        check_layout("video.layout", self.layout)
         if self.temporal_levels is not None:
             self.temporal_levels = tuple(self.temporal_levels)
 

@@ -314,6 +314,8 @@ def test_stacked_layout_is_one_unet_on_the_clip_as_channels(tmp_path):
         ref = video.unet(x.reshape(2, 9, 8, 8), t, class_labels=y).view(2, 3, 3, 8, 8)
         assert torch.equal(out, ref)
         assert torch.equal(video(x, t[:, None].expand(2, 3), class_labels=y), out)
+        same = torch.tensor([5, 5])
+        assert torch.equal(video(x, 5, class_labels=y), video(x, same, class_labels=y))
         x2 = x.clone()
         x2[:, 0] += 1.0
         assert (video(x2, t, class_labels=y)[:, 2] - out[:, 2]).abs().max() > 1e-3

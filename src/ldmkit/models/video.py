@@ -46,6 +46,15 @@ MAX_FRAMES = 256  # frames a forward accepts (the attention over frames is quadr
 LAYOUTS = ("temporal", "stacked")  # VideoUNetConfig.layout
 
 
+def check_layout(name: str, layout: str) -> None:
+    """A one-line ConfigError unless `layout` is one of LAYOUTS (`name`: the setting's name)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(
+            f"{name}={layout!r}: choose {' or '.join(LAYOUTS)} (temporal: the image UNet per "
+            "frame plus temporal layers; stacked: one UNet on the frames as channels)"
+        )
+
+
 @dataclass
 class VideoUNetConfig:
     """Architecture of a `VideoUNet`: the image UNet's config plus the temporal layers'."""
@@ -79,7 +88,8 @@ class VideoUNetConfig:
     # How frames meet. "temporal": the image UNet per frame plus the temporal layers above (can
     # start as an image run: inflating). "stacked": one 2-D UNet sees a clip's F frames as F * C
     # channels (its first convolution mixes them all, every level sees the whole clip); the
-    # joint class label conditions it directly; cheaper per clip by about F, but it cannot start
+    # image class conditions it as a class, the motion class through its own embedding added to
+    # the time embedding; cheaper per clip by about F, but it cannot start
     # as an image model (from scratch only) and samples exactly `frames` frames. `unet` stays
     # the per-frame description (in_channels, sample_size: what a frame's latent is); the
     # temporal_* fields, frame_embedding and freeze_spatial do not apply to it.
@@ -102,8 +112,7 @@ class VideoUNetConfig:
             raise ConfigError(f"temporal_lr_mult must be > 0, got {self.temporal_lr_mult}")
         if not 0 <= self.noise_mixing <= 100:
             raise ConfigError(f"noise_mixing must be in [0, 100], got {self.noise_mixing}")
-        if self.layout not in LAYOUTS:
-            raise ConfigError(f"video layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        check_layout("layout", self.layout)
         if self.layout == "stacked" and (self.freeze_spatial or self.frame_embedding):
             raise ConfigError(
                 "a stacked video UNet trains from scratch as one model: freeze_spatial and "
@@ -290,7 +299,7 @@ class VideoUNet(ModelFolder, nn.Module):
         ucfg, chs = cfg.unet, cfg.unet.block_out_channels
         levels = len(chs)
 
-        # a stacked layout takes the joint labels in its UNet: no motion embedding of its own
+        # the temporal blocks' motion condition (a stacked layout has its own, below)
         cond_dim = ucfg.time_embed_dim if cfg.motion_classes and not stacked else 0
         # the motion classes' embedding (row motion_classes: the null), shared by the blocks
         self.temporal_motion_embedding = (
@@ -380,17 +389,14 @@ class VideoUNet(ModelFolder, nn.Module):
             raise ValueError(f"x must be clips (B, F, C, H, W), got {tuple(x.shape)}")
         B, frames = x.shape[:2]
         check_int("frames", frames, 1, MAX_FRAMES)
-        if self.config.layout == "stacked":
-            return self._forward_stacked(x, t, class_labels, context, context_mask)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
-        if t.shape == (B,):
-            t = t.repeat_interleave(frames)
-        elif t.shape == (B, frames):
-            t = t.reshape(B * frames)
-        else:
+        if t.shape not in ((B,), (B, frames)):
             raise ValueError(f"t must be a scalar, ({B},) or ({B}, {frames}), got {tuple(t.shape)}")
+        if self.config.layout == "stacked":
+            return self._forward_stacked(x, t, class_labels, context, context_mask)
+        t = t.repeat_interleave(frames) if t.ndim == 1 else t.reshape(B * frames)
 
         def per_frame(c: Tensor | None) -> Tensor | None:
             return None if c is None else c.repeat_interleave(frames, dim=0)
@@ -427,23 +433,21 @@ class VideoUNet(ModelFolder, nn.Module):
         return out.view(B, frames, *out.shape[1:])
 
     def _forward_stacked(
-        self, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None,
-        context: Tensor | None, context_mask: Tensor | None,
+        self, x: Tensor, t: Tensor, class_labels: Tensor | None, context: Tensor | None,
+        context_mask: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        """The stacked layout: (B, F, C, H, W) -> one 2-D UNet on (B, F * C, H, W)."""
+        """The stacked layout: (B, F, C, H, W) -> one 2-D UNet on (B, F * C, H, W); t (B,) or
+        (B, F), as forward checked it."""
         B, frames, C, H, W = x.shape
         if frames != self.config.frames:
             raise ValueError(
                 f"this stacked video UNet sees clips of exactly {self.config.frames} frames "
                 f"(its frames are channels); got {frames}"
             )
-        t = torch.as_tensor(t, device=x.device)
-        if t.shape == (B, frames):
+        if t.ndim == 2:
             if not (t == t[:, :1]).all():
                 raise ValueError("a stacked video UNet takes one step per clip, not per frame")
             t = t[:, 0]
-        elif t.ndim not in (0, 1) or (t.ndim == 1 and t.shape != (B,)):
-            raise ValueError(f"t must be a scalar, ({B},) or ({B}, {frames}), got {tuple(t.shape)}")
         class_labels, motion = self.split_labels(class_labels)
         if self.stacked_motion_embedding is not None:
             if motion is None:  # no labels: the unconditional (null) motion
