@@ -79,7 +79,15 @@ def interleaved(
 def peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 8) -> float:
     """The practical peak in `dtype`: the best GFLOP/s of a large 1x1 convolution (a GEMM of
     size^3 through oneDNN) and of a 3x3 convolution 32x128x32x32 (PERF_ANCHORS: about 100 % of
-    peak), against which the models' convolutions are measured."""
+    peak), against which the models' convolutions are measured.
+
+    NaN for bf16 on a CPU without native bf16 (`runtime.cpu_has_fast_bf16`): there the fast
+    path stays in fp32, so no row is measured against it, and the emulated 3x3 convolution
+    takes 12.6 s a call (2-core EPYC, avx2 only): 4 minutes of the quick tests went to it."""
+    from ldmkit.runtime import cpu_has_fast_bf16
+
+    if dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+        return float("nan")
     gemm = (
         torch.randn(1, size, size // 32, 32, dtype=dtype),
         torch.randn(size, size, 1, 1, dtype=dtype),

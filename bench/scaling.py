@@ -111,6 +111,8 @@ def plot(curves: dict, peaks: dict[str, float], out: str) -> None:
         ax.plot([b for b, _, _ in pts], [g for _, _, g in pts], "o-" if kind == "fp32" else "s--",
                 label=f"latent {size}, {kind}")  # fmt: skip
     for kind, v in peaks.items():
+        if v != v:  # NaN: no native bf16 here, so no bf16 peak was measured
+            continue
         ax.axhline(v, color="grey", lw=0.8, ls=":")
         ax.text(1, v, f" {kind} peak", va="bottom", fontsize=8)
     ax.set(xscale="log", xlabel="batch", ylabel="GFLOP/s", title="ldmkit UNet forward")

@@ -571,7 +571,8 @@ def _eval_video(args: argparse.Namespace) -> int:
 
     print(f"{r['sampled']}{' (held-out combinations)' if r['held_out'] else ''}")
     print(f"  per-frame FID (domain classifier): {show(r['fid_frames'], '.2f')}")
-    print(f"  class constant across frames:      {show(r['class_constant'])}")
+    print(f"  class constant across frames:      {show(r['class_constant'])} (real clips: "
+          f"{show(r['real_class_constant'])})")  # fmt: skip
     print(f"  class as asked:                    {show(r['class_accuracy'])}")
     print(f"  direction as captioned:            {show(r['direction_accuracy'])}")
     print(f"  moving (not still or lost):        {show(r['moving'])}, median speed "

@@ -92,7 +92,8 @@ class Spec:
     label: str = ""  # the page's label; "" is the name with spaces
     step: float | None = None  # the page's number step (None: 1 for whole numbers, else any)
     widget: str = ""  # the page's input: "" (from the type), "range", "text", "lines"
-    when: str = ""  # "class", "text", "condition": on the page for a run with that conditioning
+    when: str = ""  # "class", "text", "condition": on the page for a run with that conditioning;
+    # "motion": for a video run with motion classes (its choices: the run's direction names)
     empty: str = ""  # the page's label of the empty choice of `choices` (e.g. "one row per class")
 
 
@@ -600,7 +601,8 @@ class SampleOptions(Options):
     directions: str | None = option(
         None, "video runs with motion classes: direction(s) of the clips' motion, comma-separated "
         "(left, up-right, ...; cycled over the clips; default: every direction in turn)",
-        flag="--direction", check=check_direction_names, web=False,
+        flag="--direction", check=check_direction_names, when="motion", web_name="direction",
+        label="direction", empty="every direction in turn",
     )  # fmt: skip
 
     def require(self, run: RunFolder) -> None:

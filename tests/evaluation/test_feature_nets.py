@@ -57,3 +57,28 @@ def test_feature_net_kinds_and_errors(shapes, hide_inception):
 def test_metric_name_separates_inception_from_domain_features():
     assert feature_nets.metric_name("FID", "inception-v3-pool3") == "FID"
     assert feature_nets.metric_name("FID", "shapes-cnn") == "FID-shapes-cnn"
+
+
+def test_a_weak_cached_classifier_from_before_the_target_is_retrained(shapes, tmp_path, monkeypatch):
+    net = feature_nets.get_feature_net("domain", dataset=shapes, run_dir=tmp_path, epochs=1)
+    training = tmp_path / "eval" / "domain-classifier" / "training.json"
+    record = json.loads(training.read_text())
+    assert record["target_accuracy"] == feature_nets.DOMAIN_TARGET_ACCURACY
+
+    def fake_train(*args, **kwargs):
+        raise RuntimeError("retrained")
+
+    monkeypatch.setattr(feature_nets, "train_domain_classifier", fake_train)
+    # a weak classifier cached before the target existed (no target in its record), or trained
+    # towards a lower one: retrained
+    record["held_out_accuracy"] = 0.35
+    for target in (None, feature_nets.DOMAIN_TARGET_ACCURACY - 0.05):
+        record["target_accuracy"] = target
+        training.write_text(json.dumps(record))
+        with pytest.raises(RuntimeError, match="retrained"):
+            feature_nets.get_feature_net("domain", dataset=shapes, run_dir=tmp_path)
+    # the same accuracy after training on to the target: the best there is, reused
+    record["target_accuracy"] = feature_nets.DOMAIN_TARGET_ACCURACY
+    training.write_text(json.dumps(record))
+    again = feature_nets.get_feature_net("domain", dataset=shapes, run_dir=tmp_path)
+    assert again.fingerprint == net.fingerprint

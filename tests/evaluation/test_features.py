@@ -203,3 +203,28 @@ def test_domain_classifier_bad_inputs():
         DomainClassifierConfig(in_channels=2)
     with pytest.raises(ValueError, match="inception"):
         DomainClassifierConfig(name="inception-v3-pool3")
+
+
+def _epochs_logged(caplog) -> int:
+    return sum("domain classifier epoch" in r.getMessage() for r in caplog.records)
+
+
+def test_a_weak_domain_classifier_trains_on_to_its_target(caplog):
+    # faint bright-vs-dark: one epoch of 4 batches leaves the classifier short of the target
+    images, labels = _bright_vs_dark(n=256, size=8, seed=2)
+    images = (images * 0.25).clamp(-1, 1)
+    caplog.set_level("INFO", logger="ldmkit.evaluation.features")
+    plain, plain_acc = train_domain_classifier(images, labels, epochs=1, batch_size=64, seed=0)
+    assert _epochs_logged(caplog) == 1 and plain_acc < 0.99
+    caplog.clear()
+    more, more_acc = train_domain_classifier(images, labels, epochs=1, batch_size=64, seed=0,
+                                             target_accuracy=0.99, max_epochs=6)  # fmt: skip
+    epochs = _epochs_logged(caplog)
+    assert 1 < epochs <= 6 and "training on" in caplog.text
+    assert more_acc > plain_acc and more.fingerprint != plain.fingerprint
+    # a target the first epochs already reach changes nothing, bit for bit
+    caplog.clear()
+    same, same_acc = train_domain_classifier(images, labels, epochs=1, batch_size=64, seed=0,
+                                             target_accuracy=plain_acc / 2)  # fmt: skip
+    assert _epochs_logged(caplog) == 1 and "training on" not in caplog.text
+    assert same.fingerprint == plain.fingerprint and same_acc == plain_acc

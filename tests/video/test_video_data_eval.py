@@ -97,5 +97,9 @@ def test_scores_of_real_clips_against_their_truth():
     light = mixed[:, 0].mean((1, 2, 3)) > 127
     mixed[:, 1] = np.where(light, 0, 255)[:, None, None, None]
     assert score_clips(mixed, net=LabelNet()).class_constant == 0.0
+    # the reader's ceiling: the same read of the real clips, beside the generated ones'
+    against_real = score_clips(mixed, real=d.videos, net=LabelNet())
+    assert against_real.class_constant == 0.0 and against_real.real_class_constant == 1.0
+    assert score_clips(d.videos, real=mixed, net=LabelNet()).real_class_constant == 0.0
     frozen = np.repeat(d.videos[:, :1], 8, axis=1)
     assert score_clips(frozen, directions=dirs).moving == 0.0

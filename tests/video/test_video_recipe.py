@@ -229,3 +229,47 @@ def test_bad_directions_are_one_line(motion_run, video_run, tmp_path, capsys):
     image.write_config(RunConfig())
     with pytest.raises(ConfigError, match="--direction: image is an image run; --direction"):
         check_video_options(image, "image", {"directions": "left"})
+
+
+def test_the_page_offers_a_direction_for_a_run_with_motion_classes(motion_run, video_run, tmp_path):
+    pytest.importorskip("starlette", reason="ldmkit serve needs the serve extra")
+    import io
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageSequence
+    from starlette.testclient import TestClient
+
+    from ldmkit.web import app as web
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "web"))
+    from serve_helpers import wait_for
+
+    def frames(gif: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(gif)) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+
+    runs = tmp_path / "runs"
+    shutil.copytree(motion_run, runs / "motion")
+    shutil.copytree(video_run, runs / "still")
+    with TestClient(web.create_app(runs)) as client:
+        fields = {f["name"]: f for f in client.get("/api/run", params={"run": "motion"}).json()["sampling"]}
+        assert fields["direction"]["options"] == ["", *DIRECTION_NAMES]
+        assert fields["direction"]["value"] == ""  # empty: every direction in turn
+        other = client.get("/api/run", params={"run": "still"}).json()["sampling"]
+        assert "direction" not in {f["name"] for f in other}  # no motion classes: no field
+        r = client.post("/api/sample", json={"run": "motion", "n": 2, "steps": 1, "seed": 3,
+                                             "classes": "star", "direction": "up-left"})  # fmt: skip
+        assert r.status_code == 202, r.text
+        job = wait_for(client, r.json()["job"]["id"])
+        assert job["state"] == "done", job
+        got = client.get("/api/job/result", params={"id": job["id"], "download": 1}).content
+        bad = client.post("/api/sample", json={"run": "motion", "n": 1, "direction": "sideways"})
+        assert bad.status_code == 400 and "--direction 'sideways': not a direction" in bad.text
+    ref = api.sample_clips(runs / "motion", n=2, steps=1, seed=3, classes="star",
+                           directions="up-left")  # fmt: skip
+    assert ref.labels == ["star moving up-left"] * 2
+    api.save_clips(ref, tmp_path / "ref.gif")
+    assert np.array_equal(frames(got), frames((tmp_path / "ref.gif").read_bytes()))

@@ -69,7 +69,8 @@ def test_png_parameters_round_trip(client, runs):
     meta = read_png_params(io.BytesIO(png.content))
     assert meta["method"] == "sample" and meta["run"] == str((runs / "shapes").resolve())
     assert meta["weights"] == RunFolder(runs / "shapes").weights_hash()
-    assert meta["options"] == {"negative_prompt": None, "prompts": None, **params}
+    assert meta["options"] == {"negative_prompt": None, "prompts": None, "direction": None,
+                               **params}  # fmt: skip
     image = client.get("/api/job/image", params={"id": job["id"], "i": 1}).content
     assert read_png_params(io.BytesIO(image)) == meta
 

@@ -9,7 +9,9 @@ the clips' frames, as an image run's evaluation uses it):
   (Fréchet distance of the classifier's features): the frames' quality, blind to motion;
 - `class_constant`: share of clips whose frames the classifier reads as one class throughout
   (temporal consistency: a star stays a star), and `class_accuracy`: share whose majority class
-  is the one asked for (class-conditional runs);
+  is the one asked for (class-conditional runs); `real_class_constant`, the same read of the
+  real clips, is the reader's own ceiling (a weak classifier reads real clips inconsistently
+  too, and then the generated clips' figure means little);
 - `direction_accuracy` (moving shapes): share of clips whose tracked motion
   (`motion.track`: the centroid's median step, one of 8 directions) is the direction their
   caption names, beside `moving` (share not read as still or lost) and the median speed;
@@ -55,6 +57,7 @@ class ClipScores:
     fid_frames: float | None
     class_constant: float | None
     class_accuracy: float | None
+    real_class_constant: float | None
     direction_accuracy: float | None
     moving: float
     median_speed: float
@@ -65,6 +68,12 @@ class ClipScores:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def constant_share(net: Any, clips: np.ndarray) -> float:
+    """Share of uint8 clips (N, F, C, H, W) whose every frame `net` reads as one class."""
+    classes = frame_classes(net, clips)
+    return float(np.mean((classes == classes[:, :1]).all(1)))
 
 
 def frame_classes(net: Any, clips: np.ndarray) -> np.ndarray:
@@ -99,12 +108,14 @@ def score_clips(
     direction each clip's caption names (None entries are left out)."""
     clips = np.asarray(clips)
     n, f = clips.shape[:2]
-    fid = constant = accuracy = None
+    fid = constant = accuracy = real_constant = None
     if net is not None and real is not None:
         fid = fid_from_features(frame_features(net, clips), frame_features(net, real))
     if net is not None and hasattr(net, "logits"):
         classes = frame_classes(net, clips)
         constant = float(np.mean((classes == classes[:, :1]).all(1)))
+        if real is not None:
+            real_constant = constant_share(net, real)
         if labels is not None:
             majority = np.array([np.bincount(row).argmax() for row in classes])
             accuracy = float(np.mean(majority == np.asarray(labels)))
@@ -119,7 +130,7 @@ def score_clips(
     real_flicker = None if real is None else float(np.mean(track(real).flicker))
     return ClipScores(
         clips=n, frames=f, fid_frames=fid, class_constant=constant, class_accuracy=accuracy,
-        direction_accuracy=direction, moving=moving,
+        real_class_constant=real_constant, direction_accuracy=direction, moving=moving,
         median_speed=float(np.median(speeds)) if len(speeds) else 0.0,
         flicker=float(np.nanmean(tracked.flicker)), real_flicker=real_flicker,
     )  # fmt: skip

@@ -447,11 +447,12 @@ def _judge(run: _Run) -> Any | None:
     if ds is None or ds.labels is None:
         return None
     # JUDGE_STEPS optimiser steps at least (the module's DOMAIN_MIN_STEPS, which tests lower
-    # for speed, must not change what a run trains)
+    # for speed, must not change what a run trains; nor may eval's target accuracy)
     per_epoch = math.ceil(len(ds) * (1 - fn.DOMAIN_HELD_OUT) / fn.DOMAIN_BATCH_SIZE)
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
         return fn.get_feature_net("domain", dataset=ds, epochs=math.ceil(JUDGE_STEPS / per_epoch),
-                                  seed=run.cfg.seed, time_budget_s=JUDGE_BUDGET_S)  # fmt: skip
+                                  seed=run.cfg.seed, time_budget_s=JUDGE_BUDGET_S,
+                                  target_accuracy=None)  # fmt: skip
 
 
 def _feature_net(run: _Run, device: torch.device) -> Any | None:

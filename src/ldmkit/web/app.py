@@ -69,7 +69,7 @@ from ..config import ConfigError
 from ..data.images import png_info, write_png
 from ..data.transforms import pil_image
 from ..diffusion.samplers import SAMPLERS
-from ..options import VERBS, TrainOptions, adjusted
+from ..options import VERBS, TrainOptions, adjusted, direction_names
 from ..pipeline import LatentDiffusion
 from ..runs import RunFolder
 from ..training.state import RunLock
@@ -392,6 +392,8 @@ class Site:
         preview = folder.newest_preview()
         run = {"conditioning": conditioning, "class_names": classes,
                "guidance": cfg.sampling_guidance}  # fmt: skip
+        if cfg.video is not None and cfg.video.motion_classes:  # issue 30: the direction field
+            run["directions"] = direction_names()
         own_sampler, own_steps = folder.default_sampling()  # a distilled student's: DDIM, its steps
         if folder.distill_record() is not None:  # the edits' forms take a student's own too
             run["student_sampling"] = (own_sampler, own_steps)

@@ -3,8 +3,9 @@
 request's JSON fields by the declaration's names (its `check` runs in the api's calls).
 
 A field is drawn unless its Spec says `web=False` (a request may still send it), for a run whose
-conditioning it concerns (`when`: class, text, or condition = either). Its name on the page is
-the field's, or its Spec's `web_name` (guidance, for guidance_scale).
+conditioning it concerns (`when`: class, text, or condition = either; motion: a video run with
+motion classes, whose direction names `run["directions"]` lists). Its name on the page is the
+field's, or its Spec's `web_name` (guidance, for guidance_scale).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def fields(options: type[Options], run: Mapping[str, Any],
     out = []
     for f in sorted(options.fields(), key=lambda f: bool(f.spec.when)):  # conditions last
         spec = f.spec
+        if spec.when == "motion":
+            if spec.web and run.get("directions"):
+                out.append({"name": f.web_name, "label": spec.label or f.name,
+                            "value": (values or {}).get(f.name) or "", "empty": spec.empty,
+                            "options": ["", *run["directions"]]})  # fmt: skip
+            continue
         if not spec.web or (spec.when and spec.when not in (conditioning, "condition")):
             continue
         if spec.when == "condition" and conditioning == "none":
