@@ -88,6 +88,9 @@ def test_the_page_samples_a_grid_inpaints_a_stroke_and_watches_training(browser_
     page.goto(url + "/")
     page.wait_for_selector(f"#run option[value='{run}']", state="attached")
     page.select_option("#run", run)
+    # the page's own first load may have picked another run of the folder (runs other tests
+    # left there): its form, drawn after the fill, would put that run's step count back
+    page.wait_for_load_state("networkidle")
     page.wait_for_function("() => document.getElementById('classes').options.length > 1")
     page.fill("#steps", "10")
     page.fill("#n", "10")
