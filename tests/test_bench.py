@@ -437,3 +437,38 @@ def test_video_predict_scores_and_quick_table(capsys):
     video_predict.main(["--quick", "--threads", "1"])
     rows = table(capsys.readouterr().out, "frames", "frame 2")
     assert [r[0] for r in rows] == ["run", "autoencoder", "copy-last"]
+
+
+def test_video_shape_reader_writes_the_frames_and_reads_autoencoders(capsys, tmp_path):
+    import numpy as np
+    import video_shape_reader as vsr
+
+    from ldmkit.evaluation.features import DomainClassifier, DomainClassifierConfig
+    from ldmkit.models.vae import Autoencoder, AutoencoderConfig
+
+    vsr.main(["--write-frames", str(tmp_path / "frames"), "--frame-clips", "5", "--frames", "3",
+              "--size", "16", "--threads", "1"])  # fmt: skip
+    written = sorted(tmp_path.glob("frames/*/*.png"))
+    assert len(written) == 15 and {p.parent.name for p in written} <= set(vsr.KINDS)
+    assert "wrote 15 frames of 5 clips (seed 0)" in capsys.readouterr().out
+
+    # the scores against a reader whose answers are known: frames 0 and 1 right, frame 2 not
+    class Known:
+        def logits(self, x):
+            pred = torch.tensor([0, 0, 1] * (len(x) // 3))
+            return torch.nn.functional.one_hot(pred, 5).double()
+
+    clips = np.zeros((4, 3, 3, 8, 8), dtype=np.uint8)
+    right, constant = vsr.clip_scores(Known(), clips, np.zeros(4, dtype=int))
+    assert right == pytest.approx(2 / 3) and constant == 0.0
+
+    torch.manual_seed(0)
+    DomainClassifier(DomainClassifierConfig(num_classes=5)).save_pretrained(tmp_path / "clf")
+    Autoencoder(AutoencoderConfig(image_size=16, block_out_channels=(8, 8), norm_groups=4)
+                ).save_pretrained(tmp_path / "vae")  # fmt: skip
+    vsr.main(["--classifier", str(tmp_path / "clf"), "--autoencoder", str(tmp_path / "vae"),
+              "--real-clips", "4", "--frames", "3", "--size", "16", "--threads", "1"])  # fmt: skip
+    rows = table(capsys.readouterr().out, "clips", "frames right")
+    assert [r[0] for r in rows] == ["real", str(tmp_path / "vae")]
+    assert rows[0][-1] == "-" and 0 < float(rows[1][-1]) < 60  # a random autoencoder's PSNR
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[1:3])
