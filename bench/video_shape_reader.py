@@ -34,7 +34,7 @@ from PIL import Image
 from ldmkit.data.moving_shapes import generate_moving_shapes
 from ldmkit.data.shapes import KINDS
 from ldmkit.evaluation.features import DomainClassifier
-from ldmkit.evaluation.video import frame_classes
+from ldmkit.evaluation.video import frame_classes, one_class_share
 from ldmkit.models.vae import Autoencoder
 from ldmkit.training.video import encode_clip_moments
 from ldmkit.video_sampling import decode_clips
@@ -56,7 +56,7 @@ def write_frames(folder: Path, clips: int, frames: int, size: int, seed: int) ->
 def clip_scores(net, clips: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(share of frames read as their clip's label, share of clips read as one class)."""
     c = frame_classes(net, clips)
-    return float(np.mean(c == labels[:, None])), float(np.mean((c == c[:, :1]).all(1)))
+    return float(np.mean(c == labels[:, None])), one_class_share(c)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

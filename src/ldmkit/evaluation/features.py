@@ -440,6 +440,7 @@ def train_domain_classifier(
         raise ValueError(f"need at least 3 images to train and hold out, got {n}")
     perm = torch.randperm(n, generator=g)
     held, train = perm[:n_held], perm[n_held:]
+
     def held_out_accuracy() -> float:
         pred = model.logits(x[held]).argmax(1)
         return float((pred == y[held]).to(torch.float64).mean())

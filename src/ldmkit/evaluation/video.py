@@ -70,9 +70,8 @@ class ClipScores:
         return asdict(self)
 
 
-def constant_share(net: Any, clips: np.ndarray) -> float:
-    """Share of uint8 clips (N, F, C, H, W) whose every frame `net` reads as one class."""
-    classes = frame_classes(net, clips)
+def one_class_share(classes: np.ndarray) -> float:
+    """Share of clips whose frames' classes (N, F) are one class throughout."""
     return float(np.mean((classes == classes[:, :1]).all(1)))
 
 
@@ -113,9 +112,9 @@ def score_clips(
         fid = fid_from_features(frame_features(net, clips), frame_features(net, real))
     if net is not None and hasattr(net, "logits"):
         classes = frame_classes(net, clips)
-        constant = float(np.mean((classes == classes[:, :1]).all(1)))
+        constant = one_class_share(classes)
         if real is not None:
-            real_constant = constant_share(net, real)
+            real_constant = one_class_share(frame_classes(net, real))
         if labels is not None:
             majority = np.array([np.bincount(row).argmax() for row in classes])
             accuracy = float(np.mean(majority == np.asarray(labels)))
