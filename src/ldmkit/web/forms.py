@@ -25,13 +25,11 @@ def fields(options: type[Options], run: Mapping[str, Any],
     out = []
     for f in sorted(options.fields(), key=lambda f: bool(f.spec.when)):  # conditions last
         spec = f.spec
-        if spec.when == "motion":
-            if spec.web and run.get("directions"):
-                out.append({"name": f.web_name, "label": spec.label or f.name,
-                            "value": (values or {}).get(f.name) or "", "empty": spec.empty,
-                            "options": ["", *run["directions"]]})  # fmt: skip
-            continue
-        if not spec.web or (spec.when and spec.when not in (conditioning, "condition")):
+        if spec.when == "motion":  # a video run with motion classes
+            concerned = bool(run.get("directions"))
+        else:
+            concerned = not spec.when or spec.when in (conditioning, "condition")
+        if not spec.web or not concerned:
             continue
         if spec.when == "condition" and conditioning == "none":
             continue
@@ -40,6 +38,9 @@ def fields(options: type[Options], run: Mapping[str, Any],
                                 "value": "" if value is None else value}  # fmt: skip
         if f.name == "classes" and spec.when == "class":
             item["options"] = ["", *(run.get("class_names") or [])]
+            item["empty"] = spec.empty
+        elif spec.when == "motion":  # the run's direction names
+            item["options"] = ["", *run["directions"]]
             item["empty"] = spec.empty
         elif spec.choices:
             item["options"] = list(spec.choices)
