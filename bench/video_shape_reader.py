@@ -118,13 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clips", type=int, default=16, help="video clips per class")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=123, help="real clips' seed (--write-frames: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="real clips' seed (default 123); with --write-frames, the stills' (default 0)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(machine_line())
     if a.write_frames is not None:
-        seed = 0 if a.seed == 123 else a.seed
+        seed = 0 if a.seed is None else a.seed
         n = write_frames(a.write_frames, a.frame_clips, a.frames, a.size, seed)
         print(f"wrote {n} frames of {a.frame_clips} clips (seed {seed}) to {a.write_frames}")
         return
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--classifier (a video run's eval/domain-classifier) is needed to read")
     net = DomainClassifier.from_pretrained(a.classifier)
     if a.autoencoder:
-        read_autoencoders(net, a.autoencoder, a.real_clips, a.frames, a.size, a.seed)
+        seed = 123 if a.seed is None else a.seed
+        read_autoencoders(net, a.autoencoder, a.real_clips, a.frames, a.size, seed)
     if a.image_run is not None:
         read_image_run(net, a.image_run, a.per_class, seed=1)
     if a.video_run is not None:

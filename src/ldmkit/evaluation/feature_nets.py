@@ -145,10 +145,10 @@ def _cached_domain_classifier(folder: Path, fingerprint: str) -> DomainClassifie
         saved = read_json(folder / CONFIG_NAME).get("data_fingerprint")
         training = folder / "training.json"
         trained = read_json(training) if training.is_file() else {}
-        weak = trained.get("held_out_accuracy", 1.0) < DOMAIN_TARGET_ACCURACY
-        if saved == fingerprint and weak and (trained.get("target_accuracy") or 0) < (
-            DOMAIN_TARGET_ACCURACY
-        ):
+        # weak, and not trained on towards today's target (cached before it, or a lower one)
+        undertrained = trained.get("held_out_accuracy", 1.0) < DOMAIN_TARGET_ACCURACY and (
+            trained.get("target_accuracy") or 0) < DOMAIN_TARGET_ACCURACY  # fmt: skip
+        if saved == fingerprint and undertrained:
             logger.info(
                 "the domain classifier in %s read only %.3f of its held-out images and was not "
                 "trained on towards %.2f; retraining", folder, trained["held_out_accuracy"],
