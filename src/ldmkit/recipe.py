@@ -251,6 +251,9 @@ class VideoConfig:
     # "temporal" (the image UNet per frame plus temporal layers; can be grown from an image
     # run) or "stacked" (one 2-D UNet on a clip's frames as channels; from scratch only)
     layout: str = _video_default("layout")
+    # stacked only: per-frame layers of this width around the stacked UNet (0: none)
+    frame_channels: int = _video_default("frame_channels")
+    frame_temporal: bool = _video_default("frame_temporal")  # a temporal block in those layers
 
     def __post_init__(self) -> None:
         check_int("video.frames", self.frames, 2, 256)

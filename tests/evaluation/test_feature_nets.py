@@ -59,7 +59,9 @@ def test_metric_name_separates_inception_from_domain_features():
     assert feature_nets.metric_name("FID", "shapes-cnn") == "FID-shapes-cnn"
 
 
-def test_a_weak_cached_classifier_from_before_the_target_is_retrained(shapes, tmp_path, monkeypatch):
+def test_a_weak_cached_classifier_from_before_the_target_is_retrained(
+    shapes, tmp_path, monkeypatch
+):
     net = feature_nets.get_feature_net("domain", dataset=shapes, run_dir=tmp_path, epochs=1)
     training = tmp_path / "eval" / "domain-classifier" / "training.json"
     record = json.loads(training.read_text())

@@ -354,6 +354,92 @@ def test_stacked_motion_classes_are_a_sum_of_two_embeddings():
             video(x, t, class_labels=torch.tensor([9]))
 
 
+def test_frame_shell_is_per_frame_layers_after_the_stacked_unet(tmp_path):
+    """frame_channels: each frame goes through the same stem and head, which correct the
+    stacked UNet's prediction for it; checked against the shell run frame by frame by hand,
+    after a save and load. A fresh shell leaves the stacked UNet's output as it is (its last
+    layer is zero). Frames meet only in the stacked UNet: with its output layer at zero, a
+    change in frame 0 leaves the other frames alone."""
+    base = tiny_unet(num_classes=2).config
+    cfg = VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_channels=8)
+    video = VideoUNet(cfg).eval()
+    assert video.unet.config.in_channels == 9 and video.unet.config.out_channels == 9
+    x, t, y = torch.randn(2, 3, 3, 8, 8), torch.tensor([5, 700]), torch.tensor([1, 2])
+    stacked = lambda x: video.unet(x.reshape(2, 9, 8, 8), t, class_labels=y).view(2, 3, 3, 8, 8)  # noqa: E731
+    with torch.no_grad():
+        for p in video.unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        assert torch.equal(video(x, t, class_labels=y), stacked(x))  # a fresh shell
+        for p in video.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        out = video(x, t, class_labels=y)
+        core = stacked(x)
+        shell = video.frame_shell
+        temb = shell.embed(t, y, 2, x.dtype)
+        for f in range(3):
+            h = shell.stem(shell.conv_in(x[:, f]), temb)
+            h = shell.head(h + shell.from_core(core[:, f]), temb)
+            ref = core[:, f] + shell.conv_out(F.silu(shell.norm_out(h)))
+            torch.testing.assert_close(out[:, f], ref, rtol=1e-5, atol=1e-5)
+        assert (out - core).abs().max() > 1e-3  # the shell does act
+        x2 = x.clone()
+        x2[:, 0] += 1.0
+        assert (video(x2, t, class_labels=y)[:, 2] - out[:, 2]).abs().max() > 1e-3
+        video.unet.conv_out.weight.zero_()
+        video.unet.conv_out.bias.zero_()
+        alone = video(x, t, class_labels=y)
+        assert torch.equal(video(x2, t, class_labels=y)[:, 1:], alone[:, 1:])
+        assert (video(x2, t, class_labels=y)[:, 0] - alone[:, 0]).abs().max() > 1e-3
+    video.save_pretrained(tmp_path / "v")
+    loaded = VideoUNet.from_pretrained(tmp_path / "v").eval()
+    assert loaded.config.frame_channels == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, class_labels=y), alone)
+    assert "per-frame layers of 8 channels" in loaded.summary()
+
+
+def test_frame_temporal_block_sits_between_the_shells_stem_and_head():
+    """frame_temporal: a temporal block (told the motion class) between the shell's stem and
+    head. Fresh, its outputs are zero, so the model computes what the same weights do without
+    it; randomised, frames meet in the shell too, and the motion class reaches it."""
+    base = tiny_unet(num_classes=2).config
+    kw = dict(unet=base, frames=3, layout="stacked", frame_channels=8, motion_classes=4)
+    torch.manual_seed(0)
+    plain = VideoUNet(VideoUNetConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    video = VideoUNet(VideoUNetConfig(**kw, frame_temporal=True, temporal_heads=2)).eval()
+    missing = video.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("frame_shell.temporal.") for k in missing)
+    x, t = torch.randn(2, 3, 3, 8, 8), torch.tensor([5, 700])
+    y = torch.tensor([video.config.joint_label(1, 2), 8])  # class 1 moving 2, and the null
+    with torch.no_grad():
+        assert torch.equal(video(x, t, class_labels=y), plain(x, t, class_labels=y))
+        for p in video.frame_shell.temporal.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        video.unet.conv_out.weight.zero_()
+        video.unet.conv_out.bias.zero_()
+        out = video(x, t, class_labels=y)
+        x2 = x.clone()
+        x2[:, 0] += 1.0
+        assert (video(x2, t, class_labels=y)[:, 2] - out[:, 2]).abs().max() > 1e-3
+        y2 = torch.tensor([video.config.joint_label(1, 3), 8])
+        moved = video(x, t, class_labels=y2)
+        assert (moved[0] - out[0]).abs().max() > 1e-3 and torch.equal(moved[1], out[1])
+    assert "with a temporal block" in video.summary()
+
+
+def test_frame_shell_refusals():
+    base = tiny_unet(num_classes=2).config
+    with pytest.raises(ConfigError, match="layout=stacked only"):
+        VideoUNetConfig(unet=base, frames=3, frame_channels=8)
+    with pytest.raises(ConfigError, match="frame_temporal needs per-frame layers"):
+        VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_temporal=True)
+    with pytest.raises(ConfigError, match="multiple of the UNet's norm_num_groups"):
+        VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_channels=6)
+
+
 def test_stacked_layout_refusals():
     base = tiny_unet(num_classes=2).config
     video = VideoUNet(VideoUNetConfig(unet=base, frames=3, layout="stacked"))

@@ -106,6 +106,22 @@ def test_the_plan_names_the_size_and_both_models():
     assert "UNet at 16x16" in lines[2] and "M params" in lines[2]
 
 
+def test_a_video_plan_names_the_video_unet_and_its_batch_of_clips():
+    """A video run's plan counts the video UNet's parameters (the per-frame layers too), not
+    the image UNet's it is built around."""
+    from ldmkit.models.unet import UNet
+    from ldmkit.models.video import VideoUNet
+
+    video = {"layout": "stacked", "frames": 4, "frame_channels": 16}
+    cfg = run_config_from_dict({"data": "builtin:moving-shapes", "video": video})
+    line = plan_lines(cfg)[2]
+    n = VideoUNet(cfg.video.unet_config(cfg.unet)).num_parameters()
+    assert n != UNet(cfg.unet).num_parameters()
+    assert f"{n / 1e6:.2f} M params" in line
+    assert "video UNet (stacked, per-frame layers of 16, 4 frames)" in line
+    assert f"batch {cfg.unet_train.batch_size} clips" in line
+
+
 # ---------------------------------------------------------------------------- the data's size
 def test_native_size_is_the_most_common_short_side(tmp_path):
     root = write_folder(tmp_path / "mixed", [(80, 64)] * 3 + [(48, 48)] * 2 + [(300, 200)])

@@ -255,7 +255,10 @@ def test_the_page_offers_a_direction_for_a_run_with_motion_classes(motion_run, v
     shutil.copytree(motion_run, runs / "motion")
     shutil.copytree(video_run, runs / "still")
     with TestClient(web.create_app(runs)) as client:
-        fields = {f["name"]: f for f in client.get("/api/run", params={"run": "motion"}).json()["sampling"]}
+        fields = {
+            f["name"]: f
+            for f in client.get("/api/run", params={"run": "motion"}).json()["sampling"]
+        }
         assert fields["direction"]["options"] == ["", *DIRECTION_NAMES]
         assert fields["direction"]["value"] == ""  # empty: every direction in turn
         other = client.get("/api/run", params={"run": "still"}).json()["sampling"]

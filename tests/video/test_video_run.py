@@ -250,22 +250,25 @@ def test_the_readme_commands_run(video_run, tmp_path, monkeypatch, capsys):
     assert (RunFolder(tmp_path / "runs" / "moving").eval_dir / "video.json").is_file()
 
 
+@pytest.mark.parametrize("shell", [0, 8], ids=["plain", "frame-shell"])
 def test_a_stacked_video_run_trains_samples_continues_and_is_evaluated(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, shell
 ):
     """video.layout=stacked through the run: the saved model is the stacked one, conditioned
-    on (shape, direction); sample --direction, given first frames and eval all work on it."""
+    on (shape, direction), with per-frame layers when video.frame_channels is set; sample
+    --direction, given first frames and eval all work on it."""
     from ldmkit import api
     from ldmkit.evaluation import feature_nets
 
     out = tmp_path / "r"
-    cfg = tiny_video(video={"layout": "stacked", "motion_classes": 8})
+    cfg = tiny_video(video={"layout": "stacked", "motion_classes": 8, "frame_channels": shell})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_module, "JUDGE_STEPS", 10)
         res = train_run(run_config_from_dict(cfg), out)
     assert res.stopped_because == "finished" and res.unet_steps == 6
     model = RunFolder(out).load_video_unet()
     assert model.config.layout == "stacked" and model.config.motion_classes == 8
+    assert model.config.frame_channels == shell and (model.frame_shell is not None) == bool(shell)
     assert model.unet.config.in_channels == FRAMES * model.config.unet.in_channels
     gif = tmp_path / "left.gif"
     assert main(["sample", "--run", str(out), "--n", "2", "--steps", "2", "--class", "star",

@@ -122,7 +122,11 @@ def get_feature_net(
     model = _cached_domain_classifier(folder, dataset.fingerprint()) if folder else None
     if model is None:
         model = _fit_domain_classifier(
-            dataset, folder, epochs=epochs, seed=seed, budget=time_budget_s,
+            dataset,
+            folder,
+            epochs=epochs,
+            seed=seed,
+            budget=time_budget_s,
             target_accuracy=target_accuracy,
         )
     return model

@@ -37,7 +37,13 @@ from torch.nn import functional as F
 
 from ldmkit.checkpoint import ModelFolder
 from ldmkit.config import ConfigError, check_int
-from ldmkit.models.layers import Attention, timestep_embedding, zero_module
+from ldmkit.models.layers import (
+    Attention,
+    ResnetBlock,
+    TimestepMLP,
+    timestep_embedding,
+    zero_module,
+)
 from ldmkit.models.unet import UNet, UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -94,6 +100,19 @@ class VideoUNetConfig:
     # the per-frame description (in_channels, sample_size: what a frame's latent is); the
     # temporal_* fields, frame_embedding and freeze_spatial do not apply to it.
     layout: str = "temporal"
+    # stacked only: per-frame layers of this width (0: none) after the stacked UNet, their
+    # weights shared by the frames (frames are the batch): a stem (a 3x3 convolution and a
+    # resnet on each frame's noisy latent) and a head (a resnet on the stem's features plus the
+    # stacked UNet's prediction for that frame), whose zero-initialised last convolution adds a
+    # correction to that prediction; a fresh shell leaves the stacked UNet's output as it is.
+    # The stacked UNet decides where things go across the clip; the shell gives every frame
+    # the full-resolution width an image UNet's first level has, trained on batch * frames
+    # images a step. Conditioned on t and the image class.
+    frame_channels: int = 0
+    # stacked with frame_channels: a `TemporalBlock` between the shell's stem and head
+    # (attention and a convolution over the frames at each position, zero-initialised, told the
+    # motion class when there is one), so the per-frame layers see their neighbours' features
+    frame_temporal: bool = False
 
     def __post_init__(self) -> None:
         if self.temporal_levels is not None:
@@ -113,6 +132,19 @@ class VideoUNetConfig:
         if not 0 <= self.noise_mixing <= 100:
             raise ConfigError(f"noise_mixing must be in [0, 100], got {self.noise_mixing}")
         check_layout("layout", self.layout)
+        check_int("frame_channels", self.frame_channels, 0, 4096)
+        if self.frame_channels and self.layout != "stacked":
+            raise ConfigError(
+                "frame_channels (per-frame layers around a stacked UNet) applies to "
+                "layout=stacked only; drop it or set layout=stacked"
+            )
+        if self.frame_temporal and not self.frame_channels:
+            raise ConfigError("frame_temporal needs per-frame layers: set frame_channels too")
+        if self.frame_channels % self.unet.norm_num_groups:
+            raise ConfigError(
+                f"frame_channels={self.frame_channels} must be a multiple of the UNet's "
+                f"norm_num_groups ({self.unet.norm_num_groups})"
+            )
         if self.layout == "stacked" and (self.freeze_spatial or self.frame_embedding):
             raise ConfigError(
                 "a stacked video UNet trains from scratch as one model: freeze_spatial and "
@@ -249,6 +281,65 @@ class TemporalBlock(nn.Module):
         return (x + c).reshape(BF, C, H, W)
 
 
+class FrameShell(nn.Module):
+    """The per-frame layers after a stacked UNet (`VideoUNetConfig.frame_channels`): every
+    frame of every clip is one image of a batch, so the weights are shared by the frames.
+
+    For frame f with noisy latent x_f and the stacked UNet's prediction u_f:
+        h0 = Res(conv3x3(x_f)); h = Res(h0 + conv1x1(u_f)); out_f = u_f + conv3x3(SiLU(GN(h)))
+    both resnets taking an embedding of t and the image class. The last convolution starts at
+    zero, so a fresh shell returns u_f: the model starts as the stacked UNet alone (tested).
+    """
+
+    def __init__(self, cfg: UNetConfig, channels: int, temporal: TemporalBlock | None = None):
+        super().__init__()
+        s, emb = channels, 4 * channels
+        self.temporal = temporal
+        self.time_embed = TimestepMLP(s, emb)
+        self.flip_sin_to_cos, self.freq_shift = cfg.flip_sin_to_cos, cfg.freq_shift
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes else None
+        self.num_classes = cfg.num_classes
+
+        def res() -> ResnetBlock:
+            return ResnetBlock(
+                s, s, emb, norm_groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                dropout=cfg.dropout, time_injection=cfg.time_injection,
+                zero_init=cfg.zero_init_residual,
+            )  # fmt: skip
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, s, 3, padding=1)
+        self.stem = res()
+        self.from_core = nn.Conv2d(cfg.out_channels, s, 1)
+        self.head = res()
+        self.norm_out = nn.GroupNorm(cfg.norm_num_groups, s, eps=cfg.norm_eps)
+        self.conv_out = zero_module(nn.Conv2d(s, cfg.out_channels, 3, padding=1))
+
+    def forward(
+        self, x: Tensor, core: Tensor, temb: Tensor, frames: int, cond: Tensor | None = None
+    ) -> Tensor:
+        """x (N, C, H, W) frames (N = clips * `frames`, each clip's consecutive), core
+        (N, C_out, H, W) the stacked UNet's prediction of each, temb (N, 4 * channels) from
+        `embed`, cond the temporal block's clip condition -> the predictions (N, C_out, H, W)."""
+        h = self.stem(self.conv_in(x), temb)
+        if self.temporal is not None:
+            h = self.temporal(h, frames, cond)
+        h = self.head(h + self.from_core(core), temb)
+        return core + self.conv_out(F.silu(self.norm_out(h)))
+
+    def embed(self, t: Tensor, class_labels: Tensor | None, batch: int, dtype) -> Tensor:
+        """The (batch, 4 * channels) embedding of t (batch,) and the image classes (batch,)."""
+        s = self.time_embed.linear_1.in_features
+        temb = timestep_embedding(
+            t, s, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        temb = self.time_embed(temb.to(dtype))
+        if self.class_embed is not None:
+            if class_labels is None:
+                class_labels = torch.full((batch,), self.num_classes, device=t.device)
+            temb = temb + self.class_embed(class_labels.long())
+        return temb
+
+
 def _last_block(level: nn.Module) -> nn.Module:
     """The module whose output ends a level's blocks (before its down- or upsample)."""
     return level.attentions[-1] if len(level.attentions) else level.resnets[-1]
@@ -319,6 +410,14 @@ class VideoUNet(ModelFolder, nn.Module):
         self._motion: Tensor | None = None  # the clips' motion embedding during forward
         self._frame_emb: Tensor | None = None  # the frames' (motion, index) embedding, too
         self.temporal_frame_embedding = None
+        self.frame_shell = None
+        if cfg.frame_channels:
+            motion_dim = ucfg.time_embed_dim if cfg.motion_classes else 0
+            temporal = TemporalBlock(
+                cfg.frame_channels, heads=cfg.temporal_heads, kernel=cfg.temporal_kernel,
+                norm_groups=ucfg.norm_num_groups, eps=ucfg.norm_eps, cond_dim=motion_dim,
+            ) if cfg.frame_temporal else None  # fmt: skip
+            self.frame_shell = FrameShell(ucfg, cfg.frame_channels, temporal)
         # stacked: the motion class's embedding added to the UNet's time embedding (beside the
         # image class's), so an unseen (class, motion) pair is a sum of two trained rows
         self.stacked_motion_embedding = None
@@ -449,10 +548,11 @@ class VideoUNet(ModelFolder, nn.Module):
                 raise ValueError("a stacked video UNet takes one step per clip, not per frame")
             t = t[:, 0]
         class_labels, motion = self.split_labels(class_labels)
+        motion_emb = None
         if self.stacked_motion_embedding is not None:
             if motion is None:  # no labels: the unconditional (null) motion
                 motion = torch.full((B,), self.config.motion_classes, device=x.device)
-            self._frame_emb = self.stacked_motion_embedding(motion.to(x.device))
+            self._frame_emb = motion_emb = self.stacked_motion_embedding(motion.to(x.device))
         try:
             out = self.unet(
                 x.reshape(B, frames * C, H, W), t, class_labels=class_labels, context=context,
@@ -460,6 +560,15 @@ class VideoUNet(ModelFolder, nn.Module):
             )  # fmt: skip
         finally:
             self._frame_emb = None
+        shell = self.frame_shell
+        if shell is None:
+            return out.view(B, frames, -1, H, W)
+        labels = None if class_labels is None else class_labels.repeat_interleave(frames)
+        temb = shell.embed(t.repeat_interleave(frames), labels, B * frames, x.dtype)
+        out = shell(
+            x.reshape(B * frames, C, H, W), out.reshape(B * frames, -1, H, W), temb, frames,
+            motion_emb,
+        )  # fmt: skip
         return out.view(B, frames, -1, H, W)
 
     # ---------------------------------------------------------------- parameters
@@ -479,9 +588,17 @@ class VideoUNet(ModelFolder, nn.Module):
         cfg = self.config
         temporal = sum(p.numel() for p in self.temporal_parameters())
         if cfg.layout == "stacked":
+            shell = ""
+            if self.frame_shell is not None:
+                n = sum(p.numel() for p in self.frame_shell.parameters())
+                shell = (
+                    f", in per-frame layers of {cfg.frame_channels} channels"
+                    f"{' with a temporal block' if cfg.frame_temporal else ''} "
+                    f"({n / 1e6:.2f} M params)"
+                )
             return (
                 f"VideoUNet (stacked): {cfg.frames} frames as {cfg.frames} x "
-                f"{cfg.unet.in_channels} channels of one {self.unet.summary()}"
+                f"{cfg.unet.in_channels} channels of one {self.unet.summary()}{shell}"
             )
         where = ", ".join(str(cfg.unet.resolutions[i]) for i in cfg.levels) or "none"
         return (

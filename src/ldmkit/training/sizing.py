@@ -180,14 +180,25 @@ def plan_lines(cfg: RunConfig, size: SizeChoice | None = None) -> list[str]:
             )
         )
     attention = ", ".join(str(r) for r in cfg.unet.attention_resolutions) or "none"
+    what, batch = "UNet", f"batch {cfg.unet_train.batch_size}"
+    if cfg.video is not None:  # the video UNet around the image UNet's config
+        from ..models.video import VideoUNet
+
+        with torch.device("meta"):
+            unet = VideoUNet(cfg.video.unet_config(cfg.unet))
+        shell = (
+            f", per-frame layers of {cfg.video.frame_channels}" if cfg.video.frame_channels else ""
+        )
+        what = f"video UNet ({cfg.video.layout}{shell}, {cfg.video.frames} frames)"
+        batch = f"batch {cfg.unet_train.batch_size} clips"
     return [
         f"{cfg.image_size} px, {cfg.channels or '?'} channels{why}",
         f"autoencoder f{vae.downsample_factor} -> {z}x{h}x{w} latents, channels "
         f"{list(cfg.vae.block_out_channels)}, {vae.num_parameters() / 1e6:.2f} M params, batch "
         f"{cfg.vae_train.batch_size}",
-        f"UNet at {cfg.unet.sample_size}x{cfg.unet.sample_size}, channels "
+        f"{what} at {cfg.unet.sample_size}x{cfg.unet.sample_size}, channels "
         f"{list(cfg.unet.block_out_channels)}, attention at {attention}, "
-        f"{unet.num_parameters() / 1e6:.2f} M params, batch {cfg.unet_train.batch_size}",
+        f"{unet.num_parameters() / 1e6:.2f} M params, {batch}",
     ]
 
 

@@ -62,6 +62,9 @@ VIDEO_RECIPE: dict = {
     "inflate_freeze_spatial": True,
     "lr": {"inflate": 1e-4, "scratch": 1e-3},
     "scratch_temporal_lr_mult": 1.0,
+    # video.frame_channels (per-frame layers after the stacked UNet) stays 0: at 32 in 30
+    # minutes it drew the asked shape (0.545 of frames read right, against 0.245) but lost the
+    # direction (0.17 against 0.92) at 2.2x the time a step (docs/performance.md, session 16)
     "scratch_layout": "stacked",
     "scratch_noise_mixing": 0.0,  # 3 (the temporal layout's) was no better for stacked: 0.09
     "scratch_batch_size": 32,  # clips per step from scratch: 8 gave 0.09-0.16 in 10 minutes
