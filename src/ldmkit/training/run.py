@@ -83,7 +83,9 @@ log = logging.getLogger(__name__)
 # share of a time budget kept for it, at most GUIDANCE_MAX_S; budgets under GUIDANCE_MIN_BUDGET_S
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
-JUDGE_BUDGET_S = 60.0  # longest the run's quick domain classifier trains
+# longest the run's quick domain classifier trains, in the CPU time it gets per thread
+# (evaluation.features.BudgetClock: a second job on the machine does not cut it short)
+JUDGE_BUDGET_S = 60.0
 JUDGE_STEPS = 300  # its optimiser steps (at least; whole epochs)
 JUDGE_MIN_ACCURACY = 0.8  # held-out accuracy below which it does not judge readability
 # data of at least this many labelled images: a judge below eval's target accuracy after its
@@ -404,7 +406,7 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
             vae, lambda m: m(to_float(images[:mb]).to(device))[0].square().mean(), device
         )
         _announce("autoencoder", vae, per_step, cfg.vae_train, len(images))
-        probe = ReconstructionProbe(images[probe_idx], _reader(run.judge),
+        probe = ReconstructionProbe(images[probe_idx], _reader(run.judge, len(images)),
                                     held_out=train_idx is not None)  # fmt: skip
         verdict = QualityVerdict(target_readability=cfg.vae_target)
         gate = QualityGate(probe.measure, verdict.target_reached,
@@ -474,12 +476,16 @@ def _feature_net(run: _Run, device: torch.device) -> Any | None:
     return net.activations
 
 
-def _reader(judge: Any | None) -> Any | None:
-    """The judge, when it reads the data well enough for readability to mean something."""
+def _reader(judge: Any | None, images: int) -> Any | None:
+    """The judge, when it reads the data well enough for readability to mean something; a
+    weak judge of large data (`images` >= JUDGE_TRAIN_ON_MIN_IMAGES), where it should have
+    learned the classes, is a warning (a machine too busy, or classes hard to tell apart)."""
     accuracy = getattr(judge, "held_out_accuracy", None)
     if judge is None or accuracy is None or accuracy >= JUDGE_MIN_ACCURACY:
         return judge
-    log.info(
+    level = logging.WARNING if images >= JUDGE_TRAIN_ON_MIN_IMAGES else logging.INFO
+    log.log(
+        level,
         "autoencoder: readability not measured: the run's classifier reads only %.0f %% of "
         "held-out images right (too few images, or too little time, to learn the classes); "
         "PSNR judges it",
