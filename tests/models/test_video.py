@@ -436,6 +436,9 @@ def test_frame_shell_refusals():
         VideoUNetConfig(unet=base, frames=3, frame_channels=8)
     with pytest.raises(ConfigError, match="frame_temporal needs per-frame layers"):
         VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_temporal=True)
+    with pytest.raises(ConfigError, match="temporal_heads 3 does not divide frame_channels 8"):
+        VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_channels=8,
+                        frame_temporal=True, temporal_heads=3)  # fmt: skip
     with pytest.raises(ConfigError, match="multiple of the UNet's norm_num_groups"):
         VideoUNetConfig(unet=base, frames=3, layout="stacked", frame_channels=6)
 

@@ -140,6 +140,11 @@ class VideoUNetConfig:
             )
         if self.frame_temporal and not self.frame_channels:
             raise ConfigError("frame_temporal needs per-frame layers: set frame_channels too")
+        if self.frame_temporal and self.frame_channels % self.temporal_heads:
+            raise ConfigError(
+                f"temporal_heads {self.temporal_heads} does not divide frame_channels "
+                f"{self.frame_channels} (the temporal block of frame_temporal); choose a divisor"
+            )
         if self.frame_channels % self.unet.norm_num_groups:
             raise ConfigError(
                 f"frame_channels={self.frame_channels} must be a multiple of the UNet's "
