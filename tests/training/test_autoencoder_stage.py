@@ -134,3 +134,10 @@ def test_a_weak_judge_of_large_data_is_a_warning(caplog):
         assert run_module._reader(weak, small) is None
     levels = [r.levelno for r in caplog.records if "readability not measured" in r.getMessage()]
     assert levels == [logging.WARNING, logging.INFO]
+
+
+def test_the_judges_budget_grows_with_the_runs():
+    from ldmkit.training.run import JUDGE_BUDGET_S, JUDGE_BUDGET_SHARE, judge_budget
+
+    assert judge_budget(None) == JUDGE_BUDGET_S == judge_budget(60.0)
+    assert judge_budget(1800.0) == JUDGE_BUDGET_SHARE * 1800.0 > JUDGE_BUDGET_S

@@ -84,8 +84,10 @@ log = logging.getLogger(__name__)
 # and UNets of fewer than GUIDANCE_MIN_STEPS steps (which draw noise) skip it
 GUIDANCE_SHARE, GUIDANCE_MAX_S, GUIDANCE_MIN_BUDGET_S = 0.05, 45.0, 300.0
 # longest the run's quick domain classifier trains, in the CPU time it gets per thread
-# (evaluation.features.BudgetClock: a second job on the machine does not cut it short)
-JUDGE_BUDGET_S = 60.0
+# (evaluation.features.BudgetClock), or JUDGE_BUDGET_SHARE of the run's budget if that is
+# more. It needs ~35 s on moving shapes (2 cores, quiet); beside a second 2-thread job the
+# CPU clock still ran out at 60 s at epoch 7 of 11 (0.78 held-out; spinning threads count)
+JUDGE_BUDGET_S, JUDGE_BUDGET_SHARE = 60.0, 0.1
 JUDGE_STEPS = 300  # its optimiser steps (at least; whole epochs)
 JUDGE_MIN_ACCURACY = 0.8  # held-out accuracy below which it does not judge readability
 # data of at least this many labelled images: a judge below eval's target accuracy after its
@@ -444,6 +446,11 @@ def _autoencoder(run: _Run, train: bool) -> tuple[Autoencoder, int, str]:
     return folder.load_vae(device).eval(), res.steps_done, res.stopped_because
 
 
+def judge_budget(run_budget: float | None) -> float:
+    """The judge's time budget (seconds of CPU per thread) for a run of `run_budget` seconds."""
+    return max(JUDGE_BUDGET_S, JUDGE_BUDGET_SHARE * (run_budget or 0.0))
+
+
 def _judge(run: _Run) -> Any | None:
     """The run's quick domain classifier (as `measure_guidance` trains when nothing is cached),
     or None for data without labels. It is fully convolutional, so it reads any size: at
@@ -461,7 +468,7 @@ def _judge(run: _Run) -> Any | None:
     target = fn.DOMAIN_TARGET_ACCURACY if len(ds) >= JUDGE_TRAIN_ON_MIN_IMAGES else None
     with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
         return fn.get_feature_net("domain", dataset=ds, epochs=math.ceil(JUDGE_STEPS / per_epoch),
-                                  seed=run.cfg.seed, time_budget_s=JUDGE_BUDGET_S,
+                                  seed=run.cfg.seed, time_budget_s=judge_budget(run.budget),
                                   target_accuracy=target)  # fmt: skip
 
 
