@@ -20,7 +20,7 @@ def _epochs(caplog) -> int:
 
 
 def test_a_weak_judge_of_large_data_trains_on(shapes1024, monkeypatch, caplog):
-    run = SimpleNamespace(dataset=shapes1024, cfg=SimpleNamespace(seed=0))
+    run = SimpleNamespace(dataset=shapes1024, cfg=SimpleNamespace(seed=0), budget=None)
     monkeypatch.setattr(run_module, "JUDGE_STEPS", 2)  # one epoch of 8 batches: weak
     monkeypatch.setattr(feature_nets, "DOMAIN_MIN_STEPS", 2)
     caplog.set_level("INFO", logger="ldmkit.evaluation.features")
